@@ -1,0 +1,9 @@
+"""memzoo's kernel library: one folder per op, each with a pure-JAX reference, an XLA path and
+Pallas kernels for TPU (Mosaic) and GPU (Triton), chosen by `implementation=` (see _dispatch).
+
+The contract every op keeps is in WORKSPACE.md ("The kernel contract").
+"""
+from pallas_kernels._dispatch import IMPLEMENTATIONS, pallas_interpret
+from pallas_kernels.linear_scan import linear_scan
+
+__all__ = ["IMPLEMENTATIONS", "linear_scan", "pallas_interpret"]

@@ -1,0 +1,115 @@
+"""Shared test helpers for every op (used by tests/pallas_kernels and by later ops' tests).
+
+* `float64_run(fn, *args)`: run `fn` in float64 (complex128) on upcast copies of the arguments:
+  the reference every fast path is compared with.
+* `rel_rmse(x, ref)` and `assert_close(x, ref, tol, what)`: relative RMSE ||x - ref|| / ||ref||;
+  NaN or inf never passes.
+* `nan_like(x)`: NaN poisoning of buffers a kernel must overwrite. The Pallas runners below
+  poison too: the generic interpreter fills unwritten outputs with NaN, TPU interpret mode
+  fills uninitialised outputs and scratch with NaN (`uninitialized_memory="nan"`).
+* `IMPLEMENTATION_RUNNERS`: (name, context manager factory, implementation) triples that run an
+  op through every implementation a CPU can run: the XLA path, the Pallas kernels for GPU and
+  for TPU in the generic interpreter, and the TPU kernels in TPU interpret mode with race
+  detection.
+* `lower_for(fn, *args, platform)` and `assert_lowers_to(...)`: lower for "tpu" or "cuda" on a
+  CPU-only machine and assert the expected custom call (Mosaic: `tpu_custom_call`; Triton:
+  `__gpu$xla.gpu.triton`) is in the module.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels._dispatch import pallas_interpret
+
+CUSTOM_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+
+# The GPU that cuda lowering targets when no GPU is present (Triton needs a compute capability).
+ABSTRACT_GPU = "NVIDIA H100"
+
+
+def _upcast(x):
+    if isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.asarray(x, jnp.complex128 if jnp.iscomplexobj(x) else jnp.float64)
+    return x
+
+
+def float64_run(fn: Callable, *args, **kwargs):
+    """fn(*args) with x64 enabled and every floating argument upcast to 64 bits; numpy out."""
+    with jax.enable_x64(True):
+        out = fn(*jax.tree.map(_upcast, args), **kwargs)
+        return jax.tree.map(lambda y: np.asarray(y), out)
+
+
+def rel_rmse(x, ref) -> float:
+    x = np.asarray(x, np.complex128 if np.iscomplexobj(x) else np.float64)
+    ref = np.asarray(ref, np.complex128 if np.iscomplexobj(ref) else np.float64)
+    if x.shape != ref.shape:
+        raise AssertionError(f"shape {x.shape} != reference shape {ref.shape}")
+    if not np.all(np.isfinite(x)):
+        return float("inf")
+    denom = np.linalg.norm(ref)
+    err = np.linalg.norm(x - ref)
+    return float(err / denom) if denom > 0 else float(err)
+
+
+def assert_close(x, ref, tol: float, what: str = "value"):
+    err = rel_rmse(x, ref)
+    assert err <= tol, f"{what}: relative RMSE {err:.3e} > {tol:.1e}"
+
+
+def assert_tree_close(xs, refs, tol: float, what: str = "value"):
+    flat_x, tree_x = jax.tree.flatten(xs)
+    flat_r, tree_r = jax.tree.flatten(refs)
+    assert tree_x == tree_r, f"{what}: structure {tree_x} != {tree_r}"
+    for i, (x, r) in enumerate(zip(flat_x, flat_r)):
+        assert_close(x, r, tol, f"{what}[{i}]")
+
+
+def nan_like(x):
+    return jnp.full(x.shape, jnp.nan, x.dtype)
+
+
+# name -> (context manager factory, implementation=)
+IMPLEMENTATION_RUNNERS: dict[str, tuple[Callable[[], contextlib.AbstractContextManager], str]] = {
+    "xla": (contextlib.nullcontext, "xla"),
+    "pallas_gpu_interpret": (lambda: pallas_interpret("generic", target="cuda"), "pallas"),
+    "pallas_tpu_generic_interpret": (lambda: pallas_interpret("generic", target="tpu"), "pallas"),
+    "pallas_tpu_interpret": (lambda: pallas_interpret("tpu"), "pallas"),
+}
+
+
+def _abstract_gpu_context():
+    """Newer JAX asks which GPU to lower Triton for when none is attached: name one."""
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(device_kind=ABSTRACT_GPU, num_cores=None, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("_lowering",),
+                                     axis_types=(jax.sharding.AxisType.Auto,),
+                                     abstract_device=device)
+    return jax.sharding.use_abstract_mesh(mesh)
+
+
+def lower_for(fn: Callable, *args, platform: str) -> str:
+    """The StableHLO text of jit(fn)(*args) lowered for `platform`, on any machine."""
+    ctx = _abstract_gpu_context() if platform == "cuda" else contextlib.nullcontext()
+    with ctx:
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def custom_calls(hlo_text: str) -> list[str]:
+    return re.findall(r"custom_call @([\w$.\-]+)\(", hlo_text)
+
+
+def assert_lowers_to(fn: Callable, *args, platform: str, count: int | None = None) -> str:
+    text = lower_for(fn, *args, platform=platform)
+    calls = [c for c in custom_calls(text) if c == CUSTOM_CALLS[platform]]
+    assert calls, f"no {CUSTOM_CALLS[platform]} in the {platform} lowering"
+    if count is not None:
+        assert len(calls) == count, f"expected {count} {CUSTOM_CALLS[platform]}, got {len(calls)}"
+    return text
