@@ -1,0 +1,13 @@
+"""memzoo: a JAX / Flax NNX zoo of sequence memories.
+
+Every memory is a mixer [batch, time, d_model] -> [batch, time, d_model] registered by name in
+`MIXERS` (see memzoo.registry for the decoding protocol every mixer keeps).
+"""
+from memzoo import layers, ssm
+from memzoo.registry import MIXERS, SequenceMixer, UnknownMixerError, build_mixer, register_mixer
+from memzoo.ssm import (S4D, S5, HippoRNN, HippoRNNCache, S4DBlock, S5Block, SSMBlock,
+                        SSMCache)
+
+__all__ = ["MIXERS", "register_mixer", "build_mixer", "SequenceMixer", "UnknownMixerError",
+           "layers", "ssm", "HippoRNN", "HippoRNNCache", "S4D", "S4DBlock", "S5", "S5Block",
+           "SSMBlock", "SSMCache"]

@@ -1,0 +1,184 @@
+"""Small layers shared by every family: parameters with logical sharding axes, Linear, norms,
+MLP and GLU.
+
+Parameters are float32 whatever the compute `dtype`; each carries logical axis names
+(`out_sharding` metadata, e.g. ("embed", "mlp")) that a mesh rule table maps to mesh axes when a
+training loop shards the model (`nnx.get_partition_spec`). Names used here:
+  "embed" model width, "mlp" hidden width, "state" SSM state, "norm" norm scales.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memzoo.typing import LogicalAxes
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": jax.nn.gelu,
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+    "identity": lambda x: x,
+}
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"activation: unknown {name!r}; known: {', '.join(ACTIVATIONS)}") from None
+
+
+def param(value: jax.Array, axes: LogicalAxes) -> nnx.Param:
+    """A trainable parameter with logical sharding axes (the one place that spells the metadata).
+
+    flax 0.12 names the metadata `out_sharding` (`sharding` and `sharding_names` are deprecated
+    aliases). Eager sharding is off: it would need a mesh while the module is built, and the
+    names are logical; the training loop resolves them with its rule table.
+    """
+    if len(axes) != value.ndim:
+        raise ValueError(f"param: {len(axes)} axis names {axes} for a rank-{value.ndim} value")
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class Buffer(nnx.Variable):
+    """A constant the module needs (e.g. HiPPO's A and B): saved with the model, never trained."""
+
+
+def check_input(owner: str, name: str, x, *, ndim: int, width: int | None = None,
+                legend: str = "[batch, time, d_model]") -> None:
+    """A bad call fails here, naming the argument, instead of deep inside a scan."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise ValueError(f"{owner}: `{name}` must be an array, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{owner}: `{name}` must have rank {ndim} {legend}, "
+                         f"got shape {tuple(x.shape)}")
+    if width is not None and x.shape[-1] != width:
+        raise ValueError(f"{owner}: `{name}` last dimension must be d_model={width} {legend}, "
+                         f"got shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{owner}: `{name}` must be floating, got {x.dtype}")
+
+
+class Linear(nnx.Module):
+    """y = x W + b over the last axis; W [in, out] float32, computed in `dtype`.
+
+    >>> lin = Linear(4, 8, axes=("embed", "mlp"), rngs=nnx.Rngs(0))
+    >>> lin(jnp.ones((2, 4))).shape
+    (2, 8)
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, axes: LogicalAxes = ("embed", "mlp"),
+                 use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+                 kernel_init: Initializer = nnx.initializers.lecun_normal(), rngs: nnx.Rngs):
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        self.kernel = param(kernel_init(rngs.params(), (in_features, out_features), param_dtype),
+                            axes)
+        self.bias = (param(jnp.zeros((out_features,), param_dtype), axes[-1:]) if use_bias
+                     else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + jnp.broadcast_to(self.bias[...].astype(self.dtype), y.shape)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, statistics in float32 (bfloat16 means lose too much)."""
+
+    def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        del rngs  # same signature as every layer; nothing random
+        self.epsilon, self.dtype = epsilon, dtype
+        self.scale = param(jnp.ones((num_features,), param_dtype), ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        ms = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(ms + self.epsilon)
+        return (y * jnp.broadcast_to(self.scale[...], y.shape)).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """(x - mean) / std * scale + bias, statistics in float32."""
+
+    def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        del rngs
+        self.epsilon, self.dtype = epsilon, dtype
+        self.scale = param(jnp.ones((num_features,), param_dtype), ("norm",))
+        self.bias = param(jnp.zeros((num_features,), param_dtype), ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = y * jnp.broadcast_to(self.scale[...], y.shape) + jnp.broadcast_to(self.bias[...],
+                                                                               y.shape)
+        return y.astype(self.dtype)
+
+
+NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
+
+
+def norm(kind: str, num_features: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
+    try:
+        cls = NORMS[kind]
+    except KeyError:
+        raise ValueError(f"norm: unknown {kind!r}; known: {', '.join(NORMS)}") from None
+    return cls(num_features, dtype=dtype, rngs=rngs)
+
+
+class GLU(nnx.Module):
+    """Gated linear unit: act(x W_g) * (x W_v). activation "sigmoid" is Dauphin et al.'s GLU,
+    "silu" SwiGLU, "gelu" GeGLU. One [in, 2*out] matmul feeds both halves.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, activation: str = "sigmoid",
+                 use_bias: bool = True, axes: LogicalAxes = ("embed", "mlp"), dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.act_name, self.act = activation, get_activation(activation)
+        self.proj = Linear(in_features, 2 * out_features, axes=axes, use_bias=use_bias,
+                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate, value = jnp.split(self.proj(x), 2, axis=-1)
+        return self.act(gate) * value
+
+
+class MLP(nnx.Module):
+    """d_model -> hidden -> d_model; `gated=True` makes the first layer a GLU (SwiGLU-style).
+
+    >>> mlp = MLP(8, 16, activation="silu", gated=True, rngs=nnx.Rngs(0))
+    >>> mlp(jnp.ones((2, 3, 8))).shape
+    (2, 3, 8)
+    """
+
+    def __init__(self, d_model: int, hidden: int | None = None, *, activation: str = "gelu",
+                 gated: bool = False, use_bias: bool = True, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        hidden = hidden or 4 * d_model
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if gated:
+            self.up = GLU(d_model, hidden, activation=activation, axes=("embed", "mlp"), **kw)
+            self.act = None
+        else:
+            self.up = Linear(d_model, hidden, axes=("embed", "mlp"), **kw)
+            self.act = get_activation(activation)
+        self.down = Linear(hidden, d_model, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.up(x)
+        if self.act is not None:
+            h = self.act(h)
+        return self.down(h)

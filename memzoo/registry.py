@@ -1,0 +1,87 @@
+"""The mixer registry: every sequence memory in memzoo, by name.
+
+A mixer maps [batch, time, d_model] -> [batch, time, d_model] and is built by a constructor
+`f(d_model, *, rngs, **options) -> nnx.Module`. Each family registers its own names when its
+module is imported (memzoo/__init__ imports them all), so `MIXERS` lists everything available.
+
+Every mixer also speaks the decoding protocol `SequenceMixer` below.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator, Protocol
+
+from flax import nnx
+
+MixerConstructor = Callable[..., nnx.Module]
+
+
+class UnknownMixerError(KeyError, ValueError):
+    """Raised for a name that is not registered; both a KeyError (mapping) and a ValueError
+    (bad configuration value), so callers can catch whichever fits their context."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message, quoting it.
+        return str(self.args[0])
+
+
+class _Registry(Mapping[str, MixerConstructor]):
+    def __init__(self):
+        self._entries: dict[str, MixerConstructor] = {}
+
+    def __getitem__(self, name: str) -> MixerConstructor:
+        try:
+            return self._entries[name]
+        except KeyError:
+            known = ", ".join(sorted(self._entries)) or "(none)"
+            raise UnknownMixerError(f"unknown mixer {name!r}; known mixers: {known}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"MIXERS({', '.join(self)})"
+
+    def register(self, name: str, constructor: MixerConstructor) -> MixerConstructor:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"register_mixer: name must be a non-empty string, got {name!r}")
+        if name in self._entries and self._entries[name] is not constructor:
+            raise ValueError(f"register_mixer: {name!r} is already registered "
+                             f"to {self._entries[name]!r}")
+        self._entries[name] = constructor
+        return constructor
+
+    def build(self, name: str, d_model: int, *, rngs: nnx.Rngs, **options: Any) -> nnx.Module:
+        return self[name](d_model, rngs=rngs, **options)
+
+
+MIXERS = _Registry()
+
+
+def register_mixer(name: str) -> Callable[[MixerConstructor], MixerConstructor]:
+    """Class or function decorator: `@register_mixer("s4d")` adds it to MIXERS under `name`."""
+    def decorate(constructor: MixerConstructor) -> MixerConstructor:
+        return MIXERS.register(name, constructor)
+    return decorate
+
+
+def build_mixer(name: str, d_model: int, *, rngs: nnx.Rngs, **options: Any) -> nnx.Module:
+    return MIXERS.build(name, d_model, rngs=rngs, **options)
+
+
+class SequenceMixer(Protocol):
+    """The API every registered mixer keeps.
+
+    y = mixer(x)                     x, y: [b, t, d]; the parallel (training) form
+    y, cache = mixer(x, cache=c)     prefill: continue from cache c, return the cache after x
+    cache = mixer.init_cache(b)      the state before any token (a pytree of float32 arrays)
+    y_t, cache = mixer.step(x_t, c)  decode one token, x_t, y_t: [b, d]
+    """
+
+    def __call__(self, x, cache=None): ...
+
+    def init_cache(self, batch_size: int): ...
+
+    def step(self, x_t, cache): ...
