@@ -160,14 +160,14 @@ def test_hippo_rnn_memory_is_the_hippo_recurrence():
     """The cell's c is exactly run_memory over the scalars it wrote."""
     from flax import nnx
     from memzoo.ssm import HippoRNN
+    from tests.memzoo import helpers
     m = HippoRNN(4, state_size=6, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (1, 10, 4))
-    step = nnx.jit(lambda m, x_t, c: m.step(x_t, c))
     cache = m.init_cache(1)
     fs = []
     for t in range(10):
         prev = cache
-        _, cache = step(m, x[:, t], cache)
+        _, cache = helpers.step(m, x[:, t], cache)
         fs.append(m.memory_in(cache.h)[:, 0])
     op = hippo.HippoOperator.build("legs", 6, method="bilinear")
     c = hippo.run_memory(op, jnp.stack(fs, axis=1))

@@ -10,6 +10,7 @@ from flax import nnx
 
 from memzoo.ssm import S4D, s4d
 from pallas_kernels._testing import assert_close, float64_run
+from tests.memzoo.helpers import forward, prefill
 
 
 def _closed_form_kernel(A, B, C, dt, length, method):
@@ -43,7 +44,7 @@ def test_vandermonde_kernel_matches_closed_form_in_float64(method, init):
 def test_kernel_is_the_recurrent_impulse_response():
     layer = S4D(4, state_size=8, mode="recurrent", rngs=nnx.Rngs(0))
     x = jnp.zeros((1, 32, 4)).at[0, 0].set(1.0)
-    impulse = layer(x) - layer.D[...][None, None] * x
+    impulse = forward(layer, x) - layer.D[...][None, None] * x
     assert_close(impulse[0].T, layer.kernel(32), 1e-5, "impulse response vs kernel")
 
 
@@ -53,18 +54,18 @@ def test_conv_equals_recurrent_at_length_4096(method, bidirectional):
     conv = S4D(2, mode="conv", rngs=nnx.Rngs(0), **options)
     rec = S4D(2, mode="recurrent", rngs=nnx.Rngs(0), **options)
     x = jax.random.normal(jax.random.key(1), (1, 4096, 2))
-    assert_close(conv(x), rec(x), 1e-4, "conv vs recurrent")
+    assert_close(forward(conv, x), forward(rec, x), 1e-4, "conv vs recurrent")
 
 
 def test_conv_prefill_carries_the_same_state_as_the_scan():
     conv = S4D(4, state_size=8, mode="conv", rngs=nnx.Rngs(0))
     rec = S4D(4, state_size=8, mode="recurrent", rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 40, 4))
-    y_c, c_c = conv(x[:, :25], cache=conv.init_cache(2))
-    y_r, c_r = rec(x[:, :25], cache=rec.init_cache(2))
+    y_c, c_c = prefill(conv, x[:, :25], conv.init_cache(2))
+    y_r, c_r = prefill(rec, x[:, :25], rec.init_cache(2))
     assert_close(c_c.state, c_r.state, 1e-5, "state after prefill")
-    y_c2, c_c2 = conv(x[:, 25:], cache=c_c)
-    y_r2, c_r2 = rec(x[:, 25:], cache=c_r)
+    y_c2, c_c2 = prefill(conv, x[:, 25:], c_c)
+    y_r2, c_r2 = prefill(rec, x[:, 25:], c_r)
     assert_close(y_c2, y_r2, 1e-5, "continuation")
     assert_close(c_c2.state, c_r2.state, 1e-5, "state after continuation")
 
