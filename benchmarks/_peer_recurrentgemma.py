@@ -21,13 +21,14 @@ def main():
     parser.add_argument("--shape", type=int, nargs=3, required=True, metavar=("B", "T", "D"))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=None)
     args = parser.parse_args()
     shape = tuple(args.shape)
     # The same inputs as benchmarks/linear_scan.make_inputs.
     ka, kb = jax.random.split(jax.random.key(1))
     a = jax.random.uniform(ka, shape, jnp.float32, 0.0, 0.5)
     b = jax.random.normal(kb, shape, jnp.float32)
-    timing = dict(repeats=args.repeats, warmup=args.warmup)
+    timing = dict(repeats=args.repeats, warmup=args.warmup, budget_s=args.budget)
     results = []
     for name in ("LINEAR_NATIVE", "ASSOCIATIVE_NATIVE"):
         scan_type = common.ScanType[name]

@@ -10,13 +10,21 @@ import time
 import jax
 
 
-def time_calls(step, *, repeats: int, warmup: int) -> dict:
+def time_calls(step, *, repeats: int, warmup: int, budget_s: float | None = None) -> dict:
     """Median wall time of `step()` in ms; `step` must block on its results itself.
 
     The first call (compilation) and `warmup` more are discarded: the first few runs of a fresh
     executable also pay for page faults on its buffers, which a model in a training loop does not.
+    If that first call alone takes longer than `budget_s`, its time (compilation included) is the
+    result, with repeats 0: an entry pathologically slow should show up in the table, not stall
+    the whole run for an hour.
     """
-    for _ in range(1 + warmup):
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    if budget_s is not None and first > budget_s:
+        return {"median_ms": first * 1e3, "min_ms": first * 1e3, "repeats": 0}
+    for _ in range(warmup):
         step()
     times = []
     for _ in range(repeats):

@@ -76,9 +76,16 @@ class Context:
     peers: bool
     log: Callable[[str], None]
     probes: dict = dataclasses.field(default_factory=dict)  # probe name -> throughput
+    budget_s: float = 20.0  # a first call slower than this is timed once (see _timing)
+    last_note: str = ""
 
     def time(self, step) -> float:
-        return _timing.time_calls(step, repeats=self.repeats, warmup=self.warmup)["median_ms"]
+        """Median ms of `step`; `last_note` says when the budget cut the repeats."""
+        result = _timing.time_calls(step, repeats=self.repeats, warmup=self.warmup,
+                                    budget_s=self.budget_s)
+        self.last_note = ("timed once, compile included: first call over "
+                          f"{self.budget_s:.0f} s" if result["repeats"] == 0 else "")
+        return result["median_ms"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +210,8 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke test")
     parser.add_argument("--no-peers", action="store_true", help="measure memzoo's entries only")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--budget", type=float, default=20.0, metavar="SECONDS",
+                        help="an entry whose first call takes longer is timed once (default 20)")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in FAMILIES]
     if unknown:
@@ -221,7 +230,7 @@ def run(argv=None, *, log=None) -> tuple[list[Row], dict]:
     ctx = Context(quick=args.quick,
                   repeats=args.repeats or (5 if args.quick else 10),
                   warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
-                  peers=not args.no_peers, log=log)
+                  peers=not args.no_peers, log=log, budget_s=args.budget)
     log(f"probing this machine's ceilings ({jax.default_backend()}, jax {jax.__version__})")
     rows = measure_probes(ctx)
     for name in args.names or list(FAMILIES):

@@ -63,8 +63,10 @@ def _measure(ctx: Context, ctor, options, shape):
     if out.shape != x.shape:
         raise ValueError(f"layer output {out.shape}, expected {x.shape}")
     grad = jax.jit(jax.grad(lambda p, x: jnp.sum(forward(p, x)), argnums=(0, 1)))
-    return {"fwd": ctx.time(_timing.fresh_step(fwd, params, x)),
-            "fwd+bwd": ctx.time(_timing.fresh_step(grad, params, x))}
+    times = {}
+    for mode, fn in (("fwd", fwd), ("fwd+bwd", grad)):
+        times[mode] = ctx.time(_timing.fresh_step(fn, params, x)), ctx.last_note
+    return times
 
 
 def run(ctx: Context) -> list[Row]:
@@ -92,6 +94,6 @@ def run(ctx: Context) -> list[Row]:
             ctx.log(traceback.format_exc())
             row("fwd", None, f"failed: {type(e).__name__}: {str(e)[:120]}")
             continue
-        for mode, ms in times.items():
-            row(mode, ms, note)
+        for mode, (ms, budget_note) in times.items():
+            row(mode, ms, "; ".join(n for n in (note, budget_note) if n))
     return rows
