@@ -8,7 +8,6 @@ the same per-token maps around it. The core computes in float32 and returns `dty
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
