@@ -34,24 +34,42 @@ def _registry():
     return mixers, ""
 
 
-def _state_option(ctor, state: int):
-    """The constructor's keyword for the state size, or {} with a note when it has none."""
+def _state_options(ctor, state: int):
+    """Keyword choices for the state size to try in order, each with a note for the row.
+
+    A constructor that forwards **options (a block around a core) does not name the keyword in
+    its signature, so each known name is tried; a TypeError from construction rules one out.
+    """
     try:
         # nnx.Module's metaclass hides a class's __init__ signature from inspect.signature(cls).
         params = inspect.signature(ctor.__init__ if inspect.isclass(ctor) else ctor).parameters
     except (TypeError, ValueError):
-        return {}, "state size: constructor signature unreadable, default used"
+        params = {}
     for name in STATE_OPTIONS:
         if name in params:
-            return {name: state}, ""
-    return {}, "state size: no known option name, default used"
+            return [({name: state}, "")]
+    tries = []
+    if not params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        tries = [({name: state}, "") for name in STATE_OPTIONS]
+    return tries + [({}, "state size: no known option name, default used")]
 
 
-def _measure(ctx: Context, ctor, options, shape):
+def _build(ctor, d_model, state):
+    from flax import nnx
+
+    for options, note in _state_options(ctor, state):
+        try:
+            return ctor(d_model, rngs=nnx.Rngs(0), **options), options, note
+        except TypeError:
+            if not options:
+                raise
+    raise AssertionError("unreachable: the last choice re-raises")
+
+
+def _measure(ctx: Context, model, shape):
     from flax import nnx
 
     batch, length, d_model, _ = shape
-    model = ctor(d_model, rngs=nnx.Rngs(0), **options)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     x = jax.random.normal(jax.random.key(2), (batch, length, d_model), jnp.float32)
 
@@ -85,11 +103,10 @@ def run(ctx: Context) -> list[Row]:
             ctx.log(f"  layer {name}: {note}")
             row("fwd", None, note)
             continue
-        ctor = mixers[name]
-        options, note = _state_option(ctor, state)
-        ctx.log(f"  layer {name} {options}")
         try:
-            times = _measure(ctx, ctor, options, shape)
+            model, options, note = _build(mixers[name], d_model, state)
+            ctx.log(f"  layer {name} {options}")
+            times = _measure(ctx, model, shape)
         except Exception as e:  # noqa: BLE001 - one failing layer should not hide the others
             ctx.log(traceback.format_exc())
             row("fwd", None, f"failed: {type(e).__name__}: {str(e)[:120]}")
