@@ -12,7 +12,9 @@ appendix writes -A. Each measure's coefficients are those of an orthonormal basi
         B_n = (1/theta) sqrt(2n+1);
         f(t - theta r) ~ sum_n c_n sqrt(2n+1) P_n(1 - 2 r),  r in [0, 1] (r = 0 is now).
   lagt  Laguerre, exponentially decaying measure exp(-(t - s)) on (-inf, t]:
-        A = I/2 - tril(ones), B = ones (generalised Laguerre with alpha = 0, tilted by exp(s/2)).
+        A = I/2 - tril(ones), B = ones (generalised Laguerre with alpha = 0, tilted by exp(s/2));
+        Only its structure is tested (stable, lower triangular); unlike legs, legt and fout,
+        its reconstruction through `evaluation_matrix` is not yet checked against a signal.
   fout  translated Fourier on [t - 1, t], basis 1, sqrt2 cos(2 pi j x), sqrt2 sin(2 pi j x):
         A = Omega - B B^T / 2 (Omega skew: d/dt of cos_j picks +2 pi j sin_j), B = 2 g(0),
         the factor 2 because the periodic extension's series converges to (f(t) + f(t-1)) / 2.

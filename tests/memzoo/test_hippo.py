@@ -173,3 +173,4 @@ def test_hippo_rnn_memory_is_the_hippo_recurrence():
     c = hippo.run_memory(op, jnp.stack(fs, axis=1))
     np.testing.assert_allclose(np.asarray(c[:, -1]), np.asarray(cache.c), rtol=1e-5, atol=1e-6)
     assert int(cache.t) == 10 and prev is not cache
+
