@@ -168,7 +168,8 @@ def percent_of_ceiling(row: Row, probes: dict):
 
 def cells(row: Row, probes: dict) -> list[str]:
     pct = percent_of_ceiling(row, probes)
-    notes = [f"{name} {'n/a' if r is None else f'{r:.2f}x'}" for name, r in row.ratios.items()]
+    # Three significant figures, so a ratio far below 1 still reads as a number, not 0.00x.
+    notes = [f"{name} {'n/a' if r is None else f'{r:.3g}x'}" for name, r in row.ratios.items()]
     if row.note:
         notes.append(row.note)
     impl = row.implementation if row.role != "peer" else f"peer: {row.implementation}"
