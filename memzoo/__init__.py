@@ -3,11 +3,14 @@
 Every memory is a mixer [batch, time, d_model] -> [batch, time, d_model] registered by name in
 `MIXERS` (see memzoo.registry for the decoding protocol every mixer keeps).
 """
-from memzoo import layers, ssm
-from memzoo.registry import MIXERS, SequenceMixer, UnknownMixerError, build_mixer, register_mixer
+from memzoo import attention, layers, ssm
+from memzoo.attention import Attention, KVCache
+from memzoo.registry import (MIXERS, SequenceMixer, UnknownMixerError, accepts_keyword,
+                              build_mixer, register_mixer)
 from memzoo.ssm import (S4D, S5, HippoRNN, HippoRNNCache, S4DBlock, S5Block, SSMBlock,
                         SSMCache)
 
 __all__ = ["MIXERS", "register_mixer", "build_mixer", "SequenceMixer", "UnknownMixerError",
-           "layers", "ssm", "HippoRNN", "HippoRNNCache", "S4D", "S4DBlock", "S5", "S5Block",
+           "accepts_keyword",
+           "attention", "Attention", "KVCache", "layers", "ssm", "HippoRNN", "HippoRNNCache", "S4D", "S4DBlock", "S5", "S5Block",
            "SSMBlock", "SSMCache"]

@@ -3,44 +3,284 @@
 `CausalLM`: token embedding, `num_layers` pre-norm residual blocks (norm -> mixer -> residual,
 norm -> MLP -> residual), a final norm and a head tied to the embedding (or not). Each layer's
 mixer is chosen by name from `memzoo.MIXERS` through a repeating pattern ("s4d" or
-"s4d,s4d,s5"), so hybrid stacks need no code. The training issue grows this module (scan over
-layers, remat, generation); the block structure here is the one it keeps.
+"s4d,s4d,attention"), so hybrid stacks need no code. `SequenceClassifier` puts a pooled linear
+head on the same stack.
+
+The stack (`BlockStack`), shared by both models:
+
+* `scan_layers=True` builds one repeat of the pattern (a `BlockGroup`: one block for a uniform
+  stack, three for "s4d,s4d,attention") `num_layers // len(pattern)` times with `nnx.vmap`, so
+  every parameter gets a leading repeat axis, and applies the repeats with `nnx.scan`: XLA
+  compiles one group whatever the depth. Scanning over whole repeats is what lets a hybrid
+  stack scan at all (a scan body must be the same function with the same parameter shapes at
+  every step); layers past the last whole repeat (`num_layers % len(pattern)`) run unrolled
+  after the scan. `scan_layers=False` is a Python loop over `num_layers` blocks.
+* `remat` wraps each block in `nnx.remat` with a policy from `REMAT_POLICIES` (True/False mean
+  "full"/"none").
+* Caches mirror the layout: `StackCache(scanned=<a tuple per pattern position, each leaf with a
+  leading repeat axis>, layers=<a tuple of per-layer caches>)`.
+
+Mixed precision: `dtype` is the compute dtype of every layer (passed to each mixer unless
+`mixer_options` says otherwise); parameters stay float32; logits are float32.
 """
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from memzoo import layers
-from memzoo.registry import MIXERS
+from memzoo.attention import check_segment_ids
+from memzoo.registry import MIXERS, accepts_keyword
+
+# name -> jax.checkpoint policy; "full" saves nothing (recompute the whole block), "none" skips
+# remat altogether (an nnx.remat with everything_saveable would still add a checkpoint boundary).
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+POOLINGS = ("mean", "last")
+
+
+def parse_pattern(pattern: str) -> list[str]:
+    """"s4d, s4d,attention" -> ["s4d", "s4d", "attention"], every name checked in MIXERS."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"`mixer` must be a comma-separated string of mixer names, got "
+                         f"{type(pattern).__name__}")
+    names = [p.strip() for p in pattern.split(",") if p.strip()]
+    if not names:
+        raise ValueError(f"`mixer` pattern must name at least one mixer, got {pattern!r}")
+    for name in names:
+        MIXERS[name]  # raises UnknownMixerError listing the known names
+    return names
 
 
 def layer_pattern(pattern: str, num_layers: int) -> list[str]:
-    names = [p.strip() for p in pattern.split(",") if p.strip()]
-    if not names:
-        raise ValueError(f"CausalLM: `mixer` pattern must name at least one mixer, got {pattern!r}")
-    for name in names:
-        MIXERS[name]  # raises UnknownMixerError listing the known names
+    names = parse_pattern(pattern)
     return [names[i % len(names)] for i in range(num_layers)]
 
 
+def _init_of(constructor):
+    # A class's own signature can be its metaclass's (*args, **kwargs), as for nnx.Module.
+    return constructor.__init__ if isinstance(constructor, type) else constructor
+
+
+def _takes_any_keyword(constructor) -> bool:
+    try:
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD
+                   for p in inspect.signature(_init_of(constructor)).parameters.values())
+    except (TypeError, ValueError):
+        return False
+
+
+def route_mixer_options(names: list[str], mixer_options: dict[str, Any] | None
+                        ) -> dict[str, dict[str, Any]]:
+    """Options per mixer name. A key that names a mixer in the pattern holds that mixer's own
+    options ({"attention": {"num_heads": 2}}); every other key is shared and goes to each mixer
+    whose constructor takes it, so {"state_size": 16} configures the SSMs of "s4d,attention"
+    without reaching attention. A shared key that no registered mixer names is an error."""
+    options = dict(mixer_options or {})
+    own = {k: dict(options.pop(k)) for k in list(options)
+           if k in names and isinstance(options[k], dict)}
+    routed, used = {}, set()
+    for name in dict.fromkeys(names):
+        ctor = MIXERS[name]
+        taken = {k: v for k, v in options.items()
+                 if accepts_keyword(_init_of(ctor), k) or _takes_any_keyword(ctor)}
+        used |= set(taken)
+        routed[name] = {**taken, **own.get(name, {})}
+    # Keys some other registered mixer declares are let through, so one config can carry
+    # e.g. state_size across presets with and without SSMs; anything else is likely a typo.
+    unused = sorted(k for k in set(options) - used
+                    if not any(accepts_keyword(_init_of(MIXERS[m]), k) for m in MIXERS))
+    if unused:
+        raise ValueError(f"mixer_options {unused} are taken by none of the mixers {sorted(set(names))}")
+    return routed
+
+
+def check_tokens(owner: str, tokens, ndim: int = 2, legend: str = "[batch, time]") -> None:
+    if not hasattr(tokens, "dtype") or not jnp.issubdtype(tokens.dtype, jnp.integer) \
+            or tokens.ndim != ndim:
+        raise ValueError(f"{owner}: `tokens` must be an integer array {legend}, got "
+                         f"{getattr(tokens, 'dtype', type(tokens).__name__)} "
+                         f"{tuple(getattr(tokens, 'shape', ()))}")
+
+
+@struct.dataclass
+class StackCache:
+    """Decoding state of a BlockStack: `scanned` (None without scan) is a tuple with one cache
+    per pattern position whose leaves carry a leading repeat axis; `layers` a tuple of the
+    unrolled layers' caches."""
+    scanned: Any
+    layers: tuple
+
+
 class Block(nnx.Module):
+    """x + mixer(norm(x)), then x + MLP(norm(x)); the MLP is a SwiGLU of width mlp_ratio * d."""
+
     def __init__(self, d_model: int, mixer: str, *, mixer_options: dict[str, Any], mlp_ratio: int,
                  norm: str, dtype, rngs: nnx.Rngs):
         self.mixer_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs)
-        self.mixer = MIXERS.build(mixer, d_model, rngs=rngs, **mixer_options)
+        # mixer_options: {name: options} from route_mixer_options
+        self.mixer = MIXERS.build(mixer, d_model, rngs=rngs,
+                                  **{"dtype": dtype, **mixer_options.get(mixer, {})})
         self.mlp = (layers.MLP(d_model, mlp_ratio * d_model, activation="silu", gated=True,
                                dtype=dtype, rngs=rngs) if mlp_ratio > 0 else None)
         self.mlp_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs) if self.mlp else None
+        self.dtype = dtype
+        # Optional protocol keywords (memzoo.registry.SequenceMixer), decided once here.
+        self.takes_segment_ids = accepts_keyword(self.mixer.__call__, "segment_ids")
+        self.cache_takes_max_len = accepts_keyword(self.mixer.init_cache, "max_len")
 
-    def __call__(self, x):
-        x = x + self.mixer(self.mixer_norm(x))
+    def _mlp(self, x):
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x
+
+    def __call__(self, x, *, segment_ids=None, cache=None):
+        h = self.mixer_norm(x)
+        kw = {"segment_ids": segment_ids} if segment_ids is not None and self.takes_segment_ids \
+            else {}
+        if cache is None:
+            return self._mlp(x + self.mixer(h, **kw).astype(self.dtype))
+        y, cache = self.mixer(h, cache=cache)
+        return self._mlp(x + y.astype(self.dtype)), cache
+
+    def step(self, x_t, cache):
+        y, cache = self.mixer.step(self.mixer_norm(x_t), cache)
+        return self._mlp(x_t + y.astype(self.dtype)), cache
+
+    def init_cache(self, batch_size: int, max_len: int | None = None):
+        if self.cache_takes_max_len:
+            return self.mixer.init_cache(batch_size, max_len=max_len)
+        return self.mixer.init_cache(batch_size)
+
+
+class BlockGroup(nnx.Module):
+    """One repeat of the pattern: the body of the layer scan."""
+
+    def __init__(self, names: list[str], *, rngs: nnx.Rngs, **block_options):
+        self.blocks = nnx.List([Block(block_options["d_model"], name, rngs=rngs,
+                                      **{k: v for k, v in block_options.items() if k != "d_model"})
+                                for name in names])
+
+    def __call__(self, x, apply: Callable, *, segment_ids=None, cache=None):
+        if cache is None:
+            for block in self.blocks:
+                x = apply(block, x, segment_ids)
+            return x
+        new = []
+        for block, c in zip(self.blocks, cache):
+            x, c = block(x, cache=c)
+            new.append(c)
+        return x, tuple(new)
+
+    def step(self, x_t, cache):
+        new = []
+        for block, c in zip(self.blocks, cache):
+            x_t, c = block.step(x_t, c)
+            new.append(c)
+        return x_t, tuple(new)
+
+    def init_cache(self, batch_size: int, max_len: int | None = None):
+        return tuple(b.init_cache(batch_size, max_len) for b in self.blocks)
+
+
+class BlockStack(nnx.Module):
+    """`num_layers` Blocks in the order of `pattern`, scanned over repeats or unrolled (module
+    docstring)."""
+
+    def __init__(self, d_model: int, num_layers: int, pattern: str, *,
+                 mixer_options: dict[str, Any] | None = None, mlp_ratio: int = 2,
+                 norm: str = "rmsnorm", scan_layers: bool = False, remat: str | bool = "none",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        if isinstance(remat, bool):  # configs that only switch it on or off
+            remat = "full" if remat else "none"
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"`remat` must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
+        unit = parse_pattern(pattern)
+        routed = route_mixer_options(unit, mixer_options)
+        options = dict(d_model=d_model, mixer_options=routed, mlp_ratio=mlp_ratio, norm=norm,
+                       dtype=dtype)
+        self.remat, self.scan_layers = remat, bool(scan_layers)
+        self.repeats = num_layers // len(unit) if scan_layers else 0
+        if self.repeats:
+            @nnx.split_rngs(splits=self.repeats)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def build(rngs):
+                return BlockGroup(unit, rngs=rngs, **options)
+            self.scanned = build(rngs)
+        else:
+            self.scanned = None
+        tail = layer_pattern(pattern, num_layers)[self.repeats * len(unit):]
+        self.layers = nnx.List([Block(d_model, name, rngs=rngs,
+                                      **{k: v for k, v in options.items() if k != "d_model"})
+                                for name in tail])
+
+    def _apply(self) -> Callable:
+        def apply(block, x, segment_ids):
+            return block(x, segment_ids=segment_ids)
+        if self.remat == "none":
+            return apply
+        return nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
+
+    def __call__(self, x, *, segment_ids=None):
+        apply = self._apply()
+        if self.scanned is not None:
+            @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
+            def body(x, group, segment_ids):
+                return group(x, apply, segment_ids=segment_ids)
+            x = body(x, self.scanned, segment_ids)
+        for block in self.layers:
+            x = apply(block, x, segment_ids)
+        return x
+
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> StackCache:
+        scanned = None
+        if self.scanned is not None:
+            @nnx.vmap(in_axes=0, out_axes=0)
+            def init(group):
+                return group.init_cache(batch_size, max_len)
+            scanned = init(self.scanned)
+        return StackCache(scanned, tuple(b.init_cache(batch_size, max_len) for b in self.layers))
+
+    def prefill(self, x, cache: StackCache):
+        scanned = None
+        if self.scanned is not None:
+            @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+            def body(x, group, c):
+                return group(x, None, cache=c)
+            x, scanned = body(x, self.scanned, cache.scanned)
+        new = []
+        for block, c in zip(self.layers, cache.layers):
+            x, c = block(x, cache=c)
+            new.append(c)
+        return x, StackCache(scanned, tuple(new))
+
+    def step(self, x_t, cache: StackCache):
+        scanned = None
+        if self.scanned is not None:
+            @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+            def body(x_t, group, c):
+                return group.step(x_t, c)
+            x_t, scanned = body(x_t, self.scanned, cache.scanned)
+        new = []
+        for block, c in zip(self.layers, cache.layers):
+            x_t, c = block.step(x_t, c)
+            new.append(c)
+        return x_t, StackCache(scanned, tuple(new))
+
+
+def _check_sizes(owner: str, **sizes: int) -> None:
+    bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v < 1}
+    if bad:
+        raise ValueError(f"{owner}: {', '.join(sizes)} must be positive ints, got "
+                         + ", ".join(f"{k}={v!r}" for k, v in sizes.items()))
 
 
 class CausalLM(nnx.Module):
@@ -49,37 +289,113 @@ class CausalLM(nnx.Module):
     >>> lm = CausalLM(vocab_size=16, d_model=8, num_layers=2, mixer="s4d", rngs=nnx.Rngs(0))
     >>> lm(jnp.zeros((1, 5), jnp.int32)).shape
     (1, 5, 16)
+
+    Decoding: `cache = lm.init_cache(batch, max_len)`, `logits, cache = lm.prefill(tokens,
+    cache)`, `logits_t, cache = lm.decode_step(token_t, cache)`; `memzoo.generate.generate`
+    loops them under jit.
     """
 
     def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, mixer: str = "s4d",
                  mixer_options: dict[str, Any] | None = None, mlp_ratio: int = 2,
-                 norm: str = "rmsnorm", tie_embeddings: bool = True, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        if vocab_size < 1 or d_model < 1 or num_layers < 1:
-            raise ValueError("CausalLM: vocab_size, d_model and num_layers must be positive, got "
-                             f"{vocab_size}, {d_model}, {num_layers}")
+                 norm: str = "rmsnorm", tie_embeddings: bool = True, scan_layers: bool = False,
+                 remat: str = "none", dtype=jnp.float32, rngs: nnx.Rngs):
+        _check_sizes("CausalLM", vocab_size=vocab_size, d_model=d_model, num_layers=num_layers)
         self.vocab_size, self.dtype = vocab_size, dtype
         self.embed = layers.param(
             jax.random.normal(rngs.params(), (vocab_size, d_model), jnp.float32) * d_model ** -0.5,
             ("vocab", "embed"))
-        self.blocks = nnx.List([
-            Block(d_model, name, mixer_options=dict(mixer_options or {}), mlp_ratio=mlp_ratio,
-                  norm=norm, dtype=dtype, rngs=rngs)
-            for name in layer_pattern(mixer, num_layers)])
+        self.stack = BlockStack(d_model, num_layers, mixer, mixer_options=mixer_options,
+                                mlp_ratio=mlp_ratio, norm=norm, scan_layers=scan_layers,
+                                remat=remat, dtype=dtype, rngs=rngs)
         self.final_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs)
         self.head = None if tie_embeddings else layers.Linear(
             d_model, vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, tokens):
-        if not hasattr(tokens, "dtype") or not jnp.issubdtype(tokens.dtype, jnp.integer) \
-                or tokens.ndim != 2:
-            raise ValueError("CausalLM: `tokens` must be an integer array [batch, time], got "
-                             f"{getattr(tokens, 'dtype', type(tokens).__name__)} "
-                             f"{tuple(getattr(tokens, 'shape', ()))}")
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-        for block in self.blocks:
-            x = block(x)
+    def _embed(self, tokens):
+        return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+
+    def _logits(self, x):
         x = self.final_norm(x)
         if self.head is None:
-            return jnp.einsum("btd,vd->btv", x, self.embed[...].astype(self.dtype)).astype(jnp.float32)
+            return jnp.einsum("...d,vd->...v", x,
+                              self.embed[...].astype(self.dtype)).astype(jnp.float32)
         return self.head(x).astype(jnp.float32)
+
+    def __call__(self, tokens, *, segment_ids=None):
+        """`segment_ids` [batch, time] int marks packed documents; mixers that take it (attention)
+        keep documents apart, the others carry state across (memzoo.registry.SequenceMixer)."""
+        check_tokens("CausalLM", tokens)
+        if segment_ids is not None:
+            check_segment_ids("CausalLM", segment_ids, tokens.shape)
+        return self._logits(self.stack(self._embed(tokens), segment_ids=segment_ids))
+
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> StackCache:
+        """The state before any token; `max_len` sizes caches that grow (attention's)."""
+        return self.stack.init_cache(batch_size, max_len)
+
+    def prefill(self, tokens, cache: StackCache):
+        """(logits [b, t, vocab], cache after tokens), continuing from `cache`."""
+        check_tokens("CausalLM.prefill", tokens)
+        x, cache = self.stack.prefill(self._embed(tokens), cache)
+        return self._logits(x), cache
+
+    def decode_step(self, token_t, cache: StackCache):
+        """(logits [b, vocab], cache) for one token per row, token_t [b] int."""
+        check_tokens("CausalLM.decode_step", token_t, ndim=1, legend="[batch]")
+        x_t, cache = self.stack.step(self._embed(token_t), cache)
+        return self._logits(x_t), cache
+
+
+class SequenceClassifier(nnx.Module):
+    """tokens [batch, time] int -> class logits [batch, num_classes] float32.
+
+    The CausalLM stack, a final norm, pooling over time ("mean", or "last": the last real
+    token, which for causal mixers has seen the whole sequence), and a linear head. `mask`
+    [batch, time] bool marks real tokens in padded batches (default: all real).
+
+    >>> clf = SequenceClassifier(vocab_size=16, num_classes=3, d_model=8, num_layers=1,
+    ...                          rngs=nnx.Rngs(0))
+    >>> clf(jnp.zeros((2, 5), jnp.int32)).shape
+    (2, 3)
+    """
+
+    def __init__(self, *, vocab_size: int, num_classes: int, d_model: int, num_layers: int,
+                 mixer: str = "s4d", pooling: str = "mean",
+                 mixer_options: dict[str, Any] | None = None, mlp_ratio: int = 2,
+                 norm: str = "rmsnorm", scan_layers: bool = False, remat: str = "none",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        _check_sizes("SequenceClassifier", vocab_size=vocab_size, num_classes=num_classes,
+                     d_model=d_model, num_layers=num_layers)
+        if pooling not in POOLINGS:
+            raise ValueError(f"SequenceClassifier: pooling must be one of {POOLINGS}, "
+                             f"got {pooling!r}")
+        self.pooling, self.dtype = pooling, dtype
+        self.embed = layers.param(
+            jax.random.normal(rngs.params(), (vocab_size, d_model), jnp.float32) * d_model ** -0.5,
+            ("vocab", "embed"))
+        self.stack = BlockStack(d_model, num_layers, mixer, mixer_options=mixer_options,
+                                mlp_ratio=mlp_ratio, norm=norm, scan_layers=scan_layers,
+                                remat=remat, dtype=dtype, rngs=rngs)
+        self.final_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs)
+        self.head = layers.Linear(d_model, num_classes, axes=("embed", "classes"), dtype=dtype,
+                                  rngs=rngs)
+
+    def __call__(self, tokens, *, mask=None, segment_ids=None):
+        check_tokens("SequenceClassifier", tokens)
+        if mask is not None and (not hasattr(mask, "shape")
+                                 or tuple(mask.shape) != tuple(tokens.shape)):
+            raise ValueError("SequenceClassifier: `mask` must be [batch, time] like tokens "
+                             f"{tuple(tokens.shape)}, got {tuple(getattr(mask, 'shape', ()))}")
+        if segment_ids is not None:
+            check_segment_ids("SequenceClassifier", segment_ids, tokens.shape)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        x = self.final_norm(self.stack(x, segment_ids=segment_ids)).astype(jnp.float32)
+        T = tokens.shape[1]
+        m = jnp.ones(tokens.shape, bool) if mask is None else mask.astype(bool)
+        if self.pooling == "mean":
+            w = m.astype(jnp.float32)
+            pooled = jnp.einsum("btd,bt->bd", x, w) / jnp.maximum(w.sum(1, keepdims=True), 1.0)
+        else:
+            last = jnp.max(jnp.where(m, jnp.arange(T)[None], 0), axis=1)
+            pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+        return self.head(pooled.astype(self.dtype)).astype(jnp.float32)

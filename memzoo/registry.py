@@ -8,6 +8,7 @@ Every mixer also speaks the decoding protocol `SequenceMixer` below.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Protocol
 
@@ -76,12 +77,32 @@ class SequenceMixer(Protocol):
 
     y = mixer(x)                     x, y: [b, t, d]; the parallel (training) form
     y, cache = mixer(x, cache=c)     prefill: continue from cache c, return the cache after x
-    cache = mixer.init_cache(b)      the state before any token (a pytree of float32 arrays)
+    cache = mixer.init_cache(b)      the state before any token (a pytree of arrays)
     y_t, cache = mixer.step(x_t, c)  decode one token, x_t, y_t: [b, d]
+
+    Two optional keywords, which models pass only to mixers that declare them by name
+    (`accepts_keyword`):
+
+    mixer(x, segment_ids=s)          s: [b, t] int, packed documents: no information crosses a
+                                     change of id (attention masks across it). A mixer without
+                                     the keyword carries its state over document boundaries;
+                                     the SSMs do so today (resetting their scans at boundaries,
+                                     which linear_scan supports, is future work).
+    mixer.init_cache(b, max_len=n)   for mixers whose state grows with the sequence (attention's
+                                     KV cache): room for n tokens.
     """
 
-    def __call__(self, x, cache=None): ...
+    def __call__(self, x, cache=None, *, segment_ids=None): ...
 
     def init_cache(self, batch_size: int): ...
 
     def step(self, x_t, cache): ...
+
+
+def accepts_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Whether `fn` declares parameter `name` explicitly (a **kwargs catch-all does not count:
+    it could swallow segment_ids and silently let documents see each other)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False

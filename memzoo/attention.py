@@ -1,0 +1,203 @@
+"""Causal softmax attention, the "attention" mixer: multi-head, grouped-query (GQA), optional
+sliding window, rotary position embeddings (RoPE).
+
+The score computation is `jax.nn.dot_product_attention` (present with the same keywords in
+jax 0.10 and 0.12), so the XLA path, and cuDNN on a GPU where it applies, come from JAX rather
+than a private copy. Its `is_causal` and `local_window_size` masks align query 0 with key 0, which
+is right for the parallel form only; with a cache the queries sit after the cached keys, so the
+cached form builds its mask from absolute positions and passes it as `mask`.
+
+Decoding state (`KVCache`): keys and values after RoPE, and `index`, the number of tokens seen.
+  full attention   a buffer of `max_len` slots; position p lives in slot p.
+  window W         a ring of W slots; position p lives in slot p % W, so the cache never grows
+                   and decoding has no length limit.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from memzoo import layers
+from memzoo.registry import register_mixer
+
+DEFAULT_MAX_LEN = 2048
+
+
+@struct.dataclass
+class KVCache:
+    """k, v: [b, slots, kv_heads, head_dim] in the compute dtype; index: int32 scalar (tokens
+    already in the cache, the absolute position of the next token)."""
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token within its segment: [b, t] int -> [b, t] int32, 0 at each start.
+
+    A packed document then gets the rotary phases it would get alone.
+    """
+    T = segment_ids.shape[1]
+    t = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], dtype=bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotate pairs (x_i, x_{i+k/2}) by positions * base^(-2i/k); x [b, t, h, k], positions
+    [b, t]. Angles and rotation in float32: bfloat16 phases drift visibly past a few hundred."""
+    half = x.shape[-1] // 2
+    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions.astype(jnp.float32)[:, :, None, None] * freq[None, None, None, :]
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+@register_mixer("attention")
+class Attention(nnx.Module):
+    """Causal multi-head softmax attention: [b, t, d] -> [b, t, d].
+
+    num_kv_heads < num_heads shares each key/value head among num_heads / num_kv_heads query
+    heads (GQA; 1 is multi-query). `window=W` lets each token see itself and the W - 1 before it.
+    `max_len` is the default length of a full-attention cache (`init_cache`).
+
+    >>> attn = Attention(8, num_heads=2, rngs=nnx.Rngs(0))
+    >>> attn(jnp.ones((1, 5, 8))).shape
+    (1, 5, 8)
+    """
+
+    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None,
+                 num_kv_heads: int | None = None, window: int | None = None, rope: bool = True,
+                 rope_base: float = 10_000.0, max_len: int = DEFAULT_MAX_LEN, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(f"Attention: d_model={d_model} is not divisible by "
+                                 f"num_heads={num_heads}; pass head_dim")
+            head_dim = d_model // num_heads
+        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"Attention: num_heads={num_heads} must be a positive multiple of "
+                             f"num_kv_heads={num_kv_heads}")
+        if rope and head_dim % 2:
+            raise ValueError(f"Attention: rope needs an even head_dim, got {head_dim}")
+        if window is not None and window < 1:
+            raise ValueError(f"Attention: window must be a positive int or None, got {window}")
+        if max_len < 1:
+            raise ValueError(f"Attention: max_len must be positive, got {max_len}")
+        self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
+        self.head_dim, self.window, self.use_rope, self.rope_base = head_dim, window, rope, rope_base
+        self.max_len, self.dtype = max_len, dtype
+
+        def init(shape, fan_in, axes):
+            return layers.param(jax.random.normal(rngs.params(), shape, jnp.float32)
+                                * fan_in ** -0.5, axes)
+
+        self.wq = init((d_model, num_heads, head_dim), d_model, ("embed", "heads", "kv"))
+        self.wk = init((d_model, num_kv_heads, head_dim), d_model, ("embed", "kv_heads", "kv"))
+        self.wv = init((d_model, num_kv_heads, head_dim), d_model, ("embed", "kv_heads", "kv"))
+        self.wo = init((num_heads, head_dim, d_model), num_heads * head_dim,
+                       ("heads", "kv", "embed"))
+
+    def _project(self, x, positions):
+        x = x.astype(self.dtype)
+        q, k, v = (jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))
+                   for w in (self.wq, self.wk, self.wv))
+        if self.use_rope:
+            q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+        return q, k, v
+
+    def _out(self, o):
+        return jnp.einsum("bthk,hkd->btd", o.astype(self.dtype), self.wo[...].astype(self.dtype))
+
+    def init_cache(self, batch_size: int, *, max_len: int | None = None) -> KVCache:
+        """An empty cache. Full attention holds `max_len` tokens (default: the constructor's);
+        a windowed one is a ring of `window` slots whatever `max_len` says."""
+        slots = self.window if self.window is not None else (max_len or self.max_len)
+        shape = (batch_size, slots, self.num_kv_heads, self.head_dim)
+        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype),
+                       jnp.zeros((), jnp.int32))
+
+    def step(self, x_t, cache: KVCache):
+        layers.check_input("Attention.step", "x_t", x_t, ndim=2, width=self.d_model,
+                           legend="[batch, d_model]")
+        y, cache = self._cached(x_t[:, None], cache)
+        return y[:, 0], cache
+
+    def __call__(self, x, cache: KVCache | None = None, *, segment_ids=None):
+        """Parallel form, or with `cache` the prefill that continues from it: (y, cache).
+
+        `segment_ids` [b, t] int: tokens attend only within their own segment (packed
+        documents), and rotary positions restart at each segment. Parallel form only: a cache
+        holds one document per row.
+        """
+        layers.check_input("Attention", "x", x, ndim=3, width=self.d_model)
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("Attention: `segment_ids` applies to the parallel form only; "
+                                 "a cache holds one document per batch row")
+            return self._cached(x, cache)
+        b, T, _ = x.shape
+        mask = None
+        if segment_ids is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (b, T))
+        else:
+            check_segment_ids("Attention", segment_ids, (b, T))
+            positions = segment_positions(segment_ids)
+            mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        q, k, v = self._project(x, positions)
+        o = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=True,
+            local_window_size=None if self.window is None else (self.window - 1, 0))
+        return self._out(o)
+
+    def _cached(self, x, cache: KVCache):
+        b, T, _ = x.shape
+        if cache.k.shape[0] != b:
+            raise ValueError(f"Attention: cache is for batch {cache.k.shape[0]}, x has {b}")
+        index = cache.index
+        q_pos = index + jnp.arange(T, dtype=jnp.int32)
+        q, k, v = self._project(x, jnp.broadcast_to(q_pos[None], (b, T)))
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        slots = cache.k.shape[1]
+        if self.window is None:
+            keys = jax.lax.dynamic_update_slice(cache.k, k, (0, index, 0, 0))
+            values = jax.lax.dynamic_update_slice(cache.v, v, (0, index, 0, 0))
+            k_pos = jnp.arange(slots, dtype=jnp.int32)
+            new_k, new_v = keys, values
+        else:
+            # Attend over [old ring, new keys]: a prefill longer than the window still sees the
+            # ring's keys for its first queries, which writing the ring first would overwrite.
+            W = slots
+            s = jnp.arange(W, dtype=jnp.int32)
+            ring_pos = index - W + jnp.mod(s - index, W)  # in [index - W, index); < 0: empty
+            keys = jnp.concatenate([cache.k, k], axis=1)
+            values = jnp.concatenate([cache.v, v], axis=1)
+            k_pos = jnp.concatenate([ring_pos, q_pos])
+            m = min(T, W)  # only the last W new keys survive; m distinct slots, no write races
+            write = jnp.mod(index + T - m + jnp.arange(m, dtype=jnp.int32), W)
+            new_k = cache.k.at[:, write].set(k[:, T - m:])
+            new_v = cache.v.at[:, write].set(v[:, T - m:])
+        visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
+        if self.window is not None:
+            visible &= k_pos[None, :] > q_pos[:, None] - self.window
+        o = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
+                                         mask=visible[None, None])
+        y = self._out(o)
+        if self.window is None:
+            # dynamic_update_slice clamps out-of-range writes, which would silently overwrite
+            # the last keys; poison instead so an overflow cannot pass for a result.
+            y = jnp.where(index + T <= slots, y, jnp.nan)
+        return y, KVCache(new_k, new_v, index + T)
+
+
+def check_segment_ids(owner: str, segment_ids, shape) -> None:
+    if not hasattr(segment_ids, "dtype") or not jnp.issubdtype(segment_ids.dtype, jnp.integer) \
+            or tuple(segment_ids.shape) != tuple(shape):
+        raise ValueError(f"{owner}: `segment_ids` must be an integer array [batch, time] = "
+                         f"{tuple(shape)}, got {getattr(segment_ids, 'dtype', type(segment_ids).__name__)} "
+                         f"{tuple(getattr(segment_ids, 'shape', ()))}")
+
