@@ -1,0 +1,327 @@
+"""Synthetic memory tasks: one seeded, pure-numpy generator per task, one example per call.
+
+Every generator takes a `np.random.Generator` first and keyword options after it, and returns a
+dict of arrays for one example:
+
+- language-model style: {"inputs": int32 [t], "targets": int32 [t], "mask": float32 [t]}; the
+  loss is cross-entropy of the prediction at t against targets[t], weighted by mask[t] (1 where
+  it counts). Masked-out targets are 0.
+- classification: {"inputs": int32 [t], "label": int32 [], "mask": float32 [t]} where mask marks
+  the real (unpadded) tokens, for pooling.
+
+`TASKS` maps each task name to its generator, defaults, vocabulary size and chance accuracy;
+`example(task, seed, split, index, ...)` makes example `index` of a split from its own seed, so any
+example can be regenerated alone (what the tfds builders write and what the in-memory source
+serves are the same arrays).
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+Example = dict[str, np.ndarray]
+
+
+def _lm_example(inputs, targets, mask) -> Example:
+    return {"inputs": np.asarray(inputs, np.int32), "targets": np.asarray(targets, np.int32),
+            "mask": np.asarray(mask, np.float32)}
+
+
+def _require(condition: bool, message: str):
+    if not condition:
+        raise ValueError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# Delayed recall (the first toy task; train/tasks.py re-exports the batched form)
+
+
+def delayed_recall(rng: np.random.Generator, batch_size: int, seq_len: int, vocab_size: int,
+                   delay: int):
+    """Uniform random tokens; the target at t is the token seen `delay` steps earlier.
+
+    Returns (tokens [b, t] int32, targets [b, t] int32, mask [b, t] float32): positions t < delay
+    have nothing to recall and are masked out. Chance accuracy is 1 / vocab_size; a model must
+    keep the last `delay` tokens in its state to do better.
+    """
+    tokens = rng.integers(0, vocab_size, (batch_size, seq_len), dtype=np.int32)
+    targets = np.zeros_like(tokens)
+    targets[:, delay:] = tokens[:, :-delay]
+    mask = np.zeros((batch_size, seq_len), np.float32)
+    mask[:, delay:] = 1.0
+    return tokens, targets, mask
+
+
+def delayed_recall_example(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 16,
+                           delay: int = 8) -> Example:
+    """One example of `delayed_recall` (vocabulary: all `vocab_size` tokens are data)."""
+    _require(0 < delay < seq_len, f"delayed_recall needs 0 < delay < seq_len, got {delay=}, "
+             f"{seq_len=}")
+    tokens, targets, mask = delayed_recall(rng, 1, seq_len, vocab_size, delay)
+    return _lm_example(tokens[0], targets[0], mask[0])
+
+
+# --------------------------------------------------------------------------------------------
+# MQAR (zoology)
+
+
+def mqar(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 8192, num_kv_pairs: int = 8,
+         power_a: float = 0.01, random_non_queries: bool = True) -> Example:
+    """Multi-query associative recall, following zoology's `multiquery_ar`.
+
+    Vocabulary: 0 is never a key or value (zoology keeps it for "no query here"); keys come from
+    [1, vocab_size // 2), values from [vocab_size // 2, vocab_size). The first 2 * num_kv_pairs
+    positions hold key, value, key, value, ...; the rest is filler with every key queried once, at
+    even offsets 2 * gap where the gaps are drawn without replacement with probability
+    proportional to gap ** (power_a - 1) (small power_a crowds queries near the context, as in
+    zoology). Filler is uniform over the whole vocabulary (random_non_queries) or 0. The target at
+    a query key's position is its value (the next token). Chance accuracy: 1 / (vocab_size -
+    vocab_size // 2) for a model that knows the value half of the vocabulary.
+    """
+    key_vocab = vocab_size // 2
+    _require(seq_len % 2 == 0, f"mqar needs an even seq_len, got {seq_len}")
+    _require(4 * num_kv_pairs <= seq_len, f"mqar needs 4 * num_kv_pairs <= seq_len, got "
+             f"{num_kv_pairs=}, {seq_len=}")
+    _require(num_kv_pairs <= key_vocab - 1, f"mqar needs num_kv_pairs <= vocab_size // 2 - 1 "
+             f"distinct keys, got {num_kv_pairs=}, {vocab_size=}")
+    context = 2 * num_kv_pairs
+    keys = rng.choice(np.arange(1, key_vocab), size=num_kv_pairs, replace=False)
+    values = rng.choice(np.arange(key_vocab, vocab_size), size=num_kv_pairs, replace=False)
+    space = (seq_len - context) // 2
+    p = power_a * np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1)
+    gaps = rng.choice(space, size=num_kv_pairs, replace=False, p=p / p.sum())
+
+    inputs = np.zeros(seq_len, np.int64)
+    inputs[0:context:2], inputs[1:context:2] = keys, values
+    query_at = context + 2 * gaps
+    if random_non_queries:
+        inputs[context:] = rng.integers(0, vocab_size, seq_len - context)
+    inputs[query_at] = keys
+    targets = np.zeros(seq_len, np.int64)
+    mask = np.zeros(seq_len, np.float32)
+    targets[query_at], mask[query_at] = values, 1.0
+    return _lm_example(inputs, targets, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Copying and selective copying (Mamba)
+
+BLANK, DELIMITER = 0, 1
+
+
+def _copy_at(rng, positions, seq_len, vocab_size, num_tokens) -> Example:
+    data = rng.integers(2, vocab_size, num_tokens)
+    inputs = np.full(seq_len, BLANK, np.int64)
+    inputs[positions] = data
+    answer = seq_len - num_tokens
+    inputs[answer] = DELIMITER
+    targets = np.zeros(seq_len, np.int64)
+    mask = np.zeros(seq_len, np.float32)
+    targets[answer:], mask[answer:] = data, 1.0
+    return _lm_example(inputs, targets, mask)
+
+
+def copying(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 16,
+            num_tokens: int = 16) -> Example:
+    """Copy `num_tokens` tokens after a delimiter, with a blank gap between.
+
+    Vocabulary: 0 blank, 1 delimiter, [2, vocab_size) data. Layout: data at [0, num_tokens), blanks
+    up to seq_len - num_tokens, where the delimiter stands, then blanks. The targets at the
+    delimiter and the num_tokens - 1 blanks after it are the data in order (the model sees no
+    copy of its own output). Chance accuracy: 1 / (vocab_size - 2).
+    """
+    _require(2 * num_tokens <= seq_len, f"copying needs 2 * num_tokens <= seq_len, got "
+             f"{num_tokens=}, {seq_len=}")
+    _require(vocab_size > 2, f"copying needs vocab_size > 2, got {vocab_size}")
+    return _copy_at(rng, np.arange(num_tokens), seq_len, vocab_size, num_tokens)
+
+
+def selective_copying(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 16,
+                      num_tokens: int = 16) -> Example:
+    """Mamba's selective copying: data tokens scattered among blanks, reproduced in order at the end.
+
+    Vocabulary and answer layout as `copying`; the num_tokens data tokens stand at sorted random
+    positions in [0, seq_len - num_tokens), so the gap between data is not fixed and a
+    time-invariant convolution cannot solve it. Chance accuracy: 1 / (vocab_size - 2).
+    """
+    _require(2 * num_tokens <= seq_len, f"selective_copying needs 2 * num_tokens <= seq_len, got "
+             f"{num_tokens=}, {seq_len=}")
+    _require(vocab_size > 2, f"selective_copying needs vocab_size > 2, got {vocab_size}")
+    positions = np.sort(rng.choice(seq_len - num_tokens, size=num_tokens, replace=False))
+    return _copy_at(rng, positions, seq_len, vocab_size, num_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Induction heads (Mamba)
+
+TRIGGER = 0
+
+
+def induction_heads(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 16) -> Example:
+    """A trigger token followed by an answer token somewhere; the trigger again at the end.
+
+    Vocabulary: 0 the trigger (appears exactly twice), [1, vocab_size) ordinary tokens. The
+    trigger stands at a uniform position p in [0, seq_len - 3], the answer at p + 1, the trigger
+    again at seq_len - 1, whose target is the answer (the only masked-in position). Chance
+    accuracy: 1 / (vocab_size - 1).
+    """
+    _require(seq_len >= 3, f"induction_heads needs seq_len >= 3, got {seq_len}")
+    _require(vocab_size >= 2, f"induction_heads needs vocab_size >= 2, got {vocab_size}")
+    inputs = rng.integers(1, vocab_size, seq_len)
+    p = rng.integers(0, seq_len - 2)
+    inputs[p], inputs[-1] = TRIGGER, TRIGGER
+    targets = np.zeros(seq_len, np.int64)
+    mask = np.zeros(seq_len, np.float32)
+    targets[-1], mask[-1] = inputs[p + 1], 1.0
+    return _lm_example(inputs, targets, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Single needle in a haystack (RULER-style S-NIAH on tokens)
+
+NEEDLE, QUERY = 0, 1
+
+
+def niah(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 64) -> Example:
+    """One key-value needle in a haystack of random tokens; the key is asked for at the end.
+
+    Vocabulary: 0 needle marker, 1 query marker, [2, vocab_size) haystack, keys and values. The
+    needle [NEEDLE, key, value] starts at a uniform position in [0, seq_len - 5]; the example ends
+    with [QUERY, key] and the target at the final key is the value. Chance accuracy:
+    1 / (vocab_size - 2).
+    """
+    _require(seq_len >= 5, f"niah needs seq_len >= 5, got {seq_len}")
+    _require(vocab_size > 2, f"niah needs vocab_size > 2, got {vocab_size}")
+    inputs = rng.integers(2, vocab_size, seq_len)
+    key, value = rng.integers(2, vocab_size, 2)
+    at = rng.integers(0, seq_len - 4)
+    inputs[at:at + 3] = NEEDLE, key, value
+    inputs[-2:] = QUERY, key
+    targets = np.zeros(seq_len, np.int64)
+    mask = np.zeros(seq_len, np.float32)
+    targets[-1], mask[-1] = value, 1.0
+    return _lm_example(inputs, targets, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# ListOps (Long Range Arena's generator)
+
+LISTOPS_PAD = 0
+LISTOPS_DIGIT0 = 1          # digits 0..9 are tokens 1..10
+LISTOPS_OPERATORS = {"MIN": 11, "MAX": 12, "MED": 13, "SM": 14}
+LISTOPS_END = 15
+LISTOPS_VOCAB = 16
+_VALUE_P = 0.25             # LRA: the chance that a non-leaf draw becomes an operator
+
+
+def _listops_tree(rng, depth, max_depth, max_args, out: list[int]) -> int:
+    """Appends one subtree's tokens to `out` (LRA's generate_tree draw order) and returns its value."""
+    if depth < max_depth and rng.random() <= _VALUE_P:
+        num_args = int(rng.integers(2, max_args + 1))
+        start = len(out)
+        out.append(-1)          # the operator token, chosen after its arguments as in LRA
+        args = [_listops_tree(rng, depth + 1, max_depth, max_args, out) for _ in range(num_args)]
+        op = list(LISTOPS_OPERATORS)[int(rng.integers(len(LISTOPS_OPERATORS)))]
+        out[start] = LISTOPS_OPERATORS[op]
+        out.append(LISTOPS_END)
+        return listops_apply(op, args)
+    value = int(rng.integers(10))
+    out.append(LISTOPS_DIGIT0 + value)
+    return value
+
+
+def listops_apply(op: str, args: list[int]) -> int:
+    """LRA's semantics: MED is int(np.median(...)) (the floor of a half-integer median)."""
+    if op == "MIN":
+        return min(args)
+    if op == "MAX":
+        return max(args)
+    if op == "MED":
+        return int(np.median(args))
+    return sum(args) % 10
+
+
+def listops(rng: np.random.Generator, *, seq_len: int, max_depth: int = 10, max_args: int = 10,
+            min_length: int | None = None, max_tries: int = 10_000) -> Example:
+    """A nested MAX/MIN/MED/SM (sum mod 10) expression over digits; the label is its value.
+
+    LRA's generator (lra_benchmarks/data/listops.py): depth-first, each node an operator with 2 to
+    max_args arguments with probability 0.25 below max_depth, else a digit; trees are rejected
+    unless min_length < tokens <= seq_len (LRA: 500 < tokens < 2000; min_length defaults to
+    seq_len // 4, LRA's ratio). Unlike LRA, duplicates are not removed. Tokens (LRA's string
+    without parentheses): 0 pad, 1..10 digits 0..9, 11 MIN, 12 MAX, 13 MED, 14 SM, 15 "]"; inputs
+    are right-padded with 0. 10 classes; uniform chance is 1/10, but the labels are not uniform
+    (predicting the most frequent class does better).
+    """
+    min_length = seq_len // 4 if min_length is None else min_length
+    for _ in range(max_tries):
+        tokens: list[int] = []
+        value = _listops_tree(rng, 1, max_depth, max_args, tokens)
+        if min_length < len(tokens) <= seq_len:
+            inputs = np.full(seq_len, LISTOPS_PAD, np.int32)
+            inputs[:len(tokens)] = tokens
+            mask = (inputs != LISTOPS_PAD).astype(np.float32)
+            return {"inputs": inputs, "label": np.asarray(value, np.int32), "mask": mask}
+    raise ValueError(f"listops drew no tree with {min_length} < length <= {seq_len} tokens in "
+                     f"{max_tries} tries (max_depth={max_depth}, max_args={max_args}); lower "
+                     "min_length or raise max_depth")
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A task: its generator, default options and what the training loop needs to know."""
+    name: str
+    generate: Callable[..., Example]
+    defaults: dict[str, Any]
+    vocab_size: Callable[[dict[str, Any]], int]
+    num_classes: int | None = None
+
+    @property
+    def loss(self) -> str:
+        return "next_token" if self.num_classes is None else "classification"
+
+    def options(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(overrides) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"task {self.name!r} has no options {sorted(unknown)}; it takes "
+                             f"{sorted(self.defaults)}")
+        return {**self.defaults, **overrides}
+
+
+def _vocab_option(options):
+    return options["vocab_size"]
+
+
+TASKS: dict[str, Task] = {t.name: t for t in [
+    Task("delayed_recall", delayed_recall_example, {"vocab_size": 16, "delay": 8}, _vocab_option),
+    Task("mqar", mqar, {"vocab_size": 8192, "num_kv_pairs": 8, "power_a": 0.01,
+                        "random_non_queries": True}, _vocab_option),
+    Task("copying", copying, {"vocab_size": 16, "num_tokens": 16}, _vocab_option),
+    Task("selective_copying", selective_copying, {"vocab_size": 16, "num_tokens": 16},
+         _vocab_option),
+    Task("induction_heads", induction_heads, {"vocab_size": 16}, _vocab_option),
+    Task("niah", niah, {"vocab_size": 64}, _vocab_option),
+    Task("listops", listops, {"max_depth": 10, "max_args": 10, "min_length": None,
+                              "max_tries": 10_000}, lambda _: LISTOPS_VOCAB, num_classes=10),
+]}
+
+SPLITS = ("train", "validation", "test")
+
+
+def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """Example `index` of `split` has its own stream: any example can be regenerated alone."""
+    split_key = zlib.crc32(split.encode())      # stable across processes, unlike hash()
+    return np.random.default_rng([seed, split_key, index])
+
+
+def example(task: str, seed: int, split: str, index: int, *, seq_len: int, **options) -> Example:
+    spec = TASKS[task]
+    return spec.generate(example_rng(seed, split, index), seq_len=seq_len, **spec.options(options))
