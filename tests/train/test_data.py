@@ -1,7 +1,6 @@
 """train.data: the generators' invariants, tfds round trips without TensorFlow, grain loaders that
 are deterministic, resumable and sharded, byte-LM packing, standard datasets via mock_data, errors."""
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -146,7 +145,7 @@ def test_builder_round_trip_equals_the_generator(tmp_path):
     assert (info.vocab_size, info.num_classes, info.loss, info.target_key) == (16, None,
                                                                                 "next_token",
                                                                                 "targets")
-    assert info.num_examples == 8 and info.num_batches == 2
+    assert info.num_examples == 8 and info.num_batches == 2 and info.chance_accuracy == 1 / 14
     source = data.GeneratedSource("selective_copying", split="validation", size=8, seq_len=32,
                                   seed=0, **tasks.TASKS["selective_copying"].options(
                                       {"vocab_size": 16}))
@@ -332,6 +331,7 @@ def test_standard_datasets_through_mock_data(tmp_path):
         assert plain["inputs"].shape == (3, 784) and plain["inputs"].dtype == np.int32
         assert plain["label"].shape == (3,) and plain["label"].dtype == np.int32
         assert (info.num_classes, info.seq_len, info.vocab_size) == (10, 784, 256)
+        assert info.chance_accuracy == 0.1
         permuted = next(data.build("pmnist", batch_size=3, seq_len=784, data_dir=tmp_path,
                                    shuffle=False)[0])
         assert not np.array_equal(permuted["inputs"], plain["inputs"])

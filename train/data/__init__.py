@@ -50,6 +50,7 @@ class DataInfo:
     has_segment_ids: bool = False
     num_examples: int = 0              # in this split, before sharding
     num_batches: int | None = None     # this shard will yield; None when endless
+    chance_accuracy: float | None = None   # uniform guessing among the answers; None for LM
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -114,7 +115,7 @@ def build(task: str, *, split: str = "train", batch_size: int, seq_len: int | No
                                      seed=data_seed, **options)
         loss, transform = spec.loss, None
         vocab_size, num_classes = spec.vocab_size(options), spec.num_classes
-        has_segment_ids = False
+        has_segment_ids, chance = False, spec.chance(options)
     elif task == "bytes":
         if seq_len is None:
             raise ValueError("task 'bytes' needs a seq_len")
@@ -125,7 +126,7 @@ def build(task: str, *, split: str = "train", batch_size: int, seq_len: int | No
                                task)
         options = {"corpus": config.corpus, "pattern": config.pattern}
         loss, transform, vocab_size, num_classes = "next_token", None, byte_lm.VOCAB_SIZE, None
-        has_segment_ids = True
+        has_segment_ids, chance = True, None
     elif task in standard.ALIASES or task.startswith("tfds:"):
         name, permute = standard.ALIASES.get(task, (task.removeprefix("tfds:"), False))
         options = dict(task_options)
@@ -137,6 +138,7 @@ def build(task: str, *, split: str = "train", batch_size: int, seq_len: int | No
             name, source, seq_len=seq_len, permute=permute, **options)
         vocab_size = byte_lm.VOCAB_SIZE if loss == "next_token" else 256
         has_segment_ids = loss == "next_token"
+        chance = 1 / num_classes if num_classes else None
     else:
         raise _unknown(task)
 
@@ -150,7 +152,7 @@ def build(task: str, *, split: str = "train", batch_size: int, seq_len: int | No
                     seq_len=seq_len, loss=loss,
                     target_key="targets" if loss == "next_token" else "label",
                     has_segment_ids=has_segment_ids, num_examples=len(source),
-                    num_batches=loader.num_batches, options=options)
+                    num_batches=loader.num_batches, chance_accuracy=chance, options=options)
     return loader, info
 
 

@@ -282,6 +282,7 @@ class Task:
     generate: Callable[..., Example]
     defaults: dict[str, Any]
     vocab_size: Callable[[dict[str, Any]], int]
+    chance: Callable[[dict[str, Any]], float]   # accuracy of guessing among the possible answers
     num_classes: int | None = None
 
     @property
@@ -301,16 +302,21 @@ def _vocab_option(options):
 
 
 TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("delayed_recall", delayed_recall_example, {"vocab_size": 16, "delay": 8}, _vocab_option),
+    Task("delayed_recall", delayed_recall_example, {"vocab_size": 16, "delay": 8}, _vocab_option,
+         lambda o: 1 / o["vocab_size"]),
     Task("mqar", mqar, {"vocab_size": 8192, "num_kv_pairs": 8, "power_a": 0.01,
-                        "random_non_queries": True}, _vocab_option),
-    Task("copying", copying, {"vocab_size": 16, "num_tokens": 16}, _vocab_option),
+                        "random_non_queries": True}, _vocab_option,
+         lambda o: 1 / (o["vocab_size"] - o["vocab_size"] // 2)),
+    Task("copying", copying, {"vocab_size": 16, "num_tokens": 16}, _vocab_option,
+         lambda o: 1 / (o["vocab_size"] - 2)),
     Task("selective_copying", selective_copying, {"vocab_size": 16, "num_tokens": 16},
-         _vocab_option),
-    Task("induction_heads", induction_heads, {"vocab_size": 16}, _vocab_option),
-    Task("niah", niah, {"vocab_size": 64}, _vocab_option),
+         _vocab_option, lambda o: 1 / (o["vocab_size"] - 2)),
+    Task("induction_heads", induction_heads, {"vocab_size": 16}, _vocab_option,
+         lambda o: 1 / (o["vocab_size"] - 1)),
+    Task("niah", niah, {"vocab_size": 64}, _vocab_option, lambda o: 1 / (o["vocab_size"] - 2)),
     Task("listops", listops, {"max_depth": 10, "max_args": 10, "min_length": None,
-                              "max_tries": 10_000}, lambda _: LISTOPS_VOCAB, num_classes=10),
+                              "max_tries": 10_000}, lambda _: LISTOPS_VOCAB, lambda _: 0.1,
+         num_classes=10),
 ]}
 
 SPLITS = ("train", "validation", "test")
