@@ -1,4 +1,73 @@
-"""Typed training configurations: frozen dataclasses, named presets, command-line overrides."""
-from configs.base import PRESETS, TrainConfig, from_args
+"""Typed training configurations: nested frozen dataclasses, preset files, `--set` overrides."""
+from __future__ import annotations
 
-__all__ = ["PRESETS", "TrainConfig", "from_args"]
+import importlib.util
+import os
+from typing import Callable, Sequence
+
+from configs import delayed_recall, mqar
+from configs.base import (CheckpointConfig, ConfigError, DataConfig, LoggingConfig, MeshConfig,
+                          ModelConfig, OptimConfig, TrainConfig, from_dict)
+
+
+def _variant(get_config: Callable[[], TrainConfig], name: str, **sets) -> Callable[[], TrainConfig]:
+    return lambda: get_config().overrides({"name": name, **sets})
+
+
+PRESETS: dict[str, Callable[[], TrainConfig]] = {
+    "delayed_recall_s4d": delayed_recall.get_config,
+    "delayed_recall_s5": _variant(delayed_recall.get_config, "delayed_recall_s5",
+                                  **{"model.mixer": "s5"}),
+    "delayed_recall_hybrid": _variant(delayed_recall.get_config, "delayed_recall_hybrid",
+                                      **{"model.mixer": "s4d,s5"}),
+    "mqar_s4d": mqar.get_config,
+    "mqar_s5": _variant(mqar.get_config, "mqar_s5", **{"model.mixer": "s5"}),
+    # seconds, for tests and smoke checks
+    "smoke": _variant(delayed_recall.get_config, "smoke", **{
+        "model.d_model": 16, "model.num_layers": 1, "model.mixer_options": {"state_size": 8},
+        "data.seq_len": 16, "data.batch_size": 4, "data.eval_batches": 1, "optim.steps": 4,
+        "optim.warmup_steps": 1, "logging.log_every": 2, "checkpoint.every": 0,
+        "logging.tensorboard": False}),
+}
+DEFAULT_PRESET = "delayed_recall_s4d"
+
+
+def load_file(path: str) -> TrainConfig:
+    """A python file defining `get_config() -> TrainConfig`."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: no such file {path!r}")
+    spec = importlib.util.spec_from_file_location(f"_memzoo_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config {path}: the file must define get_config()")
+    config = module.get_config()
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"--config {path}: get_config() returned {type(config).__name__}, "
+                          "not TrainConfig")
+    return config
+
+
+def resolve(config_file: str | None = None, preset: str | None = None,
+            sets: Sequence[str] = ()) -> TrainConfig:
+    """A config file or a preset (default: DEFAULT_PRESET), then `key=value` overrides in order."""
+    if config_file and preset:
+        raise ConfigError("give --config or --preset, not both")
+    if config_file:
+        config = load_file(config_file)
+    else:
+        name = preset or DEFAULT_PRESET
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        config = PRESETS[name]()
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. model.mixer=s5")
+        config = config.override(key.strip(), value)
+    return config
+
+
+__all__ = ["PRESETS", "DEFAULT_PRESET", "TrainConfig", "ModelConfig", "DataConfig",
+           "OptimConfig", "MeshConfig", "CheckpointConfig", "LoggingConfig", "ConfigError",
+           "resolve", "load_file", "from_dict"]

@@ -1,77 +1,290 @@
-"""`TrainConfig` and its presets. Values are validated when the config is built, so a bad value
-fails with a message naming it before anything is compiled."""
+"""The training configuration: typed, nested, frozen dataclasses, validated when built.
+
+`TrainConfig` holds one section per concern (model, data, optim, mesh, checkpoint, logging).
+Presets are python files defining `get_config()` (configs/delayed_recall.py, configs/mqar.py);
+`--set section.key=value` overrides are typed from the dataclass annotations, so a bad key or a
+bad value fails with a message naming the key before anything is compiled.
+"""
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from typing import Any, Sequence
+import difflib
+import json
+import types
+import typing
+from typing import Any, Mapping
+
+MIXER_DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key."""
+
+
+def _check(cond: bool, key: str, expected: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+
+
+def _positive(section: str, obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+               f"{section}.{name}", "a positive integer", value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    mixer: str = "s4d"               # a name or a repeating pattern ("s4d,s5") from memzoo.MIXERS
+    d_model: int = 64
+    num_layers: int = 2
+    mlp_ratio: int = 2
+    dtype: str = "float32"           # compute dtype; parameters and optimizer state stay float32
+    mixer_options: dict = dataclasses.field(default_factory=lambda: {"state_size": 32})
+    scan_layers: bool = False        # passed to CausalLM only when True (older models lack it)
+    remat: bool = False
+
+    def __post_init__(self):
+        _positive("model", self, "d_model", "num_layers")
+        _check(isinstance(self.mlp_ratio, int) and self.mlp_ratio >= 0, "model.mlp_ratio",
+               "an integer >= 0", self.mlp_ratio)
+        _check(self.dtype in MIXER_DTYPES, "model.dtype", f"one of {MIXER_DTYPES}", self.dtype)
+        _check(isinstance(self.mixer, str) and self.mixer.strip() != "", "model.mixer",
+               "a mixer name or a comma-separated pattern", self.mixer)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    task: str = "delayed_recall"
+    batch_size: int = 32             # global batch (all processes, all micro-batches)
+    seq_len: int = 64
+    data_dir: str | None = None
+    loader: str = "auto"             # auto: train.data if present; synthetic: train/input.py
+    eval_batches: int = 4
+    task_options: dict = dataclasses.field(default_factory=lambda: {"vocab_size": 16,
+                                                                    "delay": 4})
+
+    def __post_init__(self):
+        _positive("data", self, "batch_size", "seq_len", "eval_batches")
+        _check(isinstance(self.task, str) and self.task != "", "data.task", "a task name",
+               self.task)
+        _check(self.loader in ("auto", "synthetic", "data"), "data.loader",
+               "one of 'auto', 'synthetic', 'data'", self.loader)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    steps: int = 300
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    final_lr_fraction: float = 0.0   # cosine decays to learning_rate * this
+    b1: float = 0.9
+    b2: float = 0.98
+    weight_decay: float = 0.01
+    decay_embeddings: bool = True
+    grad_clip: float = 1.0
+    grad_accum: int = 1              # micro-batches per step (lax.scan); batch_size % it == 0
+    # learning-rate multipliers per parameter group (groups: train/trainer.py PARAM_GROUPS)
+    lr_multipliers: dict = dataclasses.field(default_factory=lambda: {"ssm_dynamics": 1.0})
+
+    def __post_init__(self):
+        _positive("optim", self, "steps", "grad_accum")
+        _check(isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0,
+               "optim.learning_rate", "a number > 0", self.learning_rate)
+        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+               "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
+        _check(self.weight_decay >= 0, "optim.weight_decay", "a number >= 0", self.weight_decay)
+        _check(self.grad_clip > 0, "optim.grad_clip", "a number > 0", self.grad_clip)
+        _check(0 <= self.final_lr_fraction <= 1, "optim.final_lr_fraction", "a number in [0, 1]",
+               self.final_lr_fraction)
+        for group, mult in self.lr_multipliers.items():
+            _check(isinstance(mult, (int, float)) and mult >= 0,
+                   f"optim.lr_multipliers.{group}", "a number >= 0", mult)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device counts per mesh axis; -1 takes the devices the other axes leave."""
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    sequence: int = 1
+
+    def __post_init__(self):
+        sizes = dataclasses.astuple(self)
+        for name, size in zip(("data", "fsdp", "tensor", "sequence"), sizes):
+            _check(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{name}",
+                   "a positive integer or -1", size)
+        _check(sizes.count(-1) <= 1, "mesh", "at most one axis of size -1", sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100                 # steps between saves; 0 turns checkpoints off
+    keep: int = 3
+    resume: str = "auto"             # auto: resume when a checkpoint exists; require; never
+    async_save: bool = True
+
+    def __post_init__(self):
+        _check(isinstance(self.every, int) and self.every >= 0, "checkpoint.every",
+               "an integer >= 0", self.every)
+        _positive("checkpoint", self, "keep")
+        _check(self.resume in ("auto", "require", "never"), "checkpoint.resume",
+               "one of 'auto', 'require', 'never'", self.resume)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    log_every: int = 25
+    eval_every: int = 0              # 0: evaluate only at the end
+    progress: bool = True
+    tensorboard: bool = True
+    profile_start: int = -1          # trace steps [profile_start, profile_stop) when >= 0
+    profile_stop: int = -1
+
+    def __post_init__(self):
+        _positive("logging", self, "log_every")
+        _check(self.profile_start < 0 or self.profile_stop > self.profile_start,
+               "logging.profile_stop", f"a step > profile_start ({self.profile_start})",
+               self.profile_stop)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    # model
-    mixer: str = "s4d"              # a name or a repeating pattern of names from memzoo.MIXERS
-    d_model: int = 64
-    num_layers: int = 2
-    state_size: int = 32
-    # task: delayed recall, target_t = token_{t - delay} (a memory of the last `delay` tokens)
-    vocab_size: int = 16
-    seq_len: int = 64
-    delay: int = 4
-    # optimisation
-    batch_size: int = 32
-    steps: int = 300
-    learning_rate: float = 3e-3
-    warmup_steps: int = 30
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    name: str = "delayed_recall_s4d"
     seed: int = 0
-    eval_batches: int = 4
-    log_every: int = 25
+    run_dir: str | None = None       # None: runs/<name>
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     def __post_init__(self):
-        positive = ["d_model", "num_layers", "state_size", "vocab_size", "seq_len", "delay",
-                    "batch_size", "steps", "eval_batches", "log_every"]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig: `{name}` must be a positive integer, got {value!r}")
-        if self.delay >= self.seq_len:
-            raise ValueError(f"TrainConfig: `delay` ({self.delay}) must be smaller than "
-                             f"`seq_len` ({self.seq_len})")
-        if self.vocab_size < 2:
-            raise ValueError(f"TrainConfig: `vocab_size` must be at least 2, got {self.vocab_size}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"TrainConfig: `learning_rate` must be > 0, got {self.learning_rate}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
-            raise ValueError("TrainConfig: `warmup_steps` and `weight_decay` must be >= 0 and "
-                             "`grad_clip` > 0")
+        _check(self.data.batch_size % self.optim.grad_accum == 0, "optim.grad_accum",
+               f"a divisor of data.batch_size ({self.data.batch_size})", self.optim.grad_accum)
+
+    @property
+    def resolved_run_dir(self) -> str:
+        return self.run_dir or f"runs/{self.name}"
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
-PRESETS: dict[str, TrainConfig] = {
-    "delayed_recall_s4d": TrainConfig(),
-    "delayed_recall_s5": TrainConfig(mixer="s5"),
-    "delayed_recall_hybrid": TrainConfig(mixer="s4d,s5", num_layers=2),
-    "smoke": TrainConfig(d_model=16, num_layers=1, state_size=8, seq_len=16, steps=4,
-                         batch_size=4, eval_batches=1, log_every=2, warmup_steps=1),
-}
+    def override(self, key: str, value: Any) -> "TrainConfig":
+        """A copy with the dotted `key` set; a string `value` is parsed to the field's type."""
+        return _override(self, key.split("."), value, key)
+
+    def overrides(self, items: Mapping[str, Any]) -> "TrainConfig":
+        config = self
+        for key, value in items.items():
+            config = config.override(key, value)
+        return config
 
 
-def from_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """`--preset NAME` then `--field value` overrides, typed from the dataclass."""
-    parser = argparse.ArgumentParser(prog="python -m train", description=(
-        "Train a memzoo model on the delayed-recall memory task (synthetic, offline)."))
-    parser.add_argument("--preset", default="delayed_recall_s4d", choices=sorted(PRESETS))
-    for field in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{field.name}", type=type(field.default), default=None,
-                            help=f"(default from preset; TrainConfig default {field.default!r})")
-    args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name) is not None}
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(prefix: str, name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {prefix}{close[0]}?" if close else f"; known: {', '.join(known)}"
+
+
+def _override(obj, parts: list[str], value: Any, full_key: str):
+    types_ = _field_types(type(obj))
+    name, rest = parts[0], parts[1:]
+    prefix = full_key[: len(full_key) - len(".".join(parts))]
+    if name not in types_:
+        raise ConfigError(f"unknown config key '{full_key}'" + _suggest(prefix, name, types_))
+    annotation, current = types_[name], getattr(obj, name)
+    if dataclasses.is_dataclass(current):
+        if not rest:
+            raise ConfigError(f"config key '{full_key}' is a section; set one of its keys "
+                              f"({', '.join(_field_types(type(current)))})")
+        new = _override(current, rest, value, full_key)
+    elif isinstance(current, dict) and rest:
+        # dict-valued fields (mixer_options, task_options, lr_multipliers) take free-form keys
+        new = dict(current)
+        new[".".join(rest)] = _parse_loose(value) if isinstance(value, str) else value
+    elif rest:
+        raise ConfigError(f"unknown config key '{full_key}': '{prefix}{name}' has no sub-keys")
+    else:
+        new = _parse(full_key, annotation, value)
     try:
-        return PRESETS[args.preset].replace(**overrides)
-    except ValueError as err:
-        parser.error(str(err))
+        return dataclasses.replace(obj, **{name: new})
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config key '{full_key}': {err}") from None
+
+
+def _parse_loose(text: str) -> Any:
+    """JSON when it parses (numbers, true/false, objects), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse(key: str, annotation, value: Any) -> Any:
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        base = next(a for a in args if a is not type(None))
+    if not isinstance(value, str):
+        ok = (value is None and optional) or (isinstance(value, base) and not (
+            base is int and isinstance(value, bool))) or (base is float and isinstance(value, int))
+        _check(ok, key, base.__name__ + (" or None" if optional else ""), value)
+        return float(value) if base is float and value is not None else value
+    text = value.strip()
+    if optional and text.lower() in ("none", "null"):
+        return None
+    try:
+        if base is bool:
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        if base is dict:
+            parsed = json.loads(text)
+            if not isinstance(parsed, dict):
+                raise ValueError
+            return parsed
+        return text
+    except (ValueError, json.JSONDecodeError):
+        raise ConfigError(f"config key '{key}': expected {base.__name__}"
+                          f"{' (a JSON object)' if base is dict else ''}, got {value!r}") from None
+
+
+def from_dict(data: Mapping[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """A config from a nested dict (e.g. a checkpoint's saved config)."""
+    config = base or TrainConfig()
+    flat: dict[str, Any] = {}
+
+    def walk(prefix, d):
+        for k, v in d.items():
+            sub = getattr(_dig(config, prefix + (k,)), "__dataclass_fields__", None)
+            if isinstance(v, Mapping) and sub is not None:
+                walk(prefix + (k,), v)
+            else:
+                flat[".".join(prefix + (k,))] = v
+    walk((), data)
+    for key, value in flat.items():
+        config = config.override(key, value)
+    return config
+
+
+def _dig(obj, path):
+    for p in path:
+        obj = getattr(obj, p, None)
+    return obj

@@ -1,95 +1,83 @@
-"""python -m train [--preset NAME] [--field value ...]: train and evaluate, printing progress."""
+"""python -m train [--config FILE | --preset NAME] [--set key=value ...]
+
+Prints the resolved config, trains with a progress bar, evaluates, and writes checkpoints,
+TensorBoard logs and metrics.jsonl under the run directory (runs/<name> unless run_dir is set).
+Rerunning the same command resumes from the newest checkpoint. Multi-host: pass
+--coordinator_address/--num_processes/--process_id (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed to let JAX detect the cluster.
+"""
 from __future__ import annotations
 
+import argparse
+import os
 import sys
-import time
+from typing import Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
-
-from configs import TrainConfig, from_args
-from memzoo.models import CausalLM
-from train.tasks import delayed_recall
+import configs
+from configs.base import ConfigError
 
 
-def build(config: TrainConfig):
-    mixer_options = {"state_size": config.state_size}
-    model = CausalLM(vocab_size=config.vocab_size, d_model=config.d_model,
-                     num_layers=config.num_layers, mixer=config.mixer,
-                     mixer_options=mixer_options, rngs=nnx.Rngs(config.seed))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, config.warmup_steps, max(config.steps, config.warmup_steps + 1))
-    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip),
-                     optax.adamw(schedule, weight_decay=config.weight_decay))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    return model, optimizer
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="presets: " + ", ".join(sorted(configs.PRESETS)) +
+                                     "\nexample: python -m train --config configs/mqar.py "
+                                     "--set model.mixer=s5 --set optim.steps=200")
+    parser.add_argument("--config", help="a python file defining get_config()")
+    parser.add_argument("--preset", help=f"a named preset (default {configs.DEFAULT_PRESET})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. optim.steps=200 (repeatable)")
+    parser.add_argument("--print_config", action="store_true",
+                        help="print the resolved config and exit")
+    parser.add_argument("--coordinator_address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    parser.add_argument("--num_processes", type=int,
+                        default=_env_int("JAX_NUM_PROCESSES"))
+    parser.add_argument("--process_id", type=int, default=_env_int("JAX_PROCESS_ID"))
+    parser.add_argument("--distributed", action="store_true",
+                        help="jax.distributed.initialize() with cluster auto-detection")
+    return parser.parse_args(argv)
 
 
-def loss_and_accuracy(model, tokens, targets, mask):
-    logits = model(tokens)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    denom = jnp.maximum(mask.sum(), 1.0)
-    accuracy = ((logits.argmax(-1) == targets) * mask).sum() / denom
-    return (losses * mask).sum() / denom, accuracy
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
 
 
-@nnx.jit
-def train_step(model, optimizer, tokens, targets, mask):
-    (loss, accuracy), grads = nnx.value_and_grad(loss_and_accuracy, has_aux=True)(
-        model, tokens, targets, mask)
-    optimizer.update(model, grads)
-    return loss, accuracy
+def initialize_distributed(args: argparse.Namespace) -> None:
+    """Must run before anything touches a device: the process group defines jax.devices()."""
+    import jax
+    if args.coordinator_address or args.num_processes:
+        if args.coordinator_address is None or args.num_processes is None \
+                or args.process_id is None:
+            raise ConfigError("multi-process runs need --coordinator_address, --num_processes "
+                              "and --process_id together")
+        jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                                   num_processes=args.num_processes, process_id=args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
 
 
-@nnx.jit
-def eval_step(model, tokens, targets, mask):
-    return loss_and_accuracy(model, tokens, targets, mask)
-
-
-def batches(config: TrainConfig, seed: int):
-    rng = np.random.default_rng(seed)
-    while True:
-        yield delayed_recall(rng, config.batch_size, config.seq_len, config.vocab_size,
-                             config.delay)
-
-
-def evaluate(model, config: TrainConfig):
-    stream = batches(config, seed=config.seed + 10_000)  # held-out stream, never trained on
-    results = [eval_step(model, *map(jnp.asarray, next(stream)))
-               for _ in range(config.eval_batches)]
-    return tuple(float(np.mean([r[i] for r in results])) for i in range(2))
-
-
-def run(config: TrainConfig, *, out=sys.stdout) -> dict[str, float]:
-    print(f"memzoo train: {config}", file=out)
-    print(f"devices: {jax.devices()}", file=out)
-    model, optimizer = build(config)
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    print(f"model: {config.num_layers} x {config.mixer}, {n_params:,} parameters; "
-          f"chance accuracy {1 / config.vocab_size:.3f}", file=out)
-    first_loss, _ = evaluate(model, config)
-    stream = batches(config, seed=config.seed)
-    start = time.perf_counter()
-    for step in range(1, config.steps + 1):
-        loss, accuracy = train_step(model, optimizer, *map(jnp.asarray, next(stream)))
-        if step % config.log_every == 0 or step == config.steps:
-            loss, accuracy = float(loss), float(accuracy)
-            elapsed = time.perf_counter() - start
-            tokens_per_s = step * config.batch_size * config.seq_len / elapsed
-            print(f"step {step:5d}/{config.steps}  loss {loss:.4f}  acc {accuracy:.3f}  "
-                  f"{tokens_per_s:,.0f} tok/s", file=out, flush=True)
-    eval_loss, eval_acc = evaluate(model, config)
-    print(f"eval: loss {first_loss:.4f} -> {eval_loss:.4f}, accuracy {eval_acc:.3f} "
-          f"(held-out batches)", file=out)
-    return {"initial_eval_loss": first_loss, "eval_loss": eval_loss, "eval_accuracy": eval_acc}
-
-
-def main(argv=None):
-    run(from_args(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = configs.resolve(args.config, args.preset, args.set)
+    except ConfigError as err:
+        print(f"python -m train: error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import json
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    initialize_distributed(args)
+    from train.checkpoint import CheckpointError
+    from train.loop import run
+    try:
+        run(config)
+    except (ConfigError, CheckpointError) as err:
+        print(f"python -m train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Multi-query associative recall (Zoology's MQAR): key-value pairs, then queries whose targets
+are the values bound to earlier keys. A harder memory test than delayed recall: the state must
+hold `num_kv_pairs` bindings, not a fixed window."""
+from configs.base import DataConfig, LoggingConfig, ModelConfig, OptimConfig, TrainConfig
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        name="mqar_s4d",
+        model=ModelConfig(mixer="s4d", d_model=64, num_layers=2, mixer_options={"state_size": 64}),
+        data=DataConfig(task="mqar", batch_size=32, seq_len=64,
+                        task_options={"vocab_size": 64, "num_kv_pairs": 4}),
+        optim=OptimConfig(steps=1000, learning_rate=3e-3, warmup_steps=50, weight_decay=0.1),
+        logging=LoggingConfig(log_every=50),
+    )

@@ -1,0 +1,121 @@
+"""The sharded step: one device and eight (data x fsdp x tensor = 2 x 2 x 2) give the same
+losses; gradient accumulation equals the doubled batch; the weight-decay mask and learning-rate
+groups hit the right parameters; bfloat16 compute keeps float32 parameters and moments."""
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import configs
+from tests.train.helpers import losses, tiny
+from train import mesh as mesh_lib
+from train import trainer as trainer_lib
+from train.input import build
+from train.loop import run
+
+
+def _batches(config, n):
+    it, _ = build(config.data.task, loader="synthetic", split="train",
+                  batch_size=config.data.batch_size, seq_len=config.data.seq_len, seed=0,
+                  **config.data.task_options)
+    return [next(it) for _ in range(n)]
+
+
+def _steps(config, devices, batches, mesh_config=None):
+    mesh = mesh_lib.make_mesh(mesh_config or config.mesh, devices)
+    t = trainer_lib.Trainer(config, mesh, vocab_size=config.data.task_options["vocab_size"])
+    state, out = t.init(), []
+    for b in batches:
+        state, m = t.train_step(state, t.shard_batch(b))
+        out.append(float(m["loss"]))
+    return out, state, t
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    config = tiny(tmp_path_factory.mktemp("one"), "optim.steps=3")
+    return config, _steps(config, jax.devices()[:1], _batches(config, 3))
+
+
+def test_eight_devices_equal_one(one_device):
+    assert len(jax.devices()) == 8, "tests/conftest.py should give 8 host devices"
+    config, (ref, _, _) = one_device
+    got, state, t = _steps(config, jax.devices(), _batches(config, 3),
+                           configs.MeshConfig(data=2, fsdp=2, tensor=2))
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    # the table was applied: the tied embedding [vocab, embed] is split over tensor and fsdp
+    assert state["params"]["embed"][...].sharding.spec == P("tensor", "fsdp")
+    mu = state["opt"][1].inner_states["default"].inner_state[0].mu["embed"][...]
+    assert mu.sharding.spec == P("tensor", "fsdp")      # Adam moments follow their parameter
+    assert t.flops_per_step and t.flops_per_step > 0
+
+
+def test_grad_accumulation_equals_double_batch(one_device, tmp_path):
+    config, _ = one_device
+    b = _batches(config.overrides({"data.batch_size": 16}), 1)
+    _, whole, _ = _steps(config.overrides({"data.batch_size": 16}), jax.devices()[:1], b)
+    loss2, accum, _ = _steps(config.overrides({"data.batch_size": 16, "optim.grad_accum": 2}),
+                             jax.devices()[:1], b)
+    for x, y in zip(jax.tree.leaves(whole["params"]), jax.tree.leaves(accum["params"])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_weight_decay_mask_and_groups():
+    config = configs.resolve(preset="smoke", sets=["model.mixer=s4d,s5", "model.num_layers=2",
+                                                    "optim.decay_embeddings=false"])
+    model = trainer_lib.build_model(config, 16, rngs=__import__("flax").nnx.Rngs(0))
+    from flax import nnx
+    labels = nnx.to_flat_state(trainer_lib.param_labels(nnx.state(model, nnx.Param),
+                                                        config.optim))
+    by_path = {"/".join(map(str, p)): v for p, v in labels}
+    dynamics = ["log_dt", "log_neg_a_real", "a_imag", "log_step", "log_neg_lambda_real",
+                "lambda_imag"]
+    for path, label in by_path.items():
+        leaf = path.split("/")[-1]
+        if leaf in dynamics:
+            assert label == "ssm_dynamics/no_decay", path
+        elif leaf in ("bias", "scale") or leaf == "embed":
+            assert label == "default/no_decay", path
+        else:
+            assert label == "default", path         # kernels, B, C, D
+    assert sum(label == "ssm_dynamics/no_decay" for label in by_path.values()) == 6
+    assert by_path["embed"] == "default/no_decay"
+
+
+def test_learning_rate_group_multiplier(one_device):
+    """ssm_dynamics at lr x 0 stay put while everything else moves."""
+    config, (_, ref_state, _) = one_device
+    config = config.overrides({"optim.lr_multipliers": {"ssm_dynamics": 0.0}})
+    _, state, t = _steps(config, jax.devices()[:1], _batches(config, 3))
+    init = t.init()
+    from flax import nnx
+    flat0 = dict(nnx.to_flat_state(init["params"]))
+    for path, v in nnx.to_flat_state(state["params"]):
+        moved = not np.array_equal(np.asarray(v[...]), np.asarray(flat0[path][...]))
+        assert moved == (trainer_lib.param_group(tuple(map(str, path))) == "default"), path
+
+
+def test_bfloat16_compute_float32_state(tmp_path):
+    config = tiny(tmp_path, "model.dtype=bfloat16", "optim.steps=2")
+    ls, state, _ = _steps(config, jax.devices(), _batches(config, 2),
+                          configs.MeshConfig(data=2, fsdp=2, tensor=2))
+    assert all(np.isfinite(ls))
+    dtypes = {x.dtype for x in jax.tree.leaves(state["params"])}
+    dtypes |= {x.dtype for x in jax.tree.leaves(state["opt"]) if x.ndim > 0}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+
+
+def test_unknown_logical_axis_is_a_clear_error():
+    mesh = mesh_lib.make_mesh(configs.MeshConfig(), jax.devices()[:1])
+    with pytest.raises(ValueError, match="unknown logical axis name 'embd' in w.*LOGICAL_AXIS"):
+        mesh_lib.logical_to_spec(("embd",), (4,), mesh, where="w")
+    with pytest.raises(ValueError, match="needs 16 devices, have 8"):
+        mesh_lib.make_mesh(configs.MeshConfig(data=2, fsdp=2, tensor=2, sequence=2))
+    assert dict(mesh_lib.make_mesh(configs.MeshConfig(fsdp=2, data=-1)).shape) == {
+        "data": 4, "fsdp": 2, "tensor": 1, "sequence": 1}
+    # a dimension the mesh does not divide is replicated rather than rejected
+    mesh8 = mesh_lib.make_mesh(configs.MeshConfig(data=2, fsdp=2, tensor=2))
+    assert mesh_lib.logical_to_spec(("vocab", "embed"), (15, 16), mesh8) == P(None, "fsdp")

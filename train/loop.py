@@ -1,0 +1,205 @@
+"""The training run: data, sharded state, resume, steps, logs, checkpoints, evaluation."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+
+from configs.base import TrainConfig
+from train import input as input_lib
+from train import mesh as mesh_lib
+from train import metrics as metrics_lib
+from train.checkpoint import CheckpointError, Checkpointer
+from train.trainer import Trainer
+
+# A test hook: seconds to sleep after every step, so a subprocess can be killed mid-run.
+_STEP_SLEEP = float(os.environ.get("MEMZOO_TEST_STEP_SLEEP", "0") or 0)
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint after the current step and returns.
+
+    Saving inside the handler would race the step in flight and donated buffers.
+    """
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def run(config: TrainConfig, *, out=sys.stdout, devices=None) -> dict:
+    is_main = jax.process_index() == 0
+
+    def say(*args):
+        if is_main:
+            print(*args, file=out, flush=True)
+
+    run_dir = config.resolved_run_dir
+    say("memzoo train, resolved config:\n" + json.dumps(config.to_dict(), indent=2))
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    say(f"devices: {mesh.devices.size} x {mesh.devices.flat[0].platform} in "
+        f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}; run dir {run_dir}")
+
+    d = config.data
+    if d.batch_size % jax.process_count():
+        raise ValueError(f"data.batch_size {d.batch_size} does not split over "
+                         f"{jax.process_count()} processes")
+
+    def loader(split: str):
+        return input_lib.build(
+            d.task, loader=d.loader, split=split, batch_size=d.batch_size // jax.process_count(),
+            seq_len=d.seq_len, seed=config.seed, data_dir=d.data_dir,
+            shard_index=jax.process_index(), shard_count=jax.process_count(), **d.task_options)
+
+    train_it, info = loader("train")
+    trainer = Trainer(config, mesh, vocab_size=info.vocab_size)
+    say(f"model: {config.model.num_layers} x {config.model.mixer}, {trainer.num_params:,} "
+        f"parameters, compute {config.model.dtype}; task {d.task}, vocab {info.vocab_size}")
+
+    # -- resume or start -----------------------------------------------------------------------
+    ckpt_cfg = config.checkpoint
+    ckpt = None
+    if ckpt_cfg.every > 0 or ckpt_cfg.resume == "require":
+        ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), ckpt_cfg)
+    restored = None
+    if ckpt is not None and ckpt_cfg.resume != "never":
+        restored = ckpt.restore_latest(trainer.abstract_state)
+        if restored is None and ckpt_cfg.resume == "require":
+            raise CheckpointError(f"checkpoint.resume=require but {ckpt.directory} holds no "
+                                  "checkpoint")
+    elif ckpt is not None and ckpt.steps():
+        raise CheckpointError(f"checkpoint.resume=never but {ckpt.directory} already holds "
+                              f"steps {ckpt.steps()}; choose another run_dir")
+    if restored is not None:
+        start_step, state, data_state, _ = restored
+        train_it.set_state(data_state)
+        say(f"resumed from step {start_step} ({ckpt.directory})")
+    else:
+        start_step, state = 0, trainer.init()
+
+    def evaluate(state) -> tuple[float, float]:
+        it, _ = loader("validation")
+        totals = np.zeros(3)
+        for _ in range(d.eval_batches):
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            r = jax.device_get(trainer.eval_step(state, trainer.shard_batch(batch)))
+            totals += [r["loss_sum"], r["correct"], r["count"]]
+        count = max(totals[2], 1.0)
+        return float(totals[0] / count), float(totals[1] / count)
+
+    # -- compile, measure ------------------------------------------------------------------------
+    total = config.optim.steps
+    batch = trainer.shard_batch(next(train_it)) if start_step < total else None
+    t0 = time.perf_counter()
+    if batch is not None:
+        trainer.compile(state, batch)
+        say(f"compiled in {time.perf_counter() - t0:.1f} s; "
+            f"{(trainer.flops_per_step or 0) / 1e9:.3f} GFLOP per step per device")
+    ceiling = metrics_lib.matmul_ceiling()
+    say(f"matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s (float32 1024^2, one device)")
+    initial_loss, initial_acc = evaluate(state)
+    say(f"eval at step {start_step}: loss {initial_loss:.4f}  accuracy {initial_acc:.3f}")
+
+    writers = metrics_lib.Writers(run_dir, tensorboard=config.logging.tensorboard,
+                                  enabled=is_main)
+    bar = metrics_lib.ProgressBar(total, start_step=start_step, out=out,
+                                  enabled=is_main and config.logging.progress)
+    profiler = metrics_lib.ProfilerWindow(config.logging.profile_start,
+                                          config.logging.profile_stop,
+                                          os.path.join(run_dir, "profile"))
+    meta = {"config": config.to_dict()}
+    tokens_per_step = d.batch_size * d.seq_len
+    history: list[dict] = []
+    preempted = False
+    step = start_step
+    t_last, steps_since = time.perf_counter(), 0
+    try:
+        with _Preemption() as preemption:
+            for step in range(start_step + 1, total + 1):
+                if batch is None:
+                    batch = trainer.shard_batch(next(train_it))
+                profiler.before_step(step)
+                state, m = trainer.train_step(state, batch)
+                batch = None
+                profiler.after_step(step, m)
+                steps_since += 1
+                if _STEP_SLEEP:
+                    time.sleep(_STEP_SLEEP)
+                if step % config.logging.log_every == 0 or step == total:
+                    m = {k: float(v) for k, v in jax.device_get(m).items()}
+                    now = time.perf_counter()
+                    dt = (now - t_last) / steps_since
+                    t_last, steps_since = now, 0
+                    row = {"loss": m["loss"], "accuracy": m["accuracy"],
+                           "grad_norm": m["grad_norm"], "tokens/s": tokens_per_step / dt,
+                           "step_ms": 1e3 * dt}
+                    if trainer.flops_per_step:
+                        row["flops_fraction"] = trainer.flops_per_step / dt / ceiling
+                    bar.update(step, {k: row[k] for k in ("loss", "accuracy", "tokens/s",
+                                                           "step_ms", "flops_fraction")
+                                      if k in row})
+                    writers.write(step, row)
+                    history.append({"step": step, **row})
+                if ckpt is not None and ckpt_cfg.every and step % ckpt_cfg.every == 0:
+                    ckpt.save(step, state, train_it.get_state(), meta)
+                if config.logging.eval_every and step % config.logging.eval_every == 0:
+                    loss, acc = evaluate(state)
+                    writers.write(step, {"loss": loss, "accuracy": acc}, prefix="eval")
+                    say(f"eval at step {step}: loss {loss:.4f}  accuracy {acc:.3f}")
+                if preemption.requested:
+                    preempted = True
+                    break
+        if preempted:
+            if ckpt is None:
+                say(f"SIGTERM at step {step}: checkpoints are off (checkpoint.every=0), "
+                    "nothing saved; exiting")
+            else:
+                if step not in ckpt.steps():
+                    ckpt.save(step, state, train_it.get_state(), meta, force=True)
+                ckpt.wait()
+                say(f"SIGTERM at step {step}: checkpoint saved in {ckpt.directory}; exiting "
+                    "cleanly (rerun the same command to resume)")
+            return {"step": step, "preempted": True, "history": history}
+        if ckpt is not None and step > start_step and step not in ckpt.steps():
+            ckpt.save(step, state, train_it.get_state(), meta, force=True)
+    finally:
+        profiler.close()
+        if ckpt is not None:
+            ckpt.close()
+        writers.close()
+
+    eval_loss, eval_acc = evaluate(state)
+    writers_final = {"eval_loss": eval_loss, "eval_accuracy": eval_acc}
+    say(f"eval: loss {initial_loss:.4f} -> {eval_loss:.4f}, accuracy {initial_acc:.3f} -> "
+        f"{eval_acc:.3f} (held-out batches; chance {1 / info.vocab_size:.3f})")
+    result = {"step": step, "preempted": False, "initial_eval_loss": initial_loss,
+              "initial_eval_accuracy": initial_acc, **writers_final, "history": history}
+    if history:
+        last = history[-1]
+        say("final: " + "  ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")
+            + f"  eval_loss {eval_loss:.4f}  eval_accuracy {eval_acc:.3f}")
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "final_metrics.json"), "w") as f:
+            json.dump({k: v for k, v in result.items() if k != "history"}, f, indent=2)
+    return result

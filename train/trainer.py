@@ -1,0 +1,250 @@
+"""The sharded training step: model, optimizer, sharded init, jitted train and eval steps.
+
+Functional style: the model is split once into a graphdef and states, and every jitted function
+is pure over a `TrainState` dict {"step", "params", "rest", "opt", "rng"}, so shardings,
+donation and checkpoints all see one plain pytree.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from configs.base import ConfigError, OptimConfig, TrainConfig
+from memzoo.models import CausalLM
+from train import mesh as mesh_lib
+
+# Parameter groups by name: a parameter belongs to a group when any component of its path is one
+# of the group's names. SSM dynamics (step sizes, eigenvalues) set the memory's time scales;
+# decaying them towards 0 would shorten every memory, and they want smaller learning rates.
+PARAM_GROUPS: dict[str, tuple[str, ...]] = {
+    "ssm_dynamics": ("log_dt", "log_step", "dt", "A", "log_A", "Lambda", "log_neg_a_real",
+                     "a_imag", "log_neg_lambda_real", "lambda_imag"),
+}
+NO_DECAY_LEAVES = ("bias", "scale")          # biases and norm scales
+EMBEDDING_LEAVES = ("embed",)                # decayed unless optim.decay_embeddings is false
+
+
+def path_names(path) -> tuple[str, ...]:
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+    return tuple(n for n in names if n != "value")
+
+
+def param_group(names: tuple[str, ...]) -> str:
+    for group, members in PARAM_GROUPS.items():
+        if any(n in members for n in names):
+            return group
+    return "default"
+
+
+def decays(names: tuple[str, ...], config: OptimConfig) -> bool:
+    if param_group(names) != "default":
+        return False
+    leaf = names[-1]
+    if leaf in NO_DECAY_LEAVES or any("norm" in n for n in names):
+        return False
+    return config.decay_embeddings or leaf not in EMBEDDING_LEAVES
+
+
+def param_labels(params, config: OptimConfig):
+    """A label per parameter: "<group>" or "<group>/no_decay" (a prefix tree of `params`)."""
+    def label(path, _):
+        names = path_names(path)
+        return param_group(names) + ("" if decays(names, config) else "/no_decay")
+    return jax.tree_util.tree_map_with_path(label, params, is_leaf=mesh_lib._is_variable)
+
+
+def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW per (group, decay) label with warmup + cosine decay."""
+    unknown = set(config.lr_multipliers) - set(PARAM_GROUPS) - {"default"}
+    if unknown:
+        raise ConfigError(f"config key 'optim.lr_multipliers': unknown group(s) "
+                          f"{sorted(unknown)}; groups: default, {', '.join(PARAM_GROUPS)}")
+    decay_steps = max(config.steps, config.warmup_steps + 1)
+
+    def adamw(group: str, weight_decay: float):
+        peak = config.learning_rate * config.lr_multipliers.get(group, 1.0)
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, peak, config.warmup_steps, decay_steps, end_value=peak * config.final_lr_fraction)
+        return optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=weight_decay)
+
+    transforms = {}
+    for group in ("default", *PARAM_GROUPS):
+        transforms[group] = adamw(group, config.weight_decay)
+        transforms[group + "/no_decay"] = adamw(group, 0.0)
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip),
+                       optax.multi_transform(transforms, lambda p: param_labels(p, config)))
+
+
+def build_model(config: TrainConfig, vocab_size: int, rngs: nnx.Rngs) -> CausalLM:
+    m = config.model
+    kwargs: dict[str, Any] = dict(vocab_size=vocab_size, d_model=m.d_model,
+                                  num_layers=m.num_layers, mixer=m.mixer,
+                                  mixer_options=dict(m.mixer_options), mlp_ratio=m.mlp_ratio,
+                                  dtype=jnp.dtype(m.dtype), rngs=rngs)
+    # Only passed when asked for, so the loop runs on models that predate these options.
+    for flag in ("scan_layers", "remat"):
+        if getattr(m, flag):
+            kwargs[flag] = True
+    try:
+        return CausalLM(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model: CausalLM rejected the options ({err}); "
+                          "model.scan_layers / model.remat need a memzoo that has them") from None
+
+
+def _opt_shardings(abstract_opt, abstract_params, param_shardings, mesh: Mesh):
+    """Optimizer-state leaves shaped like a parameter (Adam's mu, nu) take its sharding; the rest
+    (counts) are replicated. Matched by the parameter's path as a suffix of the leaf's path."""
+    by_path = {}
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    for (path, leaf), sharding in zip(leaves, jax.tree.leaves(param_shardings)):
+        by_path[tuple(map(str, path))] = (leaf.shape, sharding)
+
+    def one(path, leaf):
+        keys = tuple(map(str, path))
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return mesh_lib.replicated(mesh)
+    return jax.tree_util.tree_map_with_path(one, abstract_opt)
+
+
+class Trainer:
+    """Owns the mesh, the shardings of the train state and the compiled steps."""
+
+    def __init__(self, config: TrainConfig, mesh: Mesh, *, vocab_size: int):
+        self.config, self.mesh, self.vocab_size = config, mesh, vocab_size
+        self.tx = make_optimizer(config.optim)
+        seed = config.seed
+
+        def init() -> dict:
+            model = build_model(config, vocab_size, nnx.Rngs(seed))
+            _, params, rest = nnx.split(model, nnx.Param, ...)
+            return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
+                    "opt": self.tx.init(params), "rng": jax.random.PRNGKey(seed + 1)}
+
+        abstract_model = nnx.eval_shape(lambda: build_model(config, vocab_size, nnx.Rngs(seed)))
+        self.graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+        abstract = jax.eval_shape(init)
+        repl = mesh_lib.replicated(mesh)
+        param_sh = mesh_lib.state_shardings(abs_params, mesh)
+        self.shardings = {
+            "step": repl, "params": param_sh, "rest": mesh_lib.state_shardings(abs_rest, mesh),
+            "opt": _opt_shardings(abstract["opt"], abstract["params"], param_sh, mesh),
+            "rng": repl}
+        # Abstract arrays carrying their target shardings: what a checkpoint restores onto.
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+            self.shardings)
+        self._init = jax.jit(init, out_shardings=self.shardings)
+        self._train = self._eval = None
+        self.flops_per_step: float | None = None
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state["params"]))
+
+    def init(self) -> dict:
+        return self._init()
+
+    # -- batches ------------------------------------------------------------------------------
+    def batch_shardings(self, batch: dict) -> dict:
+        return {k: mesh_lib.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+
+    def shard_batch(self, local_batch: dict) -> dict:
+        """Each process's rows -> one global array per key, split over ("data", "fsdp")."""
+        shardings = self.batch_shardings(local_batch)
+        return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+                for k, v in local_batch.items()}
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _loss_sums(self, params, rest, batch):
+        """Sums (not means) over the mask, so micro-batches add up to exactly the full batch."""
+        model = nnx.merge(self.graphdef, params, rest)
+        logits = model(batch["inputs"])
+        targets = batch["targets"]
+        mask = batch.get("mask", jnp.ones(targets.shape, jnp.float32)).astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        correct = (logits.argmax(-1) == targets).astype(jnp.float32)
+        _, _, new_rest = nnx.split(model, nnx.Param, ...)
+        return (losses * mask).sum(), ((correct * mask).sum(), mask.sum(), new_rest)
+
+    def _train_step(self, state: dict, batch: dict):
+        k = self.config.optim.grad_accum
+        grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
+        params = state["params"]
+        if k == 1:
+            (loss_sum, (correct, count, rest)), grads = grad_fn(params, state["rest"], batch)
+        else:
+            # Micro-batch j takes rows j, j+k, j+2k...: each keeps the batch's even split
+            # over devices, so no data moves between micro-batches.
+            micro = jax.tree.map(
+                lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch)
+
+            def body(carry, mb):
+                grads, loss_sum, correct, count, rest = carry
+                (l, (c, n, rest)), g = grad_fn(params, rest, mb)
+                return (jax.tree.map(jnp.add, grads, g), loss_sum + l, correct + c, count + n,
+                        rest), None
+            zero = jnp.zeros((), jnp.float32)
+            init = (jax.tree.map(jnp.zeros_like, params), zero, zero, zero, state["rest"])
+            (grads, loss_sum, correct, count, rest), _ = jax.lax.scan(body, init, micro)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt = self.tx.update(grads, state["opt"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "rest": rest, "opt": opt, "rng": jax.random.split(state["rng"])[0]}
+        metrics = {"loss": loss_sum / denom, "accuracy": correct / denom, "tokens": count,
+                   "grad_norm": optax.tree.norm(grads)}
+        return new_state, metrics
+
+    def _eval_step(self, state: dict, batch: dict):
+        loss_sum, (correct, count, _) = self._loss_sums(state["params"], state["rest"], batch)
+        return {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+    def compile(self, state: dict, batch: dict) -> None:
+        """Lower and compile both steps for this batch structure; record FLOPs per step."""
+        batch_sh = self.batch_shardings(batch)
+        repl = mesh_lib.replicated(self.mesh)
+        train = jax.jit(self._train_step, in_shardings=(self.shardings, batch_sh),
+                        out_shardings=(self.shardings, repl), donate_argnums=0)
+        evaluate = jax.jit(self._eval_step, in_shardings=(self.shardings, batch_sh),
+                           out_shardings=repl)
+        with jax.set_mesh(self.mesh):
+            self._train = train.lower(state, batch).compile()
+            self._eval = evaluate.lower(state, batch).compile()
+        self.flops_per_step = flops_of(self._train)
+
+    def train_step(self, state: dict, batch: dict):
+        if self._train is None:
+            self.compile(state, batch)
+        return self._train(state, batch)
+
+    def eval_step(self, state: dict, batch: dict):
+        if self._eval is None:
+            self.compile(state, batch)
+        return self._eval(state, batch)
+
+
+def flops_of(compiled) -> float | None:
+    """XLA's FLOP count for one call of a compiled function (per device under SPMD)."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # some backends have no cost model
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
