@@ -164,6 +164,8 @@ class Attention(nnx.Module):
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
         slots = cache.k.shape[1]
         if self.window is None:
+            if T > slots:
+                raise ValueError(f"Attention: {T} tokens do not fit a cache of max_len={slots}")
             keys = jax.lax.dynamic_update_slice(cache.k, k, (0, index, 0, 0))
             values = jax.lax.dynamic_update_slice(cache.v, v, (0, index, 0, 0))
             k_pos = jnp.arange(slots, dtype=jnp.int32)

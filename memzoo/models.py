@@ -45,6 +45,9 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 POOLINGS = ("mean", "last")
+# The logical name of the repeat axis that scan_layers adds to every stacked parameter, so
+# its sharding metadata keeps one name per dimension (a rule table maps it, usually to None).
+LAYER_AXIS = {nnx.PARTITION_NAME: "layers"}
 
 
 def parse_pattern(pattern: str) -> list[str]:
@@ -211,7 +214,7 @@ class BlockStack(nnx.Module):
         self.repeats = num_layers // len(unit) if scan_layers else 0
         if self.repeats:
             @nnx.split_rngs(splits=self.repeats)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYER_AXIS)
             def build(rngs):
                 return BlockGroup(unit, rngs=rngs, **options)
             self.scanned = build(rngs)
@@ -232,7 +235,7 @@ class BlockStack(nnx.Module):
     def __call__(self, x, *, segment_ids=None):
         apply = self._apply()
         if self.scanned is not None:
-            @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
+            @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry, transform_metadata=LAYER_AXIS)
             def body(x, group, segment_ids):
                 return group(x, apply, segment_ids=segment_ids)
             x = body(x, self.scanned, segment_ids)
@@ -243,7 +246,7 @@ class BlockStack(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int | None = None) -> StackCache:
         scanned = None
         if self.scanned is not None:
-            @nnx.vmap(in_axes=0, out_axes=0)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=LAYER_AXIS)
             def init(group):
                 return group.init_cache(batch_size, max_len)
             scanned = init(self.scanned)
@@ -252,7 +255,7 @@ class BlockStack(nnx.Module):
     def prefill(self, x, cache: StackCache):
         scanned = None
         if self.scanned is not None:
-            @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+            @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata=LAYER_AXIS)
             def body(x, group, c):
                 return group(x, None, cache=c)
             x, scanned = body(x, self.scanned, cache.scanned)
@@ -265,7 +268,7 @@ class BlockStack(nnx.Module):
     def step(self, x_t, cache: StackCache):
         scanned = None
         if self.scanned is not None:
-            @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+            @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata=LAYER_AXIS)
             def body(x_t, group, c):
                 return group.step(x_t, c)
             x_t, scanned = body(x_t, self.scanned, cache.scanned)

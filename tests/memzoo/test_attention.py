@@ -1,0 +1,208 @@
+"""The "attention" mixer: the mixer contract (parallel == step-by-step == prefill-then-decode),
+full and sliding-window masks against a naive float64 softmax written here, GQA, causality,
+segment isolation, float32 parameters under bfloat16, clear errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import memzoo
+from memzoo.attention import Attention
+from pallas_kernels._testing import assert_close
+from tests.memzoo.helpers import forward, prefill, step
+
+D, T, BATCH = 16, 12, 2
+
+CASES = [
+    ("mha", dict(num_heads=4)),
+    ("gqa", dict(num_heads=4, num_kv_heads=2)),
+    ("window5", dict(num_heads=2, window=5)),
+    ("window3_mqa", dict(num_heads=4, num_kv_heads=1, window=3)),
+    ("no_rope_head_dim6", dict(num_heads=2, head_dim=6, rope=False)),
+]
+
+
+def ids(cases):
+    return [c[0] for c in cases]
+
+
+def build(options, seed=0, **extra):
+    return memzoo.MIXERS["attention"](D, rngs=nnx.Rngs(seed), **options, **extra)
+
+
+def inputs(seed=1, length=T):
+    return jax.random.normal(jax.random.key(seed), (BATCH, length, D), jnp.float32)
+
+
+@nnx.jit
+def forward_segments(mixer, x, segment_ids):
+    return mixer(x, segment_ids=segment_ids)
+
+
+def naive_attention(params, x, *, num_heads, num_kv_heads, window, use_rope, positions,
+                    segment_ids=None, base=10_000.0):
+    """Float64 numpy: explicit masked softmax, with each key/value head repeated for its group."""
+    wq, wk, wv, wo = (np.asarray(params[k], np.float64) for k in ("wq", "wk", "wv", "wo"))
+    x = np.asarray(x, np.float64)
+    q, k, v = (np.einsum("btd,dhk->bthk", x, w) for w in (wq, wk, wv))
+    if use_rope:
+        half = q.shape[-1] // 2
+        freq = base ** (-np.arange(half) / half)
+        ang = np.asarray(positions, np.float64)[:, :, None, None] * freq
+        def rot(z):
+            z1, z2 = z[..., :half], z[..., half:]
+            return np.concatenate([z1 * np.cos(ang) - z2 * np.sin(ang),
+                                   z2 * np.cos(ang) + z1 * np.sin(ang)], axis=-1)
+        q, k = rot(q), rot(k)
+    group = num_heads // num_kv_heads
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    s = np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(q.shape[-1])
+    t = np.arange(x.shape[1])
+    mask = t[None, :] <= t[:, None]
+    if window is not None:
+        mask &= t[None, :] > t[:, None] - window
+    mask = np.broadcast_to(mask, (x.shape[0], x.shape[1], x.shape[1]))
+    if segment_ids is not None:
+        seg = np.asarray(segment_ids)
+        mask = mask & (seg[:, :, None] == seg[:, None, :])
+    s = np.where(mask[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bthk,hkm->btm", np.einsum("bhts,bshk->bthk", p, v), wo)
+
+def params_of(mixer):
+    return {k: np.asarray(getattr(mixer, k)[...]) for k in ("wq", "wk", "wv", "wo")}
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
+def test_parallel_equals_step_equals_prefill_then_decode(case):
+    _, options = case
+    mixer, x = build(options), inputs()
+    y = forward(mixer, x)
+    assert y.shape == x.shape and y.dtype == jnp.float32
+
+    cache = mixer.init_cache(BATCH, max_len=T)
+    steps = []
+    for t in range(T):
+        y_t, cache = step(mixer, x[:, t], cache)
+        steps.append(y_t)
+    assert_close(jnp.stack(steps, axis=1), y, 1e-5, "step-by-step vs parallel")
+
+    # Prefill longer than every window here: the ring keeps only the last `window` keys.
+    t1 = 7
+    y_prefill, cache = prefill(mixer, x[:, :t1], mixer.init_cache(BATCH, max_len=T))
+    decoded = []
+    for t in range(t1, T):
+        y_t, cache = step(mixer, x[:, t], cache)
+        decoded.append(y_t)
+    assert_close(jnp.concatenate([y_prefill, jnp.stack(decoded, axis=1)], axis=1), y, 1e-5,
+                 "prefill then decode vs parallel")
+
+    # Two prefills: the second's queries sit after the first's keys (offset mask and phases).
+    y_a, cache_a = prefill(mixer, x[:, :t1], mixer.init_cache(BATCH, max_len=T))
+    y_b, cache_b = prefill(mixer, x[:, t1:], cache_a)
+    assert_close(jnp.concatenate([y_a, y_b], axis=1), y, 1e-5, "prefill, prefill vs parallel")
+    assert int(cache_b.index) == T
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
+def test_matches_naive_masked_softmax_in_float64(case):
+    _, options = case
+    mixer, x = build(options), inputs()
+    want = naive_attention(
+        params_of(mixer), x, num_heads=mixer.num_heads, num_kv_heads=mixer.num_kv_heads,
+        window=mixer.window, use_rope=mixer.use_rope,
+        positions=np.broadcast_to(np.arange(T), (BATCH, T)))
+    assert_close(forward(mixer, x), want, 1e-5, "parallel vs naive float64")
+
+
+def test_causal():
+    mixer, x = build(dict(num_heads=2, num_kv_heads=1)), inputs()
+    t0 = 5
+    y = forward(mixer, x)
+    y2 = forward(mixer, x.at[:, t0].add(3.0))
+    np.testing.assert_array_equal(np.asarray(y2[:, :t0]), np.asarray(y[:, :t0]))
+    assert not np.allclose(np.asarray(y2[:, t0:]), np.asarray(y[:, t0:]))
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2]], ids=ids([CASES[1], CASES[2]]))
+def test_segment_ids_keep_packed_documents_apart(case):
+    """Doc 2 packed after doc 1 gives what doc 2 gives alone (rotary positions restart too)."""
+    _, options = case
+    mixer, x = build(options), inputs()
+    cut = 5
+    seg = jnp.broadcast_to((jnp.arange(T) >= cut).astype(jnp.int32)[None], (BATCH, T))
+    y = forward_segments(mixer, x, seg)
+    assert_close(y[:, cut:], forward(mixer, x[:, cut:]), 1e-5, "doc 2 packed vs alone")
+    assert_close(y[:, :cut], forward(mixer, x[:, :cut]), 1e-5, "doc 1 packed vs alone")
+    # Against the naive softmax with the same mask and per-document positions.
+    pos = np.where(np.arange(T) >= cut, np.arange(T) - cut, np.arange(T))
+    want = naive_attention(
+        params_of(mixer), x, num_heads=mixer.num_heads, num_kv_heads=mixer.num_kv_heads,
+        window=mixer.window, use_rope=True, positions=np.broadcast_to(pos, (BATCH, T)),
+        segment_ids=seg)
+    assert_close(y, want, 1e-5, "segments vs naive float64")
+
+
+def test_gradients_flow_to_every_parameter():
+    mixer, x = build(dict(num_heads=4, num_kv_heads=2, window=4)), inputs()
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(mixer)
+    for path, g in nnx.to_flat_state(grads):
+        assert np.all(np.isfinite(g[...])) and np.any(g[...] != 0), path
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    mixer = build(dict(num_heads=2, window=4), dtype=jnp.bfloat16)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(mixer, nnx.Param)))
+    x = inputs().astype(jnp.bfloat16)
+    y = forward(mixer, x)
+    assert y.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y, np.float32)))
+    ref = forward(build(dict(num_heads=2, window=4)), x.astype(jnp.float32))
+    assert_close(np.asarray(y, np.float32), ref, 3e-2, "bf16 vs f32")
+    y_t, _ = step(mixer, x[:, 0], mixer.init_cache(BATCH))
+    assert y_t.dtype == jnp.bfloat16
+
+
+def test_parameters_carry_logical_axes_and_registry():
+    assert memzoo.MIXERS["attention"] is Attention
+    mixer = build(dict(num_heads=4, num_kv_heads=2))
+    axes = {path[-1]: var.get_metadata()["out_sharding"]
+            for path, var in nnx.to_flat_state(nnx.state(mixer, nnx.Param))}
+    assert axes == {"wq": ("embed", "heads", "kv"), "wk": ("embed", "kv_heads", "kv"),
+                    "wv": ("embed", "kv_heads", "kv"), "wo": ("heads", "kv", "embed")}
+
+
+def test_cache_sizes_and_overflow():
+    full, windowed = build(dict(num_heads=2)), build(dict(num_heads=2, window=3))
+    assert full.init_cache(1).k.shape == (1, full.max_len, 2, D // 2)
+    assert full.init_cache(1, max_len=6).k.shape[1] == 6
+    assert windowed.init_cache(1, max_len=100).k.shape[1] == 3  # a ring of `window` slots
+    # Past max_len a full cache cannot hold the keys: the output says so instead of lying.
+    x = inputs(length=4)[:1]
+    with pytest.raises(ValueError, match="max_len=3"):
+        full(x, cache=full.init_cache(1, max_len=3))
+    _, cache = prefill(full, x[:, :2], full.init_cache(1, max_len=3))
+    y, _ = prefill(full, x[:, 2:], cache)
+    assert np.all(np.isnan(np.asarray(y)))
+
+
+def test_bad_input_is_a_clear_error():
+    mixer = build(dict(num_heads=2))
+    with pytest.raises(ValueError, match=r"`x`.*d_model=16"):
+        mixer(jnp.ones((BATCH, 4, D + 1)))
+    with pytest.raises(ValueError, match=r"`x_t`.*rank 2"):
+        mixer.step(jnp.ones((BATCH, 1, D)), mixer.init_cache(BATCH))
+    with pytest.raises(ValueError, match=r"`segment_ids`.*integer"):
+        mixer(jnp.ones((BATCH, 4, D)), segment_ids=jnp.ones((BATCH, 4)))
+    with pytest.raises(ValueError, match=r"`segment_ids`.*\(2, 4\)"):
+        mixer(jnp.ones((BATCH, 4, D)), segment_ids=jnp.ones((BATCH, 5), jnp.int32))
+    with pytest.raises(ValueError, match="parallel form only"):
+        mixer(jnp.ones((BATCH, 4, D)), cache=mixer.init_cache(BATCH),
+              segment_ids=jnp.ones((BATCH, 4), jnp.int32))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        build(dict(num_heads=4, num_kv_heads=3))
+    with pytest.raises(ValueError, match="divisible"):
+        build(dict(num_heads=3))
+    with pytest.raises(ValueError, match="window"):
+        build(dict(num_heads=2, window=0))
