@@ -83,13 +83,13 @@ def _takes_any_keyword(constructor) -> bool:
 
 def route_mixer_options(names: list[str], mixer_options: dict[str, Any] | None
                         ) -> dict[str, dict[str, Any]]:
-    """Options per mixer name. A key that names a mixer in the pattern holds that mixer's own
+    """Options per mixer name. A key that names a registered mixer holds that mixer's own
     options ({"attention": {"num_heads": 2}}); every other key is shared and goes to each mixer
     whose constructor takes it, so {"state_size": 16} configures the SSMs of "s4d,attention"
     without reaching attention. A shared key that no registered mixer names is an error."""
     options = dict(mixer_options or {})
     own = {k: dict(options.pop(k)) for k in list(options)
-           if k in names and isinstance(options[k], dict)}
+           if k in MIXERS and isinstance(options[k], dict)}  # in this pattern or not
     routed, used = {}, set()
     for name in dict.fromkeys(names):
         ctor = MIXERS[name]
