@@ -41,8 +41,9 @@ class ModelConfig:
     mlp_ratio: int = 2
     dtype: str = "float32"           # compute dtype; parameters and optimizer state stay float32
     mixer_options: dict = dataclasses.field(default_factory=lambda: {"state_size": 32})
-    scan_layers: bool = False        # passed to CausalLM only when True (older models lack it)
-    remat: bool = False
+    scan_layers: bool = False        # nnx.scan over repeats of the mixer pattern
+    remat: str = "none"              # memzoo.models.REMAT_POLICIES: none, full, dots_saveable...
+    pooling: str = "mean"            # classification tasks: SequenceClassifier pooling
 
     def __post_init__(self):
         _positive("model", self, "d_model", "num_layers")
@@ -51,6 +52,10 @@ class ModelConfig:
         _check(self.dtype in MIXER_DTYPES, "model.dtype", f"one of {MIXER_DTYPES}", self.dtype)
         _check(isinstance(self.mixer, str) and self.mixer.strip() != "", "model.mixer",
                "a mixer name or a comma-separated pattern", self.mixer)
+        from memzoo.models import POOLINGS, REMAT_POLICIES
+        _check(self.remat in REMAT_POLICIES, "model.remat", f"one of {tuple(REMAT_POLICIES)}",
+               self.remat)
+        _check(self.pooling in POOLINGS, "model.pooling", f"one of {POOLINGS}", self.pooling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,11 +145,12 @@ class LoggingConfig:
     progress: bool = True
     tensorboard: bool = True
     profile_start: int = -1          # trace steps [profile_start, profile_stop) when >= 0
-    profile_stop: int = -1
+    profile_stop: int = -1           # -1: profile_start + 1
 
     def __post_init__(self):
         _positive("logging", self, "log_every")
-        _check(self.profile_start < 0 or self.profile_stop > self.profile_start,
+        _check(self.profile_start < 0 or self.profile_stop < 0
+               or self.profile_stop > self.profile_start,
                "logging.profile_stop", f"a step > profile_start ({self.profile_start})",
                self.profile_stop)
 

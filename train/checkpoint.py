@@ -51,6 +51,20 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
+    def _set_aside(self, steps: list[int]) -> None:
+        """Damaged steps move out of the manager's way (the resumed run saves those steps
+        again) but stay on disk for a post-mortem."""
+        import jax
+        if jax.process_index() == 0:
+            for step in steps:
+                src = os.path.join(self.directory, str(step))
+                dst = f"{src}.damaged"
+                n = 1
+                while os.path.exists(dst):
+                    dst, n = f"{src}.damaged{n}", n + 1
+                os.rename(src, dst)
+        self.manager.reload()
+
     def restore_latest(self, abstract_state) -> tuple[int, Any, dict, dict] | None:
         """(step, state, data_state, meta) of the newest checkpoint that restores, or None when
         the directory holds none. `abstract_state`: ShapeDtypeStructs with target shardings."""
@@ -72,8 +86,9 @@ class Checkpointer:
                 warnings.warn(message + "; trying the previous checkpoint", stacklevel=2)
                 continue
             if failures:
+                self._set_aside([s for s in steps if s > step])
                 warnings.warn(f"resuming from step {step}, skipping {len(failures)} damaged "
-                              "newer checkpoint(s)", stacklevel=2)
+                              "newer checkpoint(s) (renamed to <step>.damaged)", stacklevel=2)
             return step, restored.state, dict(restored.data), dict(restored.meta)
         raise CheckpointError(
             f"no checkpoint in {self.directory} restores (steps {steps}); refusing to start "

@@ -22,6 +22,11 @@ from train.trainer import Trainer
 _STEP_SLEEP = float(os.environ.get("MEMZOO_TEST_STEP_SLEEP", "0") or 0)
 
 
+def _chance(info) -> float:
+    chance = getattr(info, "chance_accuracy", None)
+    return chance if chance else 1 / (getattr(info, "num_classes", None) or info.vocab_size)
+
+
 class _Preemption:
     """SIGTERM sets a flag; the loop saves a checkpoint after the current step and returns.
 
@@ -44,7 +49,10 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def run(config: TrainConfig, *, out=sys.stdout, devices=None) -> dict:
+def run(config: TrainConfig, *, out=None, devices=None) -> dict:
+    """Train and evaluate; returns final metrics and the logged history. `devices`: the mesh's
+    devices (default all); `out`: where progress goes (default stdout)."""
+    out = out or sys.stdout
     is_main = jax.process_index() == 0
 
     def say(*args):
@@ -69,7 +77,9 @@ def run(config: TrainConfig, *, out=sys.stdout, devices=None) -> dict:
             shard_index=jax.process_index(), shard_count=jax.process_count(), **d.task_options)
 
     train_it, info = loader("train")
-    trainer = Trainer(config, mesh, vocab_size=info.vocab_size)
+    num_classes = info.num_classes if getattr(info, "loss", "next_token") == "classification" \
+        else None
+    trainer = Trainer(config, mesh, vocab_size=info.vocab_size, num_classes=num_classes)
     say(f"model: {config.model.num_layers} x {config.model.mixer}, {trainer.num_params:,} "
         f"parameters, compute {config.model.dtype}; task {d.task}, vocab {info.vocab_size}")
 
@@ -191,7 +201,7 @@ def run(config: TrainConfig, *, out=sys.stdout, devices=None) -> dict:
     eval_loss, eval_acc = evaluate(state)
     writers_final = {"eval_loss": eval_loss, "eval_accuracy": eval_acc}
     say(f"eval: loss {initial_loss:.4f} -> {eval_loss:.4f}, accuracy {initial_acc:.3f} -> "
-        f"{eval_acc:.3f} (held-out batches; chance {1 / info.vocab_size:.3f})")
+        f"{eval_acc:.3f} (held-out batches; chance {_chance(info):.3f})")
     result = {"step": step, "preempted": False, "initial_eval_loss": initial_loss,
               "initial_eval_accuracy": initial_acc, **writers_final, "history": history}
     if history:

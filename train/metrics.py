@@ -36,9 +36,10 @@ def _duration(seconds: float) -> str:
 class ProgressBar:
     """One line per log step: bar, step, metrics, ETA. No dependency; works in logs and pipes."""
 
-    def __init__(self, total: int, *, start_step: int = 0, width: int = 20, out=sys.stdout,
+    def __init__(self, total: int, *, start_step: int = 0, width: int = 20, out=None,
                  enabled: bool = True):
-        self.total, self.start_step, self.width, self.out = total, start_step, width, out
+        self.total, self.start_step, self.width = total, start_step, width
+        self.out = out or sys.stdout
         self.enabled = enabled
         self.t0 = time.perf_counter()
 
@@ -106,7 +107,8 @@ class ProfilerWindow:
     """A jax.profiler trace of steps [start, stop): the steady state, not the compile."""
 
     def __init__(self, start: int, stop: int, directory: str):
-        self.start, self.stop, self.directory, self.active = start, stop, directory, False
+        self.start, self.directory, self.active = start, directory, False
+        self.stop = stop if stop >= 0 else start + 1
 
     def before_step(self, step: int) -> None:
         if self.start >= 0 and step == self.start and not self.active:

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from configs.base import ConfigError, OptimConfig, TrainConfig
-from memzoo.models import CausalLM
+from memzoo.models import CausalLM, SequenceClassifier
 from train import mesh as mesh_lib
 
 # Parameter groups by name: a parameter belongs to a group when any component of its path is one
@@ -86,21 +86,18 @@ def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
                        optax.multi_transform(transforms, lambda p: param_labels(p, config)))
 
 
-def build_model(config: TrainConfig, vocab_size: int, rngs: nnx.Rngs) -> CausalLM:
+def build_model(config: TrainConfig, vocab_size: int, rngs: nnx.Rngs,
+                num_classes: int | None = None) -> nnx.Module:
+    """CausalLM for next-token tasks; SequenceClassifier when the task has classes."""
     m = config.model
     kwargs: dict[str, Any] = dict(vocab_size=vocab_size, d_model=m.d_model,
                                   num_layers=m.num_layers, mixer=m.mixer,
                                   mixer_options=dict(m.mixer_options), mlp_ratio=m.mlp_ratio,
+                                  scan_layers=m.scan_layers, remat=m.remat,
                                   dtype=jnp.dtype(m.dtype), rngs=rngs)
-    # Only passed when asked for, so the loop runs on models that predate these options.
-    for flag in ("scan_layers", "remat"):
-        if getattr(m, flag):
-            kwargs[flag] = True
-    try:
-        return CausalLM(**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"model: CausalLM rejected the options ({err}); "
-                          "model.scan_layers / model.remat need a memzoo that has them") from None
+    if num_classes:
+        return SequenceClassifier(num_classes=num_classes, pooling=m.pooling, **kwargs)
+    return CausalLM(**kwargs)
 
 
 def _opt_shardings(abstract_opt, abstract_params, param_shardings, mesh: Mesh):
@@ -124,18 +121,20 @@ def _opt_shardings(abstract_opt, abstract_params, param_shardings, mesh: Mesh):
 class Trainer:
     """Owns the mesh, the shardings of the train state and the compiled steps."""
 
-    def __init__(self, config: TrainConfig, mesh: Mesh, *, vocab_size: int):
+    def __init__(self, config: TrainConfig, mesh: Mesh, *, vocab_size: int,
+                 num_classes: int | None = None):
         self.config, self.mesh, self.vocab_size = config, mesh, vocab_size
+        self.num_classes = num_classes
         self.tx = make_optimizer(config.optim)
         seed = config.seed
 
         def init() -> dict:
-            model = build_model(config, vocab_size, nnx.Rngs(seed))
+            model = build_model(config, vocab_size, nnx.Rngs(seed), num_classes)
             _, params, rest = nnx.split(model, nnx.Param, ...)
             return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
                     "opt": self.tx.init(params), "rng": jax.random.PRNGKey(seed + 1)}
 
-        abstract_model = nnx.eval_shape(lambda: build_model(config, vocab_size, nnx.Rngs(seed)))
+        abstract_model = nnx.eval_shape(lambda: build_model(config, vocab_size, nnx.Rngs(seed), num_classes))
         self.graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
         abstract = jax.eval_shape(init)
         repl = mesh_lib.replicated(mesh)
@@ -173,9 +172,16 @@ class Trainer:
     def _loss_sums(self, params, rest, batch):
         """Sums (not means) over the mask, so micro-batches add up to exactly the full batch."""
         model = nnx.merge(self.graphdef, params, rest)
-        logits = model(batch["inputs"])
-        targets = batch["targets"]
-        mask = batch.get("mask", jnp.ones(targets.shape, jnp.float32)).astype(jnp.float32)
+        segments = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
+        if self.num_classes:
+            # one example per row: the mask says which positions the pooling reads
+            logits = model(batch["inputs"], mask=batch.get("mask"), **segments)
+            targets = batch["label"]
+            mask = jnp.ones(targets.shape, jnp.float32)
+        else:
+            logits = model(batch["inputs"], **segments)
+            targets = batch["targets"]
+            mask = batch.get("mask", jnp.ones(targets.shape, jnp.float32)).astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         correct = (logits.argmax(-1) == targets).astype(jnp.float32)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
