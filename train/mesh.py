@@ -28,6 +28,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("state", None),              # SSM state: small, and every step of a scan touches all of it
     ("norm", None),
     ("layers", None),             # the stacked axis of scanned layers
+    ("classes", None),            # classifier outputs: few
 )
 
 
