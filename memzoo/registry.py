@@ -84,10 +84,9 @@ class SequenceMixer(Protocol):
     (`accepts_keyword`):
 
     mixer(x, segment_ids=s)          s: [b, t] int, packed documents: no information crosses a
-                                     change of id (attention masks across it). A mixer without
-                                     the keyword carries its state over document boundaries;
-                                     the SSMs do so today (resetting their scans at boundaries,
-                                     which linear_scan supports, is future work).
+                                     change of id (attention masks across it; the SSMs reset
+                                     their scans). A mixer without the keyword would carry its
+                                     state over document boundaries; every mixer here has it.
     mixer.init_cache(b, max_len=n)   for mixers whose state grows with the sequence (attention's
                                      KV cache): room for n tokens.
     """

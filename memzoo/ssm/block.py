@@ -77,9 +77,9 @@ class SSMBlock(nnx.Module):
         y, cache = self.core.step(self._pre(x_t), cache)
         return self._post(x_t, y), cache
 
-    def __call__(self, x, cache=None):
+    def __call__(self, x, cache=None, *, segment_ids=None):
         layers.check_input(type(self).__name__, "x", x, ndim=3, width=self.d_model)
         if cache is None:
-            return self._post(x, self.core(self._pre(x)))
-        y, cache = self.core(self._pre(x), cache=cache)
+            return self._post(x, self.core(self._pre(x), segment_ids=segment_ids))
+        y, cache = self.core(self._pre(x), cache=cache, segment_ids=segment_ids)
         return self._post(x, y), cache

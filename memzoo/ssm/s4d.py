@@ -185,15 +185,18 @@ class S4D(nnx.Module):
         y = self._read(h) + self.D[...][None] * u
         return y.astype(self.dtype), SSMCache(h)
 
-    def __call__(self, x, cache: SSMCache | None = None):
+    def __call__(self, x, cache: SSMCache | None = None, *, segment_ids=None):
+        """segment_ids [b, t]: packed documents; the state restarts where the id changes. A
+        convolution cannot restart mid-sequence, so with segment_ids conv mode runs the
+        (equal) recurrent form instead."""
         layers.check_input("S4D", "x", x, ndim=3, width=self.d_model)
         if cache is not None:
             self._check_causal("__call__(cache=...)")
         u = x.astype(jnp.float32)
-        if self.mode == "conv":
+        if self.mode == "conv" and segment_ids is None:
             y, new_cache = self._conv(u, cache)
         else:
-            y, new_cache = self._recurrent(u, cache)
+            y, new_cache = self._recurrent(u, cache, segment_ids)
         y = (y + self.D[...][None, None] * u).astype(self.dtype)
         return y if cache is None else (y, new_cache)
 
@@ -222,20 +225,26 @@ class S4D(nnx.Module):
                            u.astype(jnp.complex64)))
         return y, SSMCache(hT.astype(jnp.complex64))
 
-    def _recurrent(self, u, cache):
+    def _recurrent(self, u, cache, segment_ids=None):
         b, T, d = u.shape
         half = self.state_size // 2
         abar, bbar = self._discrete()
         a = jnp.broadcast_to(abar.reshape(1, 1, d * half), (b, T, d * half))
         bu = (bbar[None, None] * u.astype(jnp.complex64)[..., None]).reshape(b, T, d * half)
         h0 = None if cache is None else cache.state.reshape(b, d * half)
-        h, h_last = linear_scan(a, bu, initial_state=h0,
+        h, h_last = linear_scan(a, bu, initial_state=h0, segment_ids=segment_ids,
                                 implementation=self.scan_implementation)
         y = self._read(h.reshape(b, T, d, half))
         if self.bidirectional:
-            hb, _ = linear_scan(a, bu, reverse=True, implementation=self.scan_implementation)
-            # Strictly after t: read the reverse state of t + 1 (zero past the end).
+            hb, _ = linear_scan(a, bu, reverse=True, segment_ids=segment_ids,
+                                implementation=self.scan_implementation)
+            # Strictly after t: read the reverse state of t + 1 (zero past the end, and zero
+            # where t + 1 begins another document).
             hb = jnp.concatenate([hb[:, 1:], jnp.zeros_like(hb[:, :1])], axis=1)
+            if segment_ids is not None:
+                same = segment_ids[:, 1:] == segment_ids[:, :-1]
+                same = jnp.concatenate([same, jnp.zeros_like(same[:, :1])], axis=1)
+                hb = jnp.where(same[..., None], hb, jnp.zeros_like(hb))
             y = y + self._read(hb.reshape(b, T, d, half), direction=1)
         new_cache = None if cache is None else SSMCache(h_last.reshape(b, d, half))
         return y, new_cache

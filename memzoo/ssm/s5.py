@@ -99,7 +99,8 @@ class S5(nnx.Module):
         y = 2.0 * (h @ self._C(0).T).real + self.D[...][None] * u
         return y.astype(self.dtype), SSMCache(h)
 
-    def __call__(self, x, cache: SSMCache | None = None):
+    def __call__(self, x, cache: SSMCache | None = None, *, segment_ids=None):
+        """segment_ids [b, t]: packed documents; the state restarts where the id changes."""
         layers.check_input("S5", "x", x, ndim=3, width=self.d_model)
         if cache is not None:
             self._check_causal("__call__(cache=...)")
@@ -109,10 +110,11 @@ class S5(nnx.Module):
         a = jnp.broadcast_to(abar[None, None], (b, T, abar.shape[0]))
         bu = jnp.einsum("bth,ph->btp", u.astype(jnp.complex64), bbar)
         h, h_last = linear_scan(a, bu, initial_state=None if cache is None else cache.state,
-                                implementation=self.scan_implementation)
+                                segment_ids=segment_ids, implementation=self.scan_implementation)
         y = 2.0 * jnp.einsum("btp,hp->bth", h, self._C(0)).real
         if self.bidirectional:
-            hb, _ = linear_scan(a, bu, reverse=True, implementation=self.scan_implementation)
+            hb, _ = linear_scan(a, bu, reverse=True, segment_ids=segment_ids,
+                                implementation=self.scan_implementation)
             y = y + 2.0 * jnp.einsum("btp,hp->bth", hb, self._C(1)).real
         y = (y + self.D[...][None, None] * u).astype(self.dtype)
         return y if cache is None else (y, SSMCache(h_last))
