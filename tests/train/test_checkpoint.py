@@ -113,3 +113,18 @@ def test_damaged_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="resume=require but .*empty.* holds no checkpoint"):
         run(tiny(tmp_path / "empty", "checkpoint.resume=require"), out=io.StringIO(),
             devices=one)
+
+
+def test_resume_with_the_data_package_loader(tmp_path):
+    """The grain loader's JSON state travels in the checkpoint: resuming from step 2 replays
+    steps 3..6 exactly."""
+    pytest.importorskip("train.data")
+    one = jax.devices()[:1]
+    sets = ("data.loader=data", "checkpoint.every=2", "optim.steps=6")
+    whole = losses(run(tiny(tmp_path / "a", *sets), out=io.StringIO(), devices=one))
+    ckpts = tmp_path / "a" / "checkpoints"
+    for step in ("4", "6"):
+        shutil.rmtree(ckpts / step)
+    resumed = losses(run(tiny(tmp_path / "a", *sets), out=io.StringIO(), devices=one))
+    assert sorted(resumed) == [3, 4, 5, 6]
+    assert resumed == {s: whole[s] for s in resumed}
