@@ -23,7 +23,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),            # ZeRO-3 style: weights split over the fsdp axis, gathered per use
     ("mlp", "tensor"),
     ("heads", "tensor"),
-    ("kv", None),
+    ("kv_heads", "tensor"),       # GQA key/value heads; replicated when fewer than tensor
+    ("kv", None),                 # head_dim
     ("vocab", "tensor"),
     ("state", None),              # SSM state: small, and every step of a scan touches all of it
     ("norm", None),

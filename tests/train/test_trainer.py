@@ -119,3 +119,16 @@ def test_unknown_logical_axis_is_a_clear_error():
     # a dimension the mesh does not divide is replicated rather than rejected
     mesh8 = mesh_lib.make_mesh(configs.MeshConfig(data=2, fsdp=2, tensor=2))
     assert mesh_lib.logical_to_spec(("vocab", "embed"), (15, 16), mesh8) == P(None, "fsdp")
+
+
+def test_scanned_hybrid_on_a_sequence_mesh_equals_one_device(tmp_path):
+    """s4d + attention, scan over layers, time split over "sequence": the rules cover every
+    logical name the stack uses (heads, kv_heads, kv, layers) and GSPMD keeps the math."""
+    config = tiny(tmp_path, "model.mixer=s4d,attention", "model.num_layers=2",
+                  "model.scan_layers=true", "model.remat=full", "data.seq_len=32",
+                  "optim.steps=2")
+    batches = _batches(config, 2)
+    ref, _, _ = _steps(config, jax.devices()[:1], batches)
+    got, state, _ = _steps(config, jax.devices(), batches,
+                           configs.MeshConfig(data=1, fsdp=2, tensor=2, sequence=2))
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
