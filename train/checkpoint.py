@@ -51,6 +51,23 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
+    def _check_config(self, step: int, expect: dict) -> None:
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore())).meta
+        except Exception:
+            return  # unreadable: the full restore reports it as damaged
+        saved = (meta or {}).get("config", {})
+        for section, want in expect.items():
+            have = saved.get(section)
+            if have is not None and have != want:
+                keys = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+                raise CheckpointError(
+                    f"checkpoint {os.path.join(self.directory, str(step))} was written with a "
+                    f"different {section} config ({', '.join(f'{section}.{k}' for k in keys)}:"
+                    f" saved {[have.get(k) for k in keys]}, now {[want.get(k) for k in keys]});"
+                    " use another run_dir to start a new run")
+
     def _set_aside(self, steps: list[int]) -> None:
         """Damaged steps move out of the manager's way (the resumed run saves those steps
         again) but stay on disk for a post-mortem."""
@@ -65,14 +82,20 @@ class Checkpointer:
                 os.rename(src, dst)
         self.manager.reload()
 
-    def restore_latest(self, abstract_state) -> tuple[int, Any, dict, dict] | None:
+    def restore_latest(self, abstract_state, *, expect: dict | None = None
+                       ) -> tuple[int, Any, dict, dict] | None:
         """(step, state, data_state, meta) of the newest checkpoint that restores, or None when
-        the directory holds none. `abstract_state`: ShapeDtypeStructs with target shardings."""
+        the directory holds none. `abstract_state`: ShapeDtypeStructs with target shardings.
+        `expect`: config sections ({"model": {...}}) the checkpoint must have been written with;
+        a mismatch is an error, not a damaged checkpoint (resuming another model is a mistake).
+        """
         steps = self.steps()
         if not steps:
             return None
         failures = []
         for step in reversed(steps):
+            if expect:
+                self._check_config(step, expect)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),

@@ -86,11 +86,14 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
     # -- resume or start -----------------------------------------------------------------------
     ckpt_cfg = config.checkpoint
     ckpt = None
-    if ckpt_cfg.every > 0 or ckpt_cfg.resume == "require":
-        ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), ckpt_cfg)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    # A run dir that holds checkpoints resumes even when this run saves none (every=0).
+    if ckpt_cfg.every > 0 or ckpt_cfg.resume == "require" or os.path.isdir(ckpt_dir):
+        ckpt = Checkpointer(ckpt_dir, ckpt_cfg)
     restored = None
     if ckpt is not None and ckpt_cfg.resume != "never":
-        restored = ckpt.restore_latest(trainer.abstract_state)
+        restored = ckpt.restore_latest(trainer.abstract_state,
+                                       expect={"model": config.to_dict()["model"]})
         if restored is None and ckpt_cfg.resume == "require":
             raise CheckpointError(f"checkpoint.resume=require but {ckpt.directory} holds no "
                                   "checkpoint")

@@ -110,6 +110,10 @@ def test_damaged_checkpoints(tmp_path):
         run(tiny(run_dir, "checkpoint.every=2", "optim.steps=6"), out=io.StringIO(),
             devices=one)
 
+    with pytest.raises(CheckpointError, match=r"written with a different model config "
+                                              r"\(model.d_model: saved \[16\], now \[8\]\)"):
+        run(tiny(run_dir, "model.d_model=8"), out=io.StringIO(), devices=one)
+
     with pytest.raises(CheckpointError, match="resume=require but .*empty.* holds no checkpoint"):
         run(tiny(tmp_path / "empty", "checkpoint.resume=require"), out=io.StringIO(),
             devices=one)
