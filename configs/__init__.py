@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 from configs import delayed_recall, mqar
 from configs.base import (CheckpointConfig, ConfigError, DataConfig, LoggingConfig, MeshConfig,
-                          ModelConfig, OptimConfig, TrainConfig, from_dict)
+                          ModelConfig, OptimConfig, TrainConfig, from_dict, schema, short_keys)
 
 
 def _variant(get_config: Callable[[], TrainConfig], name: str, **sets) -> Callable[[], TrainConfig]:
@@ -70,4 +70,4 @@ def resolve(config_file: str | None = None, preset: str | None = None,
 
 __all__ = ["PRESETS", "DEFAULT_PRESET", "TrainConfig", "ModelConfig", "DataConfig",
            "OptimConfig", "MeshConfig", "CheckpointConfig", "LoggingConfig", "ConfigError",
-           "resolve", "load_file", "from_dict"]
+           "resolve", "load_file", "from_dict", "schema", "short_keys"]

@@ -272,6 +272,30 @@ def _parse(key: str, annotation, value: Any) -> Any:
                           f"{' (a JSON object)' if base is dict else ''}, got {value!r}") from None
 
 
+def schema(config: TrainConfig | None = None) -> list[tuple[str, str, Any]]:
+    """(dotted key, type, value in `config`) for every leaf key: what --help lists."""
+    rows = []
+
+    def walk(prefix, obj):
+        for name, annotation in _field_types(type(obj)).items():
+            value = getattr(obj, name)
+            if dataclasses.is_dataclass(value):
+                walk(f"{prefix}{name}.", value)
+            else:
+                type_name = getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+                rows.append((prefix + name, type_name, value))
+    walk("", config or TrainConfig())
+    return rows
+
+
+def short_keys(config: TrainConfig | None = None) -> dict[str, list[str]]:
+    """Leaf name -> its dotted keys, so `--steps 500` can mean `--set optim.steps=500`."""
+    table: dict[str, list[str]] = {}
+    for key, _, _ in schema(config):
+        table.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+    return table
+
+
 def from_dict(data: Mapping[str, Any], base: TrainConfig | None = None) -> TrainConfig:
     """A config from a nested dict (e.g. a checkpoint's saved config)."""
     config = base or TrainConfig()

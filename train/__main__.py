@@ -9,6 +9,7 @@ JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed to let JAX detect the clust
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from typing import Sequence
@@ -17,12 +18,45 @@ import configs
 from configs.base import ConfigError
 
 
+def _epilog() -> str:
+    rows = configs.schema(configs.PRESETS[configs.DEFAULT_PRESET]())
+    width = max(len(k) for k, _, _ in rows)
+    keys = "\n".join(f"  {k:<{width}}  {t:<11} {v!r}" for k, t, v in rows)
+    return ("presets: " + ", ".join(sorted(configs.PRESETS)) +
+            "\n\nexamples:\n  python -m train --config configs/mqar.py --set model.mixer=s5 "
+            "--set optim.steps=200\n  python -m train --preset delayed_recall_s5 --steps 500   "
+            "(--NAME VALUE: a key's last part, when unique)\n\n"
+            f"config keys (type, default of {configs.DEFAULT_PRESET}):\n{keys}")
+
+
+def _short_sets(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`--steps 500` / `--steps=500` -> "optim.steps=500" when the leaf name is unique."""
+    table, sets, i = configs.short_keys(), [], 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--"):
+            parser.error(f"unexpected argument {item!r}")
+        name, eq, value = item[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra):
+                parser.error(f"--{name} needs a value")
+            value, i = extra[i + 1], i + 1
+        keys = table.get(name)
+        if not keys:
+            close = difflib.get_close_matches(name, list(table), n=1)
+            parser.error(f"unknown option --{name}" + (f"; did you mean --{close[0]}?" if close
+                                                       else "; see --help for the config keys"))
+        if len(keys) > 1:
+            parser.error(f"--{name} is ambiguous ({', '.join(keys)}); use --set KEY=VALUE")
+        sets.append(f"{keys[0]}={value}")
+        i += 1
+    return sets
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="presets: " + ", ".join(sorted(configs.PRESETS)) +
-                                     "\nexample: python -m train --config configs/mqar.py "
-                                     "--set model.mixer=s5 --set optim.steps=200")
+                                     epilog=_epilog())
     parser.add_argument("--config", help="a python file defining get_config()")
     parser.add_argument("--preset", help=f"a named preset (default {configs.DEFAULT_PRESET})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -35,7 +69,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--process_id", type=int, default=_env_int("JAX_PROCESS_ID"))
     parser.add_argument("--distributed", action="store_true",
                         help="jax.distributed.initialize() with cluster auto-detection")
-    return parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    args.set = _short_sets(extra, parser) + args.set  # explicit --set wins
+    return args
 
 
 def _env_int(name: str) -> int | None:

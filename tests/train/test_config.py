@@ -54,3 +54,18 @@ def test_command_line_error_is_one_line(capsys):
     err = capsys.readouterr().err
     assert "unknown config key 'model.mixr'; did you mean model.mixer?" in err
     assert "Traceback" not in err
+
+
+def test_short_options_and_help(capsys):
+    from train.__main__ import parse_args
+    args = parse_args(["--preset", "delayed_recall_s5", "--steps", "500", "--mixer=s4d,s5",
+                       "--set", "optim.steps=7"])
+    config = configs.resolve(args.config, args.preset, args.set)
+    assert (config.model.mixer, config.optim.steps) == ("s4d,s5", 7)   # explicit --set wins
+    with pytest.raises(SystemExit):
+        parse_args(["--stepz", "3"])
+    assert "unknown option --stepz; did you mean --steps?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert "optim.lr_multipliers" in help_text and "delayed_recall_hybrid" in help_text
