@@ -130,11 +130,12 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
             f"{(trainer.flops_per_step or 0) / 1e9:.3f} GFLOP per step per device")
     ceiling = metrics_lib.matmul_ceiling()
     say(f"matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s (float32 1024^2, one device)")
-    initial_loss, initial_acc = evaluate(state)
-    say(f"eval at step {start_step}: loss {initial_loss:.4f}  accuracy {initial_acc:.3f}")
-
     writers = metrics_lib.Writers(run_dir, tensorboard=config.logging.tensorboard,
                                   enabled=is_main)
+    initial_loss, initial_acc = evaluate(state)
+    writers.write(start_step, {"loss": initial_loss, "accuracy": initial_acc}, prefix="eval")
+    say(f"eval at step {start_step}: loss {initial_loss:.4f}  accuracy {initial_acc:.3f}")
+
     bar = metrics_lib.ProgressBar(total, start_step=start_step, out=out,
                                   enabled=is_main and config.logging.progress)
     profiler = metrics_lib.ProfilerWindow(config.logging.profile_start,
@@ -195,18 +196,19 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
             return {"step": step, "preempted": True, "history": history}
         if ckpt is not None and step > start_step and step not in ckpt.steps():
             ckpt.save(step, state, train_it.get_state(), meta, force=True)
+        eval_loss, eval_acc = evaluate(state)   # overlaps the final checkpoint's write
+        writers.write(step, {"loss": eval_loss, "accuracy": eval_acc}, prefix="eval")
     finally:
         profiler.close()
         if ckpt is not None:
             ckpt.close()
         writers.close()
 
-    eval_loss, eval_acc = evaluate(state)
-    writers_final = {"eval_loss": eval_loss, "eval_accuracy": eval_acc}
     say(f"eval: loss {initial_loss:.4f} -> {eval_loss:.4f}, accuracy {initial_acc:.3f} -> "
         f"{eval_acc:.3f} (held-out batches; chance {_chance(info):.3f})")
     result = {"step": step, "preempted": False, "initial_eval_loss": initial_loss,
-              "initial_eval_accuracy": initial_acc, **writers_final, "history": history}
+              "initial_eval_accuracy": initial_acc, "eval_loss": eval_loss,
+              "eval_accuracy": eval_acc, "history": history}
     if history:
         last = history[-1]
         say("final: " + "  ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")

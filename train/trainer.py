@@ -169,9 +169,8 @@ class Trainer:
                 for k, v in local_batch.items()}
 
     # -- steps ---------------------------------------------------------------------------------
-    def _loss_sums(self, params, rest, batch):
+    def _loss_sums(self, model, batch):
         """Sums (not means) over the mask, so micro-batches add up to exactly the full batch."""
-        model = nnx.merge(self.graphdef, params, rest)
         segments = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
         if self.num_classes:
             # one example per row: the mask says which positions the pooling reads
@@ -184,15 +183,22 @@ class Trainer:
             mask = batch.get("mask", jnp.ones(targets.shape, jnp.float32)).astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         correct = (logits.argmax(-1) == targets).astype(jnp.float32)
-        _, _, new_rest = nnx.split(model, nnx.Param, ...)
-        return (losses * mask).sum(), ((correct * mask).sum(), mask.sum(), new_rest)
+        return (losses * mask).sum(), ((correct * mask).sum(), mask.sum())
+
+    def _grads(self, params, rest, batch):
+        """Merged at the current trace level and differentiated with nnx.value_and_grad, so
+        stateful layers (dropout's RNG counts) may update `rest` inside jit and scan."""
+        model = nnx.merge(self.graphdef, params, rest)
+        (loss_sum, (correct, count)), grads = nnx.value_and_grad(
+            self._loss_sums, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)(model, batch)
+        _, _, rest = nnx.split(model, nnx.Param, ...)
+        return loss_sum, correct, count, rest, grads
 
     def _train_step(self, state: dict, batch: dict):
         k = self.config.optim.grad_accum
-        grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
         params = state["params"]
         if k == 1:
-            (loss_sum, (correct, count, rest)), grads = grad_fn(params, state["rest"], batch)
+            loss_sum, correct, count, rest, grads = self._grads(params, state["rest"], batch)
         else:
             # Micro-batch j takes rows j, j+k, j+2k...: each keeps the batch's even split
             # over devices, so no data moves between micro-batches.
@@ -200,13 +206,15 @@ class Trainer:
                 lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch)
 
             def body(carry, mb):
-                grads, loss_sum, correct, count, rest = carry
-                (l, (c, n, rest)), g = grad_fn(params, rest, mb)
-                return (jax.tree.map(jnp.add, grads, g), loss_sum + l, correct + c, count + n,
-                        rest), None
+                # params ride in the carry: nnx.merge refuses values from an outer trace
+                params, grads, loss_sum, correct, count, rest = carry
+                l, c, n, rest, g = self._grads(params, rest, mb)
+                return (params, jax.tree.map(jnp.add, grads, g), loss_sum + l, correct + c,
+                        count + n, rest), None
             zero = jnp.zeros((), jnp.float32)
-            init = (jax.tree.map(jnp.zeros_like, params), zero, zero, zero, state["rest"])
-            (grads, loss_sum, correct, count, rest), _ = jax.lax.scan(body, init, micro)
+            init = (params, jax.tree.map(jnp.zeros_like, params), zero, zero, zero,
+                    state["rest"])
+            (_, grads, loss_sum, correct, count, rest), _ = jax.lax.scan(body, init, micro)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt = self.tx.update(grads, state["opt"], params)
@@ -217,7 +225,9 @@ class Trainer:
         return new_state, metrics
 
     def _eval_step(self, state: dict, batch: dict):
-        loss_sum, (correct, count, _) = self._loss_sums(state["params"], state["rest"], batch)
+        model = nnx.merge(self.graphdef, state["params"], state["rest"])
+        model.eval()  # dropout off; the updated RNG counts are thrown away
+        loss_sum, (correct, count) = self._loss_sums(model, batch)
         return {"loss_sum": loss_sum, "correct": correct, "count": count}
 
     def compile(self, state: dict, batch: dict) -> None:

@@ -132,3 +132,15 @@ def test_scanned_hybrid_on_a_sequence_mesh_equals_one_device(tmp_path):
     got, state, _ = _steps(config, jax.devices(), batches,
                            configs.MeshConfig(data=1, fsdp=2, tensor=2, sequence=2))
     np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_dropout_state_advances_through_accumulation(tmp_path):
+    """Stateful layers (dropout's RNG count) update inside jit + scan and ride in the state."""
+    config = tiny(tmp_path, "optim.grad_accum=2", "optim.steps=2",
+                  "model.mixer_options.dropout=0.5")
+    batches = _batches(config, 2)
+    ls, state, t = _steps(config, jax.devices()[:1], batches)
+    counts = [x for x in jax.tree.leaves(state["rest"]) if x.dtype == jnp.uint32 and x.ndim == 0]
+    # one draw per dropout call: 2 steps x 2 micro-batches x the calls in one forward
+    assert counts and all(int(c) > 0 and int(c) % 4 == 0 for c in counts)
+    assert all(np.isfinite(ls))
