@@ -22,6 +22,7 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
                                       **{"model.mixer": "s4d,s5"}),
     "mqar_s4d": mqar.get_config,
     "mqar_s5": _variant(mqar.get_config, "mqar_s5", **{"model.mixer": "s5"}),
+    "mqar_attention": _variant(mqar.get_config, "mqar_attention", **{"model.mixer": "attention"}),
     # seconds, for tests and smoke checks
     "smoke": _variant(delayed_recall.get_config, "smoke", **{
         "model.d_model": 16, "model.num_layers": 1, "model.mixer_options": {"state_size": 8},
