@@ -28,6 +28,7 @@ from benchmarks import _timing
 FAMILIES = {
     "linear_scan": "benchmarks.linear_scan",
     "ssm_layers": "benchmarks.ssm_layers",
+    "train": "benchmarks.train",
 }
 
 COLUMNS = ("op", "shape", "dtype", "implementation", "mode", "median ms", "throughput",

@@ -43,3 +43,22 @@ def test_unknown_name_lists_known_ones(capsys):
         harness.run(["no_such_op"])
     err = capsys.readouterr().err
     assert "no_such_op" in err and "linear_scan" in err
+
+
+def test_quick_train_entry():
+    rows, probes = harness.run(["train", "--quick", "--no-peers", "--repeats", "2",
+                                "--warmup", "0"], log=lambda msg: None)
+    ours = [r for r in rows if r.role == "ours"]
+    step = next(r for r in ours if r.op == "train step")
+    assert step.ms is not None and step.ms > 0, step
+    assert step.flops and step.flops > 0  # XLA's cost_analysis on this backend
+    pct = harness.percent_of_ceiling(step, probes)
+    assert pct is not None and 0 < pct and math.isfinite(pct)
+    assert "steps/s" in step.note and "tok/s" in step.note
+
+    compiles = [r for r in ours if r.op == "compile train step"]
+    assert {r.implementation for r in compiles} == {"scan_layers", "unrolled"}
+    for r in compiles:
+        assert r.ms is not None and r.ms > 0 and "lower" in r.note, r
+    table = harness.format_table(rows, probes).splitlines()
+    assert len(table) == 2 + len(rows)
