@@ -122,7 +122,6 @@ def test_damaged_checkpoints(tmp_path):
 def test_resume_with_the_data_package_loader(tmp_path):
     """The grain loader's JSON state travels in the checkpoint: resuming from step 2 replays
     steps 3..6 exactly."""
-    pytest.importorskip("train.data")
     one = jax.devices()[:1]
     sets = ("data.loader=data", "checkpoint.every=2", "optim.steps=6")
     whole = losses(run(tiny(tmp_path / "a", *sets), out=io.StringIO(), devices=one))

@@ -4,13 +4,10 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-# tfds and grain are in the py3.11 env CI uses; the py3.12 env runs only the kernel tests.
-tfds = pytest.importorskip("tensorflow_datasets")
-pytest.importorskip("grain")
-
-from train import data  # noqa: E402
-from train.data import byte_lm, tasks  # noqa: E402
+from train import data
+from train.data import byte_lm, tasks
 
 SIZES = {"train": 24, "validation": 8, "test": 0}
 
