@@ -286,6 +286,13 @@ def _check_sizes(owner: str, **sizes: int) -> None:
                          + ", ".join(f"{k}={v!r}" for k, v in sizes.items()))
 
 
+def _embedding(vocab_size: int, d_model: int, rngs: nnx.Rngs) -> nnx.Param:
+    # d_model^-0.5 keeps tied-head logits O(1) at initialisation.
+    return layers.param(
+        jax.random.normal(rngs.params(), (vocab_size, d_model), jnp.float32) * d_model ** -0.5,
+        ("vocab", "embed"))
+
+
 class CausalLM(nnx.Module):
     """tokens [batch, time] int -> logits [batch, time, vocab] float32.
 
@@ -304,9 +311,7 @@ class CausalLM(nnx.Module):
                  remat: str = "none", dtype=jnp.float32, rngs: nnx.Rngs):
         _check_sizes("CausalLM", vocab_size=vocab_size, d_model=d_model, num_layers=num_layers)
         self.vocab_size, self.dtype = vocab_size, dtype
-        self.embed = layers.param(
-            jax.random.normal(rngs.params(), (vocab_size, d_model), jnp.float32) * d_model ** -0.5,
-            ("vocab", "embed"))
+        self.embed = _embedding(vocab_size, d_model, rngs)
         self.stack = BlockStack(d_model, num_layers, mixer, mixer_options=mixer_options,
                                 mlp_ratio=mlp_ratio, norm=norm, scan_layers=scan_layers,
                                 remat=remat, dtype=dtype, rngs=rngs)
@@ -373,9 +378,7 @@ class SequenceClassifier(nnx.Module):
             raise ValueError(f"SequenceClassifier: pooling must be one of {POOLINGS}, "
                              f"got {pooling!r}")
         self.pooling, self.dtype = pooling, dtype
-        self.embed = layers.param(
-            jax.random.normal(rngs.params(), (vocab_size, d_model), jnp.float32) * d_model ** -0.5,
-            ("vocab", "embed"))
+        self.embed = _embedding(vocab_size, d_model, rngs)
         self.stack = BlockStack(d_model, num_layers, mixer, mixer_options=mixer_options,
                                 mlp_ratio=mlp_ratio, norm=norm, scan_layers=scan_layers,
                                 remat=remat, dtype=dtype, rngs=rngs)
