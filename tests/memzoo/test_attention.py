@@ -10,7 +10,7 @@ from flax import nnx
 import memzoo
 from memzoo.attention import Attention
 from pallas_kernels._testing import assert_close
-from tests.memzoo.helpers import forward, prefill, step
+from tests.memzoo.helpers import forward, prefill, prefill_then_decode, step
 
 D, T, BATCH = 16, 12, 2
 
@@ -91,12 +91,7 @@ def test_parallel_equals_step_equals_prefill_then_decode(case):
 
     # Prefill longer than every window here: the ring keeps only the last `window` keys.
     t1 = 7
-    y_prefill, cache = prefill(mixer, x[:, :t1], mixer.init_cache(BATCH, max_len=T))
-    decoded = []
-    for t in range(t1, T):
-        y_t, cache = step(mixer, x[:, t], cache)
-        decoded.append(y_t)
-    assert_close(jnp.concatenate([y_prefill, jnp.stack(decoded, axis=1)], axis=1), y, 1e-5,
+    assert_close(prefill_then_decode(mixer, x, t1, mixer.init_cache(BATCH, max_len=T)), y, 1e-5,
                  "prefill then decode vs parallel")
 
     # Two prefills: the second's queries sit after the first's keys (offset mask and phases).

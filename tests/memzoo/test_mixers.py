@@ -10,7 +10,7 @@ from flax import nnx
 
 import memzoo
 from pallas_kernels._testing import assert_close
-from tests.memzoo.helpers import forward, prefill, step
+from tests.memzoo.helpers import forward, prefill, prefill_then_decode, step
 
 D, T, BATCH = 8, 24, 2
 
@@ -63,12 +63,7 @@ def test_parallel_equals_step_equals_prefill_then_decode(case):
     assert_close(jnp.stack(steps, axis=1), y, 1e-5, "step-by-step vs parallel")
 
     t1 = T // 2  # both prefills below then share one compiled shape
-    y_prefill, cache = prefill(mixer, x[:, :t1], mixer.init_cache(BATCH))
-    decoded = []
-    for t in range(t1, T):
-        y_t, cache = step(mixer, x[:, t], cache)
-        decoded.append(y_t)
-    assert_close(jnp.concatenate([y_prefill, jnp.stack(decoded, axis=1)], axis=1), y, 1e-5,
+    assert_close(prefill_then_decode(mixer, x, t1, mixer.init_cache(BATCH)), y, 1e-5,
                  "prefill then decode vs parallel")
 
     # Two prefills in a row carry the state the same way.
