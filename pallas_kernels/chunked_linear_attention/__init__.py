@@ -1,0 +1,175 @@
+"""`chunked_linear_attention`: gated linear attention with a matrix state, chunked.
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T ;   o_t = scale * S_t^T q_t   (current token included)
+
+Used by linear attention, RetNet, GLA, Mamba-2 SSD, Mixture-of-Memories and Hebbian memories.
+The math lives in reference.py; xla.py and pallas.py must equal it (tests/pallas_kernels).
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _dispatch, _validation
+from pallas_kernels.chunked_linear_attention import reference as _reference
+
+__all__ = ["chunked_linear_attention"]
+
+_OP = "chunked_linear_attention"
+
+
+def chunked_linear_attention(q, k, v, *, log_gate=None, initial_state=None, scale=None,
+                             segment_ids=None, chunk_size=None, implementation: str = "auto"):
+    """Causal linear attention with an optional data-dependent decay, over [B, T, H, dim].
+
+        S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T      (S_{-1} = initial_state, or 0)
+        o_t = scale * S_t^T q_t
+
+    Args:
+      q, k: queries and keys [batch, time, heads, key_dim], real floating.
+      v: values [batch, time, heads, value_dim], real floating.
+      log_gate: None (no decay), [batch, time, heads] (one decay per head and step: RetNet,
+        Mamba-2, simple GLA) or [batch, time, heads, key_dim] (a decay per key: GLA). Values
+        must be <= 0 (the log of a decay in (0, 1]); any magnitude is safe (-1e4 works, the fast
+        paths only exponentiate differences that are <= 0).
+      initial_state: [batch, heads, key_dim, value_dim]; the state carried in from a previous call.
+      scale: multiplies the queries; defaults to key_dim ** -0.5. A number or a 0-d array.
+      segment_ids: [batch, time] integers; the state resets to zero where the id changes, so
+        packed documents never mix. `initial_state` still enters the first step.
+      chunk_size: tokens per chunk of the chunked forms (default 64 on the XLA path); any length
+        works, padding happens inside.
+      implementation: "auto" | "pallas" | "xla" | "reference" (pallas_kernels._dispatch).
+
+    Returns:
+      (o, final_state): o [batch, time, heads, value_dim] in the promoted dtype of q, k and v;
+      final_state [batch, heads, key_dim, value_dim] in float32 (float64 for 64-bit inputs).
+
+    >>> import jax.numpy as jnp
+    >>> o, s = chunked_linear_attention(jnp.ones((1, 2, 1, 1)), jnp.ones((1, 2, 1, 1)),
+    ...                                 jnp.ones((1, 2, 1, 1)), scale=1.0)
+    >>> o[0, :, 0, 0].tolist()
+    [1.0, 2.0]
+    """
+    _dispatch.check_implementation(implementation, _OP)
+    _validation.check_array(_OP, "q", q, ndim=4)
+    _validation.check_array(_OP, "k", k, ndim=4)
+    _validation.check_array(_OP, "v", v, ndim=4)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_real(name, x)
+    if tuple(k.shape) != tuple(q.shape):
+        raise ValueError(f"{_OP}: `k` must have the shape of `q` [batch, time, heads, key_dim] = "
+                         f"{tuple(q.shape)}, got {tuple(k.shape)}")
+    batch, length, heads, kdim = q.shape
+    if tuple(v.shape[:3]) != (batch, length, heads):
+        raise ValueError(f"{_OP}: `v` must have shape [batch, time, heads, value_dim] with "
+                         f"[batch, time, heads] = {(batch, length, heads)}, got {tuple(v.shape)}")
+    vdim = v.shape[3]
+    dtype = _validation.result_dtype(q.dtype, k.dtype, v.dtype)
+    acc = _validation.accum_dtype(dtype)
+
+    g = None
+    if log_gate is not None:
+        _validation.check_array(_OP, "log_gate", log_gate)
+        _check_real("log_gate", log_gate)
+        if tuple(log_gate.shape) == (batch, length, heads):
+            g = log_gate[..., None]
+        elif tuple(log_gate.shape) == (batch, length, heads, kdim):
+            g = log_gate
+        else:
+            raise ValueError(
+                f"{_OP}: `log_gate` must have shape [batch, time, heads] = {(batch, length, heads)} "
+                f"or [batch, time, heads, key_dim] = {(batch, length, heads, kdim)}, "
+                f"got {tuple(log_gate.shape)}")
+        g = g.astype(acc)
+
+    if initial_state is None:
+        h0 = jnp.zeros((batch, heads, kdim, vdim), acc)
+    else:
+        _validation.check_array(_OP, "initial_state", initial_state, ndim=4)
+        _check_real("initial_state", initial_state)
+        _validation.check_shape(_OP, "initial_state", initial_state, (batch, heads, kdim, vdim),
+                                "[batch, heads, key_dim, value_dim]")
+        h0 = initial_state.astype(acc)
+
+    if scale is None:
+        scale = kdim ** -0.5
+    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        scale = float(scale)
+    elif not (hasattr(scale, "shape") and hasattr(scale, "dtype") and scale.ndim == 0
+              and jnp.issubdtype(scale.dtype, jnp.floating)):
+        raise ValueError(f"{_OP}: `scale` must be a real number or a 0-d floating array, "
+                         f"got {getattr(scale, 'shape', type(scale).__name__)}")
+
+    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral)
+                                   or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"{_OP}: `chunk_size` must be a positive integer, got {chunk_size!r}")
+
+    runs = None
+    if segment_ids is not None:
+        _validation.check_integer(_OP, "segment_ids", segment_ids, (batch, length),
+                                  "[batch, time]")
+        runs = segment_runs(segment_ids)
+
+    # The scale is folded into the queries in the accumulation dtype: every implementation then
+    # computes o_t = S_t^T q_t, and a traced scale gets its gradient from this product.
+    q = q.astype(acc) * jnp.asarray(scale, acc)
+    k = k.astype(dtype)
+    v = v.astype(dtype)
+    if length == 0:
+        return jnp.zeros((batch, 0, heads, vdim), dtype), h0
+    if implementation == "reference":
+        # The specification, differentiated by JAX's autodiff: what the custom VJP is tested against.
+        o, s = _reference.reference(q, k, v, g, h0, run_starts(runs))
+        return o.astype(dtype), s
+    o, s = _attention(q, k, v, g, h0, runs, chunk_size, implementation)
+    return o.astype(dtype), s
+
+
+def _check_real(name, x):
+    if _validation.is_complex(x.dtype):
+        raise ValueError(f"{_OP}: `{name}` must have a real floating dtype, got {x.dtype}")
+
+
+def segment_runs(segment_ids):
+    """[B, T] int32: 0 for the first segment of each row, +1 wherever the id changes. Two steps
+    see each other's state exactly when their run numbers are equal."""
+    change = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
+    return jnp.concatenate([jnp.zeros_like(change[:, :1]), jnp.cumsum(change, axis=1)], axis=1)
+
+
+def run_starts(runs):
+    """[B, T] bool: True where a new run begins (the state is reset before that step)."""
+    if runs is None:
+        return None
+    change = runs[:, 1:] != runs[:, :-1]
+    return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
+
+
+def _forward(q, k, v, g, h0, runs, chunk_size, implementation):
+    reference = lambda q, k, v, g, h0, runs: _reference.reference(q, k, v, g, h0, run_starts(runs))
+    return _dispatch.dispatch(_OP, implementation, q, k, v, g, h0, runs,
+                              reference=reference, xla=reference, pallas=None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _attention(q, k, v, g, h0, runs, chunk_size, implementation):
+    return _forward(q, k, v, g, h0, runs, chunk_size, implementation)
+
+
+def _attention_fwd(q, k, v, g, h0, runs, chunk_size, implementation):
+    out = _forward(q, k, v, g, h0, runs, chunk_size, implementation)
+    return out, (q, k, v, g, h0, runs)
+
+
+def _attention_bwd(chunk_size, implementation, residuals, cotangents):
+    q, k, v, g, h0, runs = residuals
+    # Temporary (until the chunked backward lands): autodiff of the specification.
+    _, vjp = jax.vjp(lambda q, k, v, g, h0: _reference.reference(q, k, v, g, h0, run_starts(runs)),
+                     q, k, v, g, h0)
+    return (*vjp(cotangents), None)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
