@@ -4,8 +4,9 @@ Pallas kernels for TPU (Mosaic) and GPU (Triton), chosen by `implementation=` (s
 The contract every op keeps is in WORKSPACE.md ("The kernel contract").
 """
 from pallas_kernels._dispatch import IMPLEMENTATIONS, pallas_interpret
+from pallas_kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
 from pallas_kernels.delta_rule import delta_rule
 from pallas_kernels.chunked_linear_attention import chunked_linear_attention
 from pallas_kernels.linear_scan import linear_scan
 
-__all__ = ["IMPLEMENTATIONS", "chunked_linear_attention", "delta_rule", "linear_scan", "pallas_interpret"]
+__all__ = ["IMPLEMENTATIONS", "causal_conv1d", "causal_conv1d_update", "chunked_linear_attention", "delta_rule", "linear_scan", "pallas_interpret"]
