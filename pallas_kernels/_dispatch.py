@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import importlib
 from typing import Any, Callable, Literal
 
 import jax
@@ -75,6 +77,39 @@ def pallas_interpret(mode: Literal["generic", "tpu"] = "generic",
 def current_interpret():
     """None outside `pallas_interpret`; else (`interpret=` value for `pl.pallas_call`, target)."""
     return _interpret_mode.get()
+
+
+# Set by `pallas_kernels.sequence_parallel(...)`; read when an op is traced.
+_sequence_parallel: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "memzoo_sequence_parallel", default=None)
+
+
+def set_sequence_parallel(setting):
+    return _sequence_parallel.set(setting)
+
+
+def reset_sequence_parallel(token) -> None:
+    _sequence_parallel.reset(token)
+
+
+def sequence_parallel_op(op: str):
+    """Decorates a state-carrying public op: inside `pallas_kernels.sequence_parallel(axis)` and
+    under a mesh that splits that axis, the op runs with time split over it
+    (pallas_kernels/sequence_parallel.py); otherwise it is called as is. `__wrapped__` is the
+    undecorated op."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def public(*args, **kwargs):
+            setting = _sequence_parallel.get()
+            if setting is not None:
+                # imported here: sequence_parallel imports the ops, which import this module
+                sp = importlib.import_module("pallas_kernels.sequence_parallel")
+                out = sp.run(op, fn, setting, args, kwargs)
+                if out is not NotImplemented:
+                    return out
+            return fn(*args, **kwargs)
+        return public
+    return wrap
 
 
 def check_implementation(implementation: str, op: str) -> None:

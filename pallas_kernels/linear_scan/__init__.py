@@ -21,6 +21,7 @@ __all__ = ["linear_scan", "BlockSizes"]
 _OP = "linear_scan"
 
 
+@_dispatch.sequence_parallel_op(_OP)
 def linear_scan(a, b, *, initial_state=None, reverse: bool = False, segment_ids=None,
                 implementation: str = "auto"):
     """Diagonal linear recurrence over time, real or complex.
