@@ -1,0 +1,108 @@
+"""DeltaNet (Schlag et al., 2021; chunked by Yang et al., 2024) and Gated DeltaNet (Yang et al.,
+2025): the "deltanet" and "gated_deltanet" mixers, on pallas_kernels.delta_rule.
+
+    (state S [k, v]; the papers write its transpose)
+    DeltaNet        S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+                        = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T
+    Gated DeltaNet  S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+    o_t = K^-1/2 S_t^T q_t
+
+beta_t = sigmoid(x W_b) per key/value head; q, k pass a short causal conv with SiLU (as do v)
+and are L2-normalised, which keeps I - beta k k^T a contraction. Gated DeltaNet's decay is
+Mamba-2's scalar per head: log alpha_t = -exp(log_A) softplus(x W_a + dt_bias), A ~ U[1, 16],
+dt_bias the inverse softplus of dt ~ logU[1e-3, 1e-1]. Outputs: RMSNorm per head (DeltaNet);
+RMSNorm per head times swish(x W_g) (Gated DeltaNet).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memzoo import layers
+from memzoo.linear_attention.common import LinearMemory
+from memzoo.registry import register_mixer
+
+DT_RANGE = (1e-3, 1e-1)
+A_RANGE = (1.0, 16.0)
+
+
+def inverse_softplus(y):
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+def mamba2_decay_params(rngs: nnx.Rngs, shape, axes):
+    """(log_A, dt_bias) params for log alpha = -exp(log_A) softplus(. + dt_bias)."""
+    A = jax.random.uniform(rngs.params(), shape, jnp.float32, *A_RANGE)
+    dt = jnp.exp(jax.random.uniform(rngs.params(), shape, jnp.float32,
+                                    math.log(DT_RANGE[0]), math.log(DT_RANGE[1])))
+    return layers.param(jnp.log(A), axes), inverse_softplus(dt)
+
+
+def mamba2_log_decay(logits, log_A):
+    """-exp(log_A) softplus(logits) in float32: the log of a decay in (0, 1]."""
+    return -jnp.exp(log_A) * jax.nn.softplus(logits.astype(jnp.float32))
+
+
+@register_mixer("deltanet")
+class DeltaNet(LinearMemory):
+    """DeltaNet: [b, t, d] -> [b, t, d].
+
+    >>> net = DeltaNet(8, num_heads=2, rngs=nnx.Rngs(0))
+    >>> net(jnp.ones((1, 5, 8))).shape
+    (1, 5, 8)
+    """
+
+    rule = "delta"
+
+    def __init__(self, d_model: int, *, num_heads: int = 4, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, value_dim: int | None = None,
+                 qk_norm: str = "l2", conv_size: int = 4, output_norm: str = "rmsnorm",
+                 output_gate: bool = False, chunk_size: int | None = None,
+                 implementation: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         head_dim=head_dim, value_dim=value_dim, qk_norm=qk_norm,
+                         feature_map="identity", conv_size=conv_size, output_norm=output_norm,
+                         output_gate=output_gate, rotary=False, chunk_size=chunk_size,
+                         implementation=implementation, dtype=dtype, rngs=rngs)
+        self.beta_proj = layers.Linear(d_model, self.num_kv_heads, axes=("embed", "kv_heads"),
+                                       use_bias=False, rngs=rngs)
+
+    def _beta(self, x):
+        # The projection in float32: beta near 0 or 1 is where bfloat16 rounds hardest.
+        return jax.nn.sigmoid(x.astype(jnp.float32) @ self.beta_proj.kernel[...])
+
+    def _gates(self, x):
+        return None, self._beta(x)
+
+
+@register_mixer("gated_deltanet")
+class GatedDeltaNet(DeltaNet):
+    """Gated DeltaNet: [b, t, d] -> [b, t, d].
+
+    >>> net = GatedDeltaNet(8, num_heads=2, rngs=nnx.Rngs(0))
+    >>> net(jnp.ones((1, 5, 8))).shape
+    (1, 5, 8)
+    """
+
+    def __init__(self, d_model: int, *, num_heads: int = 4, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, value_dim: int | None = None,
+                 qk_norm: str = "l2", conv_size: int = 4, output_norm: str = "rmsnorm",
+                 output_gate: bool = True, chunk_size: int | None = None,
+                 implementation: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         head_dim=head_dim, value_dim=value_dim, qk_norm=qk_norm,
+                         conv_size=conv_size, output_norm=output_norm, output_gate=output_gate,
+                         chunk_size=chunk_size, implementation=implementation, dtype=dtype,
+                         rngs=rngs)
+        G = self.num_kv_heads
+        self.log_A, dt_bias = mamba2_decay_params(rngs, (G,), ("kv_heads",))
+        # dt_bias is the bias of the decay projection (so it is not weight-decayed).
+        self.decay_proj = layers.Linear(d_model, G, axes=("embed", "kv_heads"), rngs=rngs)
+        self.decay_proj.bias = layers.param(dt_bias, ("kv_heads",))
+
+    def _gates(self, x):
+        logits = x.astype(jnp.float32) @ self.decay_proj.kernel[...] + self.decay_proj.bias[...]
+        return mamba2_log_decay(logits, self.log_A[...]), self._beta(x)
