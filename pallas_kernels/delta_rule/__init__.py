@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _dispatch, _validation
 from pallas_kernels.delta_rule import reference as _reference
+from pallas_kernels.delta_rule import xla as _xla
 
 __all__ = ["delta_rule", "DEFAULT_CHUNK_SIZE"]
 
@@ -118,5 +119,47 @@ def delta_rule(q, k, v, beta, *, log_gate=None, initial_state=None, scale=None, 
     if implementation == "reference":
         # The specification, differentiated by JAX's autodiff: what the custom VJP is tested against.
         return _reference.delta_rule_reference(q, k, v, beta, g, h0, reset, scale=scale)
-    # Until the chunked paths land, the fast implementations route to the specification.
-    return _reference.delta_rule_reference(q, k, v, beta, g, h0, reset, scale=scale)
+    return _delta(q, k, v, beta, g, h0, reset.astype(acc), scale, chunk_size, gated,
+                  segment_ids is not None, implementation)
+
+
+def _static(scale, chunk_size, gated, segmented):
+    return dict(scale=scale, chunk_size=chunk_size, gated=gated, segmented=segmented)
+
+
+def _forward(args, scale, chunk_size, gated, segmented, implementation):
+    static = _static(scale, chunk_size, gated, segmented)
+    return _dispatch.dispatch(
+        _OP, implementation, *args,
+        reference=functools.partial(_xla.delta_rule_forward, **static),
+        xla=functools.partial(_xla.delta_rule_forward, **static),
+        pallas=None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _delta(q, k, v, beta, g, h0, reset, scale, chunk_size, gated, segmented, implementation):
+    o, final, _ = _forward((q, k, v, beta, g, h0, reset), scale, chunk_size, gated, segmented,
+                           implementation)
+    return o, final
+
+
+def _delta_fwd(q, k, v, beta, g, h0, reset, scale, chunk_size, gated, segmented, implementation):
+    args = (q, k, v, beta, g, h0, reset)
+    o, final, states = _forward(args, scale, chunk_size, gated, segmented, implementation)
+    # Residuals: the inputs and the state entering each chunk; the backward rebuilds the
+    # intra-chunk T, W, U~ rather than keeping them.
+    return (o, final), (args, states)
+
+
+def _delta_bwd(scale, chunk_size, gated, segmented, implementation, residuals, cotangents):
+    args, states = residuals
+    do, dfinal = cotangents
+    static = _static(scale, chunk_size, gated, segmented)
+    xla_bwd = functools.partial(_xla.delta_rule_backward, **static)
+    grads = _dispatch.dispatch(
+        _OP, implementation, *args, states, do, dfinal,
+        reference=xla_bwd, xla=xla_bwd, pallas=None)
+    return tuple(grads) + (jnp.zeros_like(args[6]),)
+
+
+_delta.defvjp(_delta_fwd, _delta_bwd)
