@@ -26,6 +26,7 @@ _OP = "delta_rule"
 DEFAULT_CHUNK_SIZE = 64
 
 
+@_dispatch.sequence_parallel_op(_OP)
 def delta_rule(q, k, v, beta, *, log_gate=None, initial_state=None, scale=None, segment_ids=None,
                chunk_size=None, implementation: str = "auto"):
     """The delta rule over time, per batch and head, with an optional scalar decay per head.
