@@ -1,0 +1,201 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/memzoo/memzoo/blob/main/notebooks/02_mqar_frontier.ipynb)
+#
+# # Memory under a microscope: MQAR
+#
+# Multi-query associative recall (MQAR, from the Zoology paper) is the cleanest test of what a
+# sequence memory can hold: a context of key-value pairs `k1 v1 k2 v2 ...`, then the keys again
+# in random order, each of which must be answered with its value. A model that only knows which
+# values are in the context sits on a plateau of `1 / num_kv_pairs`; solving it means binding each
+# key to the value that followed it, and holding those bindings until they are queried.
+#
+# Zoology's finding: attention solves MQAR at any width because its state (the KV cache) grows with
+# the sequence; fixed-size recurrent memories trade accuracy against **state size**, and how well
+# they use a given state depends on the family: time-invariant SSMs (S4D) cannot bind at all,
+# input-dependent ones (Mamba, gated linear attention, the delta rule) can.
+#
+# This notebook trains every memory family that memzoo has (those of the list below that are
+# registered when it runs) through the same API as `python -m train`, then plots accuracy against
+# state size (the frontier) and the learning curves. Every number comes from this run.
+
+# %%
+# Install memzoo (skipped when it is already importable, e.g. in a checkout or on a second run).
+import importlib.util
+
+if importlib.util.find_spec("memzoo") is None:
+    # %pip install -q "memzoo @ git+https://github.com/memzoo/memzoo"
+    pass
+
+# %% tags=["parameters"]
+# Sizes. MEMZOO_NOTEBOOK_QUICK=1 (set by the project's CI) shrinks the run to a smoke test;
+# a colab user gets the full size (a few minutes per mixer family on a 2-core CPU runtime).
+import os
+
+QUICK = os.environ.get("MEMZOO_NOTEBOOK_QUICK", "0") == "1"
+# The families to compare, in plotting order; those not registered in this memzoo are skipped.
+WANTED = ["attention", "s4d", "s5", "mamba", "mamba2", "linear_attention", "retnet", "gla",
+          "deltanet", "gated_deltanet", "mom"]
+MAX_MIXERS = 3 if QUICK else None       # quick mode: the first three available
+D_MODELS = [16] if QUICK else [32, 64]   # model widths: each mixer's points on the frontier
+NUM_LAYERS = 1 if QUICK else 2
+STATE_SIZE = 16                          # SSM state per channel, for families that take it
+SEQ_LEN = 16 if QUICK else 32
+NUM_KV_PAIRS = 2 if QUICK else 4
+VOCAB = 16                               # keys from [1, 8), values from [8, 16)
+BATCH = 8 if QUICK else 32
+STEPS = 20 if QUICK else 400
+LOG_EVERY = 5 if QUICK else 20
+EVAL_BATCHES = 1 if QUICK else 4
+
+# %%
+import io
+import tempfile
+import time
+
+import jax
+import matplotlib.pyplot as plt
+import numpy as np
+from flax import nnx
+
+import configs
+import memzoo
+from train.loop import run
+from train.trainer import build_model
+
+mixers = [m for m in WANTED if m in memzoo.MIXERS][:MAX_MIXERS]
+print("jax", jax.__version__, "on", jax.device_count(), "x", jax.devices()[0].platform)
+print("training:", mixers)
+print("not registered in this memzoo (skipped):", [m for m in WANTED if m not in memzoo.MIXERS])
+
+# %% [markdown]
+# ## The runs
+#
+# Each run is `train.loop.run(config)`, the function behind `python -m train`; the config is the
+# `mqar_s4d` preset with `--set` overrides, exactly as on the command line. The cell prints the
+# equivalent command for each run. Checkpoints and TensorBoard logs are off (`checkpoint.every=0`)
+# and every run gets its own temporary run directory.
+#
+# **State size** is measured, not looked up: the number of floats in the model's decoding cache
+# for one sequence of `SEQ_LEN` tokens (`model.init_cache(1, max_len=SEQ_LEN)`, all layers; a
+# complex number counts as two). For attention that is the KV cache, which grows with the
+# sequence; for the recurrent memories it is fixed.
+
+# %%
+def config_for(mixer: str, d_model: int):
+    sets = [f"model.mixer={mixer}", f"model.d_model={d_model}", f"model.num_layers={NUM_LAYERS}",
+            f'model.mixer_options={{"state_size": {STATE_SIZE}}}',
+            f"data.seq_len={SEQ_LEN}", f"data.batch_size={BATCH}",
+            f"data.eval_batches={EVAL_BATCHES}",
+            f'data.task_options={{"vocab_size": {VOCAB}, "num_kv_pairs": {NUM_KV_PAIRS}, '
+            f'"power_a": 1.0}}',
+            f"optim.steps={STEPS}", "optim.warmup_steps=20", f"logging.log_every={LOG_EVERY}",
+            "checkpoint.every=0", "logging.tensorboard=false", "logging.progress=false"]
+    command = "python -m train --preset mqar_s4d " + " ".join(f"--set '{s}'" for s in sets)
+    config = configs.resolve(preset="mqar_s4d", sets=sets)
+    return config.replace(name=f"mqar_{mixer}_d{d_model}", run_dir=tempfile.mkdtemp()), command
+
+
+def state_size(config) -> int:
+    """Floats in the decoding cache for one sequence (shapes only: nothing is allocated)."""
+    def cache():
+        model = build_model(config, VOCAB, nnx.Rngs(0))
+        return model.init_cache(1, config.data.seq_len)
+    leaves = jax.tree.leaves(jax.eval_shape(cache))
+    return sum(int(np.prod(x.shape)) * (2 if np.issubdtype(x.dtype, np.complexfloating) else 1)
+               for x in leaves if np.issubdtype(x.dtype, np.inexact))
+
+
+results = []
+for mixer in mixers:
+    for d_model in D_MODELS:
+        config, command = config_for(mixer, d_model)
+        print(command)
+        log = io.StringIO()
+        t0 = time.perf_counter()
+        out = run(config, out=log)
+        seconds = time.perf_counter() - t0
+        results.append(dict(mixer=mixer, d_model=d_model, state=state_size(config),
+                            accuracy=out["eval_accuracy"], loss=out["eval_loss"],
+                            history=out["history"], seconds=seconds))
+        print(f"  -> {mixer}, d_model {d_model}: held-out accuracy {out['eval_accuracy']:.3f}, "
+              f"state {results[-1]['state']:,} floats, {seconds:.0f} s")
+
+print("\nthe last run's log, as the command prints it:\n" +
+      "\n".join(log.getvalue().splitlines()[-6:]))
+
+# %%
+print(f"{'mixer':>18} {'d_model':>8} {'state floats':>13} {'accuracy':>9} {'loss':>7} {'s':>5}")
+for r in results:
+    print(f"{r['mixer']:>18} {r['d_model']:>8} {r['state']:>13,} {r['accuracy']:>9.3f} "
+          f"{r['loss']:>7.3f} {r['seconds']:>5.0f}")
+chance = 1 / (VOCAB - VOCAB // 2)
+print(f"chance {chance:.3f}; the 'values, not bindings' plateau {1 / NUM_KV_PAIRS:.3f}")
+assert all(np.isfinite(r["loss"]) for r in results)
+
+# %% [markdown]
+# ## Accuracy against state size
+#
+# Up and to the left is better: more recall from less memory. Each mixer's points are its widths.
+
+# %%
+colors = dict(zip(mixers, plt.cm.tab10(np.linspace(0, 1, 10))))
+fig, ax = plt.subplots(figsize=(7, 4.5))
+for mixer in mixers:
+    rs = sorted((r for r in results if r["mixer"] == mixer), key=lambda r: r["state"])
+    ax.plot([r["state"] for r in rs], [r["accuracy"] for r in rs], "o-", color=colors[mixer],
+            label=mixer)
+ax.axhline(1 / NUM_KV_PAIRS, ls="--", c="gray", lw=1)
+ax.text(ax.get_xlim()[0], 1 / NUM_KV_PAIRS, " plateau: values, not bindings", va="bottom",
+        fontsize=8, color="gray")
+ax.axhline(chance, ls=":", c="gray", lw=1)
+ax.set(xscale="log", xlabel="state size (floats in the decoding cache, one sequence)",
+       ylabel="held-out MQAR accuracy", ylim=(-0.02, 1.02),
+       title=f"MQAR: {NUM_KV_PAIRS} pairs, length {SEQ_LEN}, {NUM_LAYERS} layers, {STEPS} steps")
+ax.legend(fontsize=8, loc="center right")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Learning curves
+#
+# Training-batch accuracy and loss every `LOG_EVERY` steps, at the widest model of each family.
+# Attention's curve typically sits on the plateau for a while and then jumps: the moment an
+# induction-style head forms.
+
+# %%
+fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+for mixer in mixers:
+    r = max((r for r in results if r["mixer"] == mixer), key=lambda r: r["d_model"])
+    steps = [h["step"] for h in r["history"]]
+    ax_acc.plot(steps, [h["accuracy"] for h in r["history"]], color=colors[mixer], label=mixer)
+    ax_loss.plot(steps, [h["loss"] for h in r["history"]], color=colors[mixer], label=mixer)
+ax_acc.axhline(1 / NUM_KV_PAIRS, ls="--", c="gray", lw=1)
+ax_acc.set(xlabel="step", ylabel="training accuracy (query positions)", ylim=(-0.02, 1.02))
+ax_loss.set(xlabel="step", ylabel="training loss", yscale="log")
+ax_acc.legend(fontsize=8)
+fig.suptitle(f"learning curves at d_model {max(D_MODELS)}")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Going further
+#
+# * The same runs from a shell: the commands printed above (drop `logging.progress=false` for
+#   a progress bar, keep checkpoints to resume).
+# * Zoology's harder setting (length 256, 32+ pairs) needs tens of thousands of steps: run it on
+#   an accelerator, e.g. `python -m train --preset mqar_attention --set data.seq_len=256
+#   --set data.task_options.num_kv_pairs=32 --set data.task_options.vocab_size=256`.
+# * More points on the frontier: add widths to `D_MODELS`, or vary `STATE_SIZE` for the SSMs.
