@@ -6,6 +6,7 @@ donation and checkpoints all see one plain pytree.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -15,6 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+import pallas_kernels
 from configs.base import ConfigError, OptimConfig, TrainConfig
 from memzoo.models import CausalLM, SequenceClassifier
 from train import mesh as mesh_lib
@@ -169,8 +171,21 @@ class Trainer:
                 for k, v in local_batch.items()}
 
     # -- steps ---------------------------------------------------------------------------------
+    def _sequence_parallel(self):
+        """With time split over "sequence", the state-carrying ops (the SSM scans, linear
+        attention) run sequence-parallel: each device scans its slice of time and the slices'
+        states are combined (pallas_kernels/sequence_parallel.py), rather than GSPMD gathering
+        the time axis for a sequential scan."""
+        if self.mesh.shape.get("sequence", 1) > 1:
+            return pallas_kernels.sequence_parallel("sequence", mesh=self.mesh)
+        return contextlib.nullcontext()
+
     def _loss_sums(self, model, batch):
         """Sums (not means) over the mask, so micro-batches add up to exactly the full batch."""
+        with self._sequence_parallel():
+            return self._loss_sums_inner(model, batch)
+
+    def _loss_sums_inner(self, model, batch):
         segments = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
         if self.num_classes:
             # one example per row: the mask says which positions the pooling reads

@@ -1,6 +1,7 @@
 """The sharded step: one device and eight (data x fsdp x tensor = 2 x 2 x 2) give the same
 losses; gradient accumulation equals the doubled batch; the weight-decay mask and learning-rate
 groups hit the right parameters; bfloat16 compute keeps float32 parameters and moments."""
+import importlib
 import io
 
 import jax
@@ -131,6 +132,27 @@ def test_scanned_hybrid_on_a_sequence_mesh_equals_one_device(tmp_path):
     ref, _, _ = _steps(config, jax.devices()[:1], batches)
     got, state, _ = _steps(config, jax.devices(), batches,
                            configs.MeshConfig(data=1, fsdp=2, tensor=2, sequence=2))
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_sequence_parallel_scans_on_a_sequence_mesh_equal_one_device(tmp_path):
+    """S5 and S4D (whose packed documents run its recurrent form) with time split four ways: the
+    trainer turns on pallas_kernels.sequence_parallel, the scans run through their shard_map
+    path (counted at trace time), documents cross the shard boundaries, and the losses equal
+    one device."""
+    sp = importlib.import_module("pallas_kernels.sequence_parallel")
+    config = tiny(tmp_path, "model.mixer=s5,s4d", "model.num_layers=2", "data.seq_len=32",
+                  "optim.steps=2")
+    batches = _batches(config, 2)
+    rows = config.data.batch_size
+    # documents of lengths 5, 11, 16: boundaries inside shards and at one shard's start (16)
+    seg = np.repeat(np.array([0, 1, 2], np.int32), [5, 11, 16])[None].repeat(rows, 0)
+    batches = [dict(b, segment_ids=seg) for b in batches]
+    ref, _, _ = _steps(config, jax.devices()[:1], batches)
+    before = sp.sharded_calls("linear_scan")
+    got, _, _ = _steps(config, jax.devices(), batches,
+                       configs.MeshConfig(data=2, fsdp=1, tensor=1, sequence=4))
+    assert sp.sharded_calls("linear_scan") > before
     np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
