@@ -60,6 +60,47 @@ def _chunk_resets(reset, chunk, heads, acc):
     return jnp.cumsum(r.reshape(b, 1, n, chunk), axis=-1)
 
 
+def _diagonal_blocks(a, size):
+    """The diagonal size x size blocks of a [..., C, C]: [..., C / size, size, size]."""
+    c = a.shape[-1]
+    nb = c // size
+    blocks = a.reshape(a.shape[:-2] + (nb, size, nb, size))
+    return jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)
+
+
+def unit_lower_inverse(a, base: int = 8):
+    """(I + a)^-1 for strictly lower triangular a [..., C, C], by matmuls only.
+
+    Forward substitution row by row inside diagonal blocks of `base`, then doubling:
+    inv([[A, 0], [L, B]]) = [[A^-1, 0], [-B^-1 L A^-1, B^-1]]. XLA's CPU triangular solve runs
+    several times slower than this on the batched C x C systems of the chunked form.
+    """
+    c = a.shape[-1]
+    size = 1
+    while size < c:
+        size *= 2
+    if size != c:   # pad to a power of two with an identity block that does not interact
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, size - c), (0, size - c)])
+    b = min(base, size)
+    blk = _diagonal_blocks(a, b)                                          # [..., nb, b, b]
+    eye = jnp.eye(b, dtype=a.dtype)
+    rows = [jnp.broadcast_to(eye[0], blk.shape[:-1])]
+    for r in range(1, b):
+        prev = jnp.stack(rows, -2)                                        # [..., nb, r, b]
+        rows.append(eye[r] - jnp.einsum("...j,...jk->...k", blk[..., r, :r], prev))
+    d = jnp.stack(rows, -2)
+    s = b
+    while s < size:
+        low = _diagonal_blocks(a, 2 * s)[..., s:, :s]
+        t11 = d[..., 0::2, :, :]
+        t22 = d[..., 1::2, :, :]
+        x = -jnp.einsum("...ij,...jk->...ik", t22, jnp.einsum("...jk,...kl->...jl", low, t11))
+        d = jnp.concatenate([jnp.concatenate([t11, jnp.zeros_like(t11)], -1),
+                             jnp.concatenate([x, t22], -1)], -2)
+        s *= 2
+    return d[..., 0, :c, :c]
+
+
 class _Chunked:
     """The intra-chunk quantities, built once in the forward and again in the backward."""
 
@@ -112,11 +153,8 @@ class _Chunked:
         # The UT transform: T = (I + A)^-1 by a batched unit-lower triangular solve.
         self.kk = jnp.einsum("bhnik,bhnjk->bhnij", self.k, self.k)
         a = self.beta[..., :, None] * self.kk * self.gam_strict
-        eye = jnp.eye(c, dtype=acc)
         self.a = a
-        self.t = jax.lax.linalg.triangular_solve(
-            eye + a, jnp.broadcast_to(eye, a.shape), left_side=True, lower=True,
-            unit_diagonal=True)
+        self.t = unit_lower_inverse(a)
         self.vb = self.beta[..., None] * self.v
         self.kb = self._scale_rows(self.beta[..., None] * self.k, self.gamma)
         self.u_tilde = jnp.einsum("bhnij,bhnjv->bhniv", self.t, self.vb)
