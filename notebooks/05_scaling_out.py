@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -56,10 +58,11 @@ if "jax" in sys.modules:
 
 QUICK = os.environ.get("MEMZOO_NOTEBOOK_QUICK", "0") == "1"
 STEPS = 12 if QUICK else 200
-D_MODEL = 32 if QUICK else 64
-SEQ_LEN = 32 if QUICK else 64
+D_MODEL = 16 if QUICK else 64
+SEQ_LEN = 16 if QUICK else 64
 BATCH = 16 if QUICK else 32
 LOG_EVERY = 3 if QUICK else 10
+EVAL_BATCHES = 1 if QUICK else 4
 VOCAB = 16                                             # delayed recall's vocabulary
 MESH_8 = dict(data=2, fsdp=2, tensor=2, sequence=1)   # 2 x 2 x 2 = 8 devices
 
@@ -75,7 +78,7 @@ import configs
 from train import mesh as mesh_lib
 from train.loop import run
 from flax import nnx
-from train.trainer import Trainer, build_model
+from train.trainer import build_model
 
 devices = jax.devices()
 print("jax", jax.__version__, "|", len(devices), "devices:", devices)
@@ -90,7 +93,7 @@ assert len(devices) >= NUM_DEVICES, "restart the runtime and run from the top (s
 
 # %%
 SETS = ["model.mixer=s4d,attention", f"model.d_model={D_MODEL}", "model.num_layers=2",
-        f"data.seq_len={SEQ_LEN}", f"data.batch_size={BATCH}", "data.eval_batches=2",
+        f"data.seq_len={SEQ_LEN}", f"data.batch_size={BATCH}", f"data.eval_batches={EVAL_BATCHES}",
         f"optim.steps={STEPS}", f"optim.warmup_steps={max(1, STEPS // 10)}",
         f"logging.log_every={LOG_EVERY}", "checkpoint.every=0", "logging.tensorboard=false"]
 mesh_sets_1 = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.sequence=1"]
@@ -121,11 +124,17 @@ for name, axis in mesh_lib.LOGICAL_AXIS_RULES:
 abstract_model = nnx.eval_shape(lambda: build_model(config_8, VOCAB, nnx.Rngs(0)))
 params = nnx.state(abstract_model, nnx.Param)
 shardings = mesh_lib.state_shardings(params, mesh)
+
+
+def unwrap(v):
+    return v.get_value() if isinstance(v, nnx.Variable) else v
+
+
 print(f"{'parameter':<42} {'shape':>12}  {'logical axes':<28} partition spec")
 for (path, var), (_, sh) in zip(nnx.to_flat_state(params), nnx.to_flat_state(shardings)):
     names = var.get_metadata().get("out_sharding")
-    spec = getattr(sh, "value", sh).spec
-    print(f"{'/'.join(map(str, path)):<42} {str(tuple(var.value.shape)):>12}  "
+    spec = unwrap(sh).spec
+    print(f"{'/'.join(map(str, path)):<42} {str(tuple(var.get_value().shape)):>12}  "
           f"{str(tuple(names) if names else ()):<28} {spec}")
 
 # %% [markdown]
@@ -134,13 +143,13 @@ for (path, var), (_, sh) in zip(nnx.to_flat_state(params), nnx.to_flat_state(sha
 # `tensor` by hidden units; S4D's state matrices are replicated on the `state` axis (small, and
 # every step of the scan touches all of it); a dimension the mesh cannot divide is replicated.
 # The batch goes over `data` x `fsdp`: each of those 4 groups of devices sees 1/4 of the rows.
-# Here is one parameter as laid out on the devices, once initialised:
+# Here is how the embedding lies on the devices (`jax.debug.visualize_array_sharding`): each block
+# of the `[vocab, embed]` matrix and the devices that hold it.
 
 # %%
-trainer = Trainer(config_8, mesh, vocab_size=VOCAB)   # what train.loop.run builds
-state = trainer.init()                                  # initialised directly into its shards
-embed = state["params"]["embed"]
-embed = getattr(embed, "value", embed)
+flat_shardings = dict(nnx.to_flat_state(shardings))
+embed_sharding = unwrap(flat_shardings[("embed",)])
+embed = jax.device_put(np.zeros((VOCAB, D_MODEL), np.float32), embed_sharding)
 print("embedding", embed.shape, embed.sharding.spec)
 jax.debug.visualize_array_sharding(embed)
 
