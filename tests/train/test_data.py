@@ -56,6 +56,60 @@ def test_mqar_targets_are_the_values_paired_with_the_query_keys():
         assert np.all(y[m == 0] == 0)
 
 
+def _check_mqar(ex, vocab) -> int:
+    """Asserts the MQAR layout (keys, values, every key queried once, targets its value);
+    returns the example's number of pairs."""
+    x, y, m = ex["inputs"], ex["targets"], ex["mask"]
+    queried = np.flatnonzero(m)
+    pairs = len(queried)
+    keys, values = x[0:2 * pairs:2], x[1:2 * pairs:2]
+    assert np.all((1 <= keys) & (keys < vocab // 2)) and len(set(keys)) == pairs
+    assert np.all((vocab // 2 <= values) & (values < vocab))
+    assert np.all(queried >= 2 * pairs) and sorted(x[queried]) == sorted(keys)
+    paired = dict(zip(keys, values))
+    assert all(y[t] == paired[x[t]] for t in queried)
+    return pairs
+
+
+def test_mqar_mixture_draws_each_example_count_from_the_list():
+    counts = [_check_mqar(ex, 64) for ex in _examples("mqar", n=40, vocab_size=64,
+                                                       num_kv_pairs=[2, 4, 16])]
+    assert set(counts) == {2, 4, 16}
+    with pytest.raises(ValueError, match="4 \\* num_kv_pairs <= seq_len"):
+        _examples("mqar", n=1, vocab_size=64, num_kv_pairs=[2, 17])
+
+
+def test_mqar_train_options_apply_to_the_train_split_only():
+    options = dict(vocab_size=256, num_kv_pairs=8, power_a=1.0, train_num_kv_pairs=[1, 2],
+                   train_power_a=0.01)
+    for i in range(20):
+        for split, expected in [("train", (1, 2)), ("validation", (8,))]:
+            ex = tasks.example("mqar", 0, split, i, seq_len=128, **options)
+            assert _check_mqar(ex, 256) in expected
+    assert tasks.split_options("mqar", "train", options)["power_a"] == 0.01
+    held_out = tasks.split_options("mqar", "test", options)
+    assert held_out["power_a"] == 1.0 and held_out["num_kv_pairs"] == 8
+    assert not any(k.startswith("train_") for k in held_out)
+    # unset train_ options leave the train split alone (the same examples as without them)
+    plain = tasks.example("mqar", 0, "train", 3, seq_len=64, vocab_size=64)
+    same = tasks.example("mqar", 0, "train", 3, seq_len=64, vocab_size=64,
+                         train_num_kv_pairs=None)
+    assert all(np.array_equal(plain[k], same[k]) for k in plain)
+
+
+def test_mqar_filler_avoids_keys():
+    def stray_keys(**options):
+        n = 0
+        for ex in _examples("mqar", n=20, seq_len=64, vocab_size=64, num_kv_pairs=8, **options):
+            _check_mqar(ex, 64)
+            x = ex["inputs"]
+            # a key occurs at its pair and at its query; anything more is filler
+            n += sum(int((x == k).sum()) - 2 for k in x[0:16:2])
+        return n
+    assert stray_keys(filler_avoids_keys=True) == 0
+    assert stray_keys() > 0     # the default draws filler over the whole vocabulary
+
+
 def test_mqar_small_power_a_puts_queries_near_the_context():
     def mean_gap(a):
         return np.mean([np.flatnonzero(ex["mask"]).mean() for ex in

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -69,8 +69,9 @@ def delayed_recall_example(rng: np.random.Generator, *, seq_len: int, vocab_size
 # MQAR (zoology)
 
 
-def mqar(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 8192, num_kv_pairs: int = 8,
-         power_a: float = 0.01, random_non_queries: bool = True) -> Example:
+def mqar(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 8192,
+         num_kv_pairs: int | Sequence[int] = 8, power_a: float = 0.01,
+         random_non_queries: bool = True, filler_avoids_keys: bool = False) -> Example:
     """Multi-query associative recall, following zoology's `multiquery_ar`.
 
     Vocabulary: 0 is never a key or value (zoology keeps it for "no query here"); keys come from
@@ -81,13 +82,24 @@ def mqar(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 8192, num_
     zoology). Filler is uniform over the whole vocabulary (random_non_queries) or 0. The target at
     a query key's position is its value (the next token). Chance accuracy: 1 / (vocab_size -
     vocab_size // 2) for a model that knows the value half of the vocabulary.
+
+    num_kv_pairs may be a sequence of counts: each example draws its own count uniformly from it
+    (zoology's training mixture; with `train_num_kv_pairs` in `example`, only the train split
+    mixes). filler_avoids_keys keeps this example's keys out of the filler, so each key occurs
+    only at its pair and at its query. At zoology's vocab_size 8192 random filler rarely repeats a
+    key; at a vocabulary near seq_len it does often (about once per key at vocab_size = seq_len),
+    and every such stray copy, followed by a random token, is a wrong match for a recall by
+    content; this option restores the large-vocabulary task at a small vocabulary's cost.
     """
+    if not isinstance(num_kv_pairs, (int, np.integer)):
+        counts = [int(n) for n in num_kv_pairs]
+        _require(len(counts) > 0, "mqar needs at least one num_kv_pairs count")
+        for n in counts:   # every count checked, not just the one this example draws
+            _mqar_check(seq_len, vocab_size, n)
+        num_kv_pairs = counts[int(rng.integers(len(counts)))]
+    num_kv_pairs = int(num_kv_pairs)
+    _mqar_check(seq_len, vocab_size, num_kv_pairs)
     key_vocab = vocab_size // 2
-    _require(seq_len % 2 == 0, f"mqar needs an even seq_len, got {seq_len}")
-    _require(4 * num_kv_pairs <= seq_len, f"mqar needs 4 * num_kv_pairs <= seq_len, got "
-             f"{num_kv_pairs=}, {seq_len=}")
-    _require(num_kv_pairs <= key_vocab - 1, f"mqar needs num_kv_pairs <= vocab_size // 2 - 1 "
-             f"distinct keys, got {num_kv_pairs=}, {vocab_size=}")
     context = 2 * num_kv_pairs
     keys = rng.choice(np.arange(1, key_vocab), size=num_kv_pairs, replace=False)
     values = rng.choice(np.arange(key_vocab, vocab_size), size=num_kv_pairs, replace=False)
@@ -99,12 +111,25 @@ def mqar(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 8192, num_
     inputs[0:context:2], inputs[1:context:2] = keys, values
     query_at = context + 2 * gaps
     if random_non_queries:
-        inputs[context:] = rng.integers(0, vocab_size, seq_len - context)
+        if filler_avoids_keys:
+            inputs[context:] = rng.choice(np.setdiff1d(np.arange(vocab_size), keys),
+                                          seq_len - context)
+        else:
+            inputs[context:] = rng.integers(0, vocab_size, seq_len - context)
     inputs[query_at] = keys
     targets = np.zeros(seq_len, np.int64)
     mask = np.zeros(seq_len, np.float32)
     targets[query_at], mask[query_at] = values, 1.0
     return _lm_example(inputs, targets, mask)
+
+
+def _mqar_check(seq_len: int, vocab_size: int, num_kv_pairs: int) -> None:
+    _require(seq_len % 2 == 0, f"mqar needs an even seq_len, got {seq_len}")
+    _require(num_kv_pairs >= 1, f"mqar needs num_kv_pairs >= 1, got {num_kv_pairs}")
+    _require(4 * num_kv_pairs <= seq_len, f"mqar needs 4 * num_kv_pairs <= seq_len, got "
+             f"{num_kv_pairs=}, {seq_len=}")
+    _require(num_kv_pairs <= vocab_size // 2 - 1, f"mqar needs num_kv_pairs <= vocab_size // 2 "
+             f"- 1 distinct keys, got {num_kv_pairs=}, {vocab_size=}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,6 +309,9 @@ class Task:
     vocab_size: Callable[[dict[str, Any]], int]
     chance: Callable[[dict[str, Any]], float]   # accuracy of guessing among the possible answers
     num_classes: int | None = None
+    # "train_<option>": <option>'s value on the train split when not None; other splits keep
+    # <option>. Zoology trains on one distribution (a mixture) and tests on another.
+    train_options: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def loss(self) -> str:
@@ -305,8 +333,10 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("delayed_recall", delayed_recall_example, {"vocab_size": 16, "delay": 8}, _vocab_option,
          lambda o: 1 / o["vocab_size"]),
     Task("mqar", mqar, {"vocab_size": 8192, "num_kv_pairs": 8, "power_a": 0.01,
-                        "random_non_queries": True}, _vocab_option,
-         lambda o: 1 / (o["vocab_size"] - o["vocab_size"] // 2)),
+                        "random_non_queries": True, "filler_avoids_keys": False,
+                        "train_num_kv_pairs": None, "train_power_a": None}, _vocab_option,
+         lambda o: 1 / (o["vocab_size"] - o["vocab_size"] // 2),
+         train_options={"train_num_kv_pairs": "num_kv_pairs", "train_power_a": "power_a"}),
     Task("copying", copying, {"vocab_size": 16, "num_tokens": 16}, _vocab_option,
          lambda o: 1 / (o["vocab_size"] - 2)),
     Task("selective_copying", selective_copying, {"vocab_size": 16, "num_tokens": 16},
@@ -328,6 +358,18 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, split_key, index])
 
 
-def example(task: str, seed: int, split: str, index: int, *, seq_len: int, **options) -> Example:
+def split_options(task: str, split: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The generator's options for `split`: defaults filled in, and each "train_<option>" that is
+    set replacing <option> on the train split only (and dropped everywhere)."""
     spec = TASKS[task]
-    return spec.generate(example_rng(seed, split, index), seq_len=seq_len, **spec.options(options))
+    options = spec.options(options)
+    for train_key, key in spec.train_options.items():
+        value = options.pop(train_key)
+        if split == "train" and value is not None:
+            options[key] = value
+    return options
+
+
+def example(task: str, seed: int, split: str, index: int, *, seq_len: int, **options) -> Example:
+    return TASKS[task].generate(example_rng(seed, split, index), seq_len=seq_len,
+                                **split_options(task, split, options))
