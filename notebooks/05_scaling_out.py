@@ -80,8 +80,8 @@ from train.loop import run
 from flax import nnx
 from train.trainer import build_model
 
-devices = jax.devices()
-print("jax", jax.__version__, "|", len(devices), "devices:", devices)
+devices = jax.devices("cpu")   # host devices, also on a GPU or TPU runtime
+print("jax", jax.__version__, "|", len(devices), "CPU devices:", devices)
 assert len(devices) >= NUM_DEVICES, "restart the runtime and run from the top (see above)"
 
 # %% [markdown]
@@ -111,7 +111,7 @@ print("python -m train " + " ".join(f"--set {s}" for s in SETS + mesh_sets_8))
 # axes. Changing the parallelism is a change of mesh sizes (or of that table), never of a model.
 
 # %%
-mesh = mesh_lib.make_mesh(config_8.mesh)
+mesh = mesh_lib.make_mesh(config_8.mesh, devices[:NUM_DEVICES])
 print("mesh:", dict(mesh.shape))
 print(mesh.devices)
 print("\nlogical axis -> mesh axis:")
