@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _dispatch, _validation
 from pallas_kernels.chunked_linear_attention import reference as _reference
+from pallas_kernels.chunked_linear_attention import xla as _xla
 
 __all__ = ["chunked_linear_attention"]
 
@@ -149,27 +150,33 @@ def run_starts(runs):
 
 
 def _forward(q, k, v, g, h0, runs, chunk_size, implementation):
-    reference = lambda q, k, v, g, h0, runs: _reference.reference(q, k, v, g, h0, run_starts(runs))
+    """(o, final_state, per-chunk start states) from the chosen fast path."""
+    xla = functools.partial(_xla.forward_with_states, chunk_size=chunk_size)
     return _dispatch.dispatch(_OP, implementation, q, k, v, g, h0, runs,
-                              reference=reference, xla=reference, pallas=None)
+                              reference=xla, xla=xla, pallas=None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _attention(q, k, v, g, h0, runs, chunk_size, implementation):
-    return _forward(q, k, v, g, h0, runs, chunk_size, implementation)
+    o, final, _ = _forward(q, k, v, g, h0, runs, chunk_size, implementation)
+    return o, final
 
 
 def _attention_fwd(q, k, v, g, h0, runs, chunk_size, implementation):
-    out = _forward(q, k, v, g, h0, runs, chunk_size, implementation)
-    return out, (q, k, v, g, h0, runs)
+    o, final, starts = _forward(q, k, v, g, h0, runs, chunk_size, implementation)
+    # Residuals: the inputs and the state entering each chunk; the intra-chunk matrices are
+    # recomputed by the backward.
+    return (o, final), (q, k, v, g, h0, runs, starts)
 
 
 def _attention_bwd(chunk_size, implementation, residuals, cotangents):
-    q, k, v, g, h0, runs = residuals
-    # Temporary (until the chunked backward lands): autodiff of the specification.
-    _, vjp = jax.vjp(lambda q, k, v, g, h0: _reference.reference(q, k, v, g, h0, run_starts(runs)),
-                     q, k, v, g, h0)
-    return (*vjp(cotangents), None)
+    q, k, v, g, h0, runs, starts = residuals
+    do, dfinal = cotangents
+    xla_bwd = functools.partial(_xla.backward, chunk_size=chunk_size)
+    # implementation="reference" never reaches the custom VJP (autodiff differentiates it).
+    grads = _dispatch.dispatch(_OP, implementation, q, k, v, g, h0, runs, starts, do, dfinal,
+                               reference=xla_bwd, xla=xla_bwd, pallas=None)
+    return (*grads, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,0 +1,270 @@
+"""The XLA path of `chunked_linear_attention` (the CPU default): the chunked form.
+
+Time is cut into chunks of C tokens. Inside a chunk everything is a batched matmul; between
+chunks only the [K, V] state travels, through a short `lax.scan` over chunks:
+
+    b_i   = sum_{t <= i in the chunk} g_t                       (cumulative log gate, <= 0)
+    o_i   = q_i^T (exp(b_i) * S_start)  +  sum_{j <= i} (q_i . k_j exp(b_i - b_j)) v_j
+    S_end = exp(b_C) * S_start  +  sum_j (k_j exp(b_C - b_j)) v_j^T
+
+Only differences b_i - b_j with j <= i (and b_i, b_C - b_j) are ever exponentiated: all <= 0, so
+a decay of any strength underflows to 0 instead of overflowing. For a vector gate the
+[C, C, K] tensor of exp(b_i - b_j) is never formed for the whole chunk: the chunk is cut into
+sub-chunks of `sub` tokens; a query sub-chunk I meets the keys of earlier sub-chunks through the
+cumulative gate r_I at the end of sub-chunk I-1 (q_i exp(b_i - r_I) . k_j exp(r_I - b_j), both
+exponents <= 0, one matmul per query sub-chunk), and only the sub x sub diagonal blocks are
+formed elementwise (fused by XLA into their reduction).
+
+Segments (packed documents): a run number per token (equal numbers see each other) masks pairs
+inside a chunk, the carried state for tokens past a reset, and the chunk's decay of S_start.
+
+The backward (custom VJP in __init__.py) keeps only the inputs and the per-chunk start states:
+the state cotangents travel back through the same chunk scan reversed (dS_start = exp(b_C) dS_end
++ sum_i exp(b_i) q_i do_i^T), then every chunk's local function is differentiated in parallel,
+recomputing its intra-chunk matrices.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_CHUNK = 64
+SUB_CHUNK = 16   # vector gates: tokens per sub-chunk (the size of the elementwise diagonal blocks)
+
+
+def chunk_geometry(length: int, chunk_size: int | None, vector_gate: bool):
+    """(chunk C, sub-chunk, padded length). Short inputs get one chunk of their own length
+    (T=1 is then exactly the recurrent decoding step), long ones are padded to a multiple of C."""
+    chunk = chunk_size or DEFAULT_CHUNK
+    sub = math.gcd(chunk, SUB_CHUNK) if vector_gate else 1
+    sub = min(sub, length)
+    chunk = min(chunk, -(-length // sub) * sub)
+    padded = -(-length // chunk) * chunk
+    return chunk, sub, padded
+
+
+def _dot(spec, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=a.dtype)
+
+
+def _masked_exp(x, mask):
+    """exp(x) where mask, else 0; x is only exponentiated where it is meant to be (<= 0), and
+    the gradient of the masked-out entries is 0, never inf * 0."""
+    return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0)), 0)
+
+
+def _chunk_pieces(q, k, v, g, masks, sub):
+    """Chunk-local quantities, batched over leading dims X = [B, H, N].
+
+    q, k [X, C, K]; v [X, C, V]; g None | [X, C, 1] | [X, C, K]; masks None or the dict of
+    segment masks (see `segment_masks`). Returns (o_intra [X,C,V], qd [X,C,K] the queries
+    decayed to the chunk start, kd [X,C,K] the keys decayed to the chunk end, decay [X,Kg] or
+    None the whole chunk's decay).
+    """
+    c = q.shape[-2]
+    causal = jnp.tril(jnp.ones((c, c), bool))
+    same = causal if masks is None else causal & masks["same"]
+    if g is None:
+        a = jnp.where(same, _dot("...ik,...jk->...ij", q, k), 0)
+        qd, kd, decay = q, k, None
+        if masks is not None:
+            qd = jnp.where(masks["from_start"][..., None], q, 0)
+            kd = jnp.where(masks["to_end"][..., None], k, 0)
+    else:
+        b = jnp.cumsum(g, axis=-2)
+        b_end = b[..., -1:, :]
+        qd = q * jnp.exp(b)
+        kd = k * jnp.exp(b_end - b)
+        decay = b_end[..., 0, :]
+        if masks is not None:
+            qd = jnp.where(masks["from_start"][..., None], qd, 0)
+            kd = jnp.where(masks["to_end"][..., None], kd, 0)
+        if g.shape[-1] == 1:
+            bs = b[..., 0]
+            a = _dot("...ik,...jk->...ij", q, k) * _masked_exp(bs[..., :, None] - bs[..., None, :], same)
+        else:
+            a = _vector_gate_scores(q, k, b, sub)
+            a = jnp.where(same, a, 0)
+        decay = jnp.exp(decay)
+    o = _dot("...ij,...jv->...iv", a, v.astype(a.dtype))
+    return o, qd, kd, decay
+
+
+def _vector_gate_scores(q, k, b, sub):
+    """[X, C, C]: sum_k q_ik k_jk exp(b_ik - b_jk) for j <= i (upper triangle arbitrary-finite,
+    masked by the caller), exponentiating only differences <= 0."""
+    *x, c, kdim = q.shape
+    ns = c // sub
+    qs = q.reshape(*x, ns, sub, kdim)
+    ks = k.reshape(*x, ns, sub, kdim)
+    bs = b.reshape(*x, ns, sub, kdim)
+    # r_I: the cumulative gate just before sub-chunk I (0 for the first one).
+    ref = jnp.concatenate([jnp.zeros_like(bs[..., :1, -1, :]), bs[..., :-1, -1, :]], axis=-2)
+    q_hat = qs * jnp.exp(bs - ref[..., :, None, :])                        # [X, ns, sub, K]
+    before = jnp.arange(c)[None, :] < (jnp.arange(ns) * sub)[:, None]        # [ns, C]
+    k_hat = k[..., None, :, :] * _masked_exp(ref[..., :, None, :] - b[..., None, :, :],
+                                             before[:, :, None])            # [X, ns, C, K]
+    a_off = _dot("...isk,...ijk->...isj", q_hat, k_hat)                     # [X, ns, sub, C]
+    tri = jnp.tril(jnp.ones((sub, sub), bool))[:, :, None]
+    e = _masked_exp(bs[..., :, None, :] - bs[..., None, :, :], tri)         # [X, ns, sub, sub, K]
+    a_diag = jnp.sum(qs[..., :, None, :] * ks[..., None, :, :] * e, axis=-1)  # [X, ns, sub, sub]
+    eye = jnp.eye(ns, dtype=a_diag.dtype)
+    a_diag = (a_diag[..., :, :, None, :] * eye[:, None, :, None]).reshape(*x, ns, sub, c)
+    return (a_off + a_diag).reshape(*x, c, c)
+
+
+def _inter(qd, s_start):
+    return _dot("...ik,...kv->...iv", qd, s_start)
+
+
+def _chunk_state(kd, v):
+    return _dot("...jk,...jv->...kv", kd, v.astype(kd.dtype))
+
+
+def _decay_state(decay, keep, s):
+    """The part of S_start that reaches S_end: exp(b_C) * S_start, or 0 past a reset."""
+    if decay is not None:
+        s = decay[..., :, None] * s
+    if keep is not None:
+        s = jnp.where(keep[..., None, None], s, 0)
+    return s
+
+
+def chunk_local(q, k, v, g, s_start, masks, sub):
+    """The whole map of one chunk: (o, S_end) from its inputs and its start state."""
+    o, qd, kd, decay = _chunk_pieces(q, k, v, g, masks, sub)
+    o = o + _inter(qd, s_start)
+    keep = None if masks is None else masks["keep"]
+    return o, _decay_state(decay, keep, s_start) + _chunk_state(kd, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: [B, T, H, D] <-> chunks [B, H, N, C, D].
+
+
+def to_chunks(x, chunk, padded):
+    if x is None:
+        return None
+    b, t, h, d = x.shape
+    if padded != t:
+        # Padded steps: zero q, k, v and gate 0 (decay 1) leave the state unchanged.
+        x = jnp.pad(x, [(0, 0), (0, padded - t), (0, 0), (0, 0)])
+    return x.reshape(b, padded // chunk, chunk, h, d).transpose(0, 3, 1, 2, 4)
+
+
+def from_chunks(x, length):
+    b, h, n, c, d = x.shape
+    return x.transpose(0, 2, 3, 1, 4).reshape(b, n * c, h, d)[:, :length]
+
+
+def segment_masks(runs, chunk, padded):
+    """Masks of the chunked form from run numbers [B, T] (see __init__.segment_runs), shaped to
+    broadcast against [B, H, N, ...]."""
+    if runs is None:
+        return None
+    b, t = runs.shape
+    if padded != t:
+        runs = jnp.pad(runs, [(0, 0), (0, padded - t)], mode="edge")
+    r = runs.reshape(b, 1, padded // chunk, chunk)
+    # The run of the state entering each chunk: that of the previous chunk's last token (0 at
+    # the start: initial_state belongs to the first run).
+    r_in = jnp.concatenate([jnp.zeros_like(r[..., :1, -1]), r[..., :-1, -1]], axis=-1)
+    r_end = r[..., -1]
+    return {"same": r[..., :, None] == r[..., None, :],     # [B,1,N,C,C]
+            "from_start": r == r_in[..., None],              # [B,1,N,C]
+            "to_end": r == r_end[..., None],                 # [B,1,N,C]
+            "keep": r_end == r_in}                           # [B,1,N]
+
+
+def _prepare(q, k, v, g, runs, chunk_size):
+    acc = q.dtype
+    length = q.shape[1]
+    chunk, sub, padded = chunk_geometry(length, chunk_size, g is not None and g.shape[-1] > 1)
+    qc, kc, vc, gc = (to_chunks(x, chunk, padded) for x in (q, k, v, g))
+    kc = kc.astype(acc)
+    if gc is not None:
+        gc = gc.astype(acc)
+    return qc, kc, vc, gc, segment_masks(runs, chunk, padded), sub
+
+
+def _scan_states(decay, keep, local, h0):
+    """S_start for every chunk [B,H,N,K,V] and the final state, through a scan over chunks."""
+    n = local.shape[2]
+
+    def step(s, xs):
+        d, kp, loc = xs
+        return _decay_state(d, kp, s) + loc, s
+
+    by_chunk = lambda x: None if x is None else jnp.moveaxis(
+        jnp.broadcast_to(x, local.shape[:3] + x.shape[3:]) if x.ndim >= 3 else x, 2, 0)
+    xs = (by_chunk(decay), None if keep is None else jnp.moveaxis(
+        jnp.broadcast_to(keep, local.shape[:3]), 2, 0), jnp.moveaxis(local, 2, 0))
+    final, starts = jax.lax.scan(step, h0, xs, length=n)
+    return jnp.moveaxis(starts, 0, 2), final
+
+
+def forward(q, k, v, g, h0, runs, *, chunk_size=None):
+    """q (scaled, accumulation dtype) [B,T,H,K]; k [B,T,H,K]; v [B,T,H,V]; g None | [B,T,H,1|K];
+    h0 [B,H,K,V]; runs None | [B,T] int. Returns (o [B,T,H,V] in v's dtype, final state)."""
+    o, final, _ = forward_with_states(q, k, v, g, h0, runs, chunk_size=chunk_size)
+    return o, final
+
+
+def forward_with_states(q, k, v, g, h0, runs, *, chunk_size=None):
+    length = q.shape[1]
+    qc, kc, vc, gc, masks, sub = _prepare(q, k, v, g, runs, chunk_size)
+    o_intra, qd, kd, decay = _chunk_pieces(qc, kc, vc, gc, masks, sub)
+    keep = None if masks is None else masks["keep"]
+    starts, final = _scan_states(decay, keep, _chunk_state(kd, vc), h0)
+    o = o_intra + _inter(qd, starts)
+    return from_chunks(o, length).astype(v.dtype), final, starts
+
+
+def backward(q, k, v, g, h0, runs, starts, do, dfinal, *, chunk_size=None):
+    """Cotangents (dq, dk, dv, dg, dh0) of `forward`, given its per-chunk start states."""
+    length = q.shape[1]
+    acc = q.dtype
+    qc, kc, vc, gc, masks, sub = _prepare(q, k, v, g, runs, chunk_size)
+    chunk, _, padded = chunk_geometry(length, chunk_size, g is not None and g.shape[-1] > 1)
+    doc = to_chunks(do.astype(acc), chunk, padded)
+    keep = None if masks is None else masks["keep"]
+    if gc is None:
+        qd, decay = qc, None
+        if masks is not None:
+            qd = jnp.where(masks["from_start"][..., None], qc, 0)
+    else:
+        b = jnp.cumsum(gc, axis=-2)
+        qd = qc * jnp.exp(b)
+        if masks is not None:
+            qd = jnp.where(masks["from_start"][..., None], qd, 0)
+        decay = jnp.exp(b[..., -1, :])
+    # The state cotangent entering each chunk from its own outputs; then the reverse chunk scan.
+    local = _dot("...ik,...iv->...kv", qd, doc)
+    d_ends, dh0 = _reverse_scan(decay, keep, local, dfinal.astype(acc))
+
+    def chunk_fn(q, k, v, g):
+        return chunk_local(q, k, v, g, starts, masks, sub)
+
+    primals = (qc, kc, vc.astype(acc)) + ((gc,) if gc is not None else ())
+    _, vjp = jax.vjp(lambda *p: chunk_fn(*p[:3], p[3] if len(p) > 3 else None), *primals)
+    grads = vjp((doc, d_ends))
+    dq, dk, dv = (from_chunks(x, length) for x in grads[:3])
+    dg = from_chunks(grads[3], length) if gc is not None else None
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), dg, dh0
+
+
+def _reverse_scan(decay, keep, local, dfinal):
+    """dS_end for every chunk and dS_start of the first (= d initial_state)."""
+    n = local.shape[2]
+
+    def step(d_end, xs):
+        dcy, kp, loc = xs
+        return _decay_state(dcy, kp, d_end) + loc, d_end
+
+    by_chunk = lambda x: None if x is None else jnp.moveaxis(jnp.broadcast_to(x, local.shape[:3] + x.shape[3:]), 2, 0)
+    xs = (by_chunk(decay), None if keep is None else jnp.moveaxis(
+        jnp.broadcast_to(keep, local.shape[:3]), 2, 0), jnp.moveaxis(local, 2, 0))
+    dh0, d_ends = jax.lax.scan(step, dfinal, xs, length=n, reverse=True)
+    return jnp.moveaxis(d_ends, 0, 2), dh0
