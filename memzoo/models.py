@@ -36,13 +36,31 @@ from memzoo import layers
 from memzoo.attention import check_segment_ids
 from memzoo.registry import MIXERS, accepts_keyword
 
+def _real_residuals_only(policy: Callable[..., bool]) -> Callable[..., bool]:
+    """`policy`, except that complex results are recomputed rather than saved.
+
+    jax.checkpoint rounds every saved residual with `reduce_precision` (to pin XLA's excess
+    precision, jax PR 22244), which rejects complex dtypes (JAX 0.10 through 0.12 at least), so
+    saving the SSMs' complex dots (S5's B projection, S4D/S5 read-outs) fails to trace. These
+    dots are a few per block and cheap to redo.
+    """
+    def saveable(prim, *avals, **params) -> bool:
+        if any(jnp.issubdtype(getattr(a, "dtype", jnp.float32), jnp.complexfloating)
+               for a in avals):
+            return False
+        return policy(prim, *avals, **params)
+    saveable.__name__ = getattr(policy, "__name__", "policy")
+    return saveable
+
+
 # name -> jax.checkpoint policy; "full" saves nothing (recompute the whole block), "none" skips
 # remat altogether (an nnx.remat with everything_saveable would still add a checkpoint boundary).
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": _real_residuals_only(jax.checkpoint_policies.dots_saveable),
+    "dots_with_no_batch_dims_saveable": _real_residuals_only(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
 }
 POOLINGS = ("mean", "last")
 # The logical name of the repeat axis that scan_layers adds to every stacked parameter, so
