@@ -5,7 +5,7 @@ import importlib.util
 import os
 from typing import Callable, Sequence
 
-from configs import delayed_recall, mqar
+from configs import delayed_recall, mqar, mqar_long
 from configs.base import (CheckpointConfig, ConfigError, DataConfig, LoggingConfig, MeshConfig,
                           ModelConfig, OptimConfig, TrainConfig, from_dict, schema, short_keys)
 
@@ -23,6 +23,14 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "mqar_s4d": mqar.get_config,
     "mqar_s5": _variant(mqar.get_config, "mqar_s5", **{"model.mixer": "s5"}),
     "mqar_attention": _variant(mqar.get_config, "mqar_attention", **{"model.mixer": "attention"}),
+    # length 256, 32 pairs (zoology's Figure 2 data, trained on a mixture of pair counts)
+    "mqar256_attention": mqar_long.get_config,
+    "mqar256_s4d": _variant(mqar_long.get_config, "mqar256_s4d", **{"model.mixer": "s4d"}),
+    "mqar256_s5": _variant(mqar_long.get_config, "mqar256_s5", **{"model.mixer": "s5"}),
+    # the linear-attention family at one state size: 4 heads x 16 x 16 per layer
+    **{f"mqar_{name}": _variant(mqar.get_config, f"mqar_{name}", **{
+        "model.mixer": name, "model.mixer_options": {"num_heads": 4, "head_dim": 16}})
+       for name in ("linear_attention", "retnet", "gla", "deltanet", "gated_deltanet")},
     # seconds, for tests and smoke checks
     "smoke": _variant(delayed_recall.get_config, "smoke", **{
         "model.d_model": 16, "model.num_layers": 1, "model.mixer_options": {"state_size": 8},
