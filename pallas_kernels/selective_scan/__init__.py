@@ -11,11 +11,14 @@ The math lives in reference.py; xla.py and pallas.py must equal it
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _dispatch, _validation
 from pallas_kernels.selective_scan import reference as _reference
+from pallas_kernels.selective_scan import xla as _xla
 
 __all__ = ["selective_scan"]
 
@@ -129,7 +132,7 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
         # The specification, differentiated by JAX's autodiff: what the custom VJP is tested against.
         y, h_final = _reference.selective_scan_reference(*args)
     else:
-        y, h_final = _scan(*args, implementation=implementation)
+        y, h_final = _scan(*args, implementation)
     if D is not None:
         y = y + D.astype(acc) * uf
     if z is not None:
@@ -137,6 +140,37 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
     return y.astype(out_dtype), h_final
 
 
-def _scan(dt, u, b, c, a, h0, keep, *, implementation):
-    # Until the fast paths land, every implementation routes to the specification.
-    return _reference.selective_scan_reference(dt, u, b, c, a, h0, keep)
+def _forward(dt, u, b, c, a, h0, keep, implementation):
+    return _dispatch.dispatch(
+        _OP, implementation, dt, u, b, c, a, h0, keep,
+        reference=_reference.selective_scan_reference, xla=_xla.selective_scan_forward,
+        pallas=None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _scan(dt, u, b, c, a, h0, keep, implementation):
+    return _forward(dt, u, b, c, a, h0, keep, implementation)
+
+
+def _scan_fwd(dt, u, b, c, a, h0, keep, implementation):
+    # Residuals: the inputs and the state at the start of every segment (xla.py), never the
+    # per-step states.
+    y, h_final, saved = _dispatch.dispatch(
+        _OP, implementation, dt, u, b, c, a, h0, keep, reference=_xla_with_states,
+        xla=_xla_with_states, pallas=None)
+    return (y, h_final), (dt, u, b, c, a, h0, keep, saved)
+
+
+def _xla_with_states(*args):
+    return _xla.selective_scan_forward(*args, save_states=True)
+
+
+def _scan_bwd(implementation, residuals, cotangents):
+    dt, u, b, c, a, h0, keep, saved = residuals
+    dy, dh_final = cotangents
+    grads = _xla.selective_scan_backward(dt, u, b, c, a, keep, saved, dy.astype(u.dtype),
+                                         dh_final.astype(h0.dtype))
+    return grads + (jnp.zeros_like(keep),)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
