@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -61,7 +63,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from pallas_kernels import linear_scan, pallas_interpret
-from pallas_kernels import _testing                  # the test suite's helpers: float64 runs, lowering
+from pallas_kernels import _testing   # the test suite's helpers: float64 runs, lowering
 from pallas_kernels._dispatch import tpu_interpret_params
 from pallas_kernels.linear_scan import pallas as scan_pallas
 
