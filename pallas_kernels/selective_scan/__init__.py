@@ -18,9 +18,11 @@ import jax.numpy as jnp
 
 from pallas_kernels import _dispatch, _validation
 from pallas_kernels.selective_scan import reference as _reference
+from pallas_kernels.selective_scan import pallas as _pallas_mod
 from pallas_kernels.selective_scan import xla as _xla
+from pallas_kernels.selective_scan.pallas import BlockSizes
 
-__all__ = ["selective_scan"]
+__all__ = ["selective_scan", "BlockSizes"]
 
 _OP = "selective_scan"
 
@@ -140,36 +142,44 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
     return y.astype(out_dtype), h_final
 
 
-def _forward(dt, u, b, c, a, h0, keep, implementation):
-    return _dispatch.dispatch(
-        _OP, implementation, dt, u, b, c, a, h0, keep,
-        reference=_reference.selective_scan_reference, xla=_xla.selective_scan_forward,
-        pallas=None)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _scan(dt, u, b, c, a, h0, keep, implementation):
-    return _forward(dt, u, b, c, a, h0, keep, implementation)
-
-
-def _scan_fwd(dt, u, b, c, a, h0, keep, implementation):
-    # Residuals: the inputs and the state at the start of every segment (xla.py), never the
-    # per-step states.
-    y, h_final, saved = _dispatch.dispatch(
-        _OP, implementation, dt, u, b, c, a, h0, keep, reference=_xla_with_states,
-        xla=_xla_with_states, pallas=None)
-    return (y, h_final), (dt, u, b, c, a, h0, keep, saved)
+def _pallas(dt, u, b, c, a, h0, keep, *, target, interpret):
+    if not _pallas_mod.supported(target, u.shape[2], b.shape[2]):
+        # Groups too narrow for the target's channel tiling (TPU: 128 lanes per group).
+        return _xla.selective_scan_forward(dt, u, b, c, a, h0, keep, save_states=True)
+    return _pallas_mod.selective_scan_forward(dt, u, b, c, a, h0, keep, target=target,
+                                              interpret=interpret)
 
 
 def _xla_with_states(*args):
     return _xla.selective_scan_forward(*args, save_states=True)
 
 
+def _forward_with_states(args, implementation):
+    return _dispatch.dispatch(_OP, implementation, *args, reference=_xla_with_states,
+                              xla=_xla_with_states, pallas=_pallas)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _scan(dt, u, b, c, a, h0, keep, implementation):
+    args = (dt, u, b, c, a, h0, keep)
+    if implementation == "xla":
+        return _xla.selective_scan_forward(*args)
+    return _forward_with_states(args, implementation)[:2]
+
+
+def _scan_fwd(dt, u, b, c, a, h0, keep, implementation):
+    # Residuals: the inputs and the state at the start of every segment (xla.py), never the
+    # per-step states. Every implementation's forward writes the same checkpoints.
+    y, h_final, saved = _forward_with_states((dt, u, b, c, a, h0, keep), implementation)
+    return (y, h_final), (dt, u, b, c, a, keep, saved)
+
+
 def _scan_bwd(implementation, residuals, cotangents):
-    dt, u, b, c, a, h0, keep, saved = residuals
+    # The backward is the XLA pass on every platform (no Pallas backward kernel yet).
+    dt, u, b, c, a, keep, saved = residuals
     dy, dh_final = cotangents
     grads = _xla.selective_scan_backward(dt, u, b, c, a, keep, saved, dy.astype(u.dtype),
-                                         dh_final.astype(h0.dtype))
+                                         dh_final.astype(saved.dtype))
     return grads + (jnp.zeros_like(keep),)
 
 

@@ -34,9 +34,9 @@ UNROLL = 4
 
 
 def segment_length(state: int) -> int:
-    """Steps between saved states: >= 64 and >= 4 N, a multiple of UNROLL."""
-    k = max(64, 4 * state)
-    return -(-k // UNROLL) * UNROLL
+    """Steps between saved states: >= 4 N, a multiple of 64 (so of UNROLL, and TPU blocks of
+    128 time steps hold whole segments)."""
+    return -(-max(64, 4 * state) // 64) * 64
 
 
 def _rows(x, start, size):
