@@ -70,6 +70,7 @@ import time
 
 import jax
 import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
 import numpy as np
 from flax import nnx
 
@@ -161,13 +162,16 @@ for mixer in mixers:
     rs = sorted((r for r in results if r["mixer"] == mixer), key=lambda r: r["state"])
     ax.plot([r["state"] for r in rs], [r["accuracy"] for r in rs], "o-", color=colors[mixer],
             label=mixer)
-ax.axhline(1 / NUM_KV_PAIRS, ls="--", c="gray", lw=1)
-ax.text(ax.get_xlim()[0], 1 / NUM_KV_PAIRS, " plateau: values, not bindings", va="bottom",
-        fontsize=8, color="gray")
-ax.axhline(chance, ls=":", c="gray", lw=1)
+for level, label, style in [(1 / NUM_KV_PAIRS, "plateau: values, not bindings", "--"),
+                           (chance, "chance", ":")]:
+    ax.axhline(level, ls=style, c="gray", lw=1)
+    ax.text(0.01, level, label, transform=ax.get_yaxis_transform(), va="bottom", fontsize=8,
+            color="gray")
 ax.set(xscale="log", xlabel="state size (floats in the decoding cache, one sequence)",
        ylabel="held-out MQAR accuracy", ylim=(-0.02, 1.02),
        title=f"MQAR: {NUM_KV_PAIRS} pairs, length {SEQ_LEN}, {NUM_LAYERS} layers, {STEPS} steps")
+ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+ax.xaxis.set_minor_formatter(mticker.NullFormatter())
 ax.legend(fontsize=8, loc="center right")
 plt.tight_layout()
 plt.show()

@@ -296,11 +296,12 @@ for i, n in enumerate(names):
 ax.set_yticks(y, names)
 ax.invert_yaxis()
 ax.set_xscale("log")
+ax.set_xlim(right=4 * max(max(t) for t in timings.values()))   # room for the labels
 ax.set_xlabel("median ms, log scale (ratio to memzoo's in brackets)")
 B, T, D = BENCH_SHAPE
-ax.set_title(f"linear_scan float32, batch {B}, time {T}, channels {D}, "
-             f"{jax.devices()[0].platform}, measured by this notebook")
-ax.legend(loc="lower right", fontsize=8)
+ax.set_title(f"linear_scan, float32 [batch {B}, time {T}, channels {D}]\n"
+             f"on this {jax.devices()[0].platform}, measured by this notebook", fontsize=10)
+ax.legend(loc="best", fontsize=8)
 plt.tight_layout()
 plt.show()
 
