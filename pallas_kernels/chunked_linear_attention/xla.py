@@ -31,6 +31,12 @@ import jax
 import jax.numpy as jnp
 
 DEFAULT_CHUNK = 64
+# Log gates are clamped here in the chunked form: exp(-30) ~ 1e-13 is below float32's resolution
+# of anything carried, so results do not change, while the cumulative sums b inside a chunk stay
+# small enough that their differences keep their precision (a -1e4 gate would leave b_i - b_j
+# with an absolute error of 1e-3). The gradient of a clamped gate is 0 (its true value is
+# below 1e-13 of the others).
+GATE_FLOOR = -30.0
 SUB_CHUNK = 16   # vector gates: tokens per sub-chunk (the size of the elementwise diagonal blocks)
 
 
@@ -73,23 +79,42 @@ def _chunk_pieces(q, k, v, g, masks, sub):
             qd = jnp.where(masks["from_start"][..., None], q, 0)
             kd = jnp.where(masks["to_end"][..., None], k, 0)
     else:
-        b = jnp.cumsum(g, axis=-2)
-        b_end = b[..., -1:, :]
+        b, to_end, total = _cumulative(g)
         qd = q * jnp.exp(b)
-        kd = k * jnp.exp(b_end - b)
-        decay = b_end[..., 0, :]
+        kd = k * jnp.exp(to_end)
         if masks is not None:
             qd = jnp.where(masks["from_start"][..., None], qd, 0)
             kd = jnp.where(masks["to_end"][..., None], kd, 0)
         if g.shape[-1] == 1:
             bs = b[..., 0]
-            a = _dot("...ik,...jk->...ij", q, k) * _masked_exp(bs[..., :, None] - bs[..., None, :], same)
+            a = _dot("...ik,...jk->...ij", q, k) * _pair_decay(bs[..., :, None] - bs[..., None, :],
+                                                              same, jnp.eye(c, dtype=bool))
         else:
             a = _vector_gate_scores(q, k, b, sub)
             a = jnp.where(same, a, 0)
-        decay = jnp.exp(decay)
+        decay = jnp.exp(total)
     o = _dot("...ij,...jv->...iv", a, v.astype(a.dtype))
     return o, qd, kd, decay
+
+
+def _cumulative(g):
+    """From log gates [X, C, Kg]: b_i = sum_{t <= i} g_t, the decay to the chunk end
+    sum_{t > i} g_t (a suffix sum, not b_C - b_i: no cancellation in value or gradient), and
+    the whole chunk's b_C [X, Kg]."""
+    g = jnp.maximum(g, GATE_FLOOR)
+    b = jnp.cumsum(g, axis=-2)
+    suffix = jnp.cumsum(g[..., ::-1, :], axis=-2)[..., ::-1, :]
+    to_end = jnp.concatenate([suffix[..., 1:, :], jnp.zeros_like(suffix[..., :1, :])], axis=-2)
+    return b, to_end, suffix[..., 0, :]
+
+
+def _pair_decay(diff, mask, eye):
+    """exp(b_i - b_j) where `mask` (a lower triangle, diagonal included), else 0. The diagonal
+    (`eye`) is exactly 1 and a constant: exp(b_i - b_i) would add and subtract the same O(1)
+    term to the gate's gradient, and their rounding would swamp a gradient that strong decays
+    make tiny."""
+    strict = mask & ~eye
+    return jnp.where(eye, jnp.ones_like(diff), _masked_exp(diff, strict))
 
 
 def _vector_gate_scores(q, k, b, sub):
@@ -108,7 +133,8 @@ def _vector_gate_scores(q, k, b, sub):
                                              before[:, :, None])            # [X, ns, C, K]
     a_off = _dot("...isk,...ijk->...isj", q_hat, k_hat)                     # [X, ns, sub, C]
     tri = jnp.tril(jnp.ones((sub, sub), bool))[:, :, None]
-    e = _masked_exp(bs[..., :, None, :] - bs[..., None, :, :], tri)         # [X, ns, sub, sub, K]
+    e = _pair_decay(bs[..., :, None, :] - bs[..., None, :, :], tri,
+                    jnp.eye(sub, dtype=bool)[:, :, None])         # [X, ns, sub, sub, K]
     a_diag = jnp.sum(qs[..., :, None, :] * ks[..., None, :, :] * e, axis=-1)  # [X, ns, sub, sub]
     eye = jnp.eye(ns, dtype=a_diag.dtype)
     a_diag = (a_diag[..., :, :, None, :] * eye[:, None, :, None]).reshape(*x, ns, sub, c)
@@ -235,11 +261,11 @@ def backward(q, k, v, g, h0, runs, starts, do, dfinal, *, chunk_size=None):
         if masks is not None:
             qd = jnp.where(masks["from_start"][..., None], qc, 0)
     else:
-        b = jnp.cumsum(gc, axis=-2)
+        b, _, total = _cumulative(gc)
         qd = qc * jnp.exp(b)
         if masks is not None:
             qd = jnp.where(masks["from_start"][..., None], qd, 0)
-        decay = jnp.exp(b[..., -1, :])
+        decay = jnp.exp(total)
     # The state cotangent entering each chunk from its own outputs; then the reverse chunk scan.
     local = _dot("...ik,...iv->...kv", qd, doc)
     d_ends, dh0 = _reverse_scan(decay, keep, local, dfinal.astype(acc))
