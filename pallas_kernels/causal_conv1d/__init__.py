@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _dispatch, _validation
+from pallas_kernels.causal_conv1d import pallas as _pallas
 from pallas_kernels.causal_conv1d import reference as _reference
 from pallas_kernels.causal_conv1d import xla as _xla
+from pallas_kernels.causal_conv1d.pallas import BlockSizes
 
-__all__ = ["causal_conv1d", "causal_conv1d_update", "ACTIVATIONS"]
+__all__ = ["causal_conv1d", "causal_conv1d_update", "ACTIVATIONS", "BlockSizes"]
 
 _OP = "causal_conv1d"
 ACTIVATIONS = (None, "silu", "swish")
@@ -93,21 +95,45 @@ def causal_conv1d(x, weight, *, bias=None, initial_state=None, activation=None, 
                                                   activation=activation, out_dtype=out_dtype)
     if segment_ids is not None:
         back = _xla.visible_history(segment_ids, width)
-    xla = functools.partial(_xla.causal_conv1d_forward, activation=activation, out_dtype=out_dtype)
-    # Bias and segments are optional: the dispatched callables take arrays only.
-    args = (x, weight, state) + ((bias,) if bias is not None else ()) + (
-        (back,) if back is not None else ())
+    final = _xla.final_window(x, state, back)
+    if implementation == "xla":
+        # Autodiff of the taps stores nothing per step: no custom VJP needed.
+        y = _xla.causal_conv1d_forward(x, weight, bias, state, back, activation=activation,
+                                       out_dtype=out_dtype)
+    else:
+        y = _conv(x, weight, bias, state, back, activation, out_dtype, implementation)
+    return y, final
 
-    def unpack(fn):
-        def call(x, weight, state, *rest, **kw):
-            rest = list(rest)
-            b = rest.pop(0) if bias is not None else None
-            s = rest.pop(0) if back is not None else None
-            return fn(x, weight, b, state, s, **kw)
-        return call
 
-    return _dispatch.dispatch(_OP, implementation, *args, reference=unpack(xla), xla=unpack(xla),
-                              pallas=None)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _conv(x, weight, bias, state, back, activation, out_dtype, implementation):
+    xla = functools.partial(_xla.causal_conv1d_forward, activation=activation,
+                            out_dtype=out_dtype)
+    pallas = functools.partial(_pallas.causal_conv1d_forward, activation=activation,
+                               out_dtype=out_dtype)
+    # Optional arguments (bias, segments) travel as closures: dispatch takes arrays only.
+    args = (x, weight, state)
+    return _dispatch.dispatch(
+        _OP, implementation, *args,
+        reference=lambda x, w, s: xla(x, w, bias, s, back),
+        xla=lambda x, w, s: xla(x, w, bias, s, back),
+        pallas=lambda x, w, s, **kw: pallas(x, w, bias, s, back, **kw))
+
+
+def _conv_fwd(x, weight, bias, state, back, activation, out_dtype, implementation):
+    y = _conv(x, weight, bias, state, back, activation, out_dtype, implementation)
+    return y, (x, weight, bias, state, back)
+
+
+def _conv_bwd(activation, out_dtype, implementation, residuals, dy):
+    # The backward on every platform: autodiff of the XLA taps (recomputed, nothing stored).
+    x, weight, bias, state, back = residuals
+    _, vjp = jax.vjp(lambda x, w, b, s: _xla.causal_conv1d_forward(
+        x, w, b, s, back, activation=activation, out_dtype=out_dtype), x, weight, bias, state)
+    return vjp(dy) + (None,)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def causal_conv1d_update(x, state, weight, *, bias=None, activation=None):

@@ -29,7 +29,7 @@ def visible_history(segment_ids, width):
 
 def causal_conv1d_forward(x, weight, bias, state, back, *, activation, out_dtype):
     """x [B, T, C]; weight [W, C]; bias [C] or None; state [B, W-1, C] in the accumulation dtype;
-    back [B, T] int32 or None (no segments). Returns (y [B, T, C], final state [B, W-1, C])."""
+    back [B, T] int32 or None (no segments). Returns y [B, T, C]."""
     acc = state.dtype
     width = weight.shape[0]
     length = x.shape[1]
@@ -43,12 +43,17 @@ def causal_conv1d_forward(x, weight, bias, state, back, *, activation, out_dtype
         y = tap if y is None else y + tap
     if bias is not None:
         y = y + bias.astype(acc)
-    y = apply_activation(y, activation).astype(out_dtype)
-    final = ext[:, length:]
+    return apply_activation(y, activation).astype(out_dtype)
+
+
+def final_window(x, state, back):
+    """The last W-1 inputs (state [B, W-1, C] in the accumulation dtype, then x), with entries
+    that precede the last token's segment zeroed, so a continuation of that segment sees
+    exactly what the whole sequence would."""
+    width = state.shape[1] + 1
+    final = jnp.concatenate([state, x.astype(state.dtype)], axis=1)[:, x.shape[1]:]
     if back is not None and width > 1:
-        # Entries of the carried window that precede the last token's segment are dropped, so
-        # a continuation of that segment sees exactly what the whole sequence would.
         shift = jnp.arange(width - 2, -1, -1, dtype=jnp.int32)  # entry j is W-2-j back
         visible = back[:, -1:] >= shift[None, :]
         final = jnp.where(visible[..., None], final, jnp.zeros_like(final))
-    return y, final
+    return final
