@@ -64,7 +64,7 @@ class DataConfig:
     batch_size: int = 32             # global batch (all processes, all micro-batches)
     seq_len: int = 64
     data_dir: str | None = None
-    loader: str = "auto"             # auto: train.data if present; synthetic: train/input.py
+    loader: str = "auto"             # auto/data: train.data; synthetic: in memory, rows by process
     eval_batches: int = 4
     task_options: dict = dataclasses.field(default_factory=lambda: {"vocab_size": 16,
                                                                     "delay": 4})

@@ -83,7 +83,7 @@ def build(task: str, *, split: str = "train", batch_size: int, seq_len: int | No
           shard_count: int | None = None, shuffle: bool | None = None,
           num_epochs: int | None | str = "auto", worker_count: int = 0, data_seed: int = 0,
           sizes: dict[str, int] | None = None, materialize: bool = True,
-          **task_options) -> tuple[Loader, DataInfo]:
+          shard_by: str = "records", **task_options) -> tuple[Loader, DataInfo]:
     """A loader of batches for `task` and what the training loop needs to know about them.
 
     seed orders the batches (shuffle); data_seed decides the synthetic examples and the byte
@@ -91,6 +91,8 @@ def build(task: str, *, split: str = "train", batch_size: int, seq_len: int | No
     defaults to split == "train"; num_epochs "auto" means forever for train and once otherwise.
     sizes ({"train": n, "validation": n, "test": n}, synthetic tasks) default to DEFAULT_SIZES.
     materialize=False serves synthetic tasks from memory instead of data_dir (same records).
+    shard_by "records" | "rows": how processes split the data (pipeline.make_loader); "rows"
+    makes the global batches independent of the process count.
     task_options go to the task: e.g. vocab_size, num_kv_pairs for "mqar"; corpus, pattern,
     validation_fraction, test_fraction, document_separator for "bytes"; permutation_seed for
     "pmnist".
@@ -147,7 +149,7 @@ def build(task: str, *, split: str = "train", batch_size: int, seq_len: int | No
                          shuffle=train if shuffle is None else shuffle,
                          num_epochs=(None if train else 1) if num_epochs == "auto" else num_epochs,
                          shard_index=shard_index, shard_count=shard_count,
-                         worker_count=worker_count, transform=transform)
+                         worker_count=worker_count, transform=transform, shard_by=shard_by)
     info = DataInfo(task=task, split=split, vocab_size=vocab_size, num_classes=num_classes,
                     seq_len=seq_len, loss=loss,
                     target_key="targets" if loss == "next_token" else "label",

@@ -28,6 +28,14 @@ def _as_numpy(example: dict[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
+def _absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags, which are unparsed outside `absl.app.run` (the
+    first batch then fails with UnparsedFlagAccessError); their defaults are what we want."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 class Loader:
     """An iterator over batches (dicts of numpy arrays [batch, ...]) with a checkpointable state.
 
@@ -58,13 +66,17 @@ def make_loader(source: Sequence[dict[str, Any]], *, batch_size: int, seed: int,
                 shuffle: bool = True, num_epochs: int | None = None,
                 shard_index: int | None = None, shard_count: int | None = None,
                 worker_count: int = 0, transform: Callable[[dict], dict] | None = None,
-                drop_remainder: bool = True) -> Loader:
+                drop_remainder: bool = True, shard_by: str = "records") -> Loader:
     """Batches of `source` (anything with __len__ and __getitem__ returning dicts).
 
-    Sharding: shard i of n takes records i, i + n, i + 2n, ... of the first len - len % n records,
-    so shards are disjoint, equally long (every process steps the same number of times), and
-    together cover the data; defaults are this JAX process' index and the process count. Each
-    shard is then shuffled (seed, per epoch) and repeated num_epochs times (None: forever).
+    Sharding (shard_by="records"): shard i of n takes records i, i + n, i + 2n, ... of the first
+    len - len % n records, so shards are disjoint, equally long (every process steps the same
+    number of times), and together cover the data; defaults are this JAX process' index and the
+    process count. Each shard is then shuffled (seed, per epoch) and repeated num_epochs times
+    (None: forever). shard_by="rows": the whole source is shuffled and batched into global
+    batches of n * batch_size, and shard i yields rows [i * batch_size, (i + 1) * batch_size) of
+    each: a run's global batches do not depend on how many processes feed it (what equality
+    tests across process counts need; every shard reads only its own rows).
     `transform` maps each example before batching. worker_count > 0 runs the pipeline in that many
     processes (the source and transform must be picklable).
     """
@@ -75,8 +87,13 @@ def make_loader(source: Sequence[dict[str, Any]], *, batch_size: int, seed: int,
                          f"{shard_count=}")
     if batch_size < 1:
         raise ValueError(f"make_loader needs batch_size >= 1, got {batch_size}")
+    if shard_by not in ("records", "rows"):
+        raise ValueError(f"make_loader: shard_by must be 'records' or 'rows', got {shard_by!r}")
+    by_rows = shard_by == "rows"
     usable = len(source) - len(source) % shard_count
-    ds = grain.MapDataset.source(source)[shard_index:usable:shard_count]
+    ds = grain.MapDataset.source(source)
+    if not by_rows:
+        ds = ds[shard_index:usable:shard_count]
     per_epoch = len(ds)
     if per_epoch == 0:
         raise ValueError(f"shard {shard_index} of {shard_count} is empty: the source has only "
@@ -88,11 +105,17 @@ def make_loader(source: Sequence[dict[str, Any]], *, batch_size: int, seed: int,
     if transform is not None:
         ds = ds.map(transform)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if by_rows:
+        # Global batch g is made of the consecutive sub-batches g n, ..., g n + n - 1; this shard
+        # takes the i-th of each (lazily: the other rows are never made here).
+        if drop_remainder:
+            ds = ds[:len(ds) - len(ds) % shard_count]
+        ds = ds[shard_index::shard_count]
     num_batches = None
     if num_epochs is not None:
-        total = per_epoch * num_epochs
-        num_batches = total // batch_size if drop_remainder else -(-total // batch_size)
+        num_batches = len(ds)
     iter_ds = ds.to_iter_dataset()
     if worker_count > 0:
+        _absl_flags_parsed()
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return Loader(iter_ds, num_batches)
