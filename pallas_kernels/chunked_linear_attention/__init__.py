@@ -22,6 +22,7 @@ __all__ = ["chunked_linear_attention"]
 _OP = "chunked_linear_attention"
 
 
+@_dispatch.sequence_parallel_op(_OP)
 def chunked_linear_attention(q, k, v, *, log_gate=None, initial_state=None, scale=None,
                              segment_ids=None, chunk_size=None, implementation: str = "auto"):
     """Causal linear attention with an optional data-dependent decay, over [B, T, H, dim].
