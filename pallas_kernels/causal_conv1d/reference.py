@@ -26,7 +26,7 @@ def conv_step(x_t, state, weight, bias, activation):
     window = jnp.concatenate([state, x_t.astype(acc)[:, None, :]], axis=1)
     y = jnp.sum(window * weight.astype(acc)[None], axis=1)
     if bias is not None:
-        y = y + bias.astype(acc)
+        y = y + bias.astype(acc)[None, :]
     return apply_activation(y, activation), window[:, 1:]
 
 

@@ -37,12 +37,12 @@ def causal_conv1d_forward(x, weight, bias, state, back, *, activation, out_dtype
     w = weight.astype(acc)
     y = None
     for i in range(width):
-        tap = ext[:, i:i + length] * w[i]
+        tap = ext[:, i:i + length] * w[i][None, None, :]
         if back is not None and i < width - 1:
             tap = jnp.where((back >= width - 1 - i)[..., None], tap, jnp.zeros_like(tap))
         y = tap if y is None else y + tap
     if bias is not None:
-        y = y + bias.astype(acc)
+        y = y + bias.astype(acc)[None, None, :]
     return apply_activation(y, activation).astype(out_dtype)
 
 

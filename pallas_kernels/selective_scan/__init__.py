@@ -125,7 +125,7 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
 
     dt = delta.astype(acc)
     if delta_bias is not None:
-        dt = dt + delta_bias.astype(acc)
+        dt = dt + delta_bias.astype(acc)[None, None, :]
     if delta_softplus:
         dt = jax.nn.softplus(dt)
     uf = u.astype(acc)
@@ -136,7 +136,7 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
     else:
         y, h_final = _scan(*args, implementation)
     if D is not None:
-        y = y + D.astype(acc) * uf
+        y = y + D.astype(acc)[None, None, :] * uf
     if z is not None:
         y = y * jax.nn.silu(z.astype(acc))
     return y.astype(out_dtype), h_final

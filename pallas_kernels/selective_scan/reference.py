@@ -27,7 +27,7 @@ def selective_scan_reference(dt, u, b, c, a, h0, keep):
     def step(h, inputs):
         dt_t, u_t, b_t, c_t, keep_t = inputs  # [B, C], [B, C], [B, G, N], [B, G, N], [B]
         dt_g = grouped(dt_t, groups)[..., None]  # [B, G, C/G, 1]
-        decay = jnp.exp(dt_g * a_g) * keep_t[:, None, None, None]
+        decay = jnp.exp(dt_g * a_g[None]) * keep_t[:, None, None, None]
         h = decay * h + dt_g * grouped(u_t, groups)[..., None] * b_t[:, :, None, :]
         y = jnp.sum(h * c_t[:, :, None, :], axis=-1)
         return h, y.reshape(batch, channels)

@@ -112,7 +112,7 @@ def _state_contract(x, b, groups):
 
 def _decay(dt_t, a_t, keep_t):
     """dt_t [B, C]; a_t [N, C] (A transposed); keep_t [B] -> [B, N, C]."""
-    return jnp.exp(dt_t[:, None, :] * a_t) * keep_t[:, None, None]
+    return jnp.exp(dt_t[:, None, :] * a_t[None]) * keep_t[:, None, None]
 
 
 def _block_forward(h, a_t, dt, u, b, c, keep, *, save_prev: bool):
@@ -191,7 +191,7 @@ def selective_scan_backward(dt, u, b, c, a, keep, saved, dy, dh_final):
         h_prev = _rows(prevs_seg, j * UNROLL, UNROLL)  # [B, U, N, C]
         # Only g's recurrence is sequential; everything else is one vectorised pass over the
         # block's [B, U, N, C] (measured 3x faster than per-step reductions).
-        decay = (jnp.exp(dt_r[:, :, None, :] * a_t) * keep_r[:, :, None, None])
+        decay = jnp.exp(dt_r[:, :, None, :] * a_t[None, None]) * keep_r[:, :, None, None]
         b_full = _block_over_channels(b_r, channels)  # [B, U, N, C] or [B, U, N, 1]
         c_full = _block_over_channels(c_r, channels)
         dyc = dy_r[:, :, None, :] * c_full
@@ -205,7 +205,7 @@ def selective_scan_backward(dt, u, b, c, a, keep, saved, dy, dh_final):
         h = decay * h_prev + du_in[:, :, None, :] * b_full
         gb = _state_contract(gs, b_r, groups)  # [B, U, C]
         decayed = gs * decay * h_prev
-        ddt = _put(ddt, jnp.sum(decayed * a_t, axis=2) + u_r * gb, t)
+        ddt = _put(ddt, jnp.sum(decayed * a_t[None, None], axis=2) + u_r * gb, t)
         du = _put(du, dt_r * gb, t)
         db = _put(db, _group_contract(gs, du_in, groups), t)
         dc = _put(dc, _group_contract(h, dy_r, groups), t)
