@@ -26,9 +26,9 @@ from train import mesh as mesh_lib
 # decaying them towards 0 would shorten every memory, and they want smaller learning rates.
 PARAM_GROUPS: dict[str, tuple[str, ...]] = {
     "ssm_dynamics": ("log_dt", "log_step", "dt", "A", "log_A", "Lambda", "log_neg_a_real",
-                     "a_imag", "log_neg_lambda_real", "lambda_imag"),
+                     "a_imag", "log_neg_lambda_real", "lambda_imag", "A_log", "dt_bias"),
 }
-NO_DECAY_LEAVES = ("bias", "scale")          # biases and norm scales
+NO_DECAY_LEAVES = ("bias", "scale", "D_skip")  # biases, norm scales, Mamba's D
 EMBEDDING_LEAVES = ("embed",)                # decayed unless optim.decay_embeddings is false
 
 
