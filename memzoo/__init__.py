@@ -7,10 +7,10 @@ from memzoo import attention, layers, ssm
 from memzoo.attention import Attention, KVCache
 from memzoo.registry import (MIXERS, SequenceMixer, UnknownMixerError, accepts_keyword,
                               build_mixer, register_mixer)
-from memzoo.ssm import (S4D, S5, HippoRNN, HippoRNNCache, S4DBlock, S5Block, SSMBlock,
-                        SSMCache)
+from memzoo.ssm import (S4D, S5, HippoRNN, HippoRNNCache, Mamba, Mamba2, MambaCache, S4DBlock,
+                        S5Block, SSMBlock, SSMCache)
 
 __all__ = ["MIXERS", "register_mixer", "build_mixer", "SequenceMixer", "UnknownMixerError",
            "accepts_keyword",
            "attention", "Attention", "KVCache", "layers", "ssm", "HippoRNN", "HippoRNNCache", "S4D", "S4DBlock", "S5", "S5Block",
-           "SSMBlock", "SSMCache"]
+           "SSMBlock", "SSMCache", "Mamba", "Mamba2", "MambaCache"]
