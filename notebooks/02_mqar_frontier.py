@@ -51,7 +51,7 @@ QUICK = os.environ.get("MEMZOO_NOTEBOOK_QUICK", "0") == "1"
 # The families to compare, in plotting order; those not registered in this memzoo are skipped.
 WANTED = ["attention", "s4d", "s5", "mamba", "mamba2", "linear_attention", "retnet", "gla",
           "deltanet", "gated_deltanet", "mom"]
-MAX_MIXERS = 3 if QUICK else None       # quick mode: the first three available
+MAX_MIXERS = 2 if QUICK else None       # quick mode: the first two available
 D_MODELS = [16] if QUICK else [32, 64]   # model widths: each mixer's points on the frontier
 NUM_LAYERS = 1 if QUICK else 2
 STATE_SIZE = 16                          # SSM state per channel, for families that take it
