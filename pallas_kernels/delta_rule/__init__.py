@@ -16,10 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _dispatch, _validation
+from pallas_kernels.delta_rule import pallas as _pallas
 from pallas_kernels.delta_rule import reference as _reference
 from pallas_kernels.delta_rule import xla as _xla
+from pallas_kernels.delta_rule.pallas import BlockSizes
 
-__all__ = ["delta_rule", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["delta_rule", "BlockSizes", "DEFAULT_CHUNK_SIZE"]
 
 _OP = "delta_rule"
 
@@ -134,7 +136,7 @@ def _forward(args, scale, chunk_size, gated, segmented, implementation):
         _OP, implementation, *args,
         reference=functools.partial(_xla.delta_rule_forward, **static),
         xla=functools.partial(_xla.delta_rule_forward, **static),
-        pallas=None)
+        pallas=functools.partial(_pallas.delta_rule_forward, **static))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
@@ -157,9 +159,11 @@ def _delta_bwd(scale, chunk_size, gated, segmented, implementation, residuals, c
     do, dfinal = cotangents
     static = _static(scale, chunk_size, gated, segmented)
     xla_bwd = functools.partial(_xla.delta_rule_backward, **static)
+    # The Pallas path's backward is the XLA one (no backward kernel yet): it takes the chunk
+    # states the forward kernel wrote.
     grads = _dispatch.dispatch(
         _OP, implementation, *args, states, do, dfinal,
-        reference=xla_bwd, xla=xla_bwd, pallas=None)
+        reference=xla_bwd, xla=xla_bwd, pallas=lambda *a, target, interpret: xla_bwd(*a))
     return tuple(grads) + (jnp.zeros_like(args[6]),)
 
 

@@ -87,7 +87,8 @@ def unit_lower_inverse(a, base: int = 8):
     rows = [jnp.broadcast_to(eye[0], blk.shape[:-1])]
     for r in range(1, b):
         prev = jnp.stack(rows, -2)                                        # [..., nb, r, b]
-        rows.append(eye[r] - jnp.einsum("...j,...jk->...k", blk[..., r, :r], prev))
+        rows.append(jnp.broadcast_to(eye[r], blk.shape[:-1])
+                    - jnp.einsum("...j,...jk->...k", blk[..., r, :r], prev))
     d = jnp.stack(rows, -2)
     s = b
     while s < size:
@@ -114,8 +115,8 @@ class _Chunked:
         self.beta = _to_chunks(beta[..., None], chunk, acc)[..., 0]   # [B,H,N,C]
         c = chunk
         idx = jnp.arange(c)
-        incl = idx[:, None] >= idx[None, :]
-        strict = idx[:, None] > idx[None, :]
+        incl = (idx[:, None] >= idx[None, :])[None, None, None]              # [1,1,1,C,C]
+        strict = (idx[:, None] > idx[None, :])[None, None, None]
         if segmented:
             counts = _chunk_resets(reset, chunk, q.shape[2], acc)            # [B,1,N,C]
             same = counts[..., :, None] == counts[..., None, :]
@@ -123,7 +124,7 @@ class _Chunked:
             self.first = counts == 0                                          # sees S
             self.last = counts == counts[..., -1:]                            # reaches S'
         else:
-            self.incl = jnp.broadcast_to(incl, (1, 1, 1, c, c))
+            self.incl = incl
             self.first = None
             self.last = None
         self.strict = self.incl & strict
@@ -290,12 +291,15 @@ def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scal
     dbeta = dbeta + jnp.sum(dvb * ch.v, axis=-1)
     if gated:
         # dG from every factor exp(G_i - G_j) and exp(G_i): rows gain, columns lose.
+        # The diagonal of Gam (exp(0)) and the last token's exp(G_last - G_last) are constants:
+        # leaving them out avoids float32 cancellation of O(1) terms in tiny gate gradients.
         ra = da * ch.a
-        rp = dp * ch.p
+        rp = jnp.where(ch.strict, dp * ch.p, 0.0)
         dG = (jnp.sum(ra, -1) - jnp.sum(ra, -2) + jnp.sum(rp, -1) - jnp.sum(rp, -2))
         dG = dG + jnp.sum(dqg * ch.qg, -1)                         # gamma_i in Qg
         dG = dG + bg * dkb_k                                       # gamma_j in Kb
         rk = jnp.sum(dkd * ch.kd, -1)                              # exp(G_last - G_j) in Kd
+        rk = jnp.where(jnp.arange(ch.chunk) < ch.chunk - 1, rk, 0.0)
         dG = dG - rk
         dgl = jnp.sum(states * ds_next, axis=(-2, -1)) * ch.gl     # gamma_last S
         dG = dG.at[..., -1].add(jnp.sum(rk, -1) + dgl)

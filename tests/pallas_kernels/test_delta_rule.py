@@ -1,4 +1,6 @@
 """The kernel contract for `delta_rule` (WORKSPACE.md, "What every op's tests show")."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,34 +8,302 @@ import pytest
 
 from pallas_kernels import _testing as kt
 from pallas_kernels import delta_rule
+from pallas_kernels.delta_rule import pallas as drp
 
 pytestmark = pytest.mark.kernel
 
+F32_TOL = 1e-5
+BF16_TOL = 1e-2
+
+
+def make_inputs(key, shape, dtype=jnp.float32, *, gated=True, segments=False, beta=(0.0, 1.0),
+                gate=(0.0, 0.5), initial=True):
+    """L2-normalised keys (as modules feed them); beta ~ U(beta); log gates ~ -U(gate)."""
+    batch, length, heads, key_dim, value_dim = shape
+    ks = jax.random.split(key, 8)
+    q = jax.random.normal(ks[0], (batch, length, heads, key_dim))
+    k = jax.random.normal(ks[1], (batch, length, heads, key_dim))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    v = jax.random.normal(ks[2], (batch, length, heads, value_dim))
+    b = jax.random.uniform(ks[3], (batch, length, heads), minval=beta[0], maxval=beta[1])
+    g = -jax.random.uniform(ks[4], (batch, length, heads), minval=gate[0], maxval=gate[1]) \
+        if gated else None
+    h0 = jax.random.normal(ks[5], (batch, heads, key_dim, value_dim)) if initial else None
+    seg = (jnp.cumsum(jax.random.bernoulli(ks[6], 0.1, (batch, length)), axis=1).astype(jnp.int32)
+           if segments else None)
+    return dict(q=q.astype(dtype), k=k.astype(dtype), v=v.astype(dtype), beta=b, log_gate=g,
+                initial_state=h0, segment_ids=seg)
+
+
+def _split(inputs):
+    names = [n for n in ("q", "k", "v", "beta", "log_gate", "initial_state")
+             if inputs[n] is not None]
+    return names, [inputs[n] for n in names]
+
+
+def forward_and_grads(implementation, chunk_size, names, seg, weights, *arrays):
+    def call(*xs):
+        return delta_rule(**dict(zip(names, xs)), segment_ids=seg, chunk_size=chunk_size,
+                          implementation=implementation)
+
+    def loss(*xs):
+        o, final = call(*xs)
+        return (jnp.sum(o.astype(weights[0].dtype) * weights[0])
+                + jnp.sum(final.astype(weights[1].dtype) * weights[1]))
+
+    return call(*arrays), jax.grad(loss, argnums=tuple(range(len(arrays))))(*arrays)
+
+
+def _close_per_row(x, ref, tol, what):
+    """Relative RMSE per batch row: a badly conditioned row cannot hide behind a large one."""
+    for b in range(ref.shape[0]):
+        kt.assert_close(x[b], ref[b], tol, f"{what}[batch {b}]")
+
+
+def check_against_reference(implementation, inputs, *, chunk_size, seed, ctx=None, tol=None):
+    names, arrays = _split(inputs)
+    names = tuple(names)
+    q, v = inputs["q"], inputs["v"]
+    key = jax.random.PRNGKey(seed)
+    weights = (jax.random.normal(key, v.shape),
+               jax.random.normal(jax.random.fold_in(key, 1), (q.shape[0], q.shape[2], q.shape[3], v.shape[3])))
+    seg = inputs["segment_ids"]
+    run = lambda impl: jax.jit(functools.partial(forward_and_grads, impl, chunk_size, names))
+    ref_out, ref_grads = kt.float64_run(run("reference"), seg, weights, *arrays)
+    with (ctx or kt.IMPLEMENTATION_RUNNERS["xla"][0]()):
+        out, grads = run(implementation)(seg, weights, *arrays)
+    if tol is None:
+        tol = BF16_TOL if q.dtype == jnp.bfloat16 else F32_TOL
+    assert out[0].dtype == q.dtype and out[0].shape == v.shape
+    assert out[1].dtype == jnp.float32
+    _close_per_row(out[0], ref_out[0], tol, "o")
+    _close_per_row(out[1], ref_out[1], tol, "final_state")
+    for name, g, r in zip(names, grads, ref_grads):
+        assert g.shape == inputs[name].shape
+        _close_per_row(g, r, tol, f"d{name}")
+
+
+XLA_CASES = {
+    # name: (shape B T H K V, dtype, chunk, make_inputs options)
+    "gated-segments-T37-chunk16": ((2, 37, 2, 8, 6), jnp.float32, 16, dict(segments=True)),
+    "plain-T37-chunk16": ((2, 37, 2, 8, 6), jnp.float32, 16, dict(gated=False)),
+    "plain-segments-T50-chunk8": ((1, 50, 2, 8, 8), jnp.float32, 8, dict(gated=False, segments=True)),
+    "T1-decode": ((2, 1, 2, 8, 8), jnp.float32, None, {}),
+    "T5-recurrent-segments": ((1, 5, 1, 4, 4), jnp.float32, None, dict(segments=True)),
+    "T100-default-chunk": ((1, 100, 2, 16, 16), jnp.float32, None, {}),
+    "no-initial-state": ((1, 33, 1, 8, 8), jnp.float32, 16, dict(initial=False, segments=True)),
+    "bf16": ((2, 40, 2, 8, 8), jnp.bfloat16, 16, dict(segments=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(XLA_CASES))
+def test_xla_matches_float64_reference(case):
+    shape, dtype, chunk, options = XLA_CASES[case]
+    inputs = make_inputs(jax.random.PRNGKey(len(case)), shape, dtype, **options)
+    check_against_reference("xla", inputs, chunk_size=chunk, seed=3)
+
+
+# One batch row per extreme, compared row by row (one compilation for all of them).
+EXTREMES = {
+    "beta near 0": dict(beta=(0.0, 1e-3)),
+    "beta near 1": dict(beta=(0.99, 1.0)),
+    "beta in [1, 2] (negative eigenvalues)": dict(beta=(1.0, 2.0)),
+    "gate near 1": dict(gate=(0.0, 1e-4)),
+    "gate near 0": dict(gate=(5.0, 30.0)),
+}
+
+
+def test_xla_extremes_of_beta_and_gate():
+    rows = [make_inputs(jax.random.PRNGKey(i), (1, 40, 2, 8, 8), **options)
+            for i, options in enumerate(EXTREMES.values())]
+    inputs = {n: (None if rows[0][n] is None else jnp.concatenate([r[n] for r in rows]))
+              for n in rows[0]}
+    check_against_reference("xla", inputs, chunk_size=16, seed=4)
+
 
 def test_reference_matches_naive_numpy_loop():
-    key = jax.random.PRNGKey(0)
-    ks = jax.random.split(key, 6)
-    b_, t_, h_, kd, vd = 2, 9, 3, 4, 5
-    q = np.asarray(jax.random.normal(ks[0], (b_, t_, h_, kd)), np.float64)
-    k = np.asarray(jax.random.normal(ks[1], (b_, t_, h_, kd)), np.float64)
-    v = np.asarray(jax.random.normal(ks[2], (b_, t_, h_, vd)), np.float64)
-    beta = np.asarray(jax.random.uniform(ks[3], (b_, t_, h_)), np.float64)
-    g = -np.asarray(jax.random.uniform(ks[4], (b_, t_, h_)), np.float64)
-    s0 = np.asarray(jax.random.normal(ks[5], (b_, h_, kd, vd)), np.float64)
-    seg = np.array([[0, 0, 0, 1, 1, 1, 1, 2, 2]] * b_, np.int32)
-    o, s = kt.float64_run(lambda *a: delta_rule(*a[:4], log_gate=a[4], initial_state=a[5],
-                                                segment_ids=seg, implementation="reference"),
-                          q, k, v, beta, g, s0)
-    want = np.zeros((b_, t_, h_, vd))
+    inputs = make_inputs(jax.random.PRNGKey(0), (2, 9, 3, 4, 5), beta=(0.0, 2.0))
+    seg = np.array([[0, 0, 0, 1, 1, 1, 1, 2, 2]] * 2, np.int32)
+    names, arrays = _split(inputs)
+    o, s = kt.float64_run(jax.jit(lambda *a: delta_rule(**dict(zip(names, a)), segment_ids=seg,
+                                                        implementation="reference")), *arrays)
+    q, k, v, beta, g, s0 = (np.asarray(x, np.float64) for x in arrays)
+    want = np.zeros(v.shape)
     state = s0.copy()
-    for t in range(t_):
-        for b in range(b_):
-            for h in range(h_):
+    for t in range(q.shape[1]):
+        for b in range(q.shape[0]):
+            for h in range(q.shape[2]):
                 if t > 0 and seg[b, t] != seg[b, t - 1]:
                     state[b, h] = 0
                 st = np.exp(g[b, t, h]) * state[b, h]
                 st = st + beta[b, t, h] * np.outer(k[b, t, h], v[b, t, h] - st.T @ k[b, t, h])
                 state[b, h] = st
-                want[b, t, h] = kd ** -0.5 * st.T @ q[b, t, h]
+                want[b, t, h] = q.shape[3] ** -0.5 * st.T @ q[b, t, h]
     kt.assert_close(o, want, 1e-12, "o")
     kt.assert_close(s, state, 1e-12, "final_state")
+
+
+PALLAS_CASES = {
+    "gated-segments-T37-chunk16": ((1, 37, 2, 8, 6), 16, dict(segments=True)),
+    "plain-T5-one-padded-chunk": ((1, 5, 1, 4, 4), 64, dict(gated=False)),
+}
+
+
+@pytest.mark.parametrize("runner", ["pallas_gpu_interpret", "pallas_tpu_generic_interpret",
+                                    "pallas_tpu_interpret"])
+@pytest.mark.parametrize("case", list(PALLAS_CASES))
+def test_pallas_matches_float64_reference(runner, case, monkeypatch):
+    ctx, implementation = kt.IMPLEMENTATION_RUNNERS[runner]
+    # Narrow value blocks so the tiny test shapes still span several programs.
+    monkeypatch.setattr(drp.BlockSizes, "get_default", classmethod(lambda cls, t: cls(block_v=4)))
+    shape, chunk, options = PALLAS_CASES[case]
+    inputs = make_inputs(jax.random.PRNGKey(1), shape, **options)
+    check_against_reference(implementation, inputs, chunk_size=chunk, seed=5, ctx=ctx())
+
+
+def test_long_sequence_stays_finite_and_accurate():
+    """T = 16384 through the XLA path: no overflow from the gates, no drift from the chunks."""
+    inputs = make_inputs(jax.random.PRNGKey(2), (1, 16384, 1, 16, 16), gate=(0.0, 0.05),
+                         beta=(0.0, 1.5))
+    names, arrays = _split(inputs)
+    f = lambda impl: (lambda *a: delta_rule(**dict(zip(names, a)), implementation=impl))
+    ref = kt.float64_run(f("reference"), *arrays)
+    out = jax.jit(f("xla"))(*arrays)
+    kt.assert_tree_close(out, ref, F32_TOL, "T=16384")
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(f("xla")(*a)[0] ** 2),
+                             argnums=tuple(range(len(arrays)))))(*arrays)
+    for name, g in zip(names, grads):
+        assert np.all(np.isfinite(np.asarray(g))), f"d{name} not finite at T=16384"
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_step_by_step_and_split_carry_equal_whole(implementation):
+    inputs = make_inputs(jax.random.PRNGKey(11), (2, 24, 2, 8, 8))
+    names, arrays = _split(inputs)
+    ctx = kt.IMPLEMENTATION_RUNNERS["pallas_gpu_interpret" if implementation == "pallas" else "xla"][0]
+    kw = dict(chunk_size=16, implementation=implementation)
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def run(lo, hi, state):
+        xs = {n: x[:, lo:hi] for n, x in zip(names, arrays) if n != "initial_state"}
+        return delta_rule(**xs, initial_state=state, **kw)
+
+    h0 = inputs["initial_state"]
+    with ctx():
+        whole, final = run(0, 24, h0)
+        if implementation == "xla":   # the interpreter is slow: step by step on the XLA path
+            state, steps = h0, []
+            step = jax.jit(lambda xs, state: delta_rule(**xs, initial_state=state, **kw))
+            for t in range(24):
+                y, state = step({n: x[:, t:t + 1] for n, x in zip(names, arrays)
+                                 if n != "initial_state"}, state)
+                steps.append(y)
+            kt.assert_close(jnp.concatenate(steps, 1), whole, 1e-5, "step-by-step")
+            kt.assert_close(state, final, 1e-5, "step-by-step final state")
+        first, carry = run(0, 9, h0)
+        second, final_split = run(9, 24, carry)
+    kt.assert_close(jnp.concatenate([first, second], 1), whole, 1e-5, "split-and-carry")
+    kt.assert_close(final_split, final, 1e-5, "split-and-carry final state")
+
+
+def test_segment_ids_equal_separate_documents():
+    inputs = make_inputs(jax.random.PRNGKey(5), (1, 30, 2, 8, 8), initial=False)
+    names, arrays = _split(inputs)
+    xs = dict(zip(names, arrays))
+    seg = jnp.array([[0] * 7 + [1] * 15 + [2] * 8], jnp.int32)
+    op = jax.jit(functools.partial(delta_rule, chunk_size=8, implementation="xla"))
+    packed, _ = op(**xs, segment_ids=seg)
+    separate = jnp.concatenate(
+        [op(**{n: x[:, s:e] for n, x in xs.items()})[0] for s, e in [(0, 7), (7, 22), (22, 30)]],
+        axis=1)
+    kt.assert_close(packed, separate, 1e-6, "packed vs separate")
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_lowers_for_accelerators(platform):
+    """"auto" picks the forward kernel for the lowering platform. The backward is the XLA one
+    (no backward kernel yet), so fwd+bwd carries exactly the forward's custom call."""
+    inputs = make_inputs(jax.random.PRNGKey(0), (2, 256, 2, 64, 128), jnp.bfloat16,
+                         segments=True)
+    names, arrays = _split(inputs)
+    seg = inputs["segment_ids"]
+
+    def fwd(*xs):
+        return delta_rule(**dict(zip(names, xs)), segment_ids=seg)
+
+    def fwd_bwd(*xs):
+        return jax.grad(lambda *a: jnp.sum(fwd(*a)[0].astype(jnp.float32)),
+                        argnums=tuple(range(len(xs))))(*xs)
+
+    kt.assert_lowers_to(fwd, *arrays, platform=platform, count=1)
+    kt.assert_lowers_to(fwd_bwd, *arrays, platform=platform, count=1)
+
+
+def test_auto_on_cpu_uses_no_custom_call():
+    inputs = make_inputs(jax.random.PRNGKey(0), (1, 16, 1, 8, 8))
+    names, arrays = _split(inputs)
+    text = kt.lower_for(lambda *x: delta_rule(**dict(zip(names, x))), *arrays, platform="cpu")
+    assert not kt.custom_calls(text)
+
+
+def test_vmap_jit_grad_compose():
+    a = make_inputs(jax.random.PRNGKey(4), (2, 20, 2, 8, 8))
+    b = make_inputs(jax.random.PRNGKey(6), (2, 20, 2, 8, 8))
+    names, xa = _split(a)
+    _, xb = _split(b)
+    stacked = [jnp.stack([x, y]) for x, y in zip(xa, xb)]
+    f = lambda impl: (lambda *xs: delta_rule(**dict(zip(names, xs)), chunk_size=8,
+                                             implementation=impl)[0])
+    got = jax.jit(jax.vmap(f("xla")))(*stacked)
+    kt.assert_close(got[1], f("reference")(*xb), F32_TOL, "vmap")
+    loss = lambda impl: (lambda *xs: jnp.sum(f(impl)(*xs) ** 2))
+    g = jax.jit(jax.vmap(jax.grad(loss("xla"), argnums=(0, 1, 2, 3, 4))))(*stacked)
+    g_ref = jax.grad(loss("reference"), argnums=(0, 1, 2, 3, 4))(*xb)
+    kt.assert_tree_close(tuple(x[1] for x in g), g_ref, F32_TOL, "vmap(grad)")
+
+
+def test_grad_of_grad_through_custom_vjp():
+    inputs = make_inputs(jax.random.PRNGKey(7), (1, 12, 1, 4, 4))
+    names, arrays = _split(inputs)
+
+    def hv(impl):
+        inner = lambda v: jnp.sum(jax.grad(lambda v_: jnp.sum(delta_rule(
+            **dict(zip(names, arrays)) | {"v": v_}, chunk_size=4, implementation=impl)[0] ** 2))(v) ** 2)
+        return jax.grad(inner)(arrays[2])
+
+    kt.assert_close(hv("xla"), hv("reference"), 1e-4, "grad of grad")
+
+
+def _good(**over):
+    x = dict(q=np.ones((2, 5, 3, 4), np.float32), k=np.ones((2, 5, 3, 4), np.float32),
+             v=np.ones((2, 5, 3, 6), np.float32), beta=np.ones((2, 5, 3), np.float32))
+    x.update(over)
+    return x
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (_good(q=np.ones((2, 5, 3), np.float32)), "`q` must have rank 4"),
+    (_good(k=np.ones((2, 5, 3, 5), np.float32)), "`k` must have shape"),
+    (_good(v=np.ones((2, 4, 3, 6), np.float32)), "`v` must have shape"),
+    (_good(q=np.ones((2, 5, 3, 4), np.int32)), "`q` must have a floating"),
+    (_good(beta=np.ones((2, 5), np.float32)), "`beta` must have rank 3"),
+    (_good(beta=np.ones((2, 5, 2), np.float32)), "`beta` must have shape"),
+    (_good(log_gate=np.ones((2, 5, 3, 4), np.float32)), "`log_gate` must have rank 3"),
+    (_good(log_gate=np.ones((2, 4, 3), np.float32)), "`log_gate` must have shape"),
+    (_good(initial_state=np.ones((2, 3, 4, 5), np.float32)), "`initial_state` must have shape"),
+    (_good(segment_ids=np.ones((2, 5), np.float32)), "`segment_ids` must be an integer"),
+    (_good(segment_ids=np.ones((2, 4), np.int32)), "`segment_ids` must have shape"),
+    (_good(scale="big"), "`scale` must be a Python float"),
+    (_good(chunk_size=0), "`chunk_size` must be a positive int"),
+    (_good(implementation="triton"), "implementation must be one of"),
+])
+def test_bad_input_raises_clear_value_error(kwargs, message):
+    arrays = {n: kwargs.pop(n) for n in ("q", "k", "v", "beta")}
+    with pytest.raises(ValueError, match=message):
+        jax.jit(lambda q, k, v, beta: delta_rule(q, k, v, beta, **kwargs))(**arrays)
+
+
+def test_pallas_chunk_must_suit_the_hardware():
+    with pytest.raises(ValueError, match="chunk_size"):
+        drp.pallas_chunk(100, 24, "cuda")
+    assert drp.pallas_chunk(5, 64, "tpu") == 8 and drp.pallas_chunk(5, 64, "cuda") == 16
