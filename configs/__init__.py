@@ -5,7 +5,7 @@ import importlib.util
 import os
 from typing import Callable, Sequence
 
-from configs import delayed_recall, mqar, mqar_long
+from configs import delayed_recall, induction_heads, mqar, mqar_long, selective_copying
 from configs.base import (CheckpointConfig, ConfigError, DataConfig, LoggingConfig, MeshConfig,
                           ModelConfig, OptimConfig, TrainConfig, from_dict, schema, short_keys)
 
@@ -31,6 +31,14 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     **{f"mqar_{name}": _variant(mqar.get_config, f"mqar_{name}", **{
         "model.mixer": name, "model.mixer_options": {"num_heads": 4, "head_dim": 16}})
        for name in ("linear_attention", "retnet", "gla", "deltanet", "gated_deltanet")},
+    # Mamba's synthetic tasks: Mamba, Mamba-2 and baselines at one width
+    **{f"{task.__name__.split('.')[-1]}_{name}": _variant(
+        task.get_config, f"{task.__name__.split('.')[-1]}_{name}",
+        **{"model.mixer": name, "model.mixer_options": options})
+       for task in (selective_copying, induction_heads)
+       for name, options in (("mamba", {"state_size": 16}),
+                             ("mamba2", {"state_size": 16, "head_dim": 16}),
+                             ("s4d", {"state_size": 16}), ("attention", {"num_heads": 4}))},
     # seconds, for tests and smoke checks
     "smoke": _variant(delayed_recall.get_config, "smoke", **{
         "model.d_model": 16, "model.num_layers": 1, "model.mixer_options": {"state_size": 8},

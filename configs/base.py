@@ -66,11 +66,15 @@ class DataConfig:
     data_dir: str | None = None
     loader: str = "auto"             # auto/data: train.data; synthetic: in memory, rows by process
     eval_batches: int = 4
+    eval_seq_len: int = 0            # > 0: a second final eval at this length (extrapolation)
     task_options: dict = dataclasses.field(default_factory=lambda: {"vocab_size": 16,
                                                                     "delay": 4})
 
     def __post_init__(self):
         _positive("data", self, "batch_size", "seq_len", "eval_batches")
+        _check(isinstance(self.eval_seq_len, int) and not isinstance(self.eval_seq_len, bool)
+               and self.eval_seq_len >= 0, "data.eval_seq_len", "an integer >= 0 (0: off)",
+               self.eval_seq_len)
         _check(isinstance(self.task, str) and self.task != "", "data.task", "a task name",
                self.task)
         _check(self.loader in ("auto", "synthetic", "data"), "data.loader",

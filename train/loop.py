@@ -70,10 +70,10 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
         raise ValueError(f"data.batch_size {d.batch_size} does not split over "
                          f"{jax.process_count()} processes")
 
-    def loader(split: str):
+    def loader(split: str, seq_len: int = d.seq_len):
         return input_lib.build(
             d.task, loader=d.loader, split=split, batch_size=d.batch_size // jax.process_count(),
-            seq_len=d.seq_len, seed=config.seed, data_dir=d.data_dir,
+            seq_len=seq_len, seed=config.seed, data_dir=d.data_dir,
             shard_index=jax.process_index(), shard_count=jax.process_count(), **d.task_options)
 
     train_it, info = loader("train")
@@ -107,15 +107,27 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
     else:
         start_step, state = 0, trainer.init()
 
-    def evaluate(state) -> tuple[float, float]:
-        it, _ = loader("validation")
+    long_eval = []  # the eval step jitted for data.eval_seq_len, built on first use
+
+    def evaluate(state, seq_len: int | None = None) -> tuple[float, float]:
+        """Held-out loss and accuracy at the training length, or at `seq_len` (the same
+        generator's validation split at another length: length extrapolation)."""
+        it, _ = loader("validation", seq_len or d.seq_len)
         totals = np.zeros(3)
         for _ in range(d.eval_batches):
             try:
                 batch = next(it)
             except StopIteration:
                 break
-            r = jax.device_get(trainer.eval_step(state, trainer.shard_batch(batch)))
+            batch = trainer.shard_batch(batch)
+            if seq_len is None:
+                r = trainer.eval_step(state, batch)
+            else:
+                if not long_eval:
+                    long_eval.append(trainer.jitted_steps(batch)[1])
+                with jax.set_mesh(trainer.mesh):
+                    r = long_eval[0](state, batch)
+            r = jax.device_get(r)
             totals += [r["loss_sum"], r["correct"], r["count"]]
         count = max(totals[2], 1.0)
         return float(totals[0] / count), float(totals[1] / count)
@@ -198,6 +210,9 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
             ckpt.save(step, state, train_it.get_state(), meta, force=True)
         eval_loss, eval_acc = evaluate(state)   # overlaps the final checkpoint's write
         writers.write(step, {"loss": eval_loss, "accuracy": eval_acc}, prefix="eval")
+        if d.eval_seq_len:
+            long_loss, long_acc = evaluate(state, d.eval_seq_len)
+            writers.write(step, {"loss": long_loss, "accuracy": long_acc}, prefix="eval_long")
     finally:
         profiler.close()
         if ckpt is not None:
@@ -209,6 +224,11 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
     result = {"step": step, "preempted": False, "initial_eval_loss": initial_loss,
               "initial_eval_accuracy": initial_acc, "eval_loss": eval_loss,
               "eval_accuracy": eval_acc, "history": history}
+    if d.eval_seq_len:
+        say(f"eval at length {d.eval_seq_len} (trained at {d.seq_len}): loss {long_loss:.4f}  "
+            f"accuracy {long_acc:.3f}")
+        result.update(eval_seq_len=d.eval_seq_len, long_eval_loss=long_loss,
+                      long_eval_accuracy=long_acc)
     if history:
         last = history[-1]
         say("final: " + "  ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")
