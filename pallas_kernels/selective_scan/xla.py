@@ -110,6 +110,13 @@ def _state_contract(x, b, groups):
     return jnp.einsum('bungk,bugn->bugk', x, b).reshape(batch, rows, channels)
 
 
+def _transposed(a):
+    """A^T [N, C] as its own buffer. Left to XLA, the transpose became a layout change fused
+    into the loops, and under jit(vmap(...)) the CPU compiler then read A in the wrong order
+    (wrong results, jax 0.10.2; tests/pallas_kernels/test_selective_scan.py vmap test)."""
+    return jax.lax.optimization_barrier(a.T)
+
+
 def _decay(dt_t, a_t, keep_t):
     """dt_t [B, C]; a_t [N, C] (A transposed); keep_t [B] -> [B, N, C]."""
     return jnp.exp(dt_t[:, None, :] * a_t[None]) * keep_t[:, None, None]
@@ -145,7 +152,7 @@ def selective_scan_forward(dt, u, b, c, a, h0, keep, *, save_states: bool = Fals
     seg = segment_length(b.shape[3])
     n_seg = -(-length // seg)
     dt, u, b, c, keep = _prepare(dt, u, b, c, keep, n_seg * seg)
-    a_t = a.T
+    a_t = _transposed(a)
     h = jnp.swapaxes(h0, 1, 2)
     y = jnp.zeros(u.shape, u.dtype)
     saved = jnp.zeros((h.shape[0], n_seg) + h.shape[1:], h.dtype) if save_states else None
@@ -181,7 +188,7 @@ def selective_scan_backward(dt, u, b, c, a, keep, saved, dy, dh_final):
     total = n_seg * seg
     dt, u, b, c, keep = _prepare(dt, u, b, c, keep, total)
     dy = _pad_time(dy, total)
-    a_t = a.T
+    a_t = _transposed(a)
     per_seg = seg // UNROLL
 
     def backward_block(j, carry, t0):
