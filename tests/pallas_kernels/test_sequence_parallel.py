@@ -19,6 +19,10 @@ sp = importlib.import_module("pallas_kernels.sequence_parallel")
 
 B, T, H, K, V = 2, 16, 2, 3, 4
 TOL = 1e-5
+# The attention-like ops run their XLA (chunked) path: sequence parallelism is the same code for
+# every implementation, and "auto" would also trace the Pallas branches of platform_dependent
+# (a minute of CI for nothing new); linear_scan's tests and the training test keep "auto".
+IMPL = "xla"
 
 
 def _mesh(sequence=4):
@@ -27,10 +31,13 @@ def _mesh(sequence=4):
                          axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:8])
 
 
-def _segments():
-    # row 0: one segment runs through the shard boundaries at 4 and 12, one restarts at 6, and
-    # one starts exactly at the boundary 8; row 1: a restart at the boundary 4 only.
-    return jnp.asarray([[0] * 6 + [1] * 2 + [2] * 8, [0] * 4 + [1] * 12], jnp.int32)
+def _segments(length=T):
+    # For 4 shards of length / 4 (in units u = length / 16): row 0: a segment runs through the
+    # shard boundaries at 4u and 12u, one restarts inside a shard at 6u, one starts exactly at
+    # the boundary 8u; row 1: a restart at the boundary 4u only.
+    u = length // 16
+    rows = [np.repeat([0, 1, 2], [6 * u, 2 * u, 8 * u]), np.repeat([0, 1], [4 * u, 12 * u])]
+    return jnp.asarray(np.stack(rows), jnp.int32)
 
 
 def _loss_and_grads(fn, args, wrt):
@@ -94,7 +101,8 @@ def test_chunked_linear_attention(gate):
 
     def fn(q, k, v, s0, g):
         return pk.chunked_linear_attention(q, k, v, log_gate=g, initial_state=s0,
-                                           segment_ids=seg, chunk_size=2)
+                                           segment_ids=seg, chunk_size=2,
+                                           implementation=IMPL)
     wrt = (0, 1, 2, 3) + ((4,) if gate else ())
     _check_split_equals_whole(fn, (q, k, v, s0, g), wrt, "chunked_linear_attention")
 
@@ -112,7 +120,7 @@ def test_delta_rule(gated):
 
     def fn(q, k, v, beta, s0, g):
         return pk.delta_rule(q, k, v, beta, log_gate=g, initial_state=s0, segment_ids=seg,
-                             chunk_size=2)
+                             chunk_size=2, implementation=IMPL)
     wrt = (0, 1, 2, 3, 4) + ((5,) if gated else ())
     _check_split_equals_whole(fn, (q, k, v, beta, s0, g), wrt, "delta_rule")
 
