@@ -25,6 +25,7 @@ recomputing its intra-chunk matrices.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -238,6 +239,17 @@ def forward(q, k, v, g, h0, runs, *, chunk_size=None):
     return o, final
 
 
+def _broadcasting(fn):
+    """The chunked form broadcasts masks and per-chunk scalars by rank on purpose (the test
+    suite raises on implicit rank promotion elsewhere)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.numpy_rank_promotion("allow"):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+@_broadcasting
 def forward_with_states(q, k, v, g, h0, runs, *, chunk_size=None):
     length = q.shape[1]
     qc, kc, vc, gc, masks, sub = _prepare(q, k, v, g, runs, chunk_size)
@@ -248,6 +260,7 @@ def forward_with_states(q, k, v, g, h0, runs, *, chunk_size=None):
     return from_chunks(o, length).astype(v.dtype), final, starts
 
 
+@_broadcasting
 def backward(q, k, v, g, h0, runs, starts, do, dfinal, *, chunk_size=None):
     """Cotangents (dq, dk, dv, dg, dh0) of `forward`, given its per-chunk start states."""
     length = q.shape[1]

@@ -1,0 +1,237 @@
+"""The kernel contract for `chunked_linear_attention` (WORKSPACE.md, "What every op's tests show")."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import chunked_linear_attention
+from pallas_kernels import _testing as kt
+
+pytestmark = pytest.mark.kernel
+
+F32_TOL = 1e-5
+BF16_TOL = 1e-2
+GATES = [None, "scalar", "vector"]
+
+
+def make_inputs(key, shape, gate, *, dtype=jnp.float32, segments=False, initial=True,
+                gate_range=(0.8, 1.0)):
+    """q, k, v ~ N(0, 1); decays exp(g) uniform in `gate_range` (or a constant log gate)."""
+    batch, length, heads, kdim, vdim = shape
+    ks = jax.random.split(key, 6)
+    q = jax.random.normal(ks[0], (batch, length, heads, kdim)).astype(dtype)
+    k = jax.random.normal(ks[1], (batch, length, heads, kdim)).astype(dtype)
+    v = jax.random.normal(ks[2], (batch, length, heads, vdim)).astype(dtype)
+    g = None
+    if gate is not None:
+        gshape = (batch, length, heads) + ((kdim,) if gate == "vector" else ())
+        if isinstance(gate_range, float):
+            g = jnp.full(gshape, gate_range, jnp.float32)
+        else:
+            g = jnp.log(jax.random.uniform(ks[3], gshape, minval=gate_range[0],
+                                           maxval=gate_range[1]))
+    h0 = jax.random.normal(ks[4], (batch, heads, kdim, vdim)) if initial else None
+    seg = None
+    if segments:
+        seg = jnp.cumsum(jax.random.bernoulli(ks[5], 0.08, (batch, length)), axis=1).astype(jnp.int32)
+    return q, k, v, g, h0, seg
+
+
+def forward_and_grads(implementation, q, k, v, g, h0, seg, weights, chunk_size=None):
+    """Outputs and the gradient of a weighted sum of both outputs in q, k, v, log_gate, h0."""
+    w_o, w_s = weights
+
+    def loss(q, k, v, g, h0):
+        o, s = chunked_linear_attention(q, k, v, log_gate=g, initial_state=h0, segment_ids=seg,
+                                        chunk_size=chunk_size, implementation=implementation)
+        return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(s * w_s)
+
+    out = chunked_linear_attention(q, k, v, log_gate=g, initial_state=h0, segment_ids=seg,
+                                   chunk_size=chunk_size, implementation=implementation)
+    return out, jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, g, h0)
+
+
+def weights_for(key, shape):
+    batch, length, heads, kdim, vdim = shape
+    k1, k2 = jax.random.split(key)
+    return (jax.random.normal(k1, (batch, length, heads, vdim)),
+            jax.random.normal(k2, (batch, heads, kdim, vdim)))
+
+
+def check(implementation, shape, gate, *, seed=0, dtype=jnp.float32, segments=False,
+          chunk_size=None, gate_range=(0.8, 1.0), tol=None, ctx=None):
+    key = jax.random.PRNGKey(seed)
+    q, k, v, g, h0, seg = make_inputs(key, shape, gate, dtype=dtype, segments=segments,
+                                      gate_range=gate_range)
+    weights = weights_for(jax.random.fold_in(key, 1), shape)
+    ref_out, ref_grads = kt.float64_run(
+        functools.partial(forward_and_grads, "reference", chunk_size=chunk_size),
+        q, k, v, g, h0, seg, weights)
+    with ctx or kt.IMPLEMENTATION_RUNNERS["xla"][0]():
+        out, grads = forward_and_grads(implementation, q, k, v, g, h0, seg, weights, chunk_size)
+    tol = tol or (BF16_TOL if dtype == jnp.bfloat16 else F32_TOL)
+    assert out[0].dtype == dtype and out[1].dtype == jnp.float32
+    kt.assert_close(out[0], ref_out[0], tol, "o")
+    kt.assert_close(out[1], ref_out[1], tol, "final_state")
+    for name, gr, r in zip(["dq", "dk", "dv", "dlog_gate", "dinitial_state"], grads, ref_grads):
+        if r is None:
+            assert gr is None
+            continue
+        assert gr.dtype == (dtype if name in ("dq", "dk", "dv") else jnp.float32), name
+        kt.assert_close(gr, r, tol, name)
+
+
+XLA_SHAPES = [(1, 1, 2, 8, 4), (2, 37, 3, 8, 5), (1, 150, 2, 16, 8)]
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("shape", XLA_SHAPES, ids=str)
+def test_xla_matches_float64_reference(shape, gate):
+    # T=1 (the decoding step), one chunk shorter than the default, and T not a multiple of 64
+    # with segments resetting inside chunks.
+    check("xla", shape, gate, seed=shape[1], segments=shape[1] > 1)
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_xla_small_chunks_match(gate):
+    # Many chunks, vector-gate sub-chunks of 8 inside chunks of 24 (not a power of two).
+    check("xla", (1, 100, 2, 8, 4), gate, seed=3, chunk_size=24, segments=True)
+
+
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+@pytest.mark.parametrize("log_gate", [-20.0, -1e4, -1e-6], ids=["-20", "-1e4", "-1e-6"])
+def test_strong_and_weak_gates(gate, log_gate):
+    """Decays near 0 (every exp of a cumulative gate underflows) and near 1: no overflow, no
+    NaN, gradients (including the tiny gate gradients of strong decays) still accurate."""
+    check("xla", (1, 140, 2, 8, 4), gate, seed=5, gate_range=log_gate)
+
+
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_mixed_strong_and_weak_gates(gate):
+    """A few -1e4 gates among weak ones inside the same chunks. The cumulative gates of the
+    chunked form then cancel in float32: a documented ~2e-5 in the gradients, the contract's
+    chunked-form bound (well under 1e-4) rather than the recurrent one."""
+    q, k, v, g, h0, _ = make_inputs(jax.random.PRNGKey(6), (1, 140, 2, 8, 4), gate)
+    g = jnp.where(jax.random.bernoulli(jax.random.PRNGKey(7), 0.1, g.shape), -1e4, g)
+    weights = weights_for(jax.random.PRNGKey(8), (1, 140, 2, 8, 4))
+    ref = kt.float64_run(functools.partial(forward_and_grads, "reference"), q, k, v, g, h0, None,
+                         weights)
+    got = forward_and_grads("xla", q, k, v, g, h0, None, weights)
+    kt.assert_tree_close(got[0], ref[0], F32_TOL, "outputs")
+    kt.assert_tree_close(got[1], ref[1], 5e-5, "grads")
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_bfloat16_inputs(gate):
+    check("xla", (2, 70, 2, 16, 8), gate, seed=9, dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_long_sequence_stays_finite(gate):
+    """T=16384 with decays near 1 and near 0: finite and equal to the float64 recurrence."""
+    q, k, v, g, h0, _ = make_inputs(jax.random.PRNGKey(10), (1, 16384, 1, 8, 4), gate,
+                                    gate_range=(0.0, 1.0))
+    ref = kt.float64_run(functools.partial(chunked_linear_attention, implementation="reference"),
+                         q, k, v, log_gate=g, initial_state=h0)
+    got = chunked_linear_attention(q, k, v, log_gate=g, initial_state=h0, implementation="xla")
+    kt.assert_tree_close(got, ref, F32_TOL, "T=16384")
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_step_by_step_and_split_carry_equal_whole(gate):
+    q, k, v, g, h0, _ = make_inputs(jax.random.PRNGKey(11), (2, 40, 2, 8, 4), gate)
+    f = functools.partial(chunked_linear_attention, implementation="xla", chunk_size=16)
+    part = lambda x, s: None if x is None else x[:, s]
+    whole, final = f(q, k, v, log_gate=g, initial_state=h0)
+    step = jax.jit(lambda q, k, v, g, s: f(q, k, v, log_gate=g, initial_state=s))
+    state, outs = h0, []
+    for t in range(40):
+        o, state = step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], part(g, slice(t, t + 1)), state)
+        outs.append(o)
+    kt.assert_close(jnp.concatenate(outs, 1), whole, 1e-6, "step-by-step")
+    kt.assert_close(state, final, 1e-6, "step-by-step final state")
+    first, carry = f(q[:, :23], k[:, :23], v[:, :23], log_gate=part(g, slice(None, 23)),
+                     initial_state=h0)
+    second, final_split = f(q[:, 23:], k[:, 23:], v[:, 23:], log_gate=part(g, slice(23, None)),
+                            initial_state=carry)
+    kt.assert_close(jnp.concatenate([first, second], 1), whole, 1e-6, "split-and-carry")
+    kt.assert_close(final_split, final, 1e-6, "split-and-carry final state")
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_segment_ids_equal_separate_documents(gate):
+    q, k, v, g, _, _ = make_inputs(jax.random.PRNGKey(12), (1, 90, 2, 8, 4), gate)
+    seg = jnp.array([[3] * 7 + [1] * 60 + [3] * 23], jnp.int32)   # ids change, not only grow
+    f = functools.partial(chunked_linear_attention, implementation="xla", chunk_size=32)
+    packed, _ = f(q, k, v, log_gate=g, segment_ids=seg)
+    bounds = [(0, 7), (7, 67), (67, 90)]
+    sl = lambda x, s, e: None if x is None else x[:, s:e]
+    separate = jnp.concatenate([f(sl(q, s, e), sl(k, s, e), sl(v, s, e), log_gate=sl(g, s, e))[0]
+                                for s, e in bounds], axis=1)
+    kt.assert_close(packed, separate, 1e-6, "packed vs separate")
+
+
+def test_scale_default_and_traced_scale_gradient():
+    q, k, v, g, _, _ = make_inputs(jax.random.PRNGKey(13), (1, 20, 1, 16, 4), "scalar")
+    o_default, _ = chunked_linear_attention(q, k, v, log_gate=g)
+    o_explicit, _ = chunked_linear_attention(q, k, v, log_gate=g, scale=0.25)
+    kt.assert_close(o_default, o_explicit, 1e-7, "scale = key_dim ** -0.5")
+    d = jax.grad(lambda s: jnp.sum(chunked_linear_attention(q, k, v, log_gate=g, scale=s)[0]))(0.25)
+    kt.assert_close(d, jnp.sum(o_default) / 0.25, 1e-5, "d scale")
+
+
+def test_vmap_jit_grad_compose():
+    q, k, v, g, h0, _ = make_inputs(jax.random.PRNGKey(14), (2, 30, 2, 8, 4), "vector")
+    f = lambda q, k, v, g: chunked_linear_attention(q, k, v, log_gate=g, chunk_size=16)[0]
+    stacked = [jnp.stack([x, 0.5 * x]) for x in (q, k, v, g)]
+    got = jax.jit(jax.vmap(f))(*stacked)
+    for i in range(2):
+        kt.assert_close(got[i], f(*(x[i] for x in stacked)), 1e-6, f"vmap[{i}]")
+    loss = lambda impl: lambda q, k, v, g: jnp.sum(chunked_linear_attention(
+        q, k, v, log_gate=g, implementation=impl, chunk_size=16)[0] ** 2)
+    grads = jax.jit(jax.vmap(jax.grad(loss("xla"), argnums=(0, 1, 2, 3))))(*stacked)
+    ref = jax.grad(loss("reference"), argnums=(0, 1, 2, 3))(*(x[1] for x in stacked))
+    kt.assert_tree_close([x[1] for x in grads], list(ref), 1e-5, "vmap(grad)")
+
+
+def test_grad_of_grad_agrees_with_reference():
+    q, k, v, g, _, _ = make_inputs(jax.random.PRNGKey(15), (1, 12, 1, 4, 3), "scalar")
+    f = lambda impl: jax.grad(lambda v: jnp.sum(jax.grad(lambda q: jnp.sum(
+        chunked_linear_attention(q, k, v, log_gate=g, implementation=impl, chunk_size=8)[0] ** 2))(q) ** 2))(v)
+    kt.assert_close(f("xla"), f("reference"), 1e-5, "grad of grad")
+
+
+def test_auto_on_cpu_uses_no_custom_call():
+    q, k, v, g, _, _ = make_inputs(jax.random.PRNGKey(0), (1, 16, 1, 8, 8), "scalar")
+    text = kt.lower_for(lambda q, k, v, g: chunked_linear_attention(q, k, v, log_gate=g),
+                        q, k, v, g, platform="cpu")
+    assert not kt.custom_calls(text)
+
+
+_Q = np.ones((2, 5, 3, 4), np.float32)
+_V = np.ones((2, 5, 3, 6), np.float32)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(q=np.ones((2, 5, 4), np.float32)), "`q` must have rank 4"),
+    (dict(k=np.ones((2, 5, 3, 5), np.float32)), "`k` must have the shape of `q`"),
+    (dict(v=np.ones((2, 4, 3, 6), np.float32)), "`v` must have shape"),
+    (dict(q=np.ones((2, 5, 3, 4), np.int32)), "`q` must have a floating"),
+    (dict(v=np.ones((2, 5, 3, 6), np.complex64)), "`v` must have a real floating"),
+    (dict(log_gate=np.zeros((2, 5, 4), np.float32)), "`log_gate` must have shape"),
+    (dict(log_gate=np.zeros((2, 5, 3, 6), np.float32)), "`log_gate` must have shape"),
+    (dict(log_gate=np.zeros((2, 5, 3), np.int32)), "`log_gate` must have a floating"),
+    (dict(initial_state=np.zeros((2, 3, 6, 4), np.float32)), "`initial_state` must have shape"),
+    (dict(initial_state=np.zeros((2, 3, 4), np.float32)), "`initial_state` must have rank 4"),
+    (dict(segment_ids=np.zeros((2, 5), np.float32)), "`segment_ids` must be an integer"),
+    (dict(segment_ids=np.zeros((2, 4), np.int32)), "`segment_ids` must have shape"),
+    (dict(scale=np.ones(2, np.float32)), "`scale` must be"),
+    (dict(chunk_size=0), "`chunk_size` must be a positive integer"),
+    (dict(implementation="triton"), "implementation must be one of"),
+])
+def test_bad_input_raises_clear_value_error(kwargs, message):
+    q, k, v = kwargs.pop("q", _Q), kwargs.pop("k", _Q), kwargs.pop("v", _V)
+    with pytest.raises(ValueError, match=message):
+        jax.jit(lambda q, k, v: chunked_linear_attention(q, k, v, **kwargs))(q, k, v)
