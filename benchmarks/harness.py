@@ -27,6 +27,7 @@ from benchmarks import _timing
 # Entry families, by the name given on the command line; each maps to benchmarks/<module>.py.
 FAMILIES = {
     "linear_scan": "benchmarks.linear_scan",
+    "chunked_linear_attention": "benchmarks.chunked_linear_attention",
     "delta_rule": "benchmarks.delta_rule",
     "selective_scan": "benchmarks.selective_scan",
     "ssm_layers": "benchmarks.ssm_layers",
