@@ -4,13 +4,14 @@ Held-out data is zoology's MQAR at 256 / 32 pairs as its paper runs it: queries 
 power_a 0.01 and no random filler (`random_non_queries=False`: every non-query token is 0).
 Training follows zoology's practice of training on a mixture and testing on the hard setting:
 each training example draws its number of pairs from {2, 4, 8, 16, 32} (`train_num_kv_pairs`;
-validation and test always have 32). The short examples are where the two-layer
-induction circuit (a previous-token head, then a key match) forms; with 32 pairs alone a
-2-layer attention model sat on the 1/32 plateau for 4000 steps (benchmarks/RESULTS.md).
+validation and test always have 32). Vocabulary 256 (keys from [1, 128), values from
+[128, 256)); zoology uses 8192, whose output layer alone would cost more than the rest of the
+model on a CPU.
 
-Vocabulary 256 (keys from [1, 128), values from [128, 256)); zoology uses 8192, whose
-output layer alone would cost more than the rest of the model on a CPU. Results, commands and
-wall times: benchmarks/RESULTS.md, "MQAR at length 256 / 32 pairs".
+Not solved yet (benchmarks/RESULTS.md, "Length 256, 32 pairs"): on a heavily shared 2-core CPU
+(1.2-1.4 s a step) attention was still on the 1/32 plateau at step 2192 of 3000 (held-out
+accuracy 0.035), stopped there for time; rerunning the command on the same machine resumes from its
+checkpoint (runs/mqar256_attention, not in git).
 """
 from configs.base import (CheckpointConfig, DataConfig, LoggingConfig, ModelConfig, OptimConfig,
                           TrainConfig)
@@ -24,7 +25,7 @@ def get_config() -> TrainConfig:
         name="mqar256_attention",
         model=ModelConfig(mixer="attention", d_model=64, num_layers=2,
                           mixer_options={"state_size": 64}),
-        data=DataConfig(task="mqar", batch_size=32, seq_len=SEQ_LEN, eval_batches=4,
+        data=DataConfig(task="mqar", batch_size=16, seq_len=SEQ_LEN, eval_batches=8,
                         task_options={"vocab_size": 256, "num_kv_pairs": NUM_KV_PAIRS,
                                       "power_a": 0.01, "random_non_queries": False,
                                       "train_num_kv_pairs": TRAIN_KV_PAIRS}),
