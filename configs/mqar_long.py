@@ -10,8 +10,8 @@ model on a CPU.
 
 Not solved yet (benchmarks/RESULTS.md, "Length 256, 32 pairs"): on a heavily shared 2-core CPU
 (1.2-1.4 s a step) attention was still on the 1/32 plateau at step 2192 of 3000 (held-out
-accuracy 0.035), stopped there for time; rerunning the command on the same machine resumes from its
-checkpoint (runs/mqar256_attention, not in git).
+accuracy 0.035), stopped there for time; rerunning the command on the same machine resumes
+from its checkpoint (runs/mqar256_attention, not in git).
 """
 from configs.base import (CheckpointConfig, DataConfig, LoggingConfig, ModelConfig, OptimConfig,
                           TrainConfig)
