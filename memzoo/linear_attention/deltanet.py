@@ -43,7 +43,8 @@ def mamba2_decay_params(rngs: nnx.Rngs, shape, axes):
 
 def mamba2_log_decay(logits, log_A):
     """-exp(log_A) softplus(logits) in float32: the log of a decay in (0, 1]."""
-    return -jnp.exp(log_A) * jax.nn.softplus(logits.astype(jnp.float32))
+    return -jnp.broadcast_to(jnp.exp(log_A), logits.shape) * jax.nn.softplus(
+        logits.astype(jnp.float32))
 
 
 @register_mixer("deltanet")
@@ -104,5 +105,5 @@ class GatedDeltaNet(DeltaNet):
         self.decay_proj.bias = layers.param(dt_bias, ("kv_heads",))
 
     def _gates(self, x):
-        logits = x.astype(jnp.float32) @ self.decay_proj.kernel[...] + self.decay_proj.bias[...]
+        logits = self.decay_proj(x.astype(jnp.float32))
         return mamba2_log_decay(logits, self.log_A[...]), self._beta(x)

@@ -57,5 +57,6 @@ class GLA(LinearMemory):
         # Gate logits in float32: logsigmoid / 16 of a bfloat16 logit loses the slow decays.
         x32 = x.astype(jnp.float32)
         low = x32 @ self.gate_down[...]
-        logits = jnp.einsum("btr,rhk->bthk", low, self.gate_up[...]) + self.gate_bias[...]
+        logits = jnp.einsum("btr,rhk->bthk", low, self.gate_up[...])
+        logits = logits + jnp.broadcast_to(self.gate_bias[...], logits.shape)
         return jax.nn.log_sigmoid(logits) / self.gate_temperature, None

@@ -120,7 +120,7 @@ class MixtureOfMemories(LinearMemory):
         if self.rule == "delta":
             x32 = x.astype(jnp.float32)
             beta = jax.nn.sigmoid(jnp.einsum("btd,deg->bteg", x32, self.beta_proj[...]))
-            logits = x32 @ self.decay_proj.kernel[...] + self.decay_proj.bias[...]
+            logits = self.decay_proj(x32)
             log_gate = mamba2_log_decay(logits, self.log_A[...].reshape(E * G))
             beta = jnp.where(write, beta.reshape(b, T, E * G), 0.0)
             log_gate = jnp.where(write, log_gate, 0.0)
