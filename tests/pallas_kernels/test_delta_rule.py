@@ -90,8 +90,7 @@ XLA_CASES = {
     "T1-decode": ((2, 1, 2, 8, 8), jnp.float32, None, {}),
     "T5-recurrent-segments-no-initial-state": ((1, 5, 1, 4, 4), jnp.float32, None,
                                                dict(segments=True, initial=False)),
-    "T100-default-chunk": ((1, 100, 2, 16, 16), jnp.float32, None, {}),
-    "bf16": ((2, 40, 2, 8, 8), jnp.bfloat16, 16, dict(segments=True)),
+    "bf16-T100-default-chunk": ((2, 100, 2, 16, 16), jnp.bfloat16, None, dict(segments=True)),
 }
 
 
