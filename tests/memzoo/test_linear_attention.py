@@ -254,7 +254,7 @@ def test_chunked_equals_step_equals_prefill_then_decode_equals_naive_float64(cas
     assert_close(cache_b.state, cache.state, 1e-5, "final state: prefill vs step")
 
 
-@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
+@pytest.mark.parametrize("case", ONE_PER_MIXER, ids=ids(ONE_PER_MIXER))
 def test_packed_documents_equal_separate_ones_and_causality(case):
     _, name, options = case
     mixer, x = build(name, options), inputs()
