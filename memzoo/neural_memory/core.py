@@ -1,0 +1,261 @@
+"""The test-time memory machinery shared by Titans and the Miras family: a memory MLP trained
+online on an inner objective, computed in parallel over chunks of tokens.
+
+Miras' decomposition (Behrouz et al., 2025), one object per axis:
+
+  attentional bias  the inner loss l(M(k), v):            "l2"    ||M(k) - v||^2
+                                                          "lp"    sum |M(k) - v|^p       (Moneta)
+                                                          "huber" sum huber_delta(M(k) - v) (Yaad)
+  retention gate    how the memory keeps its past; here the map from the linearly-updated
+                    accumulator A to the weights W = readout(A):
+                                                          "l2"    W = A (weight decay: Titans)
+                                                          "lq"    W = A / ||A||_q^(q-2) (Moneta)
+                                                          "kl"    W = c softmax(A) over each
+                                                                  row (Memora: KL retention,
+                                                                  normalised memory)
+  learning rule     "gd"        A_t = (1 - alpha_t) A_{t-1} - theta_t g_t
+                    "momentum"  S_t = eta_t S_{t-1} - theta_t g_t ;  A_t = (1 - alpha_t) A_{t-1} + S_t
+                                (Titans' surprise S and forgetting alpha)
+
+with g_t = grad_W l(M_W(k_t), v_t). For "kl", A is the log-weights: Memora's
+W_t = c softmax((1 - alpha_t) log W_{t-1} - theta_t g_t) is, since softmax ignores a constant
+shift per row, exactly A_t = (1 - alpha_t) A_{t-1} - theta_t g_t with W_t = c softmax(A_t); for
+"lq" the same holds by Moneta's definition (A accumulates, W normalises it). So every variant
+keeps one linear recurrence on A, which is what makes chunked training possible.
+
+Chunked (parallel) training, chunk size C (Titans Sec. 3.2): every token of a chunk takes its
+gradient at the chunk-start weights W_0 = readout(A_0), so the C gradients are independent,
+`jax.vmap(jax.grad(l))`; momentum and decay across the chunk's tokens are the linear recurrences
+above, run by `pallas_kernels.linear_scan` with the memory's parameter leaves flattened into
+channels ([batch * heads, C, params]); the chunks follow each other in a `lax.scan`. C = 1 is
+the exact per-token online rule. Retrieval y_t = M_{W_t}(q_t) reads the weights after token t's
+update, without updating them; `anchor` retrievals M_{W_0}(q_t) (MAC's context) read the
+chunk-start weights.
+
+Memory: the chunk body is wrapped in `jax.checkpoint`, so a backward pass keeps only the
+chunk-boundary accumulators (and the per-token activations, [time x width]); the per-token
+weights [C, params] and gradients of a chunk exist only while that chunk is computed or
+recomputed (tests/memzoo/test_neural_memory.py measures it with XLA's memory analysis).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+
+ATTENTIONAL_BIASES = ("l2", "lp", "huber")
+RETENTIONS = ("l2", "lq", "kl")
+LEARNING_RULES = ("gd", "momentum")
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu, "tanh": jnp.tanh}
+# lq retention divides by a norm; an accumulator at exactly 0 must not make NaNs.
+NORM_EPS = 1e-6
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryRule:
+    """attentional bias x retention gate x learning rule (module docstring), plus the memory
+    MLP's activation between layers. Validated when built: a bad name or exponent is a
+    ValueError naming the argument."""
+    attentional_bias: str = "l2"
+    retention: str = "l2"
+    learning_rule: str = "momentum"
+    p: float = 3.0                  # lp bias exponent (> 1: |e|^p has a gradient at e = 0)
+    huber_delta: float = 1.0        # huber bias: quadratic below delta, linear above
+    q: float = 4.0                  # lq retention exponent (>= 2; 2 is plain l2)
+    kl_scale: float = 1.0           # kl retention: each row of W sums to this
+    activation: str = "silu"
+
+    def __post_init__(self):
+        for name, value, choices in (("attentional_bias", self.attentional_bias,
+                                      ATTENTIONAL_BIASES),
+                                     ("retention", self.retention, RETENTIONS),
+                                     ("learning_rule", self.learning_rule, LEARNING_RULES),
+                                     ("activation", self.activation, tuple(ACTIVATIONS))):
+            _require(value in choices, f"MemoryRule: `{name}` must be one of {choices}, "
+                                       f"got {value!r}")
+        _require(isinstance(self.p, (int, float)) and self.p > 1,
+                 f"MemoryRule: `p` (lp attentional bias) must be a number > 1, got {self.p!r}")
+        _require(isinstance(self.huber_delta, (int, float)) and self.huber_delta > 0,
+                 f"MemoryRule: `huber_delta` must be > 0, got {self.huber_delta!r}")
+        _require(isinstance(self.q, (int, float)) and self.q >= 2,
+                 f"MemoryRule: `q` (lq retention) must be a number >= 2, got {self.q!r}")
+        _require(isinstance(self.kl_scale, (int, float)) and self.kl_scale > 0,
+                 f"MemoryRule: `kl_scale` must be > 0, got {self.kl_scale!r}")
+
+    @property
+    def momentum(self) -> bool:
+        return self.learning_rule == "momentum"
+
+    # ---- the attentional bias ----------------------------------------------------------------
+    def loss(self, pred: jax.Array, target: jax.Array) -> jax.Array:
+        e = pred - target
+        if self.attentional_bias == "l2":
+            return jnp.sum(e * e)
+        if self.attentional_bias == "lp":
+            return jnp.sum(jnp.abs(e) ** self.p)
+        a, d = jnp.abs(e), self.huber_delta
+        # 0.5 e^2 inside, d (|e| - d/2) outside: continuous value and slope at |e| = d.
+        return jnp.sum(jnp.where(a <= d, 0.5 * e * e, d * (a - 0.5 * d)))
+
+    # ---- the retention gate: accumulator -> weights ------------------------------------------
+    def readout_leaf(self, a: jax.Array) -> jax.Array:
+        """One weight matrix [..., in, out] from its accumulator."""
+        if self.retention == "l2":
+            return a
+        if self.retention == "lq":
+            norm = jnp.sum(jnp.abs(a) ** self.q, axis=(-2, -1), keepdims=True) ** (1.0 / self.q)
+            return a / jnp.maximum(norm, NORM_EPS) ** (self.q - 2.0)
+        return self.kl_scale * jax.nn.softmax(a, axis=-1)
+
+    def readout(self, leaves: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+        return tuple(self.readout_leaf(a) for a in leaves)
+
+    # ---- the memory MLP ----------------------------------------------------------------------
+    def apply(self, weights: Sequence[jax.Array], x: jax.Array) -> jax.Array:
+        """M_W(x) for one vector x [in]: linear layers [in, out] with the activation between
+        them (one layer: the linear memory x W)."""
+        act = ACTIVATIONS[self.activation]
+        h = x
+        for i, w in enumerate(weights):
+            h = h @ w
+            if i + 1 < len(weights):
+                h = act(h)
+        return h
+
+    def token_grad(self, weights, k, v):
+        """g = grad_W l(M_W(k), v): one token's gradient, a tuple like `weights`."""
+        return jax.grad(lambda w: self.loss(self.apply(w, k), v))(tuple(weights))
+
+
+# ---- flattening parameter leaves into scan channels ---------------------------------------------
+def _flatten(leaves, lead: int):
+    """Leaves [*lead, i, o] (the same `lead` leading dims) -> [*lead, sum of i*o]: every
+    parameter of the memory becomes a channel of one scan."""
+    return jnp.concatenate([a.reshape(*a.shape[:lead], -1) for a in leaves], axis=-1)
+
+
+def _unflatten(flat, shapes):
+    out, start = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(flat[..., start:start + n].reshape(*flat.shape[:-1], *shape))
+        start += n
+    return tuple(out)
+
+
+def chunk_update(rule: MemoryRule, anchor, acc, mom, k, v, q, theta, eta, alpha, *,
+                 implementation: str = "auto"):
+    """One chunk of C tokens (the body the parallel form scans and `step` runs with C = 1).
+
+    anchor, acc, mom: tuples of [B, H, i, o] (mom None for "gd"): the accumulator whose weights
+      give every gradient of this chunk, the accumulator and momentum entering the chunk.
+    k [B, H, C, dk], v [B, H, C, dv], q [B, H, C, dk]; theta, eta, alpha [B, H, C].
+    Returns (acc_end, mom_end, y [B, H, C, dv], y_anchor [B, H, C, dv]).
+    """
+    B, H, C = k.shape[:3]
+    shapes = [a.shape[2:] for a in acc]
+    w0 = rule.readout(anchor)
+    # Every token's gradient at the chunk-start weights: independent, so one vmap(grad).
+    per_token = jax.vmap(rule.token_grad, in_axes=(None, 0, 0))
+    grads = jax.vmap(jax.vmap(per_token))(w0, k, v)               # leaves [B, H, C, i, o]
+    g = _flatten(grads, 3).reshape(B * H, C, -1)                   # [BH, C, P]
+    th = theta.reshape(B * H, C, 1).astype(g.dtype)
+    dtype = g.dtype
+    if rule.momentum:
+        a_eta = jnp.broadcast_to(eta.reshape(B * H, C, 1).astype(dtype), g.shape)
+        update, mom_flat = pallas_kernels.linear_scan(
+            a_eta, -th * g, initial_state=_flatten(mom, 2).reshape(B * H, -1),
+            implementation=implementation)
+        mom_end = _unflatten(mom_flat.reshape(B, H, -1), shapes)
+    else:
+        update, mom_end = -th * g, None
+    keep = jnp.broadcast_to((1.0 - alpha).reshape(B * H, C, 1).astype(dtype), g.shape)
+    acc_tok, acc_flat = pallas_kernels.linear_scan(
+        keep, update, initial_state=_flatten(acc, 2).reshape(B * H, -1),
+        implementation=implementation)
+    acc_end = _unflatten(acc_flat.reshape(B, H, -1), shapes)
+    w_tok = rule.readout(_unflatten(acc_tok.reshape(B, H, C, -1), shapes))   # [B, H, C, i, o]
+    read = jax.vmap(jax.vmap(jax.vmap(rule.apply)))
+    y = read(w_tok, q)
+    y_anchor = jax.vmap(jax.vmap(jax.vmap(rule.apply, in_axes=(None, 0))))(w0, q)
+    return (tuple(a.astype(x.dtype) for a, x in zip(acc_end, acc)),
+            None if mom_end is None else tuple(m.astype(x.dtype) for m, x in zip(mom_end, mom)),
+            y, y_anchor)
+
+
+def chunked_memory(rule: MemoryRule, acc, mom, k, v, q, theta, eta, alpha, *, chunk_size: int,
+                   implementation: str = "auto", remat: bool = True):
+    """The parallel form over T tokens from (acc, mom), chunks aligned with the first token.
+
+    k, q [B, T, H, dk]; v [B, T, H, dv]; theta, eta, alpha [B, T, H]; acc, mom as in
+    `chunk_update`. Returns (y, y_anchor [B, T, H, dv], (anchor, acc, mom) after the last token),
+    where `anchor` is the accumulator at the start of the last (possibly partial) chunk.
+    """
+    _require(isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1,
+             f"chunked_memory: `chunk_size` must be an integer >= 1, got {chunk_size!r}")
+    B, T, H = k.shape[:3]
+    C = chunk_size
+    n, r = divmod(T, C)
+
+    def heads_first(x):  # [B, T, H, ...] -> [B, H, T, ...]
+        return jnp.moveaxis(x, 2, 1)
+
+    seq = tuple(heads_first(x) for x in (k, v, q, theta, eta, alpha))
+
+    def body(carry, xs):
+        acc, mom = carry
+        acc_end, mom_end, y, ya = chunk_update(rule, acc, acc, mom, *xs,
+                                               implementation=implementation)
+        return (acc_end, mom_end), (y, ya)
+
+    step = jax.checkpoint(body) if remat else body
+    ys, yas, anchor = [], [], acc
+    if n:
+        def split(x):  # [B, H, n*C, ...] -> [n, B, H, C, ...]
+            x = x[:, :, :n * C].reshape(B, H, n, C, *x.shape[3:])
+            return jnp.moveaxis(x, 2, 0)
+
+        (acc, mom), (y, ya) = jax.lax.scan(step, (acc, mom), tuple(split(x) for x in seq))
+        # [n, B, H, C, dv] -> [B, H, n*C, dv]
+        ys.append(jnp.moveaxis(y, 0, 2).reshape(B, H, n * C, -1))
+        yas.append(jnp.moveaxis(ya, 0, 2).reshape(B, H, n * C, -1))
+        anchor = acc
+    if r:
+        anchor = acc
+        (acc, mom), (y, ya) = step((acc, mom), tuple(x[:, :, n * C:] for x in seq))
+        ys.append(y)
+        yas.append(ya)
+    y = jnp.concatenate(ys, axis=2) if len(ys) > 1 else ys[0]
+    ya = jnp.concatenate(yas, axis=2) if len(yas) > 1 else yas[0]
+    return jnp.moveaxis(y, 1, 2), jnp.moveaxis(ya, 1, 2), (anchor, acc, mom)
+
+
+def linear_memory_delta_rule(acc, k, v, q, theta, alpha, *, chunk_size=None,
+                             implementation: str = "auto"):
+    """The linear memory (one layer, W [dk, dv]) with the l2 bias, l2 retention and no momentum,
+    by `pallas_kernels.delta_rule`: the exact per-token online rule (chunk size 1), at the
+    delta rule's chunked speed.
+
+    W_t = (1 - alpha) W_{t-1} - theta 2 k (k^T W_{t-1} - v)^T is the delta rule
+    S_t = e^g S_{t-1} + beta k (v' - e^g S_{t-1}^T k)^T with e^g = 1 - alpha,
+    beta = 2 theta / (1 - alpha) and v' = (1 - alpha) v (expand both: the terms match one by one).
+    acc: (W [B, H, dk, dv],); k, q [B, T, H, dk]; v [B, T, H, dv]; theta, alpha [B, T, H].
+    Returns (y [B, T, H, dv], W after the last token).
+    """
+    keep = 1.0 - alpha
+    beta = 2.0 * theta / keep
+    y, state = pallas_kernels.delta_rule(q, k, v * keep[..., None], beta, log_gate=jnp.log(keep),
+                                         initial_state=acc[0], scale=1.0, chunk_size=chunk_size,
+                                         implementation=implementation)
+    return y, (state.astype(acc[0].dtype),)

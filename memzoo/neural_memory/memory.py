@@ -1,0 +1,298 @@
+"""`NeuralMemory`: Titans' long-term memory (Behrouz et al., 2024) as a mixer, and the Miras
+variants (Moneta, Yaad, Memora) as configurations of it. The math is in core.py.
+
+  x -> q, k, v projections [b, t, H, K] -> short causal conv (SiLU) -> L2 norm of q and k
+    -> memory: H memory MLPs (one per head, K -> hidden ... -> K, `memory_layers` >= 1 layers),
+       written with (k_t, v_t) by the rule (attentional bias x retention x learning rule) and
+       read at q_t after token t's write
+    -> per-head RMSNorm -> W_o
+
+theta_t (learning rate, times `max_lr`), eta_t (momentum) and alpha_t (forgetting) are sigmoid
+projections of x per head, in float32. alpha's logit is clamped at ALPHA_LOGIT_MAX: total
+forgetting (alpha = 1) would divide by zero in the delta-rule form below and is never needed.
+
+The linear memory (memory_layers=1) with the l2 bias, l2 retention and plain gradient descent
+is the gated delta rule (core.linear_memory_delta_rule): it runs on pallas_kernels.delta_rule,
+which computes the exact per-token online update (what chunk_size=1 gives on the general path)
+at chunked speed; `use_delta_rule=False` sends it down the general path instead.
+
+Decoding (`NeuralMemoryCache`): the accumulator and momentum after the last token, the
+accumulator at the start of the current chunk (the weights every gradient of that chunk is
+taken at), the conv window and the token count. `step` re-anchors at every chunk boundary, so
+token-by-token decoding reproduces the chunked parallel form exactly. A prefill from a cache
+whose position is not a multiple of `chunk_size` runs token by token (a `lax.cond` picks);
+one from a chunk boundary runs the parallel form.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+import pallas_kernels
+from memzoo import layers
+from memzoo.linear_attention.common import check_positive_int, l2_normalize, normal_init
+from memzoo.neural_memory import core
+from memzoo.registry import register_mixer
+
+ALPHA_LOGIT_MAX = 10.0   # alpha <= sigmoid(10) = 0.99995
+# Initial gates (sigmoid of the bias): small steps, strong momentum, slow forgetting.
+THETA_INIT, ETA_INIT, ALPHA_INIT = 0.1, 0.5, 0.01
+
+
+@struct.dataclass
+class NeuralMemoryCache:
+    """anchor, weights, momentum: tuples of [b, H, in, out] float32 (momentum None for the
+    "gd" rule); conv [b, conv_size - 1, 3 H K] or None; index int32: tokens seen."""
+    anchor: tuple
+    weights: tuple
+    momentum: tuple | None
+    conv: jax.Array | None
+    index: jax.Array
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+class NeuralMemory(nnx.Module):
+    """Test-time neural memory: [b, t, d] -> [b, t, d].
+
+    Options: num_heads, head_dim (default d_model / num_heads), memory_layers (L_M >= 1),
+    memory_expansion (hidden width = expansion x head_dim), chunk_size (C >= 1; 1 = per-token
+    online), conv_size (0 or >= 2), attentional_bias / retention / learning_rule and their
+    exponents (core.MemoryRule), max_lr, use_delta_rule, remat (checkpoint every chunk).
+
+    >>> mem = NeuralMemory(8, num_heads=2, chunk_size=4, rngs=nnx.Rngs(0))
+    >>> mem(jnp.ones((1, 6, 8))).shape
+    (1, 6, 8)
+    """
+
+    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None,
+                 memory_layers: int = 2, memory_expansion: int = 2, chunk_size: int = 16,
+                 conv_size: int = 4, attentional_bias: str = "l2", retention: str = "l2",
+                 learning_rule: str = "momentum", p: float = 3.0, huber_delta: float = 1.0,
+                 q: float = 4.0, kl_scale: float = 1.0, activation: str = "silu",
+                 max_lr: float = 1.0, use_delta_rule: bool = True, remat: bool = True,
+                 implementation: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+        owner = type(self).__name__
+        check_positive_int(owner, "d_model", d_model)
+        check_positive_int(owner, "num_heads", num_heads)
+        if head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(f"{owner}: d_model={d_model} is not divisible by "
+                                 f"`num_heads`={num_heads}; pass `head_dim`")
+            head_dim = d_model // num_heads
+        check_positive_int(owner, "head_dim", head_dim)
+        check_positive_int(owner, "memory_layers", memory_layers)
+        check_positive_int(owner, "memory_expansion", memory_expansion)
+        check_positive_int(owner, "chunk_size", chunk_size)
+        if not (isinstance(conv_size, int) and not isinstance(conv_size, bool)
+                and (conv_size == 0 or conv_size >= 2)):
+            raise ValueError(f"{owner}: `conv_size` must be 0 (no convolution) or an integer "
+                             f">= 2, got {conv_size!r}")
+        if not (isinstance(max_lr, (int, float)) and max_lr > 0):
+            raise ValueError(f"{owner}: `max_lr` must be > 0, got {max_lr!r}")
+        if implementation not in pallas_kernels.IMPLEMENTATIONS:
+            raise ValueError(f"{owner}: `implementation` must be one of "
+                             f"{tuple(pallas_kernels.IMPLEMENTATIONS)}, got {implementation!r}")
+        self.rule = core.MemoryRule(attentional_bias=attentional_bias, retention=retention,
+                                    learning_rule=learning_rule, p=p, huber_delta=huber_delta,
+                                    q=q, kl_scale=kl_scale, activation=activation)
+        self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
+        self.memory_layers, self.chunk_size, self.conv_size = memory_layers, chunk_size, conv_size
+        self.max_lr, self.remat, self.implementation, self.dtype = max_lr, remat, implementation, dtype
+        self.delta_path = (use_delta_rule and memory_layers == 1 and attentional_bias == "l2"
+                           and retention == "l2" and learning_rule == "gd")
+
+        H, K = num_heads, head_dim
+        self.wq = normal_init(rngs, (d_model, H, K), d_model, ("embed", "heads", "kv"))
+        self.wk = normal_init(rngs, (d_model, H, K), d_model, ("embed", "heads", "kv"))
+        self.wv = normal_init(rngs, (d_model, H, K), d_model, ("embed", "heads", "kv"))
+        self.wo = normal_init(rngs, (H, K, d_model), H * K, ("heads", "kv", "embed"))
+        bound = 1.0 / math.sqrt(max(conv_size, 1))
+        self.conv_weight = layers.param(
+            jax.random.uniform(rngs.params(), (conv_size, 3 * H * K), jnp.float32, -bound, bound),
+            (None, None)) if conv_size else None
+        # theta, eta, alpha logits per head; the biases set the initial gates.
+        self.gate_proj = layers.Linear(d_model, 3 * H, axes=("embed", None), rngs=rngs)
+        self.gate_proj.bias = layers.param(jnp.repeat(jnp.asarray(
+            [_logit(THETA_INIT), _logit(ETA_INIT), _logit(ALPHA_INIT)], jnp.float32), H), (None,))
+        sizes = [K] + [memory_expansion * K] * (memory_layers - 1) + [K]
+        # The memory's initial weights (accumulators) are learned, one MLP per head. KL
+        # retention starts from uniform rows (zero log-weights); the others from a fan-in normal.
+        init_scale = 0.0 if retention == "kl" else 1.0
+        self.memory_init = nnx.List([
+            normal_init(rngs, (H, i, o), i, ("heads", None, None), scale=init_scale)
+            for i, o in zip(sizes[:-1], sizes[1:])])
+        self.out_norm = layers.RMSNorm(K, dtype=dtype)
+
+    # ---- pieces --------------------------------------------------------------------------------
+    @property
+    def state_dtype(self):
+        return jnp.promote_types(self.dtype, jnp.float32)
+
+    def _initial(self, batch: int):
+        leaves = tuple(jnp.broadcast_to(w[...].astype(self.state_dtype), (batch, *w.shape))
+                       for w in self.memory_init)
+        mom = (tuple(jnp.zeros_like(a) for a in leaves) if self.rule.momentum else None)
+        return leaves, mom
+
+    def _inputs(self, x, conv_state, decode: bool):
+        """q, k, v [b, t, H, K] and theta, eta, alpha [b, t, H], and the new conv window."""
+        b, T, _ = x.shape
+        H, K = self.num_heads, self.head_dim
+        x = x.astype(self.dtype)
+        flat = jnp.concatenate([jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))
+                                .reshape(b, T, H * K) for w in (self.wq, self.wk, self.wv)], -1)
+        new_conv = None
+        if self.conv_weight is not None:
+            w = self.conv_weight[...]
+            if decode:
+                y, new_conv = pallas_kernels.causal_conv1d_update(flat[:, 0], conv_state, w,
+                                                                  activation="silu")
+                flat = y[:, None]
+            else:
+                flat, new_conv = pallas_kernels.causal_conv1d(flat, w, activation="silu",
+                                                              initial_state=conv_state)
+        flat = flat.astype(self.state_dtype)
+        q, k, v = (flat[..., i * H * K:(i + 1) * H * K].reshape(b, T, H, K) for i in range(3))
+        q, k = l2_normalize(q), l2_normalize(k)
+        logits = self.gate_proj(x.astype(self.state_dtype)).astype(self.state_dtype)
+        lt, le, la = (logits[..., i * H:(i + 1) * H] for i in range(3))
+        theta = self.max_lr * jax.nn.sigmoid(lt)
+        eta = jax.nn.sigmoid(le)
+        alpha = jax.nn.sigmoid(jnp.minimum(la, ALPHA_LOGIT_MAX))
+        return (q, k, v, theta, eta, alpha), new_conv
+
+    def _output(self, y):
+        y = self.out_norm(y.astype(self.dtype))
+        return jnp.einsum("bthk,hkd->btd", y, self.wo[...].astype(self.dtype))
+
+    def _parallel(self, inputs, anchor, acc, mom):
+        q, k, v, theta, eta, alpha = inputs
+        if self.delta_path:
+            y, acc = core.linear_memory_delta_rule(acc, k, v, q, theta, alpha,
+                                                   implementation=self.implementation)
+            return y, None, (acc, acc, None)
+        del anchor  # the parallel form starts at a chunk boundary (see __call__)
+        y, ya, state = core.chunked_memory(self.rule, acc, mom, k, v, q, theta, eta, alpha,
+                                           chunk_size=self.chunk_size, remat=self.remat,
+                                           implementation=self.implementation)
+        return y, ya, state
+
+    def _token(self, inputs, cache: NeuralMemoryCache):
+        """One token (inputs [b, 1, ...]) from `cache`: the chunk body with C = 1, its gradient
+        taken at the chunk-start accumulator (refreshed when a new chunk begins)."""
+        if self.delta_path:
+            return self._parallel(inputs, None, cache.weights, None)
+        new_chunk = cache.index % self.chunk_size == 0
+        anchor = tuple(jnp.where(new_chunk, a, c) for a, c in zip(cache.weights, cache.anchor))
+        heads_first = [jnp.moveaxis(t, 2, 1) for t in inputs]
+        q, k, v, theta, eta, alpha = heads_first
+        acc, mom, y, ya = core.chunk_update(self.rule, anchor, cache.weights, cache.momentum,
+                                            k, v, q, theta, eta, alpha,
+                                            implementation=self.implementation)
+        return jnp.moveaxis(y, 1, 2), jnp.moveaxis(ya, 1, 2), (anchor, acc, mom)
+
+    def forward(self, x, cache: NeuralMemoryCache | None = None, *, decode: bool = False):
+        """(y, y_anchor, cache): the output, the read of the chunk-start weights (both projected
+        [b, t, d]; y_anchor is None on the delta-rule path) and the state after x."""
+        b, T, _ = x.shape
+        if cache is None:
+            acc, mom = self._initial(b)
+            anchor, conv, index = acc, None, jnp.zeros((), jnp.int32)
+        else:
+            anchor, acc, mom = cache.anchor, cache.weights, cache.momentum
+            conv, index = cache.conv, cache.index
+        inputs, conv = self._inputs(x, conv, decode)
+        if decode:
+            y, ya, state = self._token(inputs, NeuralMemoryCache(anchor, acc, mom, None, index))
+        elif cache is None or self.delta_path:
+            y, ya, state = self._parallel(inputs, anchor, acc, mom)
+        else:
+            y, ya, state = self._prefill(inputs, NeuralMemoryCache(anchor, acc, mom, None, index))
+        new = NeuralMemoryCache(*state, conv, index + T)
+        return self._output(y), None if ya is None else self._output(ya), new
+
+    def _prefill(self, inputs, cache):
+        """From a chunk boundary: the parallel form; else token by token (lax.scan of _token)."""
+        def parallel(_):
+            return self._parallel(inputs, cache.anchor, cache.weights, cache.momentum)
+
+        def tokenwise(_):
+            def body(c, tok):
+                y, ya, (anchor, acc, mom) = self._token(
+                    tuple(t[:, None] for t in tok), c)
+                return NeuralMemoryCache(anchor, acc, mom, None, c.index + 1), (y[:, 0], ya[:, 0])
+            seq = tuple(jnp.moveaxis(t, 1, 0) for t in inputs)
+            c, (y, ya) = jax.lax.scan(body, cache, seq)
+            return jnp.moveaxis(y, 0, 1), jnp.moveaxis(ya, 0, 1), (c.anchor, c.weights, c.momentum)
+
+        return jax.lax.cond(cache.index % self.chunk_size == 0, parallel, tokenwise, None)
+
+    # ---- the SequenceMixer protocol ------------------------------------------------------------
+    def init_cache(self, batch_size: int, *, max_len: int | None = None) -> NeuralMemoryCache:
+        """The state before any token; `max_len` is ignored (the state does not grow)."""
+        del max_len
+        acc, mom = self._initial(batch_size)
+        conv = (jnp.zeros((batch_size, self.conv_size - 1, 3 * self.num_heads * self.head_dim),
+                          self.state_dtype) if self.conv_size else None)
+        return NeuralMemoryCache(acc, acc, mom, conv, jnp.zeros((), jnp.int32))
+
+    def _check_cache(self, cache, batch: int) -> None:
+        want = (batch, *self.memory_init[0].shape)
+        if not isinstance(cache, NeuralMemoryCache) or tuple(cache.weights[0].shape) != want:
+            got = (tuple(cache.weights[0].shape) if isinstance(cache, NeuralMemoryCache)
+                   else type(cache).__name__)
+            raise ValueError(f"{type(self).__name__}: `cache` must be a NeuralMemoryCache with "
+                             f"first weights {want} (from init_cache({batch})), got {got}")
+
+    def step(self, x_t, cache: NeuralMemoryCache):
+        owner = type(self).__name__
+        layers.check_input(f"{owner}.step", "x_t", x_t, ndim=2, width=self.d_model,
+                           legend="[batch, d_model]")
+        self._check_cache(cache, x_t.shape[0])
+        y, _, cache = self.forward(x_t[:, None], cache, decode=True)
+        return y[:, 0], cache
+
+    def __call__(self, x, cache: NeuralMemoryCache | None = None):
+        """Parallel (chunked) form, or with `cache` the prefill that continues from it."""
+        layers.check_input(type(self).__name__, "x", x, ndim=3, width=self.d_model)
+        if cache is None:
+            return self.forward(x)[0]
+        self._check_cache(cache, x.shape[0])
+        y, _, cache = self.forward(x, cache)
+        return y, cache
+
+
+# ---- registered mixers: Titans' memory alone and the Miras variants -------------------------------
+MIRAS = {
+    # Moneta: l_p attentional bias (p = 3), l_q retention (q = 4), gradient descent.
+    "moneta": dict(attentional_bias="lp", p=3.0, retention="lq", q=4.0, learning_rule="gd"),
+    # Yaad: Huber attentional bias, l2 retention (weight decay), gradient descent.
+    "yaad": dict(attentional_bias="huber", retention="l2", learning_rule="gd"),
+    # Memora: l2 attentional bias, KL retention (softmax-normalised memory), gradient descent.
+    "memora": dict(attentional_bias="l2", retention="kl", learning_rule="gd"),
+}
+
+
+register_mixer("neural_memory")(NeuralMemory)
+
+
+def _miras(name: str, defaults: dict):
+    def build(d_model: int, *, rngs: nnx.Rngs, **options):
+        clash = sorted(set(options) & {"attentional_bias", "retention"})
+        if clash:
+            raise ValueError(f"{name}: {clash} are fixed by the variant; use the "
+                             f"'neural_memory' mixer to choose them")
+        return NeuralMemory(d_model, rngs=rngs, **{**defaults, **options})
+    build.__name__ = name
+    build.__doc__ = f"Miras' {name.capitalize()}: NeuralMemory with {defaults}."
+    return build
+
+
+for _name, _defaults in MIRAS.items():
+    register_mixer(_name)(_miras(_name, _defaults))

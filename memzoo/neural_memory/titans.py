@@ -1,0 +1,266 @@
+"""Titans' three architectures (Behrouz et al., 2024, Sec. 4) as mixers, each built from one
+`NeuralMemory` and one attention (`memzoo.attention.Attention`'s projections and its ring
+`KVCache`), with learned persistent memory tokens that every query can attend to.
+
+  "titans_mac"  Memory as Context. The sequence is cut into segments of `segment_len` tokens
+                (the memory's chunk). A token attends, causally within its segment, over
+                [persistent tokens; h; the segment], where h_j = M_{segment start}(q_j) is the
+                memory read at the weights the segment started with (core: y_anchor), so the
+                context holds what the memory knew before the segment. The memory is written with
+                the segment's tokens; the output is attention + the memory read after the write.
+  "titans_mag"  Memory as a Gate. Sliding-window attention (window W, plus the persistent tokens)
+                beside the neural memory, mixed per channel by a data-dependent gate:
+                y = g * attn(x) + (1 - g) * memory(x), g = sigmoid(x W_g).
+  "titans_mal"  Memory as a Layer: y = attn(memory(x)), the window attention reading the memory's
+                output.
+
+Departures from the paper, said plainly: MAC writes the memory with the segment's inputs (the paper
+writes it with the attention output y_t and gates y_t with M(y_t)); this keeps memory and
+attention independent within a segment and one memory pass per call. Persistent tokens enter the
+attention as extra keys/values (projected by the attention's own W_k, W_v, no rotary phase), not as
+a prefix of the sequence the memory also reads.
+
+Decoding: the memory's `NeuralMemoryCache` plus, for MAG/MAL, the attention's ring of W slots; for
+MAC a buffer of the current segment's keys and values (x and h), reused when a segment starts (slots
+after the current position are masked). All three are parallel == prefill-then-decode (tested).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from memzoo import layers
+from memzoo.attention import Attention, KVCache
+from memzoo.linear_attention.common import check_positive_int
+from memzoo.neural_memory.memory import NeuralMemory, NeuralMemoryCache
+from memzoo.registry import register_mixer
+
+MEMORY_OPTIONS = ("memory_layers", "memory_expansion", "conv_size", "attentional_bias",
+                  "retention", "learning_rule", "p", "huber_delta", "q", "kl_scale", "activation",
+                  "max_lr", "remat", "implementation")
+
+
+@struct.dataclass
+class TitansCache:
+    """memory: NeuralMemoryCache; attn: KVCache (MAG/MAL: ring of `window` slots; MAC: the
+    segment's keys/values, 2 x segment_len slots: x tokens then h tokens)."""
+    memory: NeuralMemoryCache
+    attn: KVCache
+
+
+class _TitansBase(nnx.Module):
+    def __init__(self, d_model: int, *, num_heads: int, memory_heads: int | None,
+                 window: int, num_persistent: int, chunk_size: int, rope: bool,
+                 memory_options: dict, dtype, rngs: nnx.Rngs, delta_ok: bool = True):
+        owner = type(self).__name__
+        check_positive_int(owner, "window", window)
+        check_positive_int(owner, "num_persistent", num_persistent, minimum=0)
+        unknown = sorted(set(memory_options) - set(MEMORY_OPTIONS))
+        if unknown:
+            raise ValueError(f"{owner}: unknown options {unknown}; memory options are "
+                             f"{MEMORY_OPTIONS}")
+        self.d_model, self.window, self.num_persistent, self.dtype = d_model, window, \
+            num_persistent, dtype
+        self.attn = Attention(d_model, num_heads=num_heads, window=window, rope=rope,
+                              dtype=dtype, rngs=rngs)
+        self.memory = NeuralMemory(d_model, num_heads=memory_heads or num_heads,
+                                   chunk_size=chunk_size, use_delta_rule=delta_ok, dtype=dtype,
+                                   rngs=rngs, **memory_options)
+        self.persistent = (layers.param(jax.random.normal(rngs.params(), (num_persistent, d_model),
+                                                          jnp.float32) * d_model ** -0.5,
+                                        (None, "embed")) if num_persistent else None)
+
+    # ---- attention with persistent keys -------------------------------------------------------
+    def _persistent_kv(self, b):
+        if self.persistent is None:
+            return None
+        p = self.persistent[...].astype(self.dtype)[None]
+        a = self.attn
+        k, v = (jnp.einsum("btd,dhk->bthk", p, w[...].astype(self.dtype)) for w in (a.wk, a.wv))
+        return jnp.broadcast_to(k, (b, *k.shape[1:])), jnp.broadcast_to(v, (b, *v.shape[1:]))
+
+    def _attend(self, q, keys, values, visible):
+        """Softmax attention of q [b, t, H, k] over [persistent; keys] with mask `visible`
+        [t, s] for `keys` (persistent keys are always visible)."""
+        b, T = q.shape[:2]
+        pkv = self._persistent_kv(b)
+        if pkv is not None:
+            keys = jnp.concatenate([pkv[0].astype(keys.dtype), keys], axis=1)
+            values = jnp.concatenate([pkv[1].astype(values.dtype), values], axis=1)
+            visible = jnp.concatenate([jnp.ones((T, self.num_persistent), bool), visible], 1)
+        o = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
+                                         mask=visible[None, None])
+        return self.attn._out(o)
+
+    def _window_parallel(self, x):
+        b, T, _ = x.shape
+        pos = jnp.arange(T, dtype=jnp.int32)
+        q, k, v = self.attn._project(x, jnp.broadcast_to(pos[None], (b, T)))
+        visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.window)
+        return self._attend(q, k, v, visible)
+
+    def _window_cached(self, x, cache: KVCache):
+        """The ring-cache form of the window attention (memzoo.attention's slot layout:
+        position p in slot p % W), with the persistent keys in front."""
+        b, T, _ = x.shape
+        index, W = cache.index, cache.k.shape[1]
+        q_pos = index + jnp.arange(T, dtype=jnp.int32)
+        q, k, v = self.attn._project(x, jnp.broadcast_to(q_pos[None], (b, T)))
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        s = jnp.arange(W, dtype=jnp.int32)
+        ring_pos = index - W + jnp.mod(s - index, W)
+        keys = jnp.concatenate([cache.k, k], axis=1)
+        values = jnp.concatenate([cache.v, v], axis=1)
+        k_pos = jnp.concatenate([ring_pos, q_pos])
+        m = min(T, W)
+        write = jnp.mod(index + T - m + jnp.arange(m, dtype=jnp.int32), W)
+        new = KVCache(cache.k.at[:, write].set(k[:, T - m:]),
+                      cache.v.at[:, write].set(v[:, T - m:]), index + T)
+        visible = ((k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
+                   & (k_pos[None, :] > q_pos[:, None] - self.window))
+        return self._attend(q, keys, values, visible), new
+
+    # ---- protocol ----------------------------------------------------------------------------
+    def init_cache(self, batch_size: int, *, max_len: int | None = None) -> TitansCache:
+        del max_len  # nothing grows with the sequence
+        return TitansCache(self.memory.init_cache(batch_size), self.attn.init_cache(batch_size))
+
+    def step(self, x_t, cache: TitansCache):
+        layers.check_input(f"{type(self).__name__}.step", "x_t", x_t, ndim=2, width=self.d_model,
+                           legend="[batch, d_model]")
+        y, cache = self._forward(x_t[:, None], cache, decode=True)
+        return y[:, 0], cache
+
+    def __call__(self, x, cache: TitansCache | None = None):
+        layers.check_input(type(self).__name__, "x", x, ndim=3, width=self.d_model)
+        if cache is not None and not isinstance(cache, TitansCache):
+            raise ValueError(f"{type(self).__name__}: `cache` must be a TitansCache (from "
+                             f"init_cache), got {type(cache).__name__}")
+        y, new = self._forward(x, cache)
+        return y if cache is None else (y, new)
+
+
+@register_mixer("titans_mag")
+class TitansMAG(_TitansBase):
+    """Memory as a Gate: [b, t, d] -> [b, t, d] (module docstring).
+
+    >>> mag = TitansMAG(8, num_heads=2, window=4, rngs=nnx.Rngs(0))
+    >>> mag(jnp.ones((1, 6, 8))).shape
+    (1, 6, 8)
+    """
+
+    def __init__(self, d_model: int, *, num_heads: int = 4, memory_heads: int | None = None,
+                 window: int = 64, num_persistent: int = 4, chunk_size: int = 16,
+                 rope: bool = True, dtype=jnp.float32, rngs: nnx.Rngs, **memory_options):
+        super().__init__(d_model, num_heads=num_heads, memory_heads=memory_heads, window=window,
+                         num_persistent=num_persistent, chunk_size=chunk_size, rope=rope,
+                         memory_options=memory_options, dtype=dtype, rngs=rngs)
+        self.gate = layers.Linear(d_model, d_model, axes=("embed", "embed"), rngs=rngs)
+
+    def _forward(self, x, cache, decode: bool = False):
+        if cache is None:
+            a, m = self._window_parallel(x), self.memory(x)
+            new = None
+        else:
+            a, attn = self._window_cached(x, cache.attn)
+            m, _, mem = self.memory.forward(x, cache.memory, decode=decode)
+            new = TitansCache(mem, attn)
+        g = jax.nn.sigmoid(self.gate(x.astype(self.dtype)))
+        return g * a + (1.0 - g) * m, new
+
+
+@register_mixer("titans_mal")
+class TitansMAL(_TitansBase):
+    """Memory as a Layer: [b, t, d] -> [b, t, d] (module docstring).
+
+    >>> mal = TitansMAL(8, num_heads=2, window=4, rngs=nnx.Rngs(0))
+    >>> mal(jnp.ones((1, 6, 8))).shape
+    (1, 6, 8)
+    """
+
+    def __init__(self, d_model: int, *, num_heads: int = 4, memory_heads: int | None = None,
+                 window: int = 64, num_persistent: int = 4, chunk_size: int = 16,
+                 rope: bool = True, dtype=jnp.float32, rngs: nnx.Rngs, **memory_options):
+        super().__init__(d_model, num_heads=num_heads, memory_heads=memory_heads, window=window,
+                         num_persistent=num_persistent, chunk_size=chunk_size, rope=rope,
+                         memory_options=memory_options, dtype=dtype, rngs=rngs)
+
+    def _forward(self, x, cache, decode: bool = False):
+        if cache is None:
+            return self._window_parallel(self.memory(x)), None
+        m, _, mem = self.memory.forward(x, cache.memory, decode=decode)
+        a, attn = self._window_cached(m, cache.attn)
+        return a, TitansCache(mem, attn)
+
+
+@register_mixer("titans_mac")
+class TitansMAC(_TitansBase):
+    """Memory as Context: [b, t, d] -> [b, t, d] (module docstring). `segment_len` is the
+    attention segment and the memory's chunk.
+
+    >>> mac = TitansMAC(8, num_heads=2, segment_len=4, rngs=nnx.Rngs(0))
+    >>> mac(jnp.ones((1, 6, 8))).shape
+    (1, 6, 8)
+    """
+
+    def __init__(self, d_model: int, *, num_heads: int = 4, memory_heads: int | None = None,
+                 segment_len: int = 32, num_persistent: int = 4, rope: bool = True,
+                 dtype=jnp.float32, rngs: nnx.Rngs, **memory_options):
+        check_positive_int("TitansMAC", "segment_len", segment_len)
+        # The context needs the chunk-start reads, which the delta-rule path does not produce.
+        super().__init__(d_model, num_heads=num_heads, memory_heads=memory_heads,
+                         window=segment_len, num_persistent=num_persistent,
+                         chunk_size=segment_len, rope=rope, memory_options=memory_options,
+                         dtype=dtype, rngs=rngs, delta_ok=False)
+        self.segment_len = segment_len
+
+    def init_cache(self, batch_size: int, *, max_len: int | None = None) -> TitansCache:
+        del max_len
+        a = self.attn
+        shape = (batch_size, 2 * self.segment_len, a.num_kv_heads, a.head_dim)
+        return TitansCache(self.memory.init_cache(batch_size),
+                           KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype),
+                                   jnp.zeros((), jnp.int32)))
+
+    def _segment_kv(self, x, h, positions):
+        """Keys/values of the segment tokens and of the memory reads h (same positions)."""
+        b, T, _ = x.shape
+        pos = jnp.broadcast_to(positions[None], (b, T))
+        q, kx, vx = self.attn._project(x, pos)
+        _, kh, vh = self.attn._project(h, pos)
+        return q, kx, vx, kh, vh
+
+    def _forward(self, x, cache, decode: bool = False):
+        b, T, _ = x.shape
+        S = self.segment_len
+        index = jnp.zeros((), jnp.int32) if cache is None else cache.attn.index
+        m, h, mem = self.memory.forward(x, None if cache is None else cache.memory, decode=decode)
+        pos = index + jnp.arange(T, dtype=jnp.int32)
+        q, kx, vx, kh, vh = self._segment_kv(x, h, pos)
+        if cache is None:
+            seg = pos // S
+            visible = (seg[None, :] == seg[:, None]) & (pos[None, :] <= pos[:, None])
+            a = self._attend(q, jnp.concatenate([kh, kx], 1), jnp.concatenate([vh, vx], 1),
+                             jnp.concatenate([visible, visible], 1))
+            return a + m, None
+        # Cached: slots [0, S) hold the segment's x keys, [S, 2S) its h keys, by position % S.
+        # Attend over [old buffer; new keys], keep the last S new keys in the buffer.
+        buf = cache.attn
+        slot = jnp.arange(S, dtype=jnp.int32)
+        start = index - jnp.mod(index, S)                    # first position of the segment
+        buf_pos = start + slot                               # < index: written, same segment
+        seg_q = pos // S
+        old_ok = (buf_pos[None, :] < index) & ((buf_pos // S)[None, :] == seg_q[:, None])
+        new_ok = ((pos // S)[None, :] == seg_q[:, None]) & (pos[None, :] <= pos[:, None])
+        keys = jnp.concatenate([buf.k[:, S:], kh, buf.k[:, :S], kx], 1)
+        values = jnp.concatenate([buf.v[:, S:], vh, buf.v[:, :S], vx], 1)
+        visible = jnp.concatenate([old_ok, new_ok, old_ok, new_ok], 1)
+        a = self._attend(q, keys, values, visible)
+        n = min(T, S)
+        write = jnp.mod(index + T - n + jnp.arange(n, dtype=jnp.int32), S)
+        kb = buf.k.at[:, write].set(kx[:, T - n:].astype(buf.k.dtype))
+        kb = kb.at[:, S + write].set(kh[:, T - n:].astype(buf.k.dtype))
+        vb = buf.v.at[:, write].set(vx[:, T - n:].astype(buf.v.dtype))
+        vb = vb.at[:, S + write].set(vh[:, T - n:].astype(buf.v.dtype))
+        return a + m, TitansCache(mem, KVCache(kb, vb, index + T))

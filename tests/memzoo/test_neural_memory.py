@@ -1,0 +1,228 @@
+"""NeuralMemory (Titans) and the Miras variants: the chunked parallel form against the
+definitions written out naively here in float64 (per-token online rule for chunk size 1, the
+mini-batch gradient-descent rule for chunk size C), the delta-rule path, decoding == parallel
+for the memory and for MAC / MAG / MAL, memory of the backward pass from XLA's analysis, errors.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from memzoo.neural_memory import MemoryRule, NeuralMemory, chunked_memory, core
+from tests.memzoo import helpers
+
+B, T, H, K = 1, 7, 2, 3
+
+
+# ---- the definitions, written out -----------------------------------------------------------------
+def naive_loss(rule, weights, k, v):
+    h = k
+    for i, w in enumerate(weights):
+        h = h @ w
+        if i + 1 < len(weights):
+            h = h * (1.0 / (1.0 + jnp.exp(-h)))          # silu
+    e = h - v
+    if rule.attentional_bias == "l2":
+        return jnp.sum(e ** 2)
+    if rule.attentional_bias == "lp":
+        return jnp.sum(jnp.abs(e) ** rule.p)
+    d = rule.huber_delta
+    return jnp.sum(jnp.where(jnp.abs(e) <= d, 0.5 * e ** 2, d * jnp.abs(e) - 0.5 * d * d))
+
+
+def naive_mlp(weights, x):
+    h = x
+    for i, w in enumerate(weights):
+        h = h @ w
+        if i + 1 < len(weights):
+            h = h * (1.0 / (1.0 + jnp.exp(-h)))
+    return h
+
+
+def naive_readout(rule, acc):
+    if rule.retention == "l2":
+        return list(acc)
+    if rule.retention == "lq":
+        return [a / (jnp.sum(jnp.abs(a) ** rule.q) ** (1 / rule.q)) ** (rule.q - 2) for a in acc]
+    return [rule.kl_scale * jnp.exp(a) / jnp.sum(jnp.exp(a), axis=-1, keepdims=True) for a in acc]
+
+
+def naive_memory(rule, acc0, k, v, q, theta, eta, alpha, chunk):
+    """Loops over batch, heads, tokens: every token's gradient taken at the accumulator of its
+    chunk's start (chunk = 1: the online rule, each gradient at the previous token's weights),
+    then momentum S = eta S - theta g (or the plain step -theta g), A = (1 - alpha) A + S,
+    read y_t = M_{readout(A_t)}(q_t)."""
+    Bn, Tn, Hn = k.shape[:3]
+    y = np.zeros(v.shape)
+    for b in range(Bn):
+        for h in range(Hn):
+            acc = [a[b, h] for a in acc0]
+            mom = [jnp.zeros_like(a) for a in acc]
+            for t in range(Tn):
+                if t % chunk == 0:
+                    anchor = naive_readout(rule, acc)
+                g = jax.grad(lambda w: naive_loss(rule, w, k[b, t, h], v[b, t, h]))(anchor)
+                if rule.learning_rule == "momentum":
+                    mom = [eta[b, t, h] * m - theta[b, t, h] * gi for m, gi in zip(mom, g)]
+                    upd = mom
+                else:
+                    upd = [-theta[b, t, h] * gi for gi in g]
+                acc = [(1 - alpha[b, t, h]) * a + u for a, u in zip(acc, upd)]
+                y[b, t, h] = naive_mlp(naive_readout(rule, acc), q[b, t, h])
+    return y
+
+
+def random_inputs(seed, sizes, *, batch=B, length=T, heads=H):
+    r = np.random.default_rng(seed)
+    k = r.normal(size=(batch, length, heads, sizes[0]))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    q = r.normal(size=k.shape)
+    v = r.normal(size=(batch, length, heads, sizes[-1]))
+    theta, eta, alpha = (r.uniform(lo, hi, (batch, length, heads))
+                         for lo, hi in ((0.05, 0.4), (0.3, 0.9), (0.0, 0.2)))
+    acc = tuple(r.normal(size=(batch, heads, i, o)) / np.sqrt(i)
+                for i, o in zip(sizes[:-1], sizes[1:]))
+    return acc, k, v, q, theta, eta, alpha
+
+
+def run_chunked(rule, acc, k, v, q, theta, eta, alpha, chunk):
+    mom = tuple(np.zeros_like(a) for a in acc) if rule.momentum else None
+    with jax.enable_x64(True):
+        f = jax.jit(lambda *a: chunked_memory(rule, *a, chunk_size=chunk)[0])
+        y = f(acc, mom, k, v, q, theta, eta, alpha)
+        return np.asarray(y), y.dtype
+
+
+def naive64(rule, acc, k, v, q, theta, eta, alpha, chunk):
+    with jax.enable_x64(True):
+        return naive_memory(rule, acc, k, v, q, theta, eta, alpha, chunk)
+
+
+def assert_rel(y, ref, tol, what):
+    err = np.sqrt(np.mean((y - ref) ** 2)) / np.sqrt(np.mean(ref ** 2))
+    assert err <= tol, f"{what}: relative RMSE {err:.3g} > {tol}"
+
+
+# ---- exactness of the chunked form --------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_titans_chunked_equals_definition_float64(chunk):
+    """chunk 1: the per-token online rule; chunk 3 over 7 tokens (two full chunks and a partial
+    one): the mini-batch rule. Two-layer memory MLP, momentum, forgetting."""
+    rule = MemoryRule()
+    args = random_inputs(chunk, (K, 5, K))
+    y, dtype = run_chunked(rule, *args, chunk)
+    assert dtype == jnp.float64
+    np.testing.assert_allclose(y, naive64(rule, *args, chunk), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["moneta", "yaad", "memora"])
+def test_miras_variants_equal_their_definitions_float64(variant):
+    from memzoo.neural_memory.memory import MIRAS
+    rule = MemoryRule(**MIRAS[variant])
+    acc, *rest = random_inputs(10, (K, 4, K))
+    if variant == "yaad":   # values far enough out that the Huber loss is linear for some
+        rest[1] = rest[1] * 3.0
+    args = (acc, *rest)
+    y, _ = run_chunked(rule, *args, 2)
+    np.testing.assert_allclose(y, naive64(rule, *args, 2), rtol=1e-9, atol=1e-12)
+
+
+def test_huber_bias_is_linear_far_out():
+    """The Yaad bias really switches: its gradient saturates at delta outside |e| <= delta."""
+    rule = MemoryRule(attentional_bias="huber", huber_delta=0.5)
+    g = jax.grad(lambda e: rule.loss(e, jnp.zeros(3)))(jnp.array([0.1, -2.0, 4.0]))
+    np.testing.assert_allclose(g, [0.1, -0.5, 0.5], rtol=1e-6)
+
+
+def test_linear_memory_delta_rule_equals_online_rule_float64():
+    """The linear memory without momentum on pallas_kernels.delta_rule == the general path at
+    chunk size 1 == the naive online loop."""
+    rule = MemoryRule(learning_rule="gd")
+    acc, k, v, q, theta, eta, alpha = random_inputs(3, (K, K), length=9)
+    with jax.enable_x64(True):
+        # "xla": the Pallas branches of "auto" accumulate in float32 only.
+        y, (w,) = jax.jit(lambda *a: core.linear_memory_delta_rule(*a, implementation="xla"))(
+            acc, k, v, q, theta, alpha)
+        assert y.dtype == jnp.float64
+        y = np.asarray(y)
+    np.testing.assert_allclose(y, naive64(rule, acc, k, v, q, theta, eta, alpha, 1),
+                               rtol=1e-10, atol=1e-12)
+    y1, _ = run_chunked(rule, acc, k, v, q, theta, eta, alpha, 1)
+    np.testing.assert_allclose(y, y1, rtol=1e-10, atol=1e-12)
+
+
+# ---- decoding == parallel ---------------------------------------------------------------------
+D = 8
+
+
+def _decode_case(mixer, x, t1):
+    y = helpers.forward(mixer, x)
+    y_dec = helpers.prefill_then_decode(mixer, x, t1, mixer.init_cache(x.shape[0]))
+    np.testing.assert_allclose(np.asarray(y_dec), np.asarray(y), rtol=2e-5, atol=2e-5)
+    return y
+
+
+@pytest.mark.parametrize("options, t1", [
+    (dict(chunk_size=4), 5),                                   # prefill ends mid-chunk
+    (dict(chunk_size=3, memory_layers=1, learning_rule="gd"), 4),  # delta-rule path
+])
+def test_neural_memory_decode_equals_parallel(options, t1):
+    mem = NeuralMemory(D, num_heads=2, rngs=nnx.Rngs(0), **options)
+    x = jax.random.normal(jax.random.key(1), (2, 9, D))
+    _decode_case(mem, x, t1)
+
+
+def test_prefill_from_mid_chunk_cache_equals_parallel():
+    """A prefill continuing from a cache in the middle of a chunk (the token-by-token branch)."""
+    mem = NeuralMemory(D, num_heads=2, chunk_size=4, rngs=nnx.Rngs(2))
+    x = jax.random.normal(jax.random.key(3), (1, 10, D))
+    y = helpers.forward(mem, x)
+    c = mem.init_cache(1)
+    y1, c = helpers.prefill(mem, x[:, :3], c)
+    y2, c = helpers.prefill(mem, x[:, 3:], c)
+    np.testing.assert_allclose(np.concatenate([y1, y2], 1), y, rtol=2e-5, atol=2e-5)
+
+
+def test_delta_path_equals_general_path_at_chunk_one():
+    kw = dict(num_heads=2, memory_layers=1, learning_rule="gd", rngs=nnx.Rngs(4))
+    fast = NeuralMemory(D, chunk_size=8, **kw)
+    slow = NeuralMemory(D, chunk_size=1, use_delta_rule=False, **{**kw, "rngs": nnx.Rngs(4)})
+    assert fast.delta_path and not slow.delta_path
+    x = jax.random.normal(jax.random.key(5), (1, 12, D))
+    np.testing.assert_allclose(helpers.forward(fast, x), helpers.forward(slow, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options, match", [
+    (dict(attentional_bias="l3"), "attentional_bias"),
+    (dict(retention="l1"), "retention"),
+    (dict(learning_rule="adam"), "learning_rule"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(memory_layers=0), "memory_layers"),
+    (dict(p=1.0, attentional_bias="lp"), "`p`"),
+    (dict(q=1.5, retention="lq"), "`q`"),
+])
+def test_bad_options_raise(options, match):
+    with pytest.raises(ValueError, match=match):
+        NeuralMemory(D, num_heads=2, rngs=nnx.Rngs(0), **options)
+
+
+def test_chunked_memory_rejects_bad_chunk_size():
+    rule = MemoryRule()
+    acc, k, v, q, theta, eta, alpha = random_inputs(0, (K, K))
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_memory(rule, acc, acc, k, v, q, theta, eta, alpha, chunk_size=-2)
+
+
+@pytest.mark.parametrize("name, options, t1", [
+    ("titans_mag", dict(window=3, chunk_size=4), 5),
+    ("titans_mal", dict(window=3, chunk_size=2), 3),
+    ("titans_mac", dict(segment_len=4), 6),
+])
+def test_titans_architectures_decode_equals_parallel(name, options, t1):
+    from memzoo import MIXERS
+    mixer = MIXERS[name](D, num_heads=2, num_persistent=2, rngs=nnx.Rngs(6), **options)
+    x = jax.random.normal(jax.random.key(7), (2, 10, D))
+    _decode_case(mixer, x, t1)
