@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _dispatch, _validation
+from pallas_kernels.chunked_linear_attention import pallas as _pallas
 from pallas_kernels.chunked_linear_attention import reference as _reference
 from pallas_kernels.chunked_linear_attention import xla as _xla
+from pallas_kernels.chunked_linear_attention.pallas import BlockSizes
 
-__all__ = ["chunked_linear_attention"]
+__all__ = ["chunked_linear_attention", "BlockSizes"]
 
 _OP = "chunked_linear_attention"
 
@@ -150,11 +152,19 @@ def run_starts(runs):
     return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
 
 
+def _pallas_for(fn, h0, chunk_size, implementation):
+    """The Pallas callable, except that "auto" keeps 64-bit inputs on the XLA path (the kernels
+    accumulate in float32; "pallas" asked explicitly says so)."""
+    if implementation == "auto" and h0.dtype != jnp.float32:
+        return None
+    return functools.partial(fn, chunk_size=chunk_size)
+
+
 def _forward(q, k, v, g, h0, runs, chunk_size, implementation):
     """(o, final_state, per-chunk start states) from the chosen fast path."""
     xla = functools.partial(_xla.forward_with_states, chunk_size=chunk_size)
-    return _dispatch.dispatch(_OP, implementation, q, k, v, g, h0, runs,
-                              reference=xla, xla=xla, pallas=None)
+    return _dispatch.dispatch(_OP, implementation, q, k, v, g, h0, runs, reference=xla, xla=xla,
+                              pallas=_pallas_for(_pallas.forward, h0, chunk_size, implementation))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -175,8 +185,9 @@ def _attention_bwd(chunk_size, implementation, residuals, cotangents):
     do, dfinal = cotangents
     xla_bwd = functools.partial(_xla.backward, chunk_size=chunk_size)
     # implementation="reference" never reaches the custom VJP (autodiff differentiates it).
-    grads = _dispatch.dispatch(_OP, implementation, q, k, v, g, h0, runs, starts, do, dfinal,
-                               reference=xla_bwd, xla=xla_bwd, pallas=None)
+    grads = _dispatch.dispatch(
+        _OP, implementation, q, k, v, g, h0, runs, starts, do, dfinal, reference=xla_bwd,
+        xla=xla_bwd, pallas=_pallas_for(_pallas.backward, h0, chunk_size, implementation))
     return (*grads, None)
 
 
