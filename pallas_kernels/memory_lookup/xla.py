@@ -8,11 +8,13 @@ and ran 7x slower on the development CPU; a `fori_loop` over k, 2x slower (it re
 rewrites the [n, dim] accumulator every slot). Bags with more than UNROLL slots run a fori_loop
 over groups of UNROLL slots, each group fused as above.
 
-Backward, with g = d out [n, dim]:
+Backward, with g = d out [n, dim], a fori_loop over the k slots:
   d weights[n, j] = <values[idx[n, j]], g[n]>: the same fused gather, reduced over dim.
   d values = scatter-add of w[n, j] g[n] into row idx[n, j], one scatter per slot, accumulated
     in float32 (duplicates within a bag, and across bags, add up; bfloat16 tables are summed in
-    float32 and rounded once). Nothing [n, k, dim] is formed, and no one-hot matmul.
+    float32 and rounded once). Nothing [n, k, dim] is formed, and no one-hot matmul. The
+    [rows, dim] gradient itself is dense (a custom VJP must return the table's shape): at a
+    1 GiB table, zero-filling it is most of the backward's time on a CPU (page faults).
 Indices reaching this module are in range (the public op checks or clamps them).
 """
 from __future__ import annotations
@@ -58,44 +60,24 @@ def memory_lookup_forward(values, indices, weights):
     return out.astype(out_dtype)
 
 
-def _row_dots(values, idx, g, start, count, acc_dtype):
-    cols = []
-    for j in range(count):
-        i = jax.lax.dynamic_index_in_dim(idx, start + j, axis=1, keepdims=False)
-        rows = jnp.take(values, i, axis=0, mode="clip").astype(acc_dtype)
-        cols.append(jnp.sum(rows * g, axis=-1))
-    return jnp.stack(cols, axis=1)
-
-
-def _scatter(dv, idx, w, g, start, count):
-    for j in range(count):
-        i = jax.lax.dynamic_index_in_dim(idx, start + j, axis=1, keepdims=False)
-        wj = jax.lax.dynamic_index_in_dim(w, start + j, axis=1, keepdims=True)
-        dv = dv.at[i].add(wj.astype(dv.dtype) * g, mode="clip")
-    return dv
-
-
 def memory_lookup_backward(values, indices, weights, g):
-    """(d values, d weights) for cotangent g [n, dim]."""
+    """(d values, d weights) for cotangent g [n, dim].
+
+    A fori_loop over the k slots, not unrolled: each slot is one [n, dim] gather-reduce and one
+    [n, dim] scatter-add into the carried (in-place) float32 table gradient, so compile time
+    stays flat in k and nothing [n, k, dim] is formed."""
     n, k = indices.shape
     acc = _validation.accum_dtype(jnp.result_type(values.dtype, weights.dtype, g.dtype))
     g = g.astype(acc)
-    loops, per, _ = _groups(k)
-    dv = jnp.zeros(values.shape, acc)
-    if loops == 0:
-        dw = _row_dots(values, indices, g, 0, k, acc)
-        dv = _scatter(dv, indices, weights, g, 0, k)
-    else:
-        def body(grp, carry):
-            dv, dw = carry
-            start = grp * per
-            dw = jax.lax.dynamic_update_slice_in_dim(
-                dw, _row_dots(values, indices, g, start, per, acc), start, axis=1)
-            return _scatter(dv, indices, weights, g, start, per), dw
-        dv, dw = jax.lax.fori_loop(0, loops, body, (dv, jnp.zeros((n, k), acc)))
-        rest = k % per
-        if rest:
-            start = loops * per
-            dw = dw.at[:, start:].set(_row_dots(values, indices, g, start, rest, acc))
-            dv = _scatter(dv, indices, weights, g, start, rest)
+
+    def slot(j, carry):
+        dv, dw = carry
+        i = jax.lax.dynamic_index_in_dim(indices, j, axis=1, keepdims=False)
+        wj = jax.lax.dynamic_index_in_dim(weights, j, axis=1, keepdims=True).astype(acc)
+        rows = jnp.take(values, i, axis=0, mode="clip").astype(acc)
+        dw = jax.lax.dynamic_update_index_in_dim(dw, jnp.sum(rows * g, axis=-1), j, axis=1)
+        dv = dv.at[i].add(wj * g, mode="clip")
+        return dv, dw
+
+    dv, dw = jax.lax.fori_loop(0, k, slot, (jnp.zeros(values.shape, acc), jnp.zeros((n, k), acc)))
     return dv.astype(values.dtype), dw.astype(weights.dtype)
