@@ -122,6 +122,17 @@ def _vector_gate_scores(q, k, b, sub):
     """[X, C, C]: sum_k q_ik k_jk exp(b_ik - b_jk) for j <= i (upper triangle arbitrary-finite,
     masked by the caller), exponentiating only differences <= 0."""
     *x, c, kdim = q.shape
+    # The leading dims are flattened into one: under jax 0.10.2, XLA CPU's YNNPACK fusions
+    # segfault on the rank-7/8 intermediates of this function's gradient (a transpose in
+    # slinky's fuse_contiguous_dims), which unflattened [B, H, N, ns, sub, sub, K] reaches.
+    q, k, b = (a.reshape(-1, c, kdim) for a in (q, k, b))
+    scores = _vector_gate_scores_flat(q, k, b, sub)
+    return scores.reshape(*x, c, c)
+
+
+def _vector_gate_scores_flat(q, k, b, sub):
+    x, c, kdim = q.shape
+    x = (x,)
     ns = c // sub
     qs = q.reshape(*x, ns, sub, kdim)
     ks = k.reshape(*x, ns, sub, kdim)
