@@ -44,6 +44,10 @@ class ModelConfig:
     scan_layers: bool = False        # nnx.scan over repeats of the mixer pattern
     remat: str = "none"              # memzoo.models.REMAT_POLICIES: none, full, dots_saveable...
     pooling: str = "mean"            # classification tasks: SequenceClassifier pooling
+    mlp: str = "dense"               # "dense" (SwiGLU) | "pkm" (memzoo.memory_layers.ProductKeyMemory)
+    # mlp="pkm": ProductKeyMemory options (n_keys, num_heads, topk, key_dim, value_dim, qk_norm,
+    # gated, query_norm) plus "layers" (which layers get a memory) and "shared_values"
+    mlp_options: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         _positive("model", self, "d_model", "num_layers")
@@ -56,6 +60,10 @@ class ModelConfig:
         _check(self.remat in REMAT_POLICIES, "model.remat", f"one of {tuple(REMAT_POLICIES)}",
                self.remat)
         _check(self.pooling in POOLINGS, "model.pooling", f"one of {POOLINGS}", self.pooling)
+        from memzoo.models import MLP_KINDS
+        _check(self.mlp in MLP_KINDS, "model.mlp", f"one of {MLP_KINDS}", self.mlp)
+        _check(isinstance(self.mlp_options, dict) and (self.mlp == "pkm" or not self.mlp_options),
+               "model.mlp_options", "a dict, empty unless model.mlp='pkm'", self.mlp_options)
 
 
 @dataclasses.dataclass(frozen=True)

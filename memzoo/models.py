@@ -141,17 +141,26 @@ class StackCache:
     layers: tuple
 
 
+MLP_KINDS = ("dense", "pkm")
+
+
 class Block(nnx.Module):
-    """x + mixer(norm(x)), then x + MLP(norm(x)); the MLP is a SwiGLU of width mlp_ratio * d."""
+    """x + mixer(norm(x)), then x + MLP(norm(x)); the MLP is a SwiGLU of width mlp_ratio * d,
+    or with mlp="pkm" a product-key memory (memzoo.memory_layers, options in mlp_options)."""
 
     def __init__(self, d_model: int, mixer: str, *, mixer_options: dict[str, Any], mlp_ratio: int,
-                 norm: str, dtype, rngs: nnx.Rngs):
+                 norm: str, dtype, rngs: nnx.Rngs, mlp: str = "dense",
+                 mlp_options: dict[str, Any] | None = None):
         self.mixer_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs)
         # mixer_options: {name: options} from route_mixer_options
         self.mixer = MIXERS.build(mixer, d_model, rngs=rngs,
                                   **{"dtype": dtype, **mixer_options.get(mixer, {})})
-        self.mlp = (layers.MLP(d_model, mlp_ratio * d_model, activation="silu", gated=True,
-                               dtype=dtype, rngs=rngs) if mlp_ratio > 0 else None)
+        if mlp == "pkm":
+            from memzoo.memory_layers import ProductKeyMemory  # memory_layers imports layers
+            self.mlp = ProductKeyMemory(d_model, **(mlp_options or {}), dtype=dtype, rngs=rngs)
+        else:
+            self.mlp = (layers.MLP(d_model, mlp_ratio * d_model, activation="silu", gated=True,
+                                   dtype=dtype, rngs=rngs) if mlp_ratio > 0 else None)
         self.mlp_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs) if self.mlp else None
         self.dtype = dtype
         # Optional protocol keywords (memzoo.registry.SequenceMixer), decided once here.
@@ -219,7 +228,8 @@ class BlockStack(nnx.Module):
     def __init__(self, d_model: int, num_layers: int, pattern: str, *,
                  mixer_options: dict[str, Any] | None = None, mlp_ratio: int = 2,
                  norm: str = "rmsnorm", scan_layers: bool = False, remat: str | bool = "none",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, mlp: str = "dense", mlp_options: dict[str, Any] | None = None,
+                 rngs: nnx.Rngs):
         if isinstance(remat, bool):  # configs that only switch it on or off
             remat = "full" if remat else "none"
         if remat not in REMAT_POLICIES:
@@ -228,6 +238,10 @@ class BlockStack(nnx.Module):
         routed = route_mixer_options(unit, mixer_options)
         options = dict(d_model=d_model, mixer_options=routed, mlp_ratio=mlp_ratio, norm=norm,
                        dtype=dtype)
+        memory_layers, mlp_options = self._memory_options(d_model, num_layers, mlp, mlp_options,
+                                                          scan_layers, rngs)
+        if memory_layers is None:  # every layer the same kind: the scan can stack them
+            options.update(mlp=mlp, mlp_options=mlp_options)
         self.remat, self.scan_layers = remat, bool(scan_layers)
         self.repeats = num_layers // len(unit) if scan_layers else 0
         if self.repeats:
@@ -239,9 +253,49 @@ class BlockStack(nnx.Module):
         else:
             self.scanned = None
         tail = layer_pattern(pattern, num_layers)[self.repeats * len(unit):]
-        self.layers = nnx.List([Block(d_model, name, rngs=rngs,
+        per_layer = [{} if memory_layers is None else
+                     dict(mlp="pkm" if i in memory_layers else "dense", mlp_options=mlp_options)
+                     for i in range(len(tail))]
+        self.layers = nnx.List([Block(d_model, name, rngs=rngs, **extra,
                                       **{k: v for k, v in options.items() if k != "d_model"})
-                                for name in tail])
+                                for name, extra in zip(tail, per_layer)])
+
+    def _memory_options(self, d_model, num_layers, mlp, mlp_options, scan_layers, rngs):
+        """(layer indices with a memory or None for all, the ProductKeyMemory options).
+
+        mlp_options beyond ProductKeyMemory's own: "layers" (indices of the layers whose MLP is
+        a memory; the rest stay dense) and "shared_values" (one value table for all of them,
+        built here and handed to each layer)."""
+        if mlp not in MLP_KINDS:
+            raise ValueError(f"`mlp` must be one of {MLP_KINDS}, got {mlp!r}")
+        options = dict(mlp_options or {})
+        if mlp != "pkm":
+            if options:
+                raise ValueError(f"`mlp_options` are for mlp='pkm', got {sorted(options)} with "
+                                 f"mlp={mlp!r}")
+            self.memory_values = None
+            return None, None
+        which = options.pop("layers", None)
+        shared = bool(options.pop("shared_values", False))
+        if (which is not None or shared) and scan_layers:
+            raise ValueError("mlp_options 'layers' / 'shared_values' need scan_layers=False "
+                             "(scanned layers are identical and own their parameters)")
+        if which is not None:
+            which = {int(i) for i in which}
+            if not which or min(which) < 0 or max(which) >= num_layers:
+                raise ValueError(f"mlp_options['layers'] must be layer indices in "
+                                 f"[0, {num_layers}), got {sorted(which)}")
+        if shared:
+            from memzoo.memory_layers import MemoryValues
+            n_keys = options.get("n_keys", 32)
+            self.memory_values = MemoryValues(
+                n_keys * n_keys, options.get("value_dim") or d_model,
+                init_std=options.get("value_init_std"), rngs=rngs)
+            options["values"] = self.memory_values
+        else:
+            self.memory_values = None
+        return (which if which is not None else (set(range(num_layers)) if shared else None),
+                options)
 
     def _apply(self) -> Callable:
         def apply(block, x, segment_ids):
@@ -326,13 +380,15 @@ class CausalLM(nnx.Module):
     def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, mixer: str = "s4d",
                  mixer_options: dict[str, Any] | None = None, mlp_ratio: int = 2,
                  norm: str = "rmsnorm", tie_embeddings: bool = True, scan_layers: bool = False,
-                 remat: str = "none", dtype=jnp.float32, rngs: nnx.Rngs):
+                 remat: str = "none", dtype=jnp.float32, mlp: str = "dense",
+                 mlp_options: dict[str, Any] | None = None, rngs: nnx.Rngs):
         _check_sizes("CausalLM", vocab_size=vocab_size, d_model=d_model, num_layers=num_layers)
         self.vocab_size, self.dtype = vocab_size, dtype
         self.embed = _embedding(vocab_size, d_model, rngs)
         self.stack = BlockStack(d_model, num_layers, mixer, mixer_options=mixer_options,
                                 mlp_ratio=mlp_ratio, norm=norm, scan_layers=scan_layers,
-                                remat=remat, dtype=dtype, rngs=rngs)
+                                remat=remat, dtype=dtype, mlp=mlp, mlp_options=mlp_options,
+                                rngs=rngs)
         self.final_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs)
         self.head = None if tie_embeddings else layers.Linear(
             d_model, vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dtype, rngs=rngs)
@@ -389,7 +445,8 @@ class SequenceClassifier(nnx.Module):
                  mixer: str = "s4d", pooling: str = "mean",
                  mixer_options: dict[str, Any] | None = None, mlp_ratio: int = 2,
                  norm: str = "rmsnorm", scan_layers: bool = False, remat: str = "none",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, mlp: str = "dense", mlp_options: dict[str, Any] | None = None,
+                 rngs: nnx.Rngs):
         _check_sizes("SequenceClassifier", vocab_size=vocab_size, num_classes=num_classes,
                      d_model=d_model, num_layers=num_layers)
         if pooling not in POOLINGS:
@@ -399,7 +456,8 @@ class SequenceClassifier(nnx.Module):
         self.embed = _embedding(vocab_size, d_model, rngs)
         self.stack = BlockStack(d_model, num_layers, mixer, mixer_options=mixer_options,
                                 mlp_ratio=mlp_ratio, norm=norm, scan_layers=scan_layers,
-                                remat=remat, dtype=dtype, rngs=rngs)
+                                remat=remat, dtype=dtype, mlp=mlp, mlp_options=mlp_options,
+                                rngs=rngs)
         self.final_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs)
         self.head = layers.Linear(d_model, num_classes, axes=("embed", "classes"), dtype=dtype,
                                   rngs=rngs)

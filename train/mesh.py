@@ -30,6 +30,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("layers", None),             # the stacked axis of scanned layers
     ("classes", None),            # classifier outputs: few
+    ("memory_rows", None),        # product-key memory value table rows: gathered by index
+    ("memory_dim", "tensor"),     # ...and its embedding dim, split over devices (memory layers
+                                  # at scale): each device gathers its columns of every row
 )
 
 

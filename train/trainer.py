@@ -27,6 +27,9 @@ from train import mesh as mesh_lib
 PARAM_GROUPS: dict[str, tuple[str, ...]] = {
     "ssm_dynamics": ("log_dt", "log_step", "dt", "A", "log_A", "Lambda", "log_neg_a_real",
                      "a_imag", "log_neg_lambda_real", "lambda_imag", "A_log", "dt_bias"),
+    # product-key memory value tables (memzoo.memory_layers): sparse updates (k rows per token)
+    # want a larger learning rate than the dense weights (memory layers at scale)
+    "memory_values": ("memory_values",),
 }
 NO_DECAY_LEAVES = ("bias", "scale", "D_skip")  # biases, norm scales, Mamba's D
 EMBEDDING_LEAVES = ("embed",)                # decayed unless optim.decay_embeddings is false
@@ -96,7 +99,8 @@ def build_model(config: TrainConfig, vocab_size: int, rngs: nnx.Rngs,
                                   num_layers=m.num_layers, mixer=m.mixer,
                                   mixer_options=dict(m.mixer_options), mlp_ratio=m.mlp_ratio,
                                   scan_layers=m.scan_layers, remat=m.remat,
-                                  dtype=jnp.dtype(m.dtype), rngs=rngs)
+                                  dtype=jnp.dtype(m.dtype), mlp=m.mlp,
+                                  mlp_options=dict(m.mlp_options), rngs=rngs)
     if num_classes:
         return SequenceClassifier(num_classes=num_classes, pooling=m.pooling, **kwargs)
     return CausalLM(**kwargs)
