@@ -233,6 +233,83 @@ def niah(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 64) -> Exa
 
 
 # --------------------------------------------------------------------------------------------
+# Factual recall ("How do language models learn facts?", Zucchet et al., 2025): a fixed world of
+# individuals and their attributes, stated as facts; answering needs parametric memory.
+
+FACTS_PAD = 0
+
+
+def facts_world(world_seed: int, num_individuals: int, num_first_names: int,
+                num_last_names: int, num_attributes: int, num_values: int):
+    """The world: (names [N, 2] of distinct (first, last) pairs, attributes [N, A] in [0, V)).
+
+    Fixed by `world_seed` alone, so every split (and every process) states the same facts."""
+    _require(num_individuals <= num_first_names * num_last_names,
+             f"factual_recall: num_individuals ({num_individuals}) must be <= num_first_names * "
+             f"num_last_names ({num_first_names * num_last_names}): names must be distinct")
+    rng = np.random.default_rng([world_seed, 0xFAC75])
+    pairs = rng.choice(num_first_names * num_last_names, num_individuals, replace=False)
+    names = np.stack([pairs // num_last_names, pairs % num_last_names], axis=1)
+    attributes = rng.integers(0, num_values, (num_individuals, num_attributes))
+    return names, attributes
+
+
+_WORLDS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def factual_recall(rng: np.random.Generator, *, seq_len: int, num_individuals: int = 4096,
+                   num_first_names: int = 128, num_last_names: int = 128,
+                   num_attributes: int = 4, num_values: int = 32,
+                   world_seed: int = 0) -> Example:
+    """Facts "first last attribute value" about individuals of one fixed world, 4 tokens each.
+
+    Each individual has a two-token name (a distinct (first, last) pair, so no single token
+    identifies a person: the model must bind the pair) and one value for each of
+    `num_attributes` attribute types, drawn uniformly from that type's `num_values` values. An
+    example is seq_len // 4 facts about distinct (individual, attribute) pairs (the rest
+    padded); the target at every attribute token is the value token that follows, so the
+    answer is never in context: it has to come from the weights. Every split states facts of
+    the same world (`world_seed`), so held-out accuracy measures what was memorised.
+
+    Vocabulary: 0 pad; first names [1, 1 + F); last names [1 + F, 1 + F + L); attribute types
+    [1 + F + L, 1 + F + L + A); then A blocks of V value tokens, block a for attribute a.
+    vocab_size = 1 + F + L + A + A * V. Chance accuracy: 1 / V (the attribute token tells the
+    value block; a model that knows nothing of the person guesses within it).
+    """
+    _require(seq_len >= 4, f"factual_recall needs seq_len >= 4, got {seq_len}")
+    key = (world_seed, num_individuals, num_first_names, num_last_names, num_attributes,
+           num_values)
+    if key not in _WORLDS:
+        _WORLDS[key] = facts_world(world_seed, num_individuals, num_first_names,
+                                   num_last_names, num_attributes, num_values)
+    names, attributes = _WORLDS[key]
+    n_facts = seq_len // 4
+    _require(n_facts <= num_individuals * num_attributes,
+             f"factual_recall: seq_len // 4 = {n_facts} facts exceed the world's "
+             f"{num_individuals * num_attributes}")
+    picks = rng.choice(num_individuals * num_attributes, n_facts, replace=False)
+    who, attr = picks // num_attributes, picks % num_attributes
+    first0 = 1
+    last0 = first0 + num_first_names
+    attr0 = last0 + num_last_names
+    value0 = attr0 + num_attributes
+    facts = np.stack([first0 + names[who, 0], last0 + names[who, 1], attr0 + attr,
+                      value0 + attr * num_values + attributes[who, attr]], axis=1)
+    inputs = np.full(seq_len, FACTS_PAD, np.int64)
+    inputs[:4 * n_facts] = facts.reshape(-1)
+    targets = np.zeros(seq_len, np.int64)
+    mask = np.zeros(seq_len, np.float32)
+    at = 4 * np.arange(n_facts) + 2          # the attribute tokens
+    targets[at], mask[at] = inputs[at + 1], 1.0
+    return _lm_example(inputs, targets, mask)
+
+
+def _facts_vocab(o):
+    return 1 + o["num_first_names"] + o["num_last_names"] + o["num_attributes"] * (
+        1 + o["num_values"])
+
+
+# --------------------------------------------------------------------------------------------
 # ListOps (Long Range Arena's generator)
 
 LISTOPS_PAD = 0
@@ -344,6 +421,10 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("induction_heads", induction_heads, {"vocab_size": 16}, _vocab_option,
          lambda o: 1 / (o["vocab_size"] - 1)),
     Task("niah", niah, {"vocab_size": 64}, _vocab_option, lambda o: 1 / (o["vocab_size"] - 2)),
+    Task("factual_recall", factual_recall,
+         {"num_individuals": 4096, "num_first_names": 128, "num_last_names": 128,
+          "num_attributes": 4, "num_values": 32, "world_seed": 0}, _facts_vocab,
+         lambda o: 1 / o["num_values"]),
     Task("listops", listops, {"max_depth": 10, "max_args": 10, "min_length": None,
                               "max_tries": 10_000}, lambda _: LISTOPS_VOCAB, lambda _: 0.1,
          num_classes=10),
