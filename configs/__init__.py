@@ -5,7 +5,8 @@ import importlib.util
 import os
 from typing import Callable, Sequence
 
-from configs import delayed_recall, induction_heads, mqar, mqar_long, selective_copying
+from configs import (delayed_recall, factual_recall, induction_heads, mqar, mqar_long,
+                     selective_copying)
 from configs.base import (CheckpointConfig, ConfigError, DataConfig, LoggingConfig, MeshConfig,
                           ModelConfig, OptimConfig, TrainConfig, from_dict, schema, short_keys)
 
@@ -39,6 +40,9 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
        for name, options in (("mamba", {"state_size": 16}),
                              ("mamba2", {"state_size": 16, "head_dim": 16}),
                              ("s4d", {"state_size": 16}), ("attention", {"num_heads": 4}))},
+    # memory layers vs a dense MLP at no more active FLOPs (configs/factual_recall.py)
+    "factual_recall_pkm": factual_recall.get_config,
+    "factual_recall_dense": lambda: factual_recall.get_config("dense"),
     # seconds, for tests and smoke checks
     "smoke": _variant(delayed_recall.get_config, "smoke", **{
         "model.d_model": 16, "model.num_layers": 1, "model.mixer_options": {"state_size": 8},
