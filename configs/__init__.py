@@ -6,7 +6,7 @@ import os
 from typing import Callable, Sequence
 
 from configs import (delayed_recall, factual_recall, induction_heads, mqar, mqar_long,
-                     selective_copying)
+                     niah, selective_copying)
 from configs.base import (CheckpointConfig, ConfigError, DataConfig, LoggingConfig, MeshConfig,
                           ModelConfig, OptimConfig, TrainConfig, from_dict, schema, short_keys)
 
@@ -43,6 +43,14 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     # memory layers vs a dense MLP at no more active FLOPs (configs/factual_recall.py)
     "factual_recall_pkm": factual_recall.get_config,
     "factual_recall_dense": lambda: factual_recall.get_config("dense"),
+    # single needle in a haystack beyond a 16-token attention window (configs/niah.py)
+    "niah_swa": niah.get_config,
+    "niah_titans_mag": lambda: niah.get_config("titans_mag", chunk_size=16),
+    "niah_titans_mag_linear": lambda: niah.get_config(
+        "titans_mag", memory_layers=1, learning_rule="gd").overrides(
+            {"name": "niah_titans_mag_linear"}),
+    "niah_titans_mal": lambda: niah.get_config("titans_mal", chunk_size=16),
+    "niah_titans_mac": lambda: niah.get_config("titans_mac"),
     # seconds, for tests and smoke checks
     "smoke": _variant(delayed_recall.get_config, "smoke", **{
         "model.d_model": 16, "model.num_layers": 1, "model.mixer_options": {"state_size": 8},

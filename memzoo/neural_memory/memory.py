@@ -7,8 +7,9 @@ variants (Moneta, Yaad, Memora) as configurations of it. The math is in core.py.
        read at q_t after token t's write
     -> per-head RMSNorm -> W_o
 
-theta_t (learning rate, times `max_lr`), eta_t (momentum) and alpha_t (forgetting) are sigmoid
-projections of x per head, in float32. alpha's logit is clamped at ALPHA_LOGIT_MAX: total
+theta_t (learning rate: `max_lr` times a sigmoid; 0.1 by default, since a larger inner step
+lets a 2-layer memory diverge on long inputs), eta_t (momentum) and alpha_t (forgetting) are
+sigmoid projections of x per head, in float32. alpha's logit is clamped at ALPHA_LOGIT_MAX: total
 forgetting (alpha = 1) would divide by zero in the delta-rule form below and is never needed.
 
 The linear memory (memory_layers=1) with the l2 bias, l2 retention and plain gradient descent
@@ -39,7 +40,7 @@ from memzoo.registry import register_mixer
 
 ALPHA_LOGIT_MAX = 10.0   # alpha <= sigmoid(10) = 0.99995
 # Initial gates (sigmoid of the bias): small steps, strong momentum, slow forgetting.
-THETA_INIT, ETA_INIT, ALPHA_INIT = 0.1, 0.5, 0.01
+THETA_INIT, ETA_INIT, ALPHA_INIT = 0.3, 0.5, 0.01   # theta: a fraction of max_lr
 
 
 @struct.dataclass
@@ -75,7 +76,7 @@ class NeuralMemory(nnx.Module):
                  conv_size: int = 4, attentional_bias: str = "l2", retention: str = "l2",
                  learning_rule: str = "momentum", p: float = 3.0, huber_delta: float = 1.0,
                  q: float = 4.0, kl_scale: float = 1.0, activation: str = "silu",
-                 max_lr: float = 1.0, use_delta_rule: bool = True, remat: bool = True,
+                 max_lr: float = 0.1, use_delta_rule: bool = True, remat: bool = True,
                  implementation: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         owner = type(self).__name__
         check_positive_int(owner, "d_model", d_model)
@@ -116,8 +117,11 @@ class NeuralMemory(nnx.Module):
         self.conv_weight = layers.param(
             jax.random.uniform(rngs.params(), (conv_size, 3 * H * K), jnp.float32, -bound, bound),
             (None, None)) if conv_size else None
-        # theta, eta, alpha logits per head; the biases set the initial gates.
-        self.gate_proj = layers.Linear(d_model, 3 * H, axes=("embed", None), rngs=rngs)
+        # theta, eta, alpha logits per head. A zero kernel: the gates start at their biases for
+        # every token (a fan-in init gave theta 0.6 with eta 0.95 on some tokens, which made a
+        # 2-layer memory diverge to inf within 256 tokens) and become data-dependent in training.
+        self.gate_proj = layers.Linear(d_model, 3 * H, axes=("embed", None),
+                                       kernel_init=nnx.initializers.zeros, rngs=rngs)
         self.gate_proj.bias = layers.param(jnp.repeat(jnp.asarray(
             [_logit(THETA_INIT), _logit(ETA_INIT), _logit(ALPHA_INIT)], jnp.float32), H), (None,))
         sizes = [K] + [memory_expansion * K] * (memory_layers - 1) + [K]
