@@ -409,7 +409,8 @@ def _to_tiles(x, geo, width, *, edge=False):
     the chunk's last row with edge=True), columns with zeros."""
     b, h, n, c, d = x.shape
     if geo.cp != c:
-        x = jnp.pad(x, [(0, 0)] * 3 + [(0, geo.cp - c), (0, 0)], mode="edge" if edge else "constant")
+        x = jnp.pad(x, [(0, 0)] * 3 + [(0, geo.cp - c), (0, 0)],
+                    mode="edge" if edge else "constant")
     if width != d:
         x = jnp.pad(x, [(0, 0)] * 4 + [(0, width - d)])
     return x.reshape(b * h, n * geo.cp, width)
@@ -461,8 +462,11 @@ def _operands(q, k, v, g, runs, geo, target):
     if g is not None:
         gc = chunked(g).astype(F32)
         b, to_end, total = _xla._cumulative(gc)
+        # Edge padding: a padded row's cumulative gate is its chunk's last, so every exponent
+        # it meets stays <= 0 (a zero there could overflow against strongly decayed rows).
         bt = _to_tiles(b, geo, geo.kg, edge=True)
-        ops += [("b", "seq", geo.kg, bt), ("e", "seq", geo.kg, _to_tiles(to_end, geo, geo.kg, edge=True)),
+        ops += [("b", "seq", geo.kg, bt),
+                ("e", "seq", geo.kg, _to_tiles(to_end, geo, geo.kg, edge=True)),
                 ("total", "total", geo.kg, _totals(total, geo, target))]
         if geo.kg == 1:
             ops.append(("brow", "row", geo.cp, _rows(bt, geo, target)))
