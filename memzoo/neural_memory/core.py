@@ -32,10 +32,12 @@ the exact per-token online rule. Retrieval y_t = M_{W_t}(q_t) reads the weights 
 update, without updating them; `anchor` retrievals M_{W_0}(q_t) (MAC's context) read the
 chunk-start weights.
 
-Memory: the chunk body is wrapped in `jax.checkpoint`, so a backward pass keeps only the
-chunk-boundary accumulators (and the per-token activations, [time x width]); the per-token
-weights [C, params] and gradients of a chunk exist only while that chunk is computed or
-recomputed (tests/memzoo/test_neural_memory.py measures it with XLA's memory analysis).
+Memory: the chunk body is wrapped in `jax.checkpoint`, and groups of about sqrt(T / C) chunks
+are checkpointed again (`_scan_chunks`), so a backward pass keeps the per-token activations
+([time x width]) and about 2 sqrt(T / C) copies of the memory's weights, never per-token ones:
+the per-token weights [C, params] and gradients of a chunk exist only while that chunk is
+computed or recomputed (tests/memzoo/test_neural_memory.py measures it with XLA's memory
+analysis).
 """
 from __future__ import annotations
 
@@ -194,6 +196,35 @@ def chunk_update(rule: MemoryRule, anchor, acc, mom, k, v, q, theta, eta, alpha,
             y, y_anchor)
 
 
+def _scan_chunks(step, carry, xs, remat: bool):
+    """lax.scan of `step` over the n chunks of `xs`; with remat, two levels of checkpoints.
+
+    A checkpointed body alone still saves the carry (the memory's accumulator and momentum,
+    2 x params) at every chunk boundary: n copies, a term in time x params / C. Grouping the
+    chunks into about sqrt(n) groups of about sqrt(n) chunks and checkpointing both levels saves
+    the carry only at group boundaries, and the backward of one group recomputes its sqrt(n)
+    chunk boundaries: about 2 sqrt(n) copies of the weights instead of n, for one more forward
+    pass of the memory. The remaining growth with time is the per-token activations."""
+    n = jax.tree.leaves(xs)[0].shape[0]
+    group = max(1, math.isqrt(n))
+    if not remat or group == 1:
+        return jax.lax.scan(step, carry, xs)
+    outer, rest = divmod(n, group)
+
+    @jax.checkpoint
+    def run_group(carry, group_xs):
+        return jax.lax.scan(step, carry, group_xs)
+
+    head = jax.tree.map(lambda x: x[:outer * group].reshape(outer, group, *x.shape[1:]), xs)
+    carry, ys = jax.lax.scan(run_group, carry, head)
+    ys = jax.tree.map(lambda y: y.reshape(outer * group, *y.shape[2:]), ys)
+    if rest:
+        carry, ys_rest = jax.lax.scan(step, carry,
+                                      jax.tree.map(lambda x: x[outer * group:], xs))
+        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, ys_rest)
+    return carry, ys
+
+
 def chunked_memory(rule: MemoryRule, acc, mom, k, v, q, theta, eta, alpha, *, chunk_size: int,
                    implementation: str = "auto", remat: bool = True):
     """The parallel form over T tokens from (acc, mom), chunks aligned with the first token.
@@ -226,7 +257,8 @@ def chunked_memory(rule: MemoryRule, acc, mom, k, v, q, theta, eta, alpha, *, ch
             x = x[:, :, :n * C].reshape(B, H, n, C, *x.shape[3:])
             return jnp.moveaxis(x, 2, 0)
 
-        (acc, mom), (y, ya) = jax.lax.scan(step, (acc, mom), tuple(split(x) for x in seq))
+        (acc, mom), (y, ya) = _scan_chunks(step, (acc, mom), tuple(split(x) for x in seq),
+                                           remat)
         # [n, B, H, C, dv] -> [B, H, n*C, dv]
         ys.append(jnp.moveaxis(y, 0, 2).reshape(B, H, n * C, -1))
         yas.append(jnp.moveaxis(ya, 0, 2).reshape(B, H, n * C, -1))

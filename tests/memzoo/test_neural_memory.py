@@ -226,3 +226,39 @@ def test_titans_architectures_decode_equals_parallel(name, options, t1):
     mixer = MIXERS[name](D, num_heads=2, num_persistent=2, rngs=nnx.Rngs(6), **options)
     x = jax.random.normal(jax.random.key(7), (2, 10, D))
     _decode_case(mixer, x, t1)
+
+
+# ---- memory of the backward pass ----------------------------------------------------------------
+def backward_temp_bytes(T, hidden, *, heads=2, K=8, C=8):
+    """XLA's temp bytes for grad of sum(y) w.r.t. every input of the chunked 2-layer memory."""
+    rule = MemoryRule()
+    sizes = [K, hidden, K]
+    acc = tuple(jax.ShapeDtypeStruct((1, heads, i, o), jnp.float32)
+                for i, o in zip(sizes[:-1], sizes[1:]))
+    x = jax.ShapeDtypeStruct((1, T, heads, K), jnp.float32)
+    g = jax.ShapeDtypeStruct((1, T, heads), jnp.float32)
+
+    def loss(acc, k, v, q, theta, eta, alpha):
+        mom = tuple(jnp.zeros_like(a) for a in acc)
+        return jnp.sum(chunked_memory(rule, acc, mom, k, v, q, theta, eta, alpha,
+                                      chunk_size=C)[0])
+
+    f = jax.jit(jax.grad(loss, argnums=tuple(range(7))))
+    params = heads * sum(i * o for i, o in zip(sizes[:-1], sizes[1:]))
+    return f.lower(acc, x, x, x, g, g, g).compile().memory_analysis().temp_size_in_bytes, params
+
+
+def test_backward_memory_grows_with_time_times_width_not_params():
+    """Temp bytes per extra token (T 256 -> 512) for a small and a 16x larger memory MLP: far
+    below one copy of the weights per token (what keeping per-token weights costs), and growing
+    much less than the parameter count (only the ~2 sqrt(T/C) saved weight copies depend on it)."""
+    T = 256
+    slope, params = {}, {}
+    for hidden in (8, 128):
+        t1, params[hidden] = backward_temp_bytes(T, hidden)
+        t2, _ = backward_temp_bytes(2 * T, hidden)
+        slope[hidden] = (t2 - t1) / T
+    copy = 4 * params[128]
+    assert slope[128] < 0.1 * copy, f"{slope[128]:.0f} bytes/token vs {copy} per weight copy"
+    assert slope[128] < 4 * slope[8], (f"16x the parameters: {slope[8]:.0f} -> {slope[128]:.0f} "
+                                       "bytes/token")
