@@ -33,6 +33,7 @@ FAMILIES = {
     "ssd": "benchmarks.ssd",
     "ssm_layers": "benchmarks.ssm_layers",
     "train": "benchmarks.train",
+    "titans": "benchmarks.titans",
 }
 
 COLUMNS = ("op", "shape", "dtype", "implementation", "mode", "median ms", "throughput",
