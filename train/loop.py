@@ -223,7 +223,7 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
         f"{eval_acc:.3f} (held-out batches; chance {_chance(info):.3f})")
     result = {"step": step, "preempted": False, "initial_eval_loss": initial_loss,
               "initial_eval_accuracy": initial_acc, "eval_loss": eval_loss,
-              "eval_accuracy": eval_acc, "history": history}
+              "eval_accuracy": eval_acc, "num_params": trainer.num_params, "history": history}
     if d.eval_seq_len:
         say(f"eval at length {d.eval_seq_len} (trained at {d.seq_len}): loss {long_loss:.4f}  "
             f"accuracy {long_acc:.3f}")
