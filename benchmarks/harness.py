@@ -30,6 +30,7 @@ FAMILIES = {
     "chunked_linear_attention": "benchmarks.chunked_linear_attention",
     "delta_rule": "benchmarks.delta_rule",
     "selective_scan": "benchmarks.selective_scan",
+    "memory_lookup": "benchmarks.memory_lookup",
     "ssd": "benchmarks.ssd",
     "ssm_layers": "benchmarks.ssm_layers",
     "train": "benchmarks.train",
