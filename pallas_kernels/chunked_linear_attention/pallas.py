@@ -255,6 +255,8 @@ class _Geometry:
 
 
 class _Tiles:
+    """tiles[name] reads chunk n's tile of an operand (as float32); tiles[name] = x writes it."""
+
     def __init__(self, refs, kinds, target, n, geo):
         self.refs, self.kinds, self.target, self.n, self.geo = refs, kinds, target, n, geo
 
@@ -308,11 +310,12 @@ def _spec(kind, width, target, geo, reverse, *, per_v_block=False):
     """The BlockSpec of an operand of `kind` whose tiles are `width` wide ("v": a value block)."""
     v_cols = width == "v"
     w = geo.block_v if v_cols else width
+    # Outputs written per value block (summed outside) lead with that block's index.
     lead = (None, None) if per_v_block else (None,)
+    pre = (lambda b, j: (j, b)) if per_v_block else (lambda b, j: (b,))
+    last = (lambda j: j) if v_cols else (lambda j: 0)
     if target == "tpu":
         chunk = (lambda n: geo.n - 1 - n) if reverse else (lambda n: n)
-        last = (lambda j: j) if v_cols else (lambda j: 0)
-        pre = (lambda b, j: (j, b)) if per_v_block else (lambda b, j: (b,))
         shape, index = {
             "seq": ((geo.cp, w), lambda b, j, n: (*pre(b, j), chunk(n), last(j))),
             "row": ((None, 1, geo.cp), lambda b, j, n: (*pre(b, j), chunk(n), 0, 0)),
@@ -321,8 +324,6 @@ def _spec(kind, width, target, geo, reverse, *, per_v_block=False):
             "whole": ((geo.kd, w), lambda b, j, n: (*pre(b, j), 0, last(j))),
         }[kind]
         return pl.BlockSpec(lead + shape, index)
-    last = (lambda j: j) if v_cols else (lambda j: 0)
-    pre = (lambda b, j: (j, b)) if per_v_block else (lambda b, j: (b,))
     rows = {"seq": geo.n * geo.cp, "row": geo.n, "total": geo.n * geo.kg,
             "state": geo.n * geo.kd, "whole": geo.kd}[kind]
     cols = {"row": geo.cp, "total": 1}.get(kind, w)
