@@ -55,21 +55,24 @@ def naive_memory(rule, acc0, k, v, q, theta, eta, alpha, chunk):
     read y_t = M_{readout(A_t)}(q_t)."""
     Bn, Tn, Hn = k.shape[:3]
     y = np.zeros(v.shape)
+    # jitted once per call: eager dispatch of every small op dominated the test's time
+    token_grad = jax.jit(jax.grad(lambda w, k_t, v_t: naive_loss(rule, w, k_t, v_t)))
+    read = jax.jit(lambda acc, q_t: naive_mlp(naive_readout(rule, acc), q_t))
     for b in range(Bn):
         for h in range(Hn):
             acc = [a[b, h] for a in acc0]
             mom = [jnp.zeros_like(a) for a in acc]
             for t in range(Tn):
                 if t % chunk == 0:
-                    anchor = naive_readout(rule, acc)
-                g = jax.grad(lambda w: naive_loss(rule, w, k[b, t, h], v[b, t, h]))(anchor)
+                    anchor = [jnp.asarray(w) for w in naive_readout(rule, acc)]
+                g = token_grad(anchor, k[b, t, h], v[b, t, h])
                 if rule.learning_rule == "momentum":
                     mom = [eta[b, t, h] * m - theta[b, t, h] * gi for m, gi in zip(mom, g)]
                     upd = mom
                 else:
                     upd = [-theta[b, t, h] * gi for gi in g]
                 acc = [(1 - alpha[b, t, h]) * a + u for a, u in zip(acc, upd)]
-                y[b, t, h] = naive_mlp(naive_readout(rule, acc), q[b, t, h])
+                y[b, t, h] = read(acc, q[b, t, h])
     return y
 
 
