@@ -26,6 +26,7 @@ one from a chunk boundary runs the parallel form.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import jax
@@ -286,6 +287,20 @@ MIRAS = {
 register_mixer("neural_memory")(NeuralMemory)
 
 
+def with_memory_keywords(fn, exclude=()):
+    """Give `fn(..., **options)` (options forwarded to NeuralMemory) a signature that names
+    NeuralMemory's keywords instead of the catch-all, so `memzoo.models.route_mixer_options`
+    routes only those to it (a catch-all would receive every shared option, e.g. an SSM's
+    state_size, and reject it)."""
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    names = {p.name for p in own} | set(exclude) | {"self", "d_model"}
+    extra = [p for p in inspect.signature(NeuralMemory.__init__).parameters.values()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names]
+    fn.__signature__ = sig.replace(parameters=own + extra)
+    return fn
+
+
 def _miras(name: str, defaults: dict):
     def build(d_model: int, *, rngs: nnx.Rngs, **options):
         clash = sorted(set(options) & {"attentional_bias", "retention"})
@@ -295,7 +310,7 @@ def _miras(name: str, defaults: dict):
         return NeuralMemory(d_model, rngs=rngs, **{**defaults, **options})
     build.__name__ = name
     build.__doc__ = f"Miras' {name.capitalize()}: NeuralMemory with {defaults}."
-    return build
+    return with_memory_keywords(build, exclude=("attentional_bias", "retention"))
 
 
 for _name, _defaults in MIRAS.items():

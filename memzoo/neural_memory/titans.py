@@ -33,7 +33,7 @@ from flax import nnx, struct
 from memzoo import layers
 from memzoo.attention import Attention, KVCache
 from memzoo.linear_attention.common import check_positive_int
-from memzoo.neural_memory.memory import NeuralMemory, NeuralMemoryCache
+from memzoo.neural_memory.memory import NeuralMemory, NeuralMemoryCache, with_memory_keywords
 from memzoo.registry import register_mixer
 
 MEMORY_OPTIONS = ("memory_layers", "memory_expansion", "conv_size", "attentional_bias",
@@ -264,3 +264,9 @@ class TitansMAC(_TitansBase):
         vb = buf.v.at[:, write].set(vx[:, T - n:].astype(buf.v.dtype))
         vb = vb.at[:, S + write].set(vh[:, T - n:].astype(buf.v.dtype))
         return a + m, TitansCache(mem, KVCache(kb, vb, index + T))
+
+
+# Name the memory's keywords in the constructors' signatures (see with_memory_keywords).
+for _cls in (TitansMAG, TitansMAL, TitansMAC):
+    with_memory_keywords(_cls.__init__, exclude=("use_delta_rule", "chunk_size", "head_dim",
+                                                 "num_heads"))

@@ -265,3 +265,18 @@ def test_backward_memory_grows_with_time_times_width_not_params():
     assert slope[128] < 0.1 * copy, f"{slope[128]:.0f} bytes/token vs {copy} per weight copy"
     assert slope[128] < 4 * slope[8], (f"16x the parameters: {slope[8]:.0f} -> {slope[128]:.0f} "
                                        "bytes/token")
+
+
+def test_shared_options_route_only_to_the_memory_keywords():
+    """`--set model.mixer=titans_mag` on a preset whose mixer_options carry an SSM's state_size:
+    the Titans and Miras constructors name their keywords, so routing drops what they lack."""
+    from memzoo.models import route_mixer_options
+    routed = route_mixer_options(["titans_mag", "moneta", "titans_mac"],
+                                 {"state_size": 8, "window": 4, "memory_layers": 1})
+    assert routed == {"titans_mag": {"window": 4, "memory_layers": 1},
+                      "moneta": {"memory_layers": 1}, "titans_mac": {"memory_layers": 1}}
+    with pytest.raises(ValueError, match="unknown options"):
+        from memzoo import MIXERS
+        MIXERS["titans_mag"](D, num_heads=2, state_size=8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="fixed by the variant"):
+        MIXERS["moneta"](D, num_heads=2, retention="l2", rngs=nnx.Rngs(0))
