@@ -9,6 +9,7 @@ sight. Sized for a few minutes on 2 shared CPU cores:
                           (2-layer memory MLP, momentum, chunks of 16)
   niah_titans_mag_linear  the same with the linear memory, no momentum (the delta-rule path)
   niah_titans_mal         2 x Titans MAL: the neural memory as a layer before the window attention
+1500 steps: with 600 (a shorter cosine) neither the window attention nor MAG-linear left chance.
 Numbers and commands: benchmarks/RESULTS.md (section "Titans / Miras").
 """
 from configs.base import DataConfig, LoggingConfig, ModelConfig, OptimConfig, TrainConfig
@@ -26,6 +27,6 @@ def get_config(mixer: str = "attention", **options) -> TrainConfig:
         model=ModelConfig(mixer=mixer, d_model=64, num_layers=2, mixer_options=mixer_options),
         data=DataConfig(task="niah", batch_size=16, seq_len=SEQ_LEN, eval_batches=16,
                         task_options={"vocab_size": 32}),
-        optim=OptimConfig(steps=600, learning_rate=3e-3, warmup_steps=50, weight_decay=0.0),
+        optim=OptimConfig(steps=1500, learning_rate=3e-3, warmup_steps=50, weight_decay=0.0),
         logging=LoggingConfig(log_every=50),
     )
