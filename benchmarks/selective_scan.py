@@ -34,6 +34,11 @@ QUICK_SCAN = (1, 256, 128, 16)
 FULL_CONV = (2, 2048, 2048, 4)     # B L D W: Mamba-1.4B's conv (d_inner 2048, d_conv 4)
 QUICK_CONV = (1, 256, 256, 4)
 MEMORY_LENGTH = 16384
+# selective_scan_ref's backward is quadratic in L: autograd of its per-step slice
+# deltaA[:, :, i] writes a zero-filled [B, D, L, N] gradient for every step (quick run: 25 s at
+# B1 D128 L256). At the full shape it would run for hours, so forward + backward against it is
+# measured at this shape (ours at both).
+PEER_BWD_SCAN = QUICK_SCAN
 
 _PEER_SCRIPT = r'''
 import json, os, statistics, sys, time
@@ -41,8 +46,9 @@ sys.path.insert(0, sys.argv[1])
 import torch
 import peers
 torch.set_num_threads(os.cpu_count() or 1)
-b, l, d, n, cb, cl, cd, cw, repeats, budget = map(float, sys.argv[2:12])
-b, l, d, n, cb, cl, cd, cw, repeats = map(int, (b, l, d, n, cb, cl, cd, cw, repeats))
+b, l, d, n, cb, cl, cd, cw, repeats, budget, scan_bwd = map(float, sys.argv[2:13])
+b, l, d, n, cb, cl, cd, cw, repeats, scan_bwd = map(int, (b, l, d, n, cb, cl, cd, cw, repeats,
+                                                          scan_bwd))
 m = peers.mamba()
 g = torch.Generator().manual_seed(0)
 u = torch.randn(b, d, l, generator=g); delta = torch.randn(b, d, l, generator=g)
@@ -73,6 +79,8 @@ for op, fn, args in (("selective_scan", scan, (u, delta, A, B, C, D, z, db)),
             fn(*args)
     ms, k = timed(fwd)
     out.append(dict(op=op, mode="fwd", ms=ms, repeats=k))
+    if op == "selective_scan" and not scan_bwd:
+        continue
     leaves = [a.detach().clone().requires_grad_(True) for a in args]
     def fwd_bwd():
         for a in leaves:
@@ -119,13 +127,13 @@ def grad_of_sum(fn, n):
     return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(n))))
 
 
-def run_peers(ctx: Context, scan_shape, conv_shape) -> dict:
+def run_peers(ctx: Context, scan_shape, conv_shape, scan_bwd=True) -> dict:
     if not TORCH_PYTHON.exists():
         ctx.log(f"torch peers not found at {TORCH_PYTHON}; build them with "
                 "`bash ../shared/peers/setup.sh .peers` (columns read n/a)")
         return {}
     cmd = [str(TORCH_PYTHON), "-c", _PEER_SCRIPT, str(ROOT / ".peers"), *map(str, scan_shape),
-           *map(str, conv_shape), str(ctx.repeats), str(ctx.budget_s)]
+           *map(str, conv_shape), str(ctx.repeats), str(ctx.budget_s), str(int(scan_bwd))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600,
                               env=dict(os.environ))
@@ -192,15 +200,34 @@ def run(ctx: Context) -> list[Row]:
     add("causal_conv1d", conv_s, "memzoo xla (silu)", "ours", "fwd+bwd",
         ctx.time(_timing.fresh_step(grad_of_sum(conv_fn, 3), *cargs)), 4 * conv_elems * 4.0)
 
+    small_bwd = not ctx.quick and PEER_BWD_SCAN != scan_shape
+    if small_bwd:
+        sb, sl, sd, sn = PEER_BWD_SCAN
+        small_s = f"B{sb} D{sd} L{sl} N{sn}"
+        ctx.log(f"  selective_scan memzoo xla fwd+bwd at {small_s}")
+        add("selective_scan", small_s, "memzoo xla", "ours", "fwd+bwd",
+            ctx.time(_timing.fresh_step(grad_of_sum(scan_fn("xla"), 8),
+                                        *scan_inputs(PEER_BWD_SCAN))), 14 * sb * sl * sd * 4.0)
+
     if ctx.peers:
         ctx.log("  selective_scan / causal_conv1d torch peers (subprocess)")
-        peer = run_peers(ctx, scan_shape, conv_shape)
+        peer = run_peers(ctx, scan_shape, conv_shape, scan_bwd=not small_bwd)
+        if small_bwd:
+            ctx.log(f"  selective_scan_ref fwd+bwd at {small_s} (subprocess)")
+            small = run_peers(ctx, PEER_BWD_SCAN, (1, 8, 8, cw))
+            if ("selective_scan", "fwd+bwd") in small:
+                ms, k = small[("selective_scan", "fwd+bwd")]
+                add("selective_scan", small_s, "mamba_ssm selective_scan_ref", "torch",
+                    "fwd+bwd", ms, 14 * sb * sl * sd * 4.0,
+                    note="timed once: first call over budget" if k == 0 else "")
         for op, shape_s, name, nb in (
                 ("selective_scan", scan_s, "mamba_ssm selective_scan_ref", (fwd_bytes, bwd_bytes)),
                 ("causal_conv1d", conv_s, "torch F.conv1d depthwise + silu",
                  (2 * conv_elems * 4.0, 4 * conv_elems * 4.0))):
             for mode, nbytes in zip(("fwd", "fwd+bwd"), nb):
                 ms, k = peer.get((op, mode), (None, None))
+                if small_bwd and op == "selective_scan" and mode == "fwd+bwd":
+                    continue   # measured at PEER_BWD_SCAN above
                 note = ("unavailable" if ms is None else "timed once: first call over budget"
                         if k == 0 else "")
                 add(op, shape_s, name, "torch", mode, ms, nbytes, note=note)
