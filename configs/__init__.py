@@ -45,7 +45,9 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "factual_recall_dense": lambda: factual_recall.get_config("dense"),
     # single needle in a haystack beyond a 16-token attention window (configs/niah.py)
     "niah_swa": niah.get_config,
-    "niah_titans_mag": lambda: niah.get_config("titans_mag", chunk_size=16),
+    # max_grad_norm: per-token clipping of the inner gradient (the unclipped 2-layer memory
+    # diverged to NaN near step 370; memzoo/neural_memory/memory.py, "Stability")
+    "niah_titans_mag": lambda: niah.get_config("titans_mag", chunk_size=16, max_grad_norm=1.0),
     "niah_titans_mag_linear": lambda: niah.get_config(
         "titans_mag", memory_layers=1, learning_rule="gd").overrides(
             {"name": "niah_titans_mag_linear"}),

@@ -16,6 +16,7 @@ Miras' decomposition (Behrouz et al., 2025), one object per axis:
   learning rule     "gd"        A_t = (1 - alpha_t) A_{t-1} - theta_t g_t
                     "momentum"  S_t = eta_t S_{t-1} - theta_t g_t ;  A_t = (1 - alpha_t) A_{t-1} + S_t
                                 (Titans' surprise S and forgetting alpha)
+  optional          per-token clipping of g to norm `max_grad_norm` (as titans-pytorch offers)
 
 with g_t = grad_W l(M_W(k_t), v_t). For "kl", A is the log-weights: Memora's
 W_t = c softmax((1 - alpha_t) log W_{t-1} - theta_t g_t) is, since softmax ignores a constant
@@ -77,6 +78,11 @@ class MemoryRule:
     q: float = 4.0                  # lq retention exponent (>= 2; 2 is plain l2)
     kl_scale: float = 1.0           # kl retention: each row of W sums to this
     activation: str = "silu"
+    # Per-token gradient clipping: g <- g min(1, max_grad_norm / ||g||) (the global norm over
+    # the memory's leaves; None: off). It bounds every token's write, so the weights can grow
+    # at most polynomially in the sequence length whatever the gates do: without it a 2-layer
+    # memory at theta = 0.1 overflows float32 within 128 tokens (test_neural_memory.py).
+    max_grad_norm: float | None = None
 
     def __post_init__(self):
         for name, value, choices in (("attentional_bias", self.attentional_bias,
@@ -94,6 +100,9 @@ class MemoryRule:
                  f"MemoryRule: `q` (lq retention) must be a number >= 2, got {self.q!r}")
         _require(isinstance(self.kl_scale, (int, float)) and self.kl_scale > 0,
                  f"MemoryRule: `kl_scale` must be > 0, got {self.kl_scale!r}")
+        _require(self.max_grad_norm is None or (isinstance(self.max_grad_norm, (int, float))
+                                                and self.max_grad_norm > 0),
+                 f"MemoryRule: `max_grad_norm` must be None or > 0, got {self.max_grad_norm!r}")
 
     @property
     def momentum(self) -> bool:
@@ -136,8 +145,16 @@ class MemoryRule:
         return h
 
     def token_grad(self, weights, k, v):
-        """g = grad_W l(M_W(k), v): one token's gradient, a tuple like `weights`."""
-        return jax.grad(lambda w: self.loss(self.apply(w, k), v))(tuple(weights))
+        """g = grad_W l(M_W(k), v): one token's gradient, a tuple like `weights`, clipped to
+        norm `max_grad_norm` when that is set."""
+        g = jax.grad(lambda w: self.loss(self.apply(w, k), v))(tuple(weights))
+        if self.max_grad_norm is None:
+            return g
+        sq = sum(jnp.sum(x * x) for x in g)
+        # 1 below the threshold; the `where` keeps the gradient of the scale finite at g = 0.
+        safe = jnp.where(sq > 0, sq, 1.0)
+        scale = jnp.minimum(1.0, self.max_grad_norm * jax.lax.rsqrt(safe))
+        return tuple(x * scale.astype(x.dtype) for x in g)
 
 
 # ---- flattening parameter leaves into scan channels ---------------------------------------------

@@ -7,10 +7,19 @@ variants (Moneta, Yaad, Memora) as configurations of it. The math is in core.py.
        read at q_t after token t's write
     -> per-head RMSNorm -> W_o
 
-theta_t (learning rate: `max_lr` times a sigmoid; 0.1 by default, since a larger inner step
-lets a 2-layer memory diverge on long inputs), eta_t (momentum) and alpha_t (forgetting) are
+theta_t (learning rate: `max_lr` times a sigmoid; 0.1 by default), eta_t (momentum) and alpha_t (forgetting) are
 sigmoid projections of x per head, in float32. alpha's logit is clamped at ALPHA_LOGIT_MAX: total
 forgetting (alpha = 1) would divide by zero in the delta-rule form below and is never needed.
+
+Stability of a deep memory: with every gradient of a chunk taken at the chunk-start weights, a
+chunk moves the weights by about C theta / (1 - eta) gradients of the sum-of-squares loss, whose
+curvature grows with the weights; for a 2-layer memory at theta = 0.1 (the cap) that step is
+past the gradient-descent stability bound and the weights grow geometrically, to inf in float32
+within 128 tokens even at eta = 0.5 (at the initial theta 0.03 they stay O(1)). Training pushes
+theta to its cap, so the 2-layer NIAH MAG run diverged. `max_grad_norm` clips each token's
+gradient (the per-sample clipping titans-pytorch offers): every write is then at most
+theta * max_grad_norm, so the weights grow at most polynomially in the length whatever the
+gates learn. Off by default, which keeps the linear memory on the exact delta-rule path.
 
 The linear memory (memory_layers=1) with the l2 bias, l2 retention and plain gradient descent
 is the gated delta rule (core.linear_memory_delta_rule): it runs on pallas_kernels.delta_rule,
@@ -65,7 +74,9 @@ class NeuralMemory(nnx.Module):
     Options: num_heads, head_dim (default d_model / num_heads), memory_layers (L_M >= 1),
     memory_expansion (hidden width = expansion x head_dim), chunk_size (C >= 1; 1 = per-token
     online), conv_size (0 or >= 2), attentional_bias / retention / learning_rule and their
-    exponents (core.MemoryRule), max_lr, use_delta_rule, remat (checkpoint every chunk).
+    exponents (core.MemoryRule), max_lr, max_grad_norm (per-token clipping of the inner
+    gradient, core.MemoryRule; None: off; a deep memory at max_lr 0.1 needs it, see the module
+    docstring), use_delta_rule, remat (checkpoint every chunk).
 
     >>> mem = NeuralMemory(8, num_heads=2, chunk_size=4, rngs=nnx.Rngs(0))
     >>> mem(jnp.ones((1, 6, 8))).shape
@@ -77,7 +88,8 @@ class NeuralMemory(nnx.Module):
                  conv_size: int = 4, attentional_bias: str = "l2", retention: str = "l2",
                  learning_rule: str = "momentum", p: float = 3.0, huber_delta: float = 1.0,
                  q: float = 4.0, kl_scale: float = 1.0, activation: str = "silu",
-                 max_lr: float = 0.1, use_delta_rule: bool = True, remat: bool = True,
+                 max_lr: float = 0.1, max_grad_norm: float | None = None,
+                 use_delta_rule: bool = True, remat: bool = True,
                  implementation: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         owner = type(self).__name__
         check_positive_int(owner, "d_model", d_model)
@@ -102,12 +114,14 @@ class NeuralMemory(nnx.Module):
                              f"{tuple(pallas_kernels.IMPLEMENTATIONS)}, got {implementation!r}")
         self.rule = core.MemoryRule(attentional_bias=attentional_bias, retention=retention,
                                     learning_rule=learning_rule, p=p, huber_delta=huber_delta,
-                                    q=q, kl_scale=kl_scale, activation=activation)
+                                    q=q, kl_scale=kl_scale, activation=activation,
+                                    max_grad_norm=max_grad_norm)
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
         self.memory_layers, self.chunk_size, self.conv_size = memory_layers, chunk_size, conv_size
         self.max_lr, self.remat, self.implementation, self.dtype = max_lr, remat, implementation, dtype
         self.delta_path = (use_delta_rule and memory_layers == 1 and attentional_bias == "l2"
-                           and retention == "l2" and learning_rule == "gd")
+                           and retention == "l2" and learning_rule == "gd"
+                           and max_grad_norm is None)
 
         H, K = num_heads, head_dim
         self.wq = normal_init(rngs, (d_model, H, K), d_model, ("embed", "heads", "kv"))

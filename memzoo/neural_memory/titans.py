@@ -38,7 +38,7 @@ from memzoo.registry import register_mixer
 
 MEMORY_OPTIONS = ("memory_layers", "memory_expansion", "conv_size", "attentional_bias",
                   "retention", "learning_rule", "p", "huber_delta", "q", "kl_scale", "activation",
-                  "max_lr", "remat", "implementation")
+                  "max_lr", "max_grad_norm", "remat", "implementation")
 
 
 @struct.dataclass

@@ -51,7 +51,7 @@ def naive_readout(rule, acc):
 def naive_memory(rule, acc0, k, v, q, theta, eta, alpha, chunk):
     """Loops over batch, heads, tokens: every token's gradient taken at the accumulator of its
     chunk's start (chunk = 1: the online rule, each gradient at the previous token's weights),
-    then momentum S = eta S - theta g (or the plain step -theta g), A = (1 - alpha) A + S,
+    rescaled to norm rule.max_grad_norm when its norm is larger, then momentum S = eta S - theta g (or the plain step -theta g), A = (1 - alpha) A + S,
     read y_t = M_{readout(A_t)}(q_t)."""
     Bn, Tn, Hn = k.shape[:3]
     y = np.zeros(v.shape)
@@ -66,6 +66,9 @@ def naive_memory(rule, acc0, k, v, q, theta, eta, alpha, chunk):
                 if t % chunk == 0:
                     anchor = [jnp.asarray(w) for w in naive_readout(rule, acc)]
                 g = token_grad(anchor, k[b, t, h], v[b, t, h])
+                norm = np.sqrt(sum(float(jnp.sum(gi ** 2)) for gi in g))
+                if rule.max_grad_norm is not None and norm > rule.max_grad_norm:
+                    g = [gi * (rule.max_grad_norm / norm) for gi in g]
                 if rule.learning_rule == "momentum":
                     mom = [eta[b, t, h] * m - theta[b, t, h] * gi for m, gi in zip(mom, g)]
                     upd = mom
@@ -117,6 +120,49 @@ def test_titans_chunked_equals_definition_float64(chunk):
     y, dtype = run_chunked(rule, *args, chunk)
     assert dtype == jnp.float64
     np.testing.assert_allclose(y, naive64(rule, *args, chunk), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_clipped_gradients_equal_definition_float64(chunk):
+    """Per-token gradient clipping (max_grad_norm) against the definition; the threshold is
+    below most tokens' gradient norms, so clipping is active (checked) but not on all tokens."""
+    rule = MemoryRule(max_grad_norm=2.0)
+    args = random_inputs(21, (K, 5, K))
+    acc, k, v = args[0], args[1], args[2]
+    with jax.enable_x64(True):
+        g = jax.vmap(MemoryRule().token_grad, in_axes=(None, 0, 0))(
+            tuple(a[0, 0] for a in acc), k[0, :, 0], v[0, :, 0])
+        norms = np.sqrt(sum(np.sum(np.asarray(x) ** 2, axis=(1, 2)) for x in g))
+    assert (norms > 2.0).any() and (norms < 2.0).any(), norms
+    y, _ = run_chunked(rule, *args, chunk)
+    np.testing.assert_allclose(y, naive64(rule, *args, chunk), rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_clipping_keeps_a_deep_memory_finite_at_large_gates():
+    """The NIAH 2-layer MAG divergence, isolated: theta at its cap 0.1, strong momentum
+    (eta 0.99), no forgetting, chunks of 16 over 128 tokens in float32. Unclipped, the chunk
+    step is past the inner loss's stability bound and the weights overflow; clipped, every
+    write is at most theta * c, so ||A_T - A_0|| <= sum_t ||S_t|| <= sum_t sum_s<=t
+    eta^(t-s) theta c."""
+    n, heads, width, c = 128, 2, 16, 1.0
+    acc, k, v, q, *_ = random_inputs(3, (width, 2 * width, width), length=n, heads=heads)
+    f32 = lambda x: np.asarray(x, np.float32)
+    theta, eta, alpha = (np.full((B, n, heads), x, np.float32) for x in (0.1, 0.99, 0.0))
+
+    def final(rule):
+        mom = tuple(np.zeros_like(f32(a)) for a in acc)
+        y, _, (_, acc_end, _) = jax.jit(lambda *a: chunked_memory(rule, *a, chunk_size=16))(
+            tuple(f32(a) for a in acc), mom, f32(k), f32(v), f32(q), theta, eta, alpha)
+        return np.asarray(y), acc_end
+
+    y, _ = final(MemoryRule())
+    assert not np.isfinite(y).all()              # the failure the clipping removes
+    y, acc_end = final(MemoryRule(max_grad_norm=c))
+    assert np.isfinite(y).all()
+    moved = np.sqrt(sum(np.sum((np.asarray(a) - f32(a0)) ** 2, axis=(-2, -1))
+                        for a, a0 in zip(acc_end, acc)))          # [B, H]
+    mom_bound = np.cumsum(0.1 * c * 0.99 ** -np.arange(n)) * 0.99 ** np.arange(n)
+    assert (moved <= mom_bound.sum() * (1 + 1e-5)).all(), (moved, mom_bound.sum())
 
 
 @pytest.mark.parametrize("variant", ["moneta", "yaad", "memora"])
@@ -206,6 +252,7 @@ def test_delta_path_equals_general_path_at_chunk_one():
     (dict(memory_layers=0), "memory_layers"),
     (dict(p=1.0, attentional_bias="lp"), "`p`"),
     (dict(q=1.5, retention="lq"), "`q`"),
+    (dict(max_grad_norm=0.0), "max_grad_norm"),
 ])
 def test_bad_options_raise(options, match):
     with pytest.raises(ValueError, match=match):
