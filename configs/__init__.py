@@ -51,8 +51,9 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "niah_titans_mag_linear": lambda: niah.get_config(
         "titans_mag", memory_layers=1, learning_rule="gd").overrides(
             {"name": "niah_titans_mag_linear"}),
-    "niah_titans_mal": lambda: niah.get_config("titans_mal", chunk_size=16),
-    "niah_titans_mac": lambda: niah.get_config("titans_mac"),
+    # The same 2-layer memory in MAL and MAC: clipped alike (not yet trained to the end here).
+    "niah_titans_mal": lambda: niah.get_config("titans_mal", chunk_size=16, max_grad_norm=1.0),
+    "niah_titans_mac": lambda: niah.get_config("titans_mac", max_grad_norm=1.0),
     # seconds, for tests and smoke checks
     "smoke": _variant(delayed_recall.get_config, "smoke", **{
         "model.d_model": 16, "model.num_layers": 1, "model.mixer_options": {"state_size": 8},
