@@ -13,21 +13,16 @@ GEMM probe.
 """
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks import _timing
+from benchmarks import _peers, _timing
 from benchmarks.harness import Context, Row
 from pallas_kernels import chunked_linear_attention
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TORCH_PYTHON = ROOT / ".peers" / "torch" / "bin" / "python"
+ROOT = _peers.ROOT
 
 FULL_SHAPE = (4, 4096, 8, 64)      # B T H d (key dim = value dim = d)
 QUICK_SHAPE = (1, 512, 2, 32)
@@ -55,15 +50,6 @@ calls = {
         q, k, v, g, chunk_size=chunk)[0], gs),
     ("vector", "fla.gla"): (lambda q, k, v, g: f.gla.naive_recurrent_gla(q, k, v, g)[0], gv),
 }
-def timed(step):
-    t0 = time.perf_counter(); step(); first = time.perf_counter() - t0
-    if first > budget:
-        return first * 1e3, 0
-    step()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); step(); ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts), repeats
 out = []
 for (gate, peer), (fn, lg) in calls.items():
     def fwd():
@@ -102,23 +88,10 @@ def chunked_flops(batch, length, heads, dim, chunk, mode):
 
 
 def run_peers(ctx: Context, shape) -> list[dict]:
-    if not TORCH_PYTHON.exists():
-        ctx.log(f"torch peers not found at {TORCH_PYTHON}; build them with "
-                "`bash ../shared/peers/setup.sh .peers` (columns read n/a)")
-        return []
     batch, length, heads, dim = shape
-    cmd = [str(TORCH_PYTHON), "-c", _PEER_SCRIPT, str(ROOT / ".peers"), str(batch), str(length),
-           str(heads), str(dim), str(CHUNK), str(ctx.repeats), str(ctx.budget_s)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600,
-                              env=dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1)))
-    except subprocess.TimeoutExpired:
-        ctx.log("fla peers timed out; their columns read n/a")
-        return []
-    if proc.returncode != 0:
-        ctx.log(f"fla peers failed (rc {proc.returncode}); columns read n/a:\n{proc.stderr[-2000:]}")
-        return []
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _peers.run_torch(ctx, _PEER_SCRIPT, [ROOT / ".peers", batch, length, heads, dim, CHUNK,
+                                                ctx.repeats, ctx.budget_s],
+                            what="fla peers") or []
 
 
 def run(ctx: Context) -> list[Row]:

@@ -12,21 +12,16 @@ Throughput is the nominal FLOP count of the chunked form held to the GEMM probe.
 """
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks import _timing
+from benchmarks import _peers, _timing
 from benchmarks.harness import Context, Row
 from pallas_kernels import delta_rule
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TORCH_PYTHON = ROOT / ".peers" / "torch" / "bin" / "python"
+ROOT = _peers.ROOT
 
 FULL_SHAPE = (4, 4096, 8, 64)      # B T H d (d = key dim = value dim)
 QUICK_SHAPE = (1, 512, 2, 32)
@@ -60,15 +55,6 @@ calls = {
     ("gated_delta_rule", "fla.recurrent"): lambda q, k, v, b, lg:
         f.gated_delta_rule.naive_recurrent_gated_delta_rule(q, k, v, b, lg)[0],
 }
-def timed(step):
-    t0 = time.perf_counter(); step(); first = time.perf_counter() - t0
-    if first > budget:
-        return first * 1e3, 0
-    step()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); step(); ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts), repeats
 out = []
 for (op, peer), fn in calls.items():
     def fwd():
@@ -112,24 +98,10 @@ def chunked_flops(batch, length, heads, dim, chunk, mode):
 
 
 def run_peers(ctx: Context, shape) -> list[dict]:
-    if not TORCH_PYTHON.exists():
-        ctx.log(f"torch peers not found at {TORCH_PYTHON}; build them with "
-                "`bash ../shared/peers/setup.sh .peers` (columns read n/a)")
-        return []
     batch, length, heads, dim = shape
-    cmd = [str(TORCH_PYTHON), "-c", _PEER_SCRIPT, str(ROOT / ".peers"), str(batch), str(length),
-           str(heads), str(dim), str(CHUNK), str(ctx.repeats), str(ctx.budget_s),
-           "1" if ctx.quick else "0"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600,
-                              env=dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1)))
-    except subprocess.TimeoutExpired:
-        ctx.log("fla peers timed out; their columns read n/a")
-        return []
-    if proc.returncode != 0:
-        ctx.log(f"fla peers failed (rc {proc.returncode}); columns read n/a:\n{proc.stderr[-2000:]}")
-        return []
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _peers.run_torch(ctx, _PEER_SCRIPT, [ROOT / ".peers", batch, length, heads, dim, CHUNK,
+                                                ctx.repeats, ctx.budget_s, int(ctx.quick)],
+                            what="fla peers") or []
 
 
 def run(ctx: Context) -> list[Row]:

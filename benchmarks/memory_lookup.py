@@ -13,21 +13,15 @@ and the scattered rows read and written) held to the fresh read+write probe.
 """
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks import _timing
+from benchmarks import _peers, _timing
 from benchmarks.harness import Context, Row
 from pallas_kernels import memory_lookup
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TORCH_PYTHON = ROOT / ".peers" / "torch" / "bin" / "python"
 
 FULL_SHAPE = (262144, 1024, 4096, 32)     # table rows, dim, bags, rows per bag
 QUICK_SHAPE = (16384, 256, 512, 16)
@@ -85,23 +79,8 @@ def bytes_moved(rows, dim, bags, k, mode):
 
 
 def run_peer(ctx: Context, shape) -> list[dict]:
-    if not TORCH_PYTHON.exists():
-        ctx.log(f"torch peer not found at {TORCH_PYTHON}; build it with "
-                "`bash ../shared/peers/setup.sh .peers` (columns read n/a)")
-        return []
-    cmd = [str(TORCH_PYTHON), "-c", _PEER_SCRIPT, *map(str, shape), str(ctx.repeats),
-           str(ctx.budget_s)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600,
-                              env=dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1)))
-    except subprocess.TimeoutExpired:
-        ctx.log("torch EmbeddingBag peer timed out; its columns read n/a")
-        return []
-    if proc.returncode != 0:
-        ctx.log(f"torch peer failed (rc {proc.returncode}); columns read n/a:\n"
-                f"{proc.stderr[-2000:]}")
-        return []
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _peers.run_torch(ctx, _PEER_SCRIPT, [*shape, ctx.repeats, ctx.budget_s],
+                            what="torch EmbeddingBag peer") or []
 
 
 def run(ctx: Context) -> list[Row]:

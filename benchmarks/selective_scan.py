@@ -13,21 +13,16 @@ ceiling. A memory row gives XLA's temp bytes for forward + backward at L = 16384
 """
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks import _timing
+from benchmarks import _peers, _timing
 from benchmarks.harness import Context, Row
 from pallas_kernels import causal_conv1d, selective_scan
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TORCH_PYTHON = ROOT / ".peers" / "torch" / "bin" / "python"
+ROOT = _peers.ROOT
 
 FULL_SCAN = (2, 2048, 1024, 16)    # B L D N: the Mamba-1 paper's benchmark shape on a CPU
 QUICK_SCAN = (1, 256, 128, 16)
@@ -62,15 +57,6 @@ def scan(u, delta, A, B, C, D, z, db):
 def conv(x, w, bias):
     return torch.nn.functional.silu(torch.nn.functional.conv1d(x, w, bias, padding=cw - 1,
                                                                groups=cd)[..., :cl])
-def timed(step):
-    t0 = time.perf_counter(); step(); first = time.perf_counter() - t0
-    if first > budget:
-        return first * 1e3, 0
-    step()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); step(); ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts), repeats
 out = []
 for op, fn, args in (("selective_scan", scan, (u, delta, A, B, C, D, z, db)),
                      ("causal_conv1d", conv, (x, w, bias))):
@@ -128,23 +114,10 @@ def grad_of_sum(fn, n):
 
 
 def run_peers(ctx: Context, scan_shape, conv_shape, scan_bwd=True) -> dict:
-    if not TORCH_PYTHON.exists():
-        ctx.log(f"torch peers not found at {TORCH_PYTHON}; build them with "
-                "`bash ../shared/peers/setup.sh .peers` (columns read n/a)")
-        return {}
-    cmd = [str(TORCH_PYTHON), "-c", _PEER_SCRIPT, str(ROOT / ".peers"), *map(str, scan_shape),
-           *map(str, conv_shape), str(ctx.repeats), str(ctx.budget_s), str(int(scan_bwd))]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600,
-                              env=dict(os.environ))
-    except subprocess.TimeoutExpired:
-        ctx.log("torch peers timed out; their columns read n/a")
-        return {}
-    if proc.returncode != 0:
-        ctx.log(f"torch peers failed (rc {proc.returncode}):\n" + proc.stderr[-2000:])
-        return {}
-    return {(r["op"], r["mode"]): (r["ms"], r["repeats"])
-            for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+    out = _peers.run_torch(ctx, _PEER_SCRIPT, [ROOT / ".peers", *scan_shape, *conv_shape,
+                                               ctx.repeats, ctx.budget_s, int(scan_bwd)],
+                           what="torch peers")
+    return {(r["op"], r["mode"]): (r["ms"], r["repeats"]) for r in out or []}
 
 
 def memory_row(shape) -> Row:

@@ -16,22 +16,17 @@ held to the GEMM probe.
 """
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks import _timing
+from benchmarks import _peers, _timing
 from benchmarks.chunked_linear_attention import chunked_flops
 from benchmarks.harness import Context, Row
 from pallas_kernels import chunked_linear_attention
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TORCH_PYTHON = ROOT / ".peers" / "torch" / "bin" / "python"
+ROOT = _peers.ROOT
 
 FULL_SHAPE = (2, 4096, 8, 64, 64)   # B T H P N
 QUICK_SHAPE = (1, 512, 2, 32, 16)
@@ -51,15 +46,6 @@ x = torch.randn(b, t, h, p, generator=g)
 dt = torch.nn.functional.softplus(torch.randn(b, t, h, generator=g) - 4)
 a = -torch.exp(torch.randn(h, generator=g)) * dt
 B = torch.randn(b, t, h, n, generator=g); C = torch.randn(b, t, h, n, generator=g)
-def timed(step):
-    t0 = time.perf_counter(); step(); first = time.perf_counter() - t0
-    if first > budget:
-        return first * 1e3, 0
-    step()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); step(); ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts), repeats
 out = []
 def fwd():
     with torch.no_grad():
@@ -94,21 +80,9 @@ def ssd(x, log_gate, b, c):
 
 
 def run_peer(ctx: Context, shape) -> list[dict]:
-    if not TORCH_PYTHON.exists():
-        ctx.log(f"torch peers not found at {TORCH_PYTHON}; build them with "
-                "`bash ../shared/peers/setup.sh .peers` (columns read n/a)")
-        return []
-    cmd = [str(TORCH_PYTHON), "-c", _PEER_SCRIPT, str(ROOT / ".peers"), *map(str, shape),
-           str(CHUNK), str(ctx.repeats), str(ctx.budget_s)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600)
-    except subprocess.TimeoutExpired:
-        ctx.log("ssd_minimal_discrete timed out; its columns read n/a")
-        return []
-    if proc.returncode != 0:
-        ctx.log(f"ssd_minimal_discrete failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}")
-        return []
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _peers.run_torch(ctx, _PEER_SCRIPT, [ROOT / ".peers", *shape, CHUNK, ctx.repeats,
+                                                ctx.budget_s],
+                            what="ssd_minimal_discrete") or []
 
 
 def run(ctx: Context) -> list[Row]:
