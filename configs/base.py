@@ -48,9 +48,12 @@ class ModelConfig:
     # mlp="pkm": ProductKeyMemory options (n_keys, num_heads, topk, key_dim, value_dim, qk_norm,
     # gated, query_norm) plus "layers" (which layers get a memory) and "shared_values"
     mlp_options: dict = dataclasses.field(default_factory=dict)
+    max_positions: int = 0           # > 0: learned absolute position embeddings (CausalLM)
 
     def __post_init__(self):
         _positive("model", self, "d_model", "num_layers")
+        _check(isinstance(self.max_positions, int) and self.max_positions >= 0,
+               "model.max_positions", "an integer >= 0 (0: none)", self.max_positions)
         _check(isinstance(self.mlp_ratio, int) and self.mlp_ratio >= 0, "model.mlp_ratio",
                "an integer >= 0", self.mlp_ratio)
         _check(self.dtype in MIXER_DTYPES, "model.dtype", f"one of {MIXER_DTYPES}", self.dtype)
@@ -182,6 +185,10 @@ class TrainConfig:
     def __post_init__(self):
         _check(self.data.batch_size % self.optim.grad_accum == 0, "optim.grad_accum",
                f"a divisor of data.batch_size ({self.data.batch_size})", self.optim.grad_accum)
+        longest = max(self.data.seq_len, self.data.eval_seq_len)
+        _check(not self.model.max_positions or self.model.max_positions >= longest,
+               "model.max_positions", f"0 or at least the longest sequence ({longest}: "
+               "data.seq_len / data.eval_seq_len)", self.model.max_positions)
 
     @property
     def resolved_run_dir(self) -> str:

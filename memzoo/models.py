@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from memzoo import layers
-from memzoo.attention import check_segment_ids
+from memzoo.attention import check_segment_ids, segment_positions
 from memzoo.registry import MIXERS, accepts_keyword
 
 def _real_residuals_only(policy: Callable[..., bool]) -> Callable[..., bool]:
@@ -136,9 +136,11 @@ def check_tokens(owner: str, tokens, ndim: int = 2, legend: str = "[batch, time]
 class StackCache:
     """Decoding state of a BlockStack: `scanned` (None without scan) is a tuple with one cache
     per pattern position whose leaves carry a leading repeat axis; `layers` a tuple of the
-    unrolled layers' caches."""
+    unrolled layers' caches; `position` (CausalLM with learned positions only) the number of
+    tokens consumed, a scalar int32."""
     scanned: Any
     layers: tuple
+    position: Any = None
 
 
 MLP_KINDS = ("dense", "pkm")
@@ -375,16 +377,28 @@ class CausalLM(nnx.Module):
     Decoding: `cache = lm.init_cache(batch, max_len)`, `logits, cache = lm.prefill(tokens,
     cache)`, `logits_t, cache = lm.decode_step(token_t, cache)`; `memzoo.generate.generate`
     loops them under jit.
+
+    `max_positions=P > 0` adds learned absolute position embeddings (GPT-2's; zoology's MQAR
+    models use them) for positions 0..P-1, restarting at each packed segment. They give
+    attention a previous-token pattern that RoPE alone must first learn a shared direction for.
+    Longer inputs are refused; under jit a decode past P reuses position P - 1.
     """
 
     def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, mixer: str = "s4d",
                  mixer_options: dict[str, Any] | None = None, mlp_ratio: int = 2,
                  norm: str = "rmsnorm", tie_embeddings: bool = True, scan_layers: bool = False,
                  remat: str = "none", dtype=jnp.float32, mlp: str = "dense",
-                 mlp_options: dict[str, Any] | None = None, rngs: nnx.Rngs):
+                 mlp_options: dict[str, Any] | None = None, max_positions: int = 0,
+                 rngs: nnx.Rngs):
         _check_sizes("CausalLM", vocab_size=vocab_size, d_model=d_model, num_layers=num_layers)
-        self.vocab_size, self.dtype = vocab_size, dtype
+        if not isinstance(max_positions, int) or max_positions < 0:
+            raise ValueError(f"CausalLM: max_positions must be an int >= 0 (0: no learned "
+                             f"positions), got {max_positions!r}")
+        self.vocab_size, self.dtype, self.max_positions = vocab_size, dtype, max_positions
         self.embed = _embedding(vocab_size, d_model, rngs)
+        self.positions = None if not max_positions else layers.param(
+            jax.random.normal(rngs.params(), (max_positions, d_model), jnp.float32)
+            * d_model ** -0.5, ("positions", "embed"))
         self.stack = BlockStack(d_model, num_layers, mixer, mixer_options=mixer_options,
                                 mlp_ratio=mlp_ratio, norm=norm, scan_layers=scan_layers,
                                 remat=remat, dtype=dtype, mlp=mlp, mlp_options=mlp_options,
@@ -393,8 +407,16 @@ class CausalLM(nnx.Module):
         self.head = None if tie_embeddings else layers.Linear(
             d_model, vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dtype, rngs=rngs)
 
-    def _embed(self, tokens):
-        return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    def _embed(self, tokens, positions=None):
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        if self.positions is not None:
+            x = x + jnp.take(self.positions[...], positions, axis=0, mode="clip")
+        return x.astype(self.dtype)
+
+    def _check_length(self, owner: str, length: int, offset: int = 0) -> None:
+        if self.positions is not None and offset + length > self.max_positions:
+            raise ValueError(f"{owner}: {offset + length} positions, but the model learned "
+                             f"max_positions={self.max_positions}")
 
     def _logits(self, x):
         x = self.final_norm(x)
@@ -409,23 +431,47 @@ class CausalLM(nnx.Module):
         check_tokens("CausalLM", tokens)
         if segment_ids is not None:
             check_segment_ids("CausalLM", segment_ids, tokens.shape)
-        return self._logits(self.stack(self._embed(tokens), segment_ids=segment_ids))
+        positions = None
+        if self.positions is not None:
+            self._check_length("CausalLM", tokens.shape[1])
+            positions = (jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+                         if segment_ids is None else segment_positions(segment_ids))
+        return self._logits(self.stack(self._embed(tokens, positions), segment_ids=segment_ids))
 
     def init_cache(self, batch_size: int, max_len: int | None = None) -> StackCache:
         """The state before any token; `max_len` sizes caches that grow (attention's)."""
-        return self.stack.init_cache(batch_size, max_len)
+        cache = self.stack.init_cache(batch_size, max_len)
+        if self.positions is not None:
+            cache = cache.replace(position=jnp.zeros((), jnp.int32))
+        return cache
+
+    def _positions(self, owner: str, cache: StackCache, length: int):
+        if self.positions is None:
+            return None
+        if cache.position is None:
+            raise ValueError(f"{owner}: this model has learned positions; pass a cache from "
+                             f"its own init_cache (the given one has no position counter)")
+        if not isinstance(cache.position, jax.core.Tracer):
+            self._check_length(owner, length, int(cache.position))
+        return cache.position + jnp.arange(length, dtype=jnp.int32)[None]
+
+    def _advance(self, old: StackCache, new: StackCache, length: int) -> StackCache:
+        return new if old.position is None else new.replace(position=old.position + length)
 
     def prefill(self, tokens, cache: StackCache):
         """(logits [b, t, vocab], cache after tokens), continuing from `cache`."""
         check_tokens("CausalLM.prefill", tokens)
-        x, cache = self.stack.prefill(self._embed(tokens), cache)
-        return self._logits(x), cache
+        positions = self._positions("CausalLM.prefill", cache, tokens.shape[1])
+        x, new = self.stack.prefill(self._embed(tokens, positions), cache)
+        return self._logits(x), self._advance(cache, new, tokens.shape[1])
 
     def decode_step(self, token_t, cache: StackCache):
         """(logits [b, vocab], cache) for one token per row, token_t [b] int."""
         check_tokens("CausalLM.decode_step", token_t, ndim=1, legend="[batch]")
-        x_t, cache = self.stack.step(self._embed(token_t), cache)
-        return self._logits(x_t), cache
+        positions = self._positions("CausalLM.decode_step", cache, 1)
+        x_t, new = self.stack.step(self._embed(token_t, None if positions is None
+                                                else positions[:, 0]), cache)
+        return self._logits(x_t), self._advance(cache, new, 1)
 
 
 class SequenceClassifier(nnx.Module):

@@ -26,6 +26,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),       # GQA key/value heads; replicated when fewer than tensor
     ("kv", None),                 # head_dim
     ("vocab", "tensor"),
+    ("positions", None),          # learned absolute position embeddings' rows
     ("state", None),              # SSM state: small, and every step of a scan touches all of it
     ("norm", None),
     ("layers", None),             # the stacked axis of scanned layers

@@ -102,8 +102,11 @@ def build_model(config: TrainConfig, vocab_size: int, rngs: nnx.Rngs,
                                   dtype=jnp.dtype(m.dtype), mlp=m.mlp,
                                   mlp_options=dict(m.mlp_options), rngs=rngs)
     if num_classes:
+        if m.max_positions:
+            raise ConfigError("config key 'model.max_positions': learned positions are for "
+                              "next-token tasks (CausalLM); this task has classes")
         return SequenceClassifier(num_classes=num_classes, pooling=m.pooling, **kwargs)
-    return CausalLM(**kwargs)
+    return CausalLM(max_positions=m.max_positions, **kwargs)
 
 
 def _opt_shardings(abstract_opt, abstract_params, param_shardings, mesh: Mesh):

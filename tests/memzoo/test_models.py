@@ -140,6 +140,31 @@ def test_segment_ids_isolate_documents_in_attention_stacks():
     assert lm("s4d", 1)(tok, segment_ids=seg).shape == (BATCH, T, V)
 
 
+def test_learned_positions_decode_equals_forward_and_restart_per_segment():
+    model, tok = lm("attention", 2, max_positions=T), tokens()
+    full = forward(model, tok)
+    # The positions matter: shifting the same tokens by one position changes the logits.
+    shifted = forward(model, jnp.concatenate([tok[:, :1], tok[:, :-1]], axis=1))[:, 1:]
+    assert float(jnp.max(jnp.abs(shifted - full[:, :-1]))) > 1e-3
+    logits, cache = prefill(model, tok[:, :6], model.init_cache(BATCH, T))
+    out = [logits]
+    for t in range(6, T):
+        logits_t, cache = decode(model, tok[:, t], cache)
+        out.append(logits_t[:, None])
+    assert int(cache.position) == T
+    assert_close(jnp.concatenate(out, axis=1), full, 1e-5, "learned positions: decode vs forward")
+    cut = 4
+    seg = jnp.broadcast_to((jnp.arange(T) >= cut).astype(jnp.int32)[None], (BATCH, T))
+    packed = nnx.jit(lambda m, t, s: m(t, segment_ids=s))(model, tok, seg)
+    assert_close(packed[:, cut:], forward(model, tok[:, cut:]), 1e-5, "doc 2 starts at position 0")
+    with pytest.raises(ValueError, match="max_positions=10"):
+        model(tokens(length=T + 1))
+    with pytest.raises(ValueError, match="max_positions=10"):
+        model.prefill(tok, cache)   # the cache is already at position T
+    with pytest.raises(ValueError, match="max_positions"):
+        lm("attention", 1, max_positions=-1)
+
+
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_sequence_classifier_shape_and_grads(pooling):
     clf = SequenceClassifier(vocab_size=V, num_classes=3, d_model=D, num_layers=2,

@@ -16,6 +16,8 @@ from train.__main__ import main
     ("mesh.data=0", "config key 'mesh.data': expected a positive integer or -1"),
     ("checkpoint.resume=maybe", "config key 'checkpoint.resume'"),
     ("optim.grad_accum=5", "config key 'optim.grad_accum': expected a divisor of data.batch_size"),
+    ("model.max_positions=8", "config key 'model.max_positions': expected 0 or at least the "
+                              "longest sequence (64"),
     ("model=s5", "config key 'model' is a section"),
     ("model.mixer.x=1", "'model.mixer' has no sub-keys"),
     ("optim.steps", "expected key=value"),
