@@ -7,7 +7,14 @@ than a private copy. Its `is_causal` and `local_window_size` masks align query 0
 is right for the parallel form only; with a cache the queries sit after the cached keys, so the
 cached form builds its mask from absolute positions and passes it as `mask`.
 
-Decoding state (`KVCache`): keys and values after RoPE, and `index`, the number of tokens seen.
+`conv_size=W > 0` adds a short causal depthwise convolution over the q, k, v projections (before
+RoPE), residually: p_t + sum_i w_i p_{t-i}, with w initialised to 0 so the layer starts as plain
+attention. It hands each token its predecessors' projections, the previous-token step of the
+induction circuit that recall needs (the short convolutions of H3 / Based, the "canon layers" of
+Physics of Language Models 4.1), which plain attention has to learn through its positions.
+
+Decoding state (`KVCache`): keys and values after RoPE, and `index`, the number of tokens seen;
+with a convolution also `conv`, its last W-1 inputs.
   full attention   a buffer of `max_len` slots; position p lives in slot p.
   window W         a ring of W slots; position p lives in slot p % W, so the cache never grows
                    and decoding has no length limit.
@@ -18,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+import pallas_kernels
 from memzoo import layers
 from memzoo.registry import register_mixer
 
@@ -31,6 +39,7 @@ class KVCache:
     k: jax.Array
     v: jax.Array
     index: jax.Array
+    conv: jax.Array | None = None   # conv_size > 0: [b, conv_size - 1, (heads + 2 kv_heads) k]
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -71,8 +80,8 @@ class Attention(nnx.Module):
 
     def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None,
                  num_kv_heads: int | None = None, window: int | None = None, rope: bool = True,
-                 rope_base: float = 10_000.0, max_len: int = DEFAULT_MAX_LEN, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 rope_base: float = 10_000.0, max_len: int = DEFAULT_MAX_LEN, conv_size: int = 0,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if head_dim is None:
             if d_model % num_heads:
@@ -88,6 +97,9 @@ class Attention(nnx.Module):
             raise ValueError(f"Attention: window must be a positive int or None, got {window}")
         if max_len < 1:
             raise ValueError(f"Attention: max_len must be positive, got {max_len}")
+        if not isinstance(conv_size, int) or conv_size < 0 or conv_size == 1:
+            raise ValueError(f"Attention: conv_size must be 0 (none) or an int >= 2, got "
+                             f"{conv_size!r}")
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.head_dim, self.window, self.use_rope, self.rope_base = head_dim, window, rope, rope_base
         self.max_len, self.dtype = max_len, dtype
@@ -101,14 +113,31 @@ class Attention(nnx.Module):
         self.wv = init((d_model, num_kv_heads, head_dim), d_model, ("embed", "kv_heads", "kv"))
         self.wo = init((num_heads, head_dim, d_model), num_heads * head_dim,
                        ("heads", "kv", "embed"))
+        self.conv_size = conv_size
+        self.conv_weight = None if not conv_size else layers.param(
+            jnp.zeros((conv_size, (num_heads + 2 * num_kv_heads) * head_dim), jnp.float32),
+            (None, None))
 
-    def _project(self, x, positions):
+    def _project(self, x, positions, conv_state=None, segment_ids=None):
+        """(q, k, v, new conv state or None)."""
         x = x.astype(self.dtype)
         q, k, v = (jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))
                    for w in (self.wq, self.wk, self.wv))
+        new_state = None
+        if self.conv_weight is not None:
+            b, T = x.shape[:2]
+            flat = jnp.concatenate([p.reshape(b, T, -1) for p in (q, k, v)], axis=-1)
+            mixed, new_state = pallas_kernels.causal_conv1d(
+                flat, self.conv_weight[...].astype(self.dtype), initial_state=conv_state,
+                segment_ids=segment_ids)
+            flat = flat + mixed.astype(self.dtype)
+            nq, nk = q.shape[2] * q.shape[3], k.shape[2] * k.shape[3]
+            q = flat[..., :nq].reshape(q.shape)
+            k = flat[..., nq:nq + nk].reshape(k.shape)
+            v = flat[..., nq + nk:].reshape(v.shape)
         if self.use_rope:
             q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
-        return q, k, v
+        return q, k, v, new_state
 
     def _out(self, o):
         return jnp.einsum("bthk,hkd->btd", o.astype(self.dtype), self.wo[...].astype(self.dtype))
@@ -118,8 +147,11 @@ class Attention(nnx.Module):
         a windowed one is a ring of `window` slots whatever `max_len` says."""
         slots = self.window if self.window is not None else (max_len or self.max_len)
         shape = (batch_size, slots, self.num_kv_heads, self.head_dim)
+        conv = None if self.conv_weight is None else jnp.zeros(
+            (batch_size, self.conv_size - 1, self.conv_weight.shape[1]),
+            jnp.promote_types(self.dtype, jnp.float32))
         return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype),
-                       jnp.zeros((), jnp.int32))
+                       jnp.zeros((), jnp.int32), conv)
 
     def step(self, x_t, cache: KVCache):
         layers.check_input("Attention.step", "x_t", x_t, ndim=2, width=self.d_model,
@@ -148,7 +180,7 @@ class Attention(nnx.Module):
             check_segment_ids("Attention", segment_ids, (b, T))
             positions = segment_positions(segment_ids)
             mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-        q, k, v = self._project(x, positions)
+        q, k, v, _ = self._project(x, positions, segment_ids=segment_ids)
         o = jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=True,
             local_window_size=None if self.window is None else (self.window - 1, 0))
@@ -160,7 +192,10 @@ class Attention(nnx.Module):
             raise ValueError(f"Attention: cache is for batch {cache.k.shape[0]}, x has {b}")
         index = cache.index
         q_pos = index + jnp.arange(T, dtype=jnp.int32)
-        q, k, v = self._project(x, jnp.broadcast_to(q_pos[None], (b, T)))
+        if (cache.conv is None) != (self.conv_weight is None):
+            raise ValueError("Attention: the cache's conv state does not match conv_size="
+                             f"{self.conv_size}; make it with this layer's init_cache")
+        q, k, v, conv = self._project(x, jnp.broadcast_to(q_pos[None], (b, T)), cache.conv)
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
         slots = cache.k.shape[1]
         if self.window is None:
@@ -193,7 +228,7 @@ class Attention(nnx.Module):
             # dynamic_update_slice clamps out-of-range writes, which would silently overwrite
             # the last keys; poison instead so an overflow cannot pass for a result.
             y = jnp.where(index + T <= slots, y, jnp.nan)
-        return y, KVCache(new_k, new_v, index + T)
+        return y, KVCache(new_k, new_v, index + T, conv)
 
 
 def check_segment_ids(owner: str, segment_ids, shape) -> None:

@@ -20,6 +20,8 @@ CASES = [
     ("window5", dict(num_heads=2, window=5)),
     ("window3_mqa", dict(num_heads=4, num_kv_heads=1, window=3)),
     ("no_rope_head_dim6", dict(num_heads=2, head_dim=6, rope=False)),
+    ("conv4_gqa", dict(num_heads=4, num_kv_heads=2, conv_size=4)),
+    ("conv3_window4", dict(num_heads=2, window=4, conv_size=3)),
 ]
 
 
@@ -28,7 +30,12 @@ def ids(cases):
 
 
 def build(options, seed=0, **extra):
-    return memzoo.MIXERS["attention"](D, rngs=nnx.Rngs(seed), **options, **extra)
+    mixer = memzoo.MIXERS["attention"](D, rngs=nnx.Rngs(seed), **options, **extra)
+    if mixer.conv_weight is not None:
+        # The convolution starts at 0 (plain attention); test it with taps it would learn.
+        mixer.conv_weight[...] = 0.5 * jax.random.normal(jax.random.key(seed + 7),
+                                                         mixer.conv_weight.shape)
+    return mixer
 
 
 def inputs(seed=1, length=T):
@@ -46,6 +53,22 @@ def naive_attention(params, x, *, num_heads, num_kv_heads, window, use_rope, pos
     wq, wk, wv, wo = (np.asarray(params[k], np.float64) for k in ("wq", "wk", "wv", "wo"))
     x = np.asarray(x, np.float64)
     q, k, v = (np.einsum("btd,dhk->bthk", x, w) for w in (wq, wk, wv))
+    if params.get("conv_weight") is not None:
+        # p_t + sum_{s < W} w[W-1-s] p_{t-s} over the channels of [q | k | v], within segments.
+        w = np.asarray(params["conv_weight"], np.float64)
+        b, n = x.shape[:2]
+        flat = np.concatenate([z.reshape(b, n, -1) for z in (q, k, v)], axis=-1)
+        seg = np.zeros((b, n), int) if segment_ids is None else np.asarray(segment_ids)
+        mixed = flat.copy()
+        for t in range(n):
+            for s in range(w.shape[0]):
+                if t - s >= 0:
+                    same = (seg[:, t] == seg[:, t - s])[:, None]
+                    mixed[:, t] += np.where(same, w[w.shape[0] - 1 - s] * flat[:, t - s], 0)
+        nq, nk = q[0, 0].size, k[0, 0].size
+        q = mixed[..., :nq].reshape(q.shape)
+        k = mixed[..., nq:nq + nk].reshape(k.shape)
+        v = mixed[..., nq + nk:].reshape(v.shape)
     if use_rope:
         half = q.shape[-1] // 2
         freq = base ** (-np.arange(half) / half)
@@ -72,7 +95,9 @@ def naive_attention(params, x, *, num_heads, num_kv_heads, window, use_rope, pos
     return np.einsum("bthk,hkm->btm", np.einsum("bhts,bshk->bthk", p, v), wo)
 
 def params_of(mixer):
-    return {k: np.asarray(getattr(mixer, k)[...]) for k in ("wq", "wk", "wv", "wo")}
+    p = {k: np.asarray(getattr(mixer, k)[...]) for k in ("wq", "wk", "wv", "wo")}
+    p["conv_weight"] = None if mixer.conv_weight is None else np.asarray(mixer.conv_weight[...])
+    return p
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
@@ -121,7 +146,10 @@ def test_causal():
     assert not np.allclose(np.asarray(y2[:, t0:]), np.asarray(y[:, t0:]))
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[2]], ids=ids([CASES[1], CASES[2]]))
+SEGMENT_CASES = [CASES[1], CASES[2], CASES[5]]
+
+
+@pytest.mark.parametrize("case", SEGMENT_CASES, ids=ids(SEGMENT_CASES))
 def test_segment_ids_keep_packed_documents_apart(case):
     """Doc 2 packed after doc 1 gives what doc 2 gives alone (rotary positions restart too)."""
     _, options = case
@@ -141,7 +169,7 @@ def test_segment_ids_keep_packed_documents_apart(case):
 
 
 def test_gradients_flow_to_every_parameter():
-    mixer, x = build(dict(num_heads=4, num_kv_heads=2, window=4)), inputs()
+    mixer, x = build(dict(num_heads=4, num_kv_heads=2, window=4, conv_size=3)), inputs()
     grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(mixer)
     for path, g in nnx.to_flat_state(grads):
         assert np.all(np.isfinite(g[...])) and np.any(g[...] != 0), path
@@ -201,3 +229,7 @@ def test_bad_input_is_a_clear_error():
         build(dict(num_heads=3))
     with pytest.raises(ValueError, match="window"):
         build(dict(num_heads=2, window=0))
+    with pytest.raises(ValueError, match="conv_size must be 0"):
+        build(dict(num_heads=2, conv_size=1))
+    with pytest.raises(ValueError, match="conv state does not match conv_size=3"):
+        build(dict(num_heads=2, conv_size=3)).step(jnp.ones((BATCH, D)), mixer.init_cache(BATCH))
