@@ -159,11 +159,12 @@ def _delta_bwd(scale, chunk_size, gated, segmented, implementation, residuals, c
     do, dfinal = cotangents
     static = _static(scale, chunk_size, gated, segmented)
     xla_bwd = functools.partial(_xla.delta_rule_backward, **static)
-    # The Pallas path's backward is the XLA one (no backward kernel yet): it takes the chunk
-    # states the forward kernel wrote.
+    # Each path's backward takes the chunk states its own forward wrote (the Pallas chunk is the
+    # op's chunk except when one padded chunk covers the whole sequence: same states).
     grads = _dispatch.dispatch(
         _OP, implementation, *args, states, do, dfinal,
-        reference=xla_bwd, xla=xla_bwd, pallas=lambda *a, target, interpret: xla_bwd(*a))
+        reference=xla_bwd, xla=xla_bwd,
+        pallas=functools.partial(_pallas.delta_rule_backward, **static))
     return tuple(grads) + (jnp.zeros_like(args[6]),)
 
 

@@ -67,15 +67,7 @@ def _dot_tn(a, b):
                                preferred_element_type=F32)
 
 
-def chunk_step(q, k, v, bcol, brow, gcol, grow, ccol, crow, s, *, scale, gated, segmented):
-    """One chunk of the delta rule (the kernels' one body).
-
-    q, k [C, K]; v [C, Vb]; bcol/gcol/ccol [C, 1] and brow/grow/crow [1, C]: beta, the gates'
-    cumulative sum inside the chunk and the count of resets inside the chunk, as columns and as
-    rows (so no transposes are needed in the kernel); s [K, Vb] the state entering the chunk.
-    Returns (o [C, Vb], the state leaving the chunk).
-    """
-    c = q.shape[0]
+def _chunk_masks(c, ccol, crow, segmented):
     row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
     col = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
     incl = row >= col
@@ -84,46 +76,108 @@ def chunk_step(q, k, v, bcol, brow, gcol, grow, ccol, crow, s, *, scale, gated, 
         same = ccol == crow
         incl = incl & same
         upper = upper & same
-    lane = jax.lax.broadcasted_iota(jnp.int32, (1, c), 1)
-    is_last = lane == c - 1
+    return row, col, incl, upper
 
-    def at_last(x_row):                                        # [1, C] -> [1, 1] (no slicing:
-        return jnp.sum(jnp.where(is_last, x_row, 0.0), axis=1, keepdims=True)   # Triton has none)
 
-    glast = at_last(grow)
+def _at_last(x_row):
+    """[1, C] -> [1, 1], the last entry (no slicing: Triton has none)."""
+    lane = jax.lax.broadcasted_iota(jnp.int32, x_row.shape, 1)
+    return jnp.sum(jnp.where(lane == x_row.shape[1] - 1, x_row, 0.0), axis=1, keepdims=True)
+
+
+def _a_transposed(k, brow, gcol, grow, ccol, crow, *, gated, segmented):
+    """A^T, a_t[m, i] = A[i, m] = beta_i (k_i . k_m) exp(G_i - G_m) for m < i (same segment)."""
+    _, _, _, upper = _chunk_masks(k.shape[0], ccol, crow, segmented)
     if gated:
-        gam = jnp.where(incl, jnp.exp(jnp.where(incl, gcol - grow, 0.0)), 0.0)
         # Gam^T on the strict upper part: exp(G_j - G_i) at [i, j] for i < j.
         gam_t = jnp.where(upper, jnp.exp(jnp.where(upper, grow - gcol, 0.0)), 0.0)
-        gamma = jnp.exp(gcol)
-        dlast = jnp.exp(glast - gcol)
-        gl = jnp.exp(glast)
     else:
-        gam = incl.astype(F32)
         gam_t = upper.astype(F32)
-        gamma = jnp.ones_like(gcol)
-        dlast = jnp.ones_like(gcol)
-        gl = jnp.ones_like(glast)
-    if segmented:
-        clast = at_last(crow)
-        gamma = jnp.where(ccol == 0, gamma, 0.0)
-        dlast = jnp.where(ccol == clast, dlast, 0.0)
-        gl = jnp.where(clast == 0, gl, 0.0)
+    return _dot_nt(k, k) * gam_t * brow
 
-    kk = _dot_nt(k, k)                                          # symmetric
-    a_t = kk * gam_t * brow                                     # A^T: a_t[m, i] = A[i, m]
 
-    # T = (I + A)^-1, row by row: T_i = e_i - sum_{m<i} A_im T_m (rows >= i of T are still 0).
-    def substitute(i, t):
+def _substitute(a_t):
+    """T = (I + A)^-1 row by row: T_i = e_i - sum_{m<i} A_im T_m (rows >= i of T still 0)."""
+    c = a_t.shape[0]
+    row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (1, c), 1)
+
+    def step(i, t):
         a_i = jnp.sum(jnp.where(col == i, a_t, 0.0), axis=1, keepdims=True)   # [C, 1]: A_i,:
         new_row = jnp.where(lane == i, 1.0, 0.0) - jnp.sum(a_i * t, axis=0, keepdims=True)
         return jnp.where(row == i, new_row, t)
 
-    t = jax.lax.fori_loop(0, c, substitute, jnp.zeros((c, c), F32))
+    return jax.lax.fori_loop(0, c, step, jnp.zeros((c, c), F32))
+
+
+def _finish(q, k, v, bcol, gcol, grow, s, t, ccol, crow, *, scale, gated, segmented):
+    """(o, state leaving the chunk) from T = (I + A)^-1 and the rest of the chunk's inputs."""
+    c = q.shape[0]
+    row, col, incl, _ = _chunk_masks(c, ccol, crow, segmented)
+    glast = _at_last(grow)
+    if gated:
+        # The diagonal of Gam and the last token's exp(G_last - G_last) are the constant 1, not
+        # exp(0): differentiated (the backward kernel), exp(x - x) adds and subtracts the same
+        # O(1) term, and its rounding would swamp a gate gradient that strong decays make tiny.
+        strict = incl & (row != col)
+        gam = jnp.where(strict, jnp.exp(jnp.where(strict, gcol - grow, 0.0)),
+                        jnp.where(incl, 1.0, 0.0))
+        gamma = jnp.exp(gcol)
+        last = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
+        dlast = jnp.where(last, 1.0, jnp.exp(jnp.where(last, 0.0, glast - gcol)))
+        gl = jnp.exp(glast)
+    else:
+        gam = incl.astype(F32)
+        gamma = jnp.ones_like(gcol)
+        dlast = jnp.ones_like(gcol)
+        gl = jnp.ones_like(glast)
+    if segmented:
+        clast = _at_last(crow)
+        gamma = jnp.where(ccol == 0, gamma, 0.0)
+        dlast = jnp.where(ccol == clast, dlast, 0.0)
+        gl = jnp.where(clast == 0, gl, 0.0)
     u = _dot(t, bcol * v) - _dot(_dot(t, (bcol * gamma) * k), s)
     o = scale * (_dot(gamma * q, s) + _dot(_dot_nt(q, k) * gam, u))
     s_next = gl * s + _dot_tn(dlast * k, u)
     return o, s_next
+
+
+def chunk_step(q, k, v, bcol, brow, gcol, grow, ccol, crow, s, *, scale, gated, segmented):
+    """One chunk of the delta rule (the forward kernels' one body).
+
+    q, k [C, K]; v [C, Vb]; bcol/gcol/ccol [C, 1] and brow/grow/crow [1, C]: beta, the gates'
+    cumulative sum inside the chunk and the count of resets inside the chunk, as columns and as
+    rows (so no transposes are needed in the kernel); s [K, Vb] the state entering the chunk.
+    Returns (o [C, Vb], the state leaving the chunk).
+    """
+    t = _substitute(_a_transposed(k, brow, gcol, grow, ccol, crow, gated=gated,
+                                  segmented=segmented))
+    return _finish(q, k, v, bcol, gcol, grow, s, t, ccol, crow, scale=scale, gated=gated,
+                   segmented=segmented)
+
+
+def chunk_step_vjp(q, k, v, bcol, brow, gcol, grow, ccol, crow, s, do, ds_next, *, scale,
+                   gated, segmented):
+    """The backward kernels' one body: the cotangents of `chunk_step`'s inputs
+    (dq, dk, dv, dbcol, dbrow, dgcol, dgrow, ds) given those of its outputs (do, ds_next).
+
+    Autodiff of the chunk's own matmul algebra, except through the row substitution (a loop
+    whose reverse would keep C copies of T): with T = (I + A)^-1, dA = -T^T dT T^T, so
+    d(A^T) = -T dT^T T, three matmuls.
+    """
+    static = dict(gated=gated, segmented=segmented)
+    a_t, a_vjp = jax.vjp(lambda k, brow, gcol, grow: _a_transposed(k, brow, gcol, grow, ccol,
+                                                                   crow, **static),
+                         k, brow, gcol, grow)
+    t = _substitute(a_t)
+    _, rest_vjp = jax.vjp(lambda q, k, v, bcol, gcol, grow, s, t: _finish(
+        q, k, v, bcol, gcol, grow, s, t, ccol, crow, scale=scale, **static),
+        q, k, v, bcol, gcol, grow, s, t)
+    dq, dk, dv, dbcol, dgcol, dgrow, ds, dt = rest_vjp((do, ds_next))
+    da_t = -_dot(_dot_nt(t, dt), t)
+    dk_a, dbrow, dgcol_a, dgrow_a = a_vjp(da_t)
+    return dq, dk + dk_a, dv, dbcol, dbrow, dgcol + dgcol_a, dgrow + dgrow_a, ds
 
 
 _N_SEQ = 3    # q, k, v: [C, .] blocks
@@ -183,17 +237,58 @@ def pallas_chunk(length: int, chunk_size: int, target: str) -> int:
     return chunk
 
 
-def delta_rule_forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
-                       target: str, interpret=None, block_sizes: BlockSizes | None = None):
-    """(o [B,T,H,V], final state [B,H,K,V], states entering each chunk [B,H,N,K,V])."""
-    from jax.experimental.pallas import tpu as pltpu
-    from jax.experimental.pallas import triton as pltriton
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """The kernels' common layout: [B*H, padded T, padded width] sequences, per-token scalars in
+    chunk coordinates as columns [B*H, padded T, 1] and rows, and the padded sizes."""
+    batch: int
+    length: int
+    heads: int
+    key_dim: int
+    value_dim: int
+    chunk: int
+    n_chunks: int
+    padded_t: int
+    kd: int
+    vd: int
+    block_v: int
+    seq: tuple          # q, k, v
+    cols: tuple         # beta, G, reset counts as [BH, padded T, 1]
+    rows: tuple         # the same as [BH, N, 1, C] (TPU) or [BH, N, C] (GPU)
 
+    @property
+    def bh(self):
+        return self.batch * self.heads
+
+    @property
+    def n_v(self):
+        return self.vd // self.block_v
+
+    def heads_first(self, x, width):
+        """[B, T, H, D] -> [B*H, padded T, width], zero padded (a zero step leaves S as it is)."""
+        x = jnp.transpose(x, (0, 2, 1, 3)).reshape(self.bh, self.length, x.shape[-1])
+        return jnp.pad(x, [(0, 0), (0, self.padded_t - self.length), (0, width - x.shape[-1])])
+
+    def state_in(self, x):
+        """[B, H, K, V] (or [B, H, N, K, V]) -> padded [B*H, (N,) kd, vd]."""
+        x = x.reshape((self.bh,) + x.shape[2:])
+        pads = [(0, 0)] * (x.ndim - 2) + [(0, self.kd - self.key_dim), (0, self.vd - self.value_dim)]
+        return jnp.pad(x, pads)
+
+    def seq_out(self, x, width):
+        """[B*H, padded T, padded width] -> [B, T, H, width]."""
+        x = x[:, :self.length, :width].reshape(self.batch, self.heads, self.length, width)
+        return jnp.transpose(x, (0, 2, 1, 3))
+
+    def scalar_out(self, x):
+        """[B*H, padded T] -> [B, T, H]."""
+        x = x[:, :self.length].reshape(self.batch, self.heads, self.length)
+        return jnp.transpose(x, (0, 2, 1))
+
+
+def _layout(q, k, v, beta, g, reset, *, chunk_size, target, block_sizes) -> _Layout:
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    acc = h0.dtype
-    if acc != F32:
-        raise ValueError(f"delta_rule: the Pallas kernels accumulate in float32, got {acc}")
     chunk = pallas_chunk(length, chunk_size, target)
     n_chunks = -(-length // chunk)
     padded_t = n_chunks * chunk
@@ -202,37 +297,49 @@ def delta_rule_forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated,
         kd = key_dim
         block_v = min(bs.block_v, value_dim)
         vd = _round_up(value_dim, block_v)
-    else:
+    elif target == "cuda":
         # Triton tiles are powers of two, and its matmuls need every side >= 16.
         kd = max(16, pl.next_power_of_2(key_dim))
         block_v = max(16, min(bs.block_v, pl.next_power_of_2(value_dim)))
         vd = _round_up(value_dim, block_v)
-    n_v = vd // block_v
+    else:
+        raise ValueError(f"delta_rule: unknown Pallas target {target!r}")
     bh = batch * heads
-
-    def heads_first(x, width):
-        """[B, T, H, D] -> [B*H, padded T, width], zero padded (a zero step leaves S as it is)."""
-        x = jnp.transpose(x, (0, 2, 1, 3)).reshape(bh, length, x.shape[-1])
-        return jnp.pad(x, [(0, 0), (0, padded_t - length), (0, width - x.shape[-1])])
-
-    qf, kf = heads_first(q, kd), heads_first(k, kd)
-    vf = heads_first(v, vd)
+    base = _Layout(batch, length, heads, key_dim, value_dim, chunk, n_chunks, padded_t, kd, vd,
+                   block_v, (), (), ())
+    seq = (base.heads_first(q, kd), base.heads_first(k, kd), base.heads_first(v, vd))
+    pad_t = lambda x: jnp.pad(x, [(0, 0), (0, padded_t - length)])
     # Per-token scalars, in chunk coordinates: G = cumulative log gate, counts = resets so far.
-    bt = jnp.pad(jnp.transpose(beta, (0, 2, 1)).reshape(bh, length), [(0, 0), (0, padded_t - length)])
-    gt = jnp.pad(jnp.transpose(g, (0, 2, 1)).reshape(bh, length), [(0, 0), (0, padded_t - length)])
-    rt = jnp.pad(jnp.broadcast_to(reset.astype(F32)[:, None], (batch, heads, length)).reshape(bh, length),
-                 [(0, 0), (0, padded_t - length)])
+    bt = pad_t(jnp.transpose(beta, (0, 2, 1)).reshape(bh, length))
+    gt = pad_t(jnp.transpose(g, (0, 2, 1)).reshape(bh, length))
+    rt = pad_t(jnp.broadcast_to(reset.astype(F32)[:, None], (batch, heads, length)).reshape(bh, length))
     gcum = jnp.cumsum(gt.reshape(bh, n_chunks, chunk), axis=-1)
     ccum = jnp.cumsum(rt.reshape(bh, n_chunks, chunk), axis=-1)
     brs = bt.reshape(bh, n_chunks, chunk)
-    cols = [x.reshape(bh, padded_t, 1).astype(F32) for x in (brs, gcum, ccum)]
-    h0f = jnp.pad(h0.reshape(bh, key_dim, value_dim),
-                  [(0, 0), (0, kd - key_dim), (0, vd - value_dim)])
+    scalars = [x.astype(F32) for x in (brs, gcum, ccum)]
+    cols = tuple(x.reshape(bh, padded_t, 1) for x in scalars)
+    rows = tuple(x[:, :, None, :] if target == "tpu" else x for x in scalars)
+    return dataclasses.replace(base, seq=seq, cols=cols, rows=rows)
+
+
+def delta_rule_forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
+                       target: str, interpret=None, block_sizes: BlockSizes | None = None):
+    """(o [B,T,H,V], final state [B,H,K,V], states entering each chunk [B,H,N,K,V])."""
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas import triton as pltriton
+
+    acc = h0.dtype
+    if acc != F32:
+        raise ValueError(f"delta_rule: the Pallas kernels accumulate in float32, got {acc}")
+    lay = _layout(q, k, v, beta, g, reset, chunk_size=chunk_size, target=target,
+                  block_sizes=block_sizes)
+    bh, n_v, chunk, n_chunks, padded_t = lay.bh, lay.n_v, lay.chunk, lay.n_chunks, lay.padded_t
+    kd, vd, block_v = lay.kd, lay.vd, lay.block_v
+    h0f = lay.state_in(h0)
     body = functools.partial(chunk_step, scale=scale, gated=gated, segmented=segmented)
     interpret = interpret if interpret is not None else False
 
     if target == "tpu":
-        rows = [x[:, :, None, :].astype(F32) for x in (brs, gcum, ccum)]     # [BH, N, 1, C]
         seq_k = pl.BlockSpec((None, chunk, kd), lambda b, j, n: (b, n, 0))
         seq_v = pl.BlockSpec((None, chunk, block_v), lambda b, j, n: (b, n, j))
         col = pl.BlockSpec((None, chunk, 1), lambda b, j, n: (b, n, 0))
@@ -251,9 +358,8 @@ def delta_rule_forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated,
             compiler_params=pltpu.CompilerParams(
                 dimension_semantics=("parallel", "parallel", "arbitrary")),
             interpret=interpret, name="memzoo_delta_rule_fwd")
-        o, final, states = call(qf, kf, vf, *cols, *rows, h0f)
-    elif target == "cuda":
-        rows = [x.astype(F32) for x in (brs, gcum, ccum)]                   # [BH, N, C]
+        o, final, states = call(*lay.seq, *lay.cols, *lay.rows, h0f)
+    else:
         seq_k = pl.BlockSpec((None, padded_t, kd), lambda b, j: (b, 0, 0))
         seq_v = pl.BlockSpec((None, padded_t, block_v), lambda b, j: (b, 0, j))
         col = pl.BlockSpec((None, padded_t, 1), lambda b, j: (b, 0, 0))
@@ -271,13 +377,156 @@ def delta_rule_forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated,
             out_specs=[seq_v, state, states_spec],
             compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
             interpret=interpret, name="memzoo_delta_rule_fwd")
-        o, final, states = call(qf, kf, vf, *cols, *rows, h0f)
+        o, final, states = call(*lay.seq, *lay.cols, *lay.rows, h0f)
         states = states.reshape(bh, n_chunks, kd, vd)
-    else:
-        raise ValueError(f"delta_rule: unknown Pallas target {target!r}")
 
-    o = o[:, :length, :value_dim].reshape(batch, heads, length, value_dim)
-    o = jnp.transpose(o, (0, 2, 1, 3))
-    final = final[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
-    states = states[:, :, :key_dim, :value_dim].reshape(batch, heads, n_chunks, key_dim, value_dim)
+    o = lay.seq_out(o, lay.value_dim)
+    final = final[:, :lay.key_dim, :lay.value_dim].reshape(h0.shape)
+    states = states[:, :, :lay.key_dim, :lay.value_dim].reshape(
+        lay.batch, lay.heads, n_chunks, lay.key_dim, lay.value_dim)
     return o, final, states
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: the chunks in reverse, carrying dS; each program owns one value block, so the
+# cotangents of q, k, beta and the gates come out per value block and are summed after.
+
+def _tpu_bwd_kernel(q_ref, k_ref, v_ref, bc_ref, gc_ref, cc_ref, br_ref, gr_ref, cr_ref, s_ref,
+                    do_ref, dfinal_ref, dq_ref, dk_ref, dv_ref, dbc_ref, dgc_ref, dbr_ref, dgr_ref,
+                    dh0_ref, ds_scr, *, body):
+    n = pl.program_id(2)
+
+    @pl.when(n == 0)
+    def _():
+        ds_scr[...] = dfinal_ref[...]
+
+    dq, dk, dv, dbc, dbr, dgc, dgr, ds = body(
+        q_ref[...].astype(F32), k_ref[...].astype(F32), v_ref[...].astype(F32), bc_ref[...],
+        br_ref[...], gc_ref[...], gr_ref[...], cc_ref[...], cr_ref[...], s_ref[...],
+        do_ref[...].astype(F32), ds_scr[...])
+    dq_ref[...] = dq
+    dk_ref[...] = dk
+    dv_ref[...] = dv
+    dbc_ref[...] = dbc
+    dgc_ref[...] = dgc
+    dbr_ref[...] = dbr
+    dgr_ref[...] = dgr
+    ds_scr[...] = ds
+
+    @pl.when(n == pl.num_programs(2) - 1)
+    def _():
+        dh0_ref[...] = ds
+
+
+def _gpu_bwd_kernel(q_ref, k_ref, v_ref, bc_ref, gc_ref, cc_ref, br_ref, gr_ref, cr_ref, s_ref,
+                    do_ref, dfinal_ref, dq_ref, dk_ref, dv_ref, dbc_ref, dgc_ref, dbr_ref,
+                    dgr_ref, dh0_ref, *, body, chunk, n_chunks, key_dim):
+    def step(i, ds_next):
+        n = n_chunks - 1 - i
+        rows = pl.ds(n * chunk, chunk)
+        one = pl.ds(n, 1)
+        dq, dk, dv, dbc, dbr, dgc, dgr, ds = body(
+            q_ref[rows, :].astype(F32), k_ref[rows, :].astype(F32), v_ref[rows, :].astype(F32),
+            bc_ref[rows, :], br_ref[one, :], gc_ref[rows, :], gr_ref[one, :], cc_ref[rows, :],
+            cr_ref[one, :], s_ref[pl.ds(n * key_dim, key_dim), :], do_ref[rows, :].astype(F32),
+            ds_next)
+        dq_ref[rows, :] = dq
+        dk_ref[rows, :] = dk
+        dv_ref[rows, :] = dv
+        dbc_ref[rows, :] = dbc
+        dgc_ref[rows, :] = dgc
+        dbr_ref[one, :] = dbr
+        dgr_ref[one, :] = dgr
+        return ds
+
+    dh0_ref[...] = jax.lax.fori_loop(0, n_chunks, step, dfinal_ref[...])
+
+
+def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scale, chunk_size,
+                        gated, segmented, target: str, interpret=None,
+                        block_sizes: BlockSizes | None = None):
+    """Cotangents (dq, dk, dv, dbeta, dg, dh0) from the forward kernels' chunk states: the
+    same chunk geometry, so `states` [B,H,N,K,V] are the states entering the kernels' chunks."""
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas import triton as pltriton
+
+    lay = _layout(q, k, v, beta, g, reset, chunk_size=chunk_size, target=target,
+                  block_sizes=block_sizes)
+    bh, n_v, chunk, n_chunks, padded_t = lay.bh, lay.n_v, lay.chunk, lay.n_chunks, lay.padded_t
+    kd, vd, block_v = lay.kd, lay.vd, lay.block_v
+    if states.shape[2] != n_chunks:
+        raise ValueError(f"delta_rule: {states.shape[2]} chunk states for {n_chunks} chunks")
+    sf = lay.state_in(states.astype(F32))                     # [BH, N, kd, vd]
+    dof = lay.heads_first(do, vd)
+    dfin = lay.state_in(dfinal.astype(F32))
+    body = functools.partial(chunk_step_vjp, scale=scale, gated=gated, segmented=segmented)
+    interpret = interpret if interpret is not None else False
+    per_block = lambda *shape: jax.ShapeDtypeStruct((n_v, bh) + shape, F32)
+    out_shape = [per_block(padded_t, kd), per_block(padded_t, kd),
+                 jax.ShapeDtypeStruct((bh, padded_t, vd), F32),
+                 per_block(padded_t, 1), per_block(padded_t, 1)]
+
+    if target == "tpu":
+        last = n_chunks - 1
+        seq_k = pl.BlockSpec((None, chunk, kd), lambda b, j, n: (b, last - n, 0))
+        seq_v = pl.BlockSpec((None, chunk, block_v), lambda b, j, n: (b, last - n, j))
+        col = pl.BlockSpec((None, chunk, 1), lambda b, j, n: (b, last - n, 0))
+        rowspec = pl.BlockSpec((None, None, 1, chunk), lambda b, j, n: (b, last - n, 0, 0))
+        states_spec = pl.BlockSpec((None, None, kd, block_v), lambda b, j, n: (b, last - n, 0, j))
+        state = pl.BlockSpec((None, kd, block_v), lambda b, j, n: (b, 0, j))
+        blk_k = pl.BlockSpec((None, None, chunk, kd), lambda b, j, n: (j, b, last - n, 0))
+        blk_col = pl.BlockSpec((None, None, chunk, 1), lambda b, j, n: (j, b, last - n, 0))
+        blk_row = pl.BlockSpec((None, None, None, 1, chunk),
+                               lambda b, j, n: (j, b, last - n, 0, 0))
+        out_shape += [per_block(n_chunks, 1, chunk), per_block(n_chunks, 1, chunk),
+                      jax.ShapeDtypeStruct((bh, kd, vd), F32)]
+        call = pl.pallas_call(
+            functools.partial(_tpu_bwd_kernel, body=body),
+            grid=(bh, n_v, n_chunks), out_shape=out_shape,
+            in_specs=[seq_k, seq_k, seq_v] + [col] * _N_COL + [rowspec] * _N_ROW
+            + [states_spec, seq_v, state],
+            out_specs=[blk_k, blk_k, seq_v, blk_col, blk_col, blk_row, blk_row, state],
+            scratch_shapes=[pltpu.VMEM((kd, block_v), F32)],
+            compiler_params=pltpu.CompilerParams(
+                dimension_semantics=("parallel", "parallel", "arbitrary")),
+            interpret=interpret, name="memzoo_delta_rule_bwd")
+        sf_in = sf
+    else:
+        seq_k = pl.BlockSpec((None, padded_t, kd), lambda b, j: (b, 0, 0))
+        seq_v = pl.BlockSpec((None, padded_t, block_v), lambda b, j: (b, 0, j))
+        col = pl.BlockSpec((None, padded_t, 1), lambda b, j: (b, 0, 0))
+        rowspec = pl.BlockSpec((None, n_chunks, chunk), lambda b, j: (b, 0, 0))
+        states_spec = pl.BlockSpec((None, n_chunks * kd, block_v), lambda b, j: (b, 0, j))
+        state = pl.BlockSpec((None, kd, block_v), lambda b, j: (b, 0, j))
+        blk_k = pl.BlockSpec((None, None, padded_t, kd), lambda b, j: (j, b, 0, 0))
+        blk_col = pl.BlockSpec((None, None, padded_t, 1), lambda b, j: (j, b, 0, 0))
+        blk_row = pl.BlockSpec((None, None, n_chunks, chunk), lambda b, j: (j, b, 0, 0))
+        out_shape += [per_block(n_chunks, chunk), per_block(n_chunks, chunk),
+                      jax.ShapeDtypeStruct((bh, kd, vd), F32)]
+        call = pl.pallas_call(
+            functools.partial(_gpu_bwd_kernel, body=body, chunk=chunk, n_chunks=n_chunks,
+                              key_dim=kd),
+            grid=(bh, n_v), out_shape=out_shape,
+            in_specs=[seq_k, seq_k, seq_v] + [col] * _N_COL + [rowspec] * _N_ROW
+            + [states_spec, seq_v, state],
+            out_specs=[blk_k, blk_k, seq_v, blk_col, blk_col, blk_row, blk_row, state],
+            compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+            interpret=interpret, name="memzoo_delta_rule_bwd")
+        sf_in = sf.reshape(bh, n_chunks * kd, vd)
+    dq, dk, dv, dbc, dgc, dbr, dgr, dh0 = call(*lay.seq, *lay.cols, *lay.rows, sf_in, dof, dfin)
+
+    # Sum over value blocks; beta and G got cotangents as columns and as rows.
+    dq, dk, dbc, dgc = (jnp.sum(x, axis=0) for x in (dq, dk, dbc, dgc))
+    dbr, dgr = (jnp.sum(x, axis=0).reshape(bh, padded_t) for x in (dbr, dgr))
+    dbeta = dbc[..., 0] + dbr
+    d_cum = (dgc[..., 0] + dgr).reshape(bh, n_chunks, chunk)
+    # G is a cumulative sum of g inside each chunk: dg is the reverse cumulative sum of dG.
+    dg = jnp.flip(jnp.cumsum(jnp.flip(d_cum, -1), axis=-1), -1).reshape(bh, padded_t)
+    if not gated:
+        dg = jnp.zeros_like(dg)
+    dh0 = dh0[:, :lay.key_dim, :lay.value_dim].reshape(h0.shape)
+    return (lay.seq_out(dq, lay.key_dim).astype(q.dtype),
+            lay.seq_out(dk, lay.key_dim).astype(k.dtype),
+            lay.seq_out(dv, lay.value_dim).astype(v.dtype),
+            lay.scalar_out(dbeta).astype(beta.dtype), lay.scalar_out(dg).astype(g.dtype),
+            dh0.astype(h0.dtype))
