@@ -13,8 +13,13 @@ rebuilds the chunk's triangular inverse for its own columns.
 Inside a chunk, T = (I + A)^-1 is built by forward substitution over the chunk's rows (a
 fori_loop of rank-1 updates on a C x C value), then everything else is a handful of MXU / tensor
 core matmuls. The kernels also write the state entering each chunk: the custom VJP's residual.
-The backward runs on the XLA path (xla.delta_rule_backward), which rebuilds T, W, U~ from the
-inputs and those states.
+
+The backward kernels walk the chunks in reverse with dS in VMEM (TPU) or registers (GPU). Their
+body is the VJP of the forward's own chunk algebra (`chunk_step_vjp`: jax.vjp traced inside the
+kernel), except through the row substitution, whose cotangent is done by hand as three
+matmuls. It rebuilds T from the inputs and the stored state, as xla.delta_rule_backward does.
+Each program owns one value block, so dq, dk, dbeta and dg come out per block and are summed in
+XLA after the call.
 """
 from __future__ import annotations
 
