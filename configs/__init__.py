@@ -32,6 +32,13 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     **{f"mqar_{name}": _variant(mqar.get_config, f"mqar_{name}", **{
         "model.mixer": name, "model.mixer_options": {"num_heads": 4, "head_dim": 16}})
        for name in ("linear_attention", "retnet", "gla", "deltanet", "gated_deltanet")},
+    # ... and with 16 pairs in 64 tokens, where a 16 x 16 state per head is crowded: the
+    # delta rule's overwrite against linear attention's pure accumulation
+    **{f"mqar16_{name}": _variant(mqar.get_config, f"mqar16_{name}", **{
+        "model.mixer": name, "model.mixer_options": {"num_heads": 4, "head_dim": 16},
+        "data.task_options": {"vocab_size": 128, "num_kv_pairs": 16, "power_a": 1.0},
+        "optim.steps": 1500})
+       for name in ("linear_attention", "retnet", "gla", "deltanet", "gated_deltanet")},
     # Mamba's synthetic tasks: Mamba, Mamba-2 and baselines at one width
     **{f"{task.__name__.split('.')[-1]}_{name}": _variant(
         task.get_config, f"{task.__name__.split('.')[-1]}_{name}",
