@@ -118,8 +118,12 @@ class Attention(nnx.Module):
             jnp.zeros((conv_size, (num_heads + 2 * num_kv_heads) * head_dim), jnp.float32),
             (None, None))
 
-    def _project(self, x, positions, conv_state=None, segment_ids=None):
-        """(q, k, v, new conv state or None)."""
+    def _project(self, x, positions):
+        """(q, k, v) of a fresh sequence (the Titans mixers build on this)."""
+        return self._project_conv(x, positions)[:3]
+
+    def _project_conv(self, x, positions, conv_state=None, segment_ids=None):
+        """(q, k, v, new conv state or None), the convolution continuing from `conv_state`."""
         x = x.astype(self.dtype)
         q, k, v = (jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))
                    for w in (self.wq, self.wk, self.wv))
@@ -180,7 +184,7 @@ class Attention(nnx.Module):
             check_segment_ids("Attention", segment_ids, (b, T))
             positions = segment_positions(segment_ids)
             mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-        q, k, v, _ = self._project(x, positions, segment_ids=segment_ids)
+        q, k, v, _ = self._project_conv(x, positions, segment_ids=segment_ids)
         o = jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=True,
             local_window_size=None if self.window is None else (self.window - 1, 0))
@@ -195,7 +199,7 @@ class Attention(nnx.Module):
         if (cache.conv is None) != (self.conv_weight is None):
             raise ValueError("Attention: the cache's conv state does not match conv_size="
                              f"{self.conv_size}; make it with this layer's init_cache")
-        q, k, v, conv = self._project(x, jnp.broadcast_to(q_pos[None], (b, T)), cache.conv)
+        q, k, v, conv = self._project_conv(x, jnp.broadcast_to(q_pos[None], (b, T)), cache.conv)
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
         slots = cache.k.shape[1]
         if self.window is None:
