@@ -182,41 +182,31 @@ def chunk_local(q, k, v, g, s_start, masks, sub):
 # Layout: [B, T, H, D] <-> chunks [B, H, N, C, D] (the Pallas kernels' tiles start from these).
 
 
-def to_chunks(x, chunk, padded):
+# The XLA path itself keeps chunks chunk-major, [N, B, H, C, D] (`chunk_major=True`): the chunk
+# scan then reads and writes its [N, B, H, K, V] states where the batched matmuls put them,
+# without two moveaxis copies of all chunk states (about 10% of the forward at B4 T4096 H8 d64 on
+# a CPU). `starts` leave forward_with_states in the Pallas kernels' [B, H, N, K, V] (both paths'
+# residuals agree, as lax.platform_dependent needs), and XLA drops that transpose when nothing
+# differentiates.
+_HEAD_MAJOR, _CHUNK_MAJOR = (0, 3, 1, 2, 4), (1, 0, 3, 2, 4)   # from [B, N, C, H, D]
+
+
+def to_chunks(x, chunk, padded, *, chunk_major=False):
     if x is None:
         return None
     b, t, h, d = x.shape
     if padded != t:
         # Padded steps: zero q, k, v and gate 0 (decay 1) leave the state unchanged.
         x = jnp.pad(x, [(0, 0), (0, padded - t), (0, 0), (0, 0)])
-    return x.reshape(b, padded // chunk, chunk, h, d).transpose(0, 3, 1, 2, 4)
+    return x.reshape(b, padded // chunk, chunk, h, d).transpose(
+        _CHUNK_MAJOR if chunk_major else _HEAD_MAJOR)
 
 
-def from_chunks(x, length):
+def from_chunks(x, length, *, chunk_major=False):
+    if chunk_major:
+        x = jnp.moveaxis(x, 0, 2)            # [N, B, H, C, D] -> [B, H, N, C, D]
     b, h, n, c, d = x.shape
     return x.transpose(0, 2, 3, 1, 4).reshape(b, n * c, h, d)[:, :length]
-
-
-# The XLA path itself keeps chunks in [N, B, H, C, D]: the chunk scan then reads and writes its
-# [N, B, H, K, V] states where the batched matmuls put them, without two moveaxis copies of all
-# chunk states (about 10% of the forward at B4 T4096 H8 d64 on a CPU). `starts` leave
-# forward_with_states in the Pallas kernels' [B, H, N, K, V] (both paths' residuals agree, as
-# lax.platform_dependent needs), and XLA drops that transpose when nothing differentiates.
-
-
-def _to_chunks_n(x, chunk, padded):
-    if x is None:
-        return None
-    b, t, h, d = x.shape
-    if padded != t:
-        # Padded steps: zero q, k, v and gate 0 (decay 1) leave the state unchanged.
-        x = jnp.pad(x, [(0, 0), (0, padded - t), (0, 0), (0, 0)])
-    return x.reshape(b, padded // chunk, chunk, h, d).transpose(1, 0, 3, 2, 4)
-
-
-def _from_chunks_n(x, length):
-    n, b, h, c, d = x.shape
-    return x.transpose(1, 0, 3, 2, 4).reshape(b, n * c, h, d)[:, :length]
 
 
 def _states_out(starts):
@@ -251,7 +241,7 @@ def _prepare(q, k, v, g, runs, chunk_size):
     acc = q.dtype
     length = q.shape[1]
     chunk, sub, padded = chunk_geometry(length, chunk_size, g is not None and g.shape[-1] > 1)
-    qc, kc, vc, gc = (_to_chunks_n(x, chunk, padded) for x in (q, k, v, g))
+    qc, kc, vc, gc = (to_chunks(x, chunk, padded, chunk_major=True) for x in (q, k, v, g))
     kc = kc.astype(acc)
     if gc is not None:
         gc = gc.astype(acc)
@@ -301,7 +291,7 @@ def forward_with_states(q, k, v, g, h0, runs, *, chunk_size=None):
     keep = None if masks is None else masks["keep"]
     starts, final = _scan_states(decay, keep, _chunk_state(kd, vc), h0)
     o = o_intra + _inter(qd, starts)
-    return _from_chunks_n(o, length).astype(v.dtype), final, _states_out(starts)
+    return from_chunks(o, length, chunk_major=True).astype(v.dtype), final, _states_out(starts)
 
 
 @_broadcasting
@@ -311,7 +301,7 @@ def backward(q, k, v, g, h0, runs, starts, do, dfinal, *, chunk_size=None):
     acc = q.dtype
     qc, kc, vc, gc, masks, sub = _prepare(q, k, v, g, runs, chunk_size)
     chunk, _, padded = chunk_geometry(length, chunk_size, g is not None and g.shape[-1] > 1)
-    doc = _to_chunks_n(do.astype(acc), chunk, padded)
+    doc = to_chunks(do.astype(acc), chunk, padded, chunk_major=True)
     starts = _states_in(starts)
     keep = None if masks is None else masks["keep"]
     if gc is None:
@@ -334,8 +324,8 @@ def backward(q, k, v, g, h0, runs, starts, do, dfinal, *, chunk_size=None):
     primals = (qc, kc, vc.astype(acc)) + ((gc,) if gc is not None else ())
     _, vjp = jax.vjp(lambda *p: chunk_fn(*p[:3], p[3] if len(p) > 3 else None), *primals)
     grads = vjp((doc, d_ends))
-    dq, dk, dv = (_from_chunks_n(x, length) for x in grads[:3])
-    dg = _from_chunks_n(grads[3], length) if gc is not None else None
+    dq, dk, dv = (from_chunks(x, length, chunk_major=True) for x in grads[:3])
+    dg = from_chunks(grads[3], length, chunk_major=True) if gc is not None else None
     return dq, dk.astype(k.dtype), dv.astype(v.dtype), dg, dh0
 
 
