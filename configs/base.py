@@ -104,7 +104,8 @@ class OptimConfig:
     decay_embeddings: bool = True
     grad_clip: float = 1.0
     grad_accum: int = 1              # micro-batches per step (lax.scan); batch_size % it == 0
-    # learning-rate multipliers per parameter group (groups: train/trainer.py PARAM_GROUPS)
+    # learning-rate multipliers per parameter group (groups: memzoo/layers.py PARAM_GROUPS,
+    # tagged where each parameter is made)
     lr_multipliers: dict = dataclasses.field(default_factory=lambda: {"ssm_dynamics": 1.0})
 
     def __post_init__(self):

@@ -5,6 +5,11 @@ Parameters are float32 whatever the compute `dtype`; each carries logical axis n
 (`out_sharding` metadata, e.g. ("embed", "mlp")) that a mesh rule table maps to mesh axes when a
 training loop shards the model (`nnx.get_partition_spec`). Names used here:
   "embed" model width, "mlp" hidden width, "state" SSM state, "norm" norm scales.
+
+Each parameter also says, where it is made, which optimizer group it belongs to
+(`param_group` metadata, one of PARAM_GROUPS) and whether weight decay applies (`weight_decay`
+metadata). The training loop reads these tags (`param_group_of`, `weight_decay_of`), never the
+parameter's name, so a parameter keeps its role whatever attribute it is stored under.
 """
 from __future__ import annotations
 
@@ -37,16 +42,61 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
         raise ValueError(f"activation: unknown {name!r}; known: {', '.join(ACTIVATIONS)}") from None
 
 
-def param(value: jax.Array, axes: LogicalAxes) -> nnx.Param:
-    """A trainable parameter with logical sharding axes (the one place that spells the metadata).
+# Optimizer groups a parameter can be tagged with (configs' optim.lr_multipliers keys).
+PARAM_GROUPS: dict[str, str] = {
+    "default": "everything else",
+    # Step sizes, state eigenvalues and decay biases set the memory's time scales: weight decay
+    # towards 0 would shorten (or, for dt biases, reshape) every memory, so the group is never
+    # decayed and may take its own learning rate (Mamba's A_log/dt_bias, fla's
+    # _no_weight_decay on A_log and dt_bias).
+    "ssm_dynamics": "SSM time scales: A / A_log, dt or step biases, decay biases",
+    # Product-key memory value tables: each row gets a gradient only when read (k rows per
+    # token), so they want a larger learning rate than the dense weights.
+    "memory_values": "product-key memory value tables",
+}
+GROUP_KEY, DECAY_KEY = "param_group", "weight_decay"
 
-    flax 0.12 names the metadata `out_sharding` (`sharding` and `sharding_names` are deprecated
-    aliases). Eager sharding is off: it would need a mesh while the module is built, and the
-    names are logical; the training loop resolves them with its rule table.
+
+def param(value: jax.Array, axes: LogicalAxes, *, group: str = "default",
+          weight_decay: bool = True) -> nnx.Param:
+    """A trainable parameter with logical sharding axes and its optimizer tags (the one place
+    that spells the metadata).
+
+    `group`: a key of PARAM_GROUPS; a parameter outside "default" is never weight-decayed.
+    `weight_decay=False` spares a default-group parameter from decay (e.g. Mamba's D skip).
+
+    flax 0.12 names the sharding metadata `out_sharding` (`sharding` and `sharding_names` are
+    deprecated aliases). Eager sharding is off: it would need a mesh while the module is built,
+    and the names are logical; the training loop resolves them with its rule table. The tags
+    are plain metadata, so they follow the Variable through nnx.split/merge, eval_shape,
+    jax.tree.map (an orbax restore target) and nnx.bridge.ToLinen (NNXMeta.metadata).
     """
     if len(axes) != value.ndim:
         raise ValueError(f"param: {len(axes)} axis names {axes} for a rank-{value.ndim} value")
-    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+    if group not in PARAM_GROUPS:
+        raise ValueError(f"param: group must be one of {tuple(PARAM_GROUPS)}, got {group!r}")
+    if not isinstance(weight_decay, bool):
+        raise ValueError(f"param: weight_decay must be a bool, got {weight_decay!r}")
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False,
+                     **{GROUP_KEY: group, DECAY_KEY: weight_decay})
+
+
+def _metadata(variable) -> dict:
+    """The metadata of an nnx Variable, or of the box nnx.bridge.ToLinen puts in Linen trees."""
+    if isinstance(variable, nnx.Variable):
+        return variable.get_metadata()
+    return dict(getattr(variable, "metadata", None) or {})
+
+
+def param_group_of(variable) -> str:
+    """The optimizer group a parameter was tagged with ("default" when untagged, e.g. a Linen
+    module's parameter brought in through nnx.bridge.ToNNX)."""
+    return _metadata(variable).get(GROUP_KEY, "default")
+
+
+def weight_decay_of(variable) -> bool:
+    """Whether the parameter's own tag allows weight decay (True when untagged)."""
+    return bool(_metadata(variable).get(DECAY_KEY, True))
 
 
 class Buffer(nnx.Variable):

@@ -18,20 +18,18 @@ from jax.sharding import Mesh, NamedSharding
 
 import pallas_kernels
 from configs.base import ConfigError, OptimConfig, TrainConfig
+from memzoo import layers
 from memzoo.models import CausalLM, SequenceClassifier
 from train import mesh as mesh_lib
 
-# Parameter groups by name: a parameter belongs to a group when any component of its path is one
-# of the group's names. SSM dynamics (step sizes, eigenvalues) set the memory's time scales;
-# decaying them towards 0 would shorten every memory, and they want smaller learning rates.
-PARAM_GROUPS: dict[str, tuple[str, ...]] = {
-    "ssm_dynamics": ("log_dt", "log_step", "dt", "A", "log_A", "Lambda", "log_neg_a_real",
-                     "a_imag", "log_neg_lambda_real", "lambda_imag", "A_log", "dt_bias"),
-    # product-key memory value tables (memzoo.memory_layers): sparse updates (k rows per token)
-    # want a larger learning rate than the dense weights (memory layers at scale)
-    "memory_values": ("memory_values",),
-}
-NO_DECAY_LEAVES = ("bias", "scale", "D_skip")  # biases, norm scales, Mamba's D
+# Parameter groups come from the tags each parameter carries from where it was made
+# (memzoo.layers.param(..., group=, weight_decay=)), not from its name: a dt bias stored as
+# `decay_proj.bias` is as much an SSM time scale as one called `dt_bias`. The group names (and
+# configs' optim.lr_multipliers keys) are memzoo.layers.PARAM_GROUPS.
+PARAM_GROUPS = tuple(g for g in layers.PARAM_GROUPS if g != "default")
+# Within the default group, the layers' conventions: biases and norm scales (and anything under
+# a norm) are not decayed.
+NO_DECAY_LEAVES = ("bias", "scale")
 EMBEDDING_LEAVES = ("embed",)                # decayed unless optim.decay_embeddings is false
 
 
@@ -45,15 +43,13 @@ def path_names(path) -> tuple[str, ...]:
     return tuple(n for n in names if n != "value")
 
 
-def param_group(names: tuple[str, ...]) -> str:
-    for group, members in PARAM_GROUPS.items():
-        if any(n in members for n in names):
-            return group
-    return "default"
+def param_group(variable) -> str:
+    """The group of a parameter (an nnx Variable, or ToLinen's NNXMeta box): its tag."""
+    return layers.param_group_of(variable)
 
 
-def decays(names: tuple[str, ...], config: OptimConfig) -> bool:
-    if param_group(names) != "default":
+def decays(names: tuple[str, ...], variable, config: OptimConfig) -> bool:
+    if param_group(variable) != "default" or not layers.weight_decay_of(variable):
         return False
     leaf = names[-1]
     if leaf in NO_DECAY_LEAVES or any("norm" in n for n in names):
@@ -62,16 +58,17 @@ def decays(names: tuple[str, ...], config: OptimConfig) -> bool:
 
 
 def param_labels(params, config: OptimConfig):
-    """A label per parameter: "<group>" or "<group>/no_decay" (a prefix tree of `params`)."""
-    def label(path, _):
-        names = path_names(path)
-        return param_group(names) + ("" if decays(names, config) else "/no_decay")
+    """A label per parameter: "<group>" or "<group>/no_decay" (a prefix tree of `params`, an
+    nnx State whose leaves are the tagged Variables)."""
+    def label(path, variable):
+        return param_group(variable) + ("" if decays(path_names(path), variable, config)
+                                        else "/no_decay")
     return jax.tree_util.tree_map_with_path(label, params, is_leaf=mesh_lib._is_variable)
 
 
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW per (group, decay) label with warmup + cosine decay."""
-    unknown = set(config.lr_multipliers) - set(PARAM_GROUPS) - {"default"}
+    unknown = set(config.lr_multipliers) - set(layers.PARAM_GROUPS)
     if unknown:
         raise ConfigError(f"config key 'optim.lr_multipliers': unknown group(s) "
                           f"{sorted(unknown)}; groups: default, {', '.join(PARAM_GROUPS)}")

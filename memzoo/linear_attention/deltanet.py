@@ -10,12 +10,12 @@
 beta_t = sigmoid(x W_b) per key/value head; q, k pass a short causal conv with SiLU (as do v)
 and are L2-normalised, which keeps I - beta k k^T a contraction. Gated DeltaNet's decay is
 Mamba-2's scalar per head: log alpha_t = -exp(log_A) softplus(x W_a + dt_bias), A ~ U[1, 16],
-dt_bias the inverse softplus of dt ~ logU[1e-3, 1e-1]. Outputs: RMSNorm per head (DeltaNet);
+dt_bias the inverse softplus of dt ~ logU[1e-3, 1e-1] (memzoo.ssm.init, shared with Mamba-2).
+log_A and the dt bias (stored as the decay projection's bias) are tagged "ssm_dynamics": no
+weight decay, the SSM learning rate, as fla marks A_log and dt_bias `_no_weight_decay`. Outputs: RMSNorm per head (DeltaNet);
 RMSNorm per head times swish(x W_g) (Gated DeltaNet).
 """
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -24,27 +24,19 @@ from flax import nnx
 from memzoo import layers
 from memzoo.linear_attention.common import LinearMemory
 from memzoo.registry import register_mixer
-
-DT_RANGE = (1e-3, 1e-1)
-A_RANGE = (1.0, 16.0)
+from memzoo.ssm.init import mamba2_decay_init, mamba2_log_decay
 
 
-def inverse_softplus(y):
-    return y + jnp.log(-jnp.expm1(-y))
-
-
-def mamba2_decay_params(rngs: nnx.Rngs, shape, axes):
-    """(log_A, dt_bias) params for log alpha = -exp(log_A) softplus(. + dt_bias)."""
-    A = jax.random.uniform(rngs.params(), shape, jnp.float32, *A_RANGE)
-    dt = jnp.exp(jax.random.uniform(rngs.params(), shape, jnp.float32,
-                                    math.log(DT_RANGE[0]), math.log(DT_RANGE[1])))
-    return layers.param(jnp.log(A), axes), inverse_softplus(dt)
-
-
-def mamba2_log_decay(logits, log_A):
-    """-exp(log_A) softplus(logits) in float32: the log of a decay in (0, 1]."""
-    return -jnp.broadcast_to(jnp.exp(log_A), logits.shape) * jax.nn.softplus(
-        logits.astype(jnp.float32))
+def mamba2_decay(rngs: nnx.Rngs, d_model: int, shape, axes):
+    """(log_A param `shape`, decay projection d_model -> prod(shape) whose bias is the dt
+    bias), both tagged "ssm_dynamics", for log alpha = -exp(log_A) softplus(decay_proj(x))."""
+    log_A, dt_bias = mamba2_decay_init(rngs.params(), shape)
+    size = 1
+    for n in shape:
+        size *= n
+    proj = layers.Linear(d_model, size, axes=("embed", axes[-1]), rngs=rngs)
+    proj.bias = layers.param(dt_bias.reshape(size), axes[-1:], group="ssm_dynamics")
+    return layers.param(log_A, axes, group="ssm_dynamics"), proj
 
 
 @register_mixer("deltanet")
@@ -98,11 +90,8 @@ class GatedDeltaNet(DeltaNet):
                          conv_size=conv_size, output_norm=output_norm, output_gate=output_gate,
                          chunk_size=chunk_size, implementation=implementation, dtype=dtype,
                          rngs=rngs)
-        G = self.num_kv_heads
-        self.log_A, dt_bias = mamba2_decay_params(rngs, (G,), ("kv_heads",))
-        # dt_bias is the bias of the decay projection (so it is not weight-decayed).
-        self.decay_proj = layers.Linear(d_model, G, axes=("embed", "kv_heads"), rngs=rngs)
-        self.decay_proj.bias = layers.param(dt_bias, ("kv_heads",))
+        self.log_A, self.decay_proj = mamba2_decay(rngs, d_model, (self.num_kv_heads,),
+                                                   ("kv_heads",))
 
     def _gates(self, x):
         logits = self.decay_proj(x.astype(jnp.float32))

@@ -6,6 +6,8 @@
 
 The gate is a vector over the key dimension per key/value head, the op's [b, t, h, k] log gate.
 The temperature 16 keeps alpha near 1 at initialisation (slow forgetting), as in the paper.
+The gate bias b sets the forgetting time scale as a dt bias does, so it is tagged
+"ssm_dynamics" (no weight decay, the SSM learning rate).
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ class GLA(LinearMemory):
         G, K = self.num_kv_heads, self.head_dim
         self.gate_down = normal_init(rngs, (d_model, gate_rank), d_model, ("embed", None))
         self.gate_up = normal_init(rngs, (gate_rank, G, K), gate_rank, (None, "kv_heads", "kv"))
-        self.gate_bias = layers.param(jnp.zeros((G, K), jnp.float32), ("kv_heads", "kv"))
+        self.gate_bias = layers.param(jnp.zeros((G, K), jnp.float32), ("kv_heads", "kv"),
+                                      group="ssm_dynamics")
 
     def _gates(self, x):
         # Gate logits in float32: logsigmoid / 16 of a bfloat16 logit loses the slow decays.

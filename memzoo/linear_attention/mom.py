@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memzoo import layers
 from memzoo.linear_attention.common import (LinearMemory, check_option, check_positive_int,
                                             normal_init)
-from memzoo.linear_attention.deltanet import mamba2_decay_params, mamba2_log_decay
+from memzoo.linear_attention.deltanet import mamba2_decay
+from memzoo.ssm.init import mamba2_log_decay
 from memzoo.registry import register_mixer
 
 MOM_RULES = {"gated_deltanet": "delta", "linear_attention": "linear"}
@@ -73,10 +73,8 @@ class MixtureOfMemories(LinearMemory):
         if self.rule == "delta":
             self.beta_proj = normal_init(rngs, (d_model, E, G), d_model,
                                          ("embed", None, "kv_heads"))
-            self.log_A, dt_bias = mamba2_decay_params(rngs, (E, G), (None, "kv_heads"))
-            self.decay_proj = layers.Linear(d_model, E * G, axes=("embed", "kv_heads"),
-                                            rngs=rngs)
-            self.decay_proj.bias = layers.param(dt_bias.reshape(E * G), ("kv_heads",))
+            self.log_A, self.decay_proj = mamba2_decay(rngs, d_model, (E, G),
+                                                       (None, "kv_heads"))
 
     @property
     def num_slots(self) -> int:

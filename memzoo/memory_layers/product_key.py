@@ -23,8 +23,8 @@ Options from memory layers at scale:
   * The value table's axes are ("memory_rows", "memory_dim"); train/mesh.py maps
     "memory_dim" to the "tensor" mesh axis, so under a mesh the table is sharded along its
     embedding dimension and the lookup (a gather of row slices) runs on each device's columns.
-  * The table's parameter is named `memory_values`: its own optimizer group in
-    train/trainer.py PARAM_GROUPS (a separate learning rate via optim.lr_multipliers).
+  * The table's parameter is tagged with its own optimizer group, "memory_values"
+    (memzoo.layers.PARAM_GROUPS; a separate learning rate via optim.lr_multipliers).
 
 Query normalisation (`query_norm`): "batchnorm" (Lample; nnx.BatchNorm over the flattened
 query, batch statistics in training, running averages after `model.eval()`), "layernorm"
@@ -57,7 +57,7 @@ class MemoryValues(nnx.Module):
         self.num_rows, self.value_dim = num_rows, value_dim
         self.memory_values = layers.param(
             std * jax.random.normal(rngs.params(), (num_rows, value_dim), jnp.float32),
-            ("memory_rows", "memory_dim"))
+            ("memory_rows", "memory_dim"), group="memory_values")
 
 
 def _rms_normalise(x, eps=1e-6):

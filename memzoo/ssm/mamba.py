@@ -9,12 +9,14 @@
     out     = out_proj(y)
 
 The convolution is `pallas_kernels.causal_conv1d` (decoding: `causal_conv1d_update`), the
-recurrence `pallas_kernels.selective_scan` (softplus, D skip and z gate fused in); decoding runs
-the same recurrence for one step. `segment_ids` reach both, so packed documents neither see each
+recurrence `pallas_kernels.selective_scan` (softplus, D skip and z gate fused in); decoding
+(`step`) is the same path on one token, `causal_conv1d_update` then `selective_scan` at T=1 from
+the cached state, so the recurrence has one home. `segment_ids` reach both, so packed documents neither see each
 other's inputs through the convolution nor each other's state through the scan.
 
 Initialisation (`init="default"`, as published): dt drawn log-uniformly in [dt_min, dt_max],
-floored at dt_init_floor, stored in dt_bias through the inverse softplus; dt_proj's kernel
+floored at dt_init_floor, stored in dt_bias through the inverse softplus
+(memzoo.ssm.init.dt_bias_init); dt_proj's kernel
 uniform in +-dt_rank^-0.5; A = -(1, 2, ..., N) in every channel (S4D-real); D = 1; the
 convolution as PyTorch's Conv1d default (uniform +-1/sqrt(W)).
 
@@ -31,9 +33,9 @@ to recall") starts the layer close to linear attention, y_t ~ sum_{s<=t} (C_t . 
   of its neighbours.
 Everything else (dt, D, the projections) is as in the default init.
 
-Parameter names follow the published ones where train/trainer.py keys on them: `A_log` and
-`dt_bias` are in the "ssm_dynamics" group (no weight decay, own learning-rate multiplier) and
-`D_skip` (the paper's D) is a no-decay leaf, as mamba-ssm marks them `_no_weight_decay`.
+Optimizer tags (memzoo.layers.param): `A_log` and `dt_bias` are in the "ssm_dynamics" group
+(no weight decay, own learning-rate multiplier) and `D_skip` (the paper's D) is not decayed, as
+mamba-ssm marks them `_no_weight_decay`.
 """
 from __future__ import annotations
 
@@ -45,12 +47,11 @@ from flax import nnx, struct
 
 from memzoo import layers
 from memzoo.registry import register_mixer
+from memzoo.ssm.init import DT_INIT_FLOOR, DT_RANGE, dt_bias_init
 from pallas_kernels import causal_conv1d, causal_conv1d_update, selective_scan
 
 INITS = ("default", "mimetic")
 MIMETIC_A = 1e-2
-DT_RANGE = (1e-3, 1e-1)
-DT_INIT_FLOOR = 1e-4
 
 
 @struct.dataclass
@@ -89,17 +90,6 @@ def check_dt_options(owner: str, dt_min, dt_max, dt_init_floor, dt_limit) -> tup
 def check_init(owner: str, init: str) -> None:
     if init not in INITS:
         raise ValueError(f"{owner}: init must be one of {INITS}, got {init!r}")
-
-
-def dt_bias_init(key, shape, dt_min: float, dt_max: float, floor: float) -> jax.Array:
-    """b with softplus(b) = dt, dt log-uniform in [dt_min, dt_max] floored at `floor`.
-
-    The inverse softplus dt + log(1 - exp(-dt)) is written with expm1, which keeps it exact for
-    the small dt drawn here (log1p(-exp(-dt)) would cancel).
-    """
-    dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32, math.log(dt_min), math.log(dt_max)))
-    dt = jnp.maximum(dt, floor)
-    return dt + jnp.log(-jnp.expm1(-dt))
 
 
 def conv_init(key, width: int, channels: int, init: str) -> tuple[jax.Array, jax.Array]:
@@ -188,14 +178,15 @@ class Mamba(nnx.Module):
                                      kernel_init=symmetric_uniform(dt_scale * dt_rank ** -0.5),
                                      **lin)
         self.dt_bias = layers.param(dt_bias_init(rngs.params(), (E,), dt_min, dt_max,
-                                                 dt_init_floor), ("mlp",))
+                                                 dt_init_floor), ("mlp",),
+                                    group="ssm_dynamics")
         if init == "mimetic":
             a = jnp.full((E, state_size), MIMETIC_A, jnp.float32)
         else:
             a = jnp.broadcast_to(jnp.arange(1, state_size + 1, dtype=jnp.float32),
                                  (E, state_size))
-        self.A_log = layers.param(jnp.log(a), ("mlp", "state"))
-        self.D_skip = layers.param(jnp.ones((E,), jnp.float32), ("mlp",))
+        self.A_log = layers.param(jnp.log(a), ("mlp", "state"), group="ssm_dynamics")
+        self.D_skip = layers.param(jnp.ones((E,), jnp.float32), ("mlp",), weight_decay=False)
         self.out_proj = layers.Linear(E, d_model, axes=("mlp", "embed"), use_bias=use_bias, **lin)
 
     # The pieces both forms share.
@@ -219,13 +210,31 @@ class Mamba(nnx.Module):
         """x [b, t, d_model]; with `cache` continue from it and return (y, cache).
         segment_ids [b, t] int: packed documents, nothing crosses a change of id."""
         layers.check_input("Mamba", "x", x, ndim=3, width=self.d_model)
+        out, new_cache = self._forward(x, cache, segment_ids)
+        return out if cache is None else (out, new_cache)
+
+    def step(self, x_t, cache: MambaCache):
+        """One token x_t [b, d_model] -> (y_t [b, d_model], cache): the parallel path at T=1,
+        the convolution through causal_conv1d_update."""
+        layers.check_input("Mamba.step", "x_t", x_t, ndim=2, width=self.d_model,
+                           legend="[batch, d_model]")
+        y, cache = self._forward(x_t[:, None], cache, None, decode=True)
+        return y[:, 0], cache
+
+    def _forward(self, x, cache, segment_ids, decode: bool = False):
         xz = self.in_proj(x)
         xs, z = xz[..., :self.d_inner], xz[..., self.d_inner:]
-        xs, conv_state = causal_conv1d(
-            xs, self.conv_weight[...], bias=self._conv_bias(),
-            activation="silu", segment_ids=segment_ids,
-            initial_state=None if cache is None else cache.conv_state,
-            implementation=self.implementation)
+        if decode:
+            xs, conv_state = causal_conv1d_update(xs[:, 0], cache.conv_state,
+                                                  self.conv_weight[...], bias=self._conv_bias(),
+                                                  activation="silu")
+            xs = xs[:, None]
+        else:
+            xs, conv_state = causal_conv1d(
+                xs, self.conv_weight[...], bias=self._conv_bias(),
+                activation="silu", segment_ids=segment_ids,
+                initial_state=None if cache is None else cache.conv_state,
+                implementation=self.implementation)
         xs = xs.astype(self.dtype)
         dt, B, C = self._split_x_proj(xs)
         if has_dt_limit(self.dt_limit):
@@ -241,25 +250,5 @@ class Mamba(nnx.Module):
                               **fused)
         out = self.out_proj(y.astype(self.dtype))
         if cache is None:
-            return out
+            return out, None
         return out, MambaCache(conv_state.astype(jnp.float32), h)
-
-    def step(self, x_t, cache: MambaCache):
-        """One token x_t [b, d_model] -> (y_t [b, d_model], cache): the recurrence for one step."""
-        layers.check_input("Mamba.step", "x_t", x_t, ndim=2, width=self.d_model,
-                           legend="[batch, d_model]")
-        xz = self.in_proj(x_t)
-        xs, z = xz[..., :self.d_inner], xz[..., self.d_inner:]
-        xs, conv_state = causal_conv1d_update(xs, cache.conv_state,
-                                              self.conv_weight[...],
-                                              bias=self._conv_bias(), activation="silu")
-        xs = xs.astype(self.dtype)
-        dt, B, C = self._split_x_proj(xs)
-        f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-        u = f32(xs)
-        dt = clip_dt(jax.nn.softplus(f32(dt) + lead(self.dt_bias[...], 2)), self.dt_limit)  # [b, E]
-        h = (jnp.exp(dt[..., None] * self.A()[None]) * cache.ssm_state
-             + (dt * u)[..., None] * f32(B)[:, None, :])                             # [b, E, N]
-        y = jnp.einsum("ben,bn->be", h, f32(C)) + self.D_skip[...][None] * u
-        y = y * jax.nn.silu(f32(z))
-        return self.out_proj(y.astype(self.dtype)), MambaCache(conv_state.astype(jnp.float32), h)

@@ -11,12 +11,14 @@
 
 The recurrence is linear attention with a scalar decay per head, so it runs on
 `pallas_kernels.chunked_linear_attention` (the SSD chunked algorithm): queries C, keys B
-(broadcast from groups to heads), values dt * x, log gate dt * A, scale 1. Decoding runs the
-same recurrence for one step after `causal_conv1d_update`. `segment_ids` reach the conv and the
+(broadcast from groups to heads), values dt * x, log gate dt * A, scale 1. Decoding (`step`) is
+the same path on one token: `causal_conv1d_update`, then the op at T=1 from the cached state.
+`segment_ids` reach the conv and the
 state, so packed documents do not leak into each other.
 
-Initialisation as published: A uniform in a_init_range = [1, 16] per head (stored as A_log),
-D = 1, dt_bias the inverse softplus of a log-uniform dt in [dt_min, dt_max] (memzoo.ssm.mamba),
+Initialisation as published (memzoo.ssm.init.mamba2_decay_init, shared with Gated DeltaNet): A
+uniform in a_init_range = [1, 16] per head (stored as A_log), dt_bias the inverse softplus of a
+log-uniform dt in [dt_min, dt_max]; D = 1;
 the convolution as PyTorch's Conv1d default. `init="mimetic"` (Trockman et al., 2024; details in
 memzoo/ssm/mamba.py) sets A = -0.01 in every head (a decay mask near 1), copies the B columns of
 in_proj into its C columns (C_t . B_s a positive semi-definite kernel, queries = keys at init) and
@@ -32,9 +34,9 @@ from flax import nnx
 
 from memzoo import layers
 from memzoo.registry import register_mixer
-from memzoo.ssm.mamba import (DT_INIT_FLOOR, DT_RANGE, MIMETIC_A, MambaCache, check_dt_options,
-                              check_init, check_positive_int, clip_dt, conv_init, dt_bias_init,
-                              lead)
+from memzoo.ssm.init import A_RANGE, DT_INIT_FLOOR, DT_RANGE, mamba2_decay_init
+from memzoo.ssm.mamba import (MIMETIC_A, MambaCache, check_dt_options, check_init,
+                              check_positive_int, clip_dt, conv_init, lead)
 from pallas_kernels import causal_conv1d, causal_conv1d_update, chunked_linear_attention
 
 DEFAULT_HEAD_DIM = 64
@@ -47,7 +49,8 @@ class GatedRMSNorm(nnx.Module):
     def __init__(self, num_features: int, group_size: int, *, epsilon: float = 1e-5,
                  dtype=jnp.float32):
         self.group_size, self.epsilon, self.dtype = group_size, epsilon, dtype
-        self.scale = layers.param(jnp.ones((num_features,), jnp.float32), ("norm",))
+        self.scale = layers.param(jnp.ones((num_features,), jnp.float32), ("norm",),
+                                  weight_decay=False)
 
     def __call__(self, y, z):
         g = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
@@ -74,7 +77,7 @@ class Mamba2(nnx.Module):
 
     def __init__(self, d_model: int, *, state_size: int = 64, expand: int = 2,
                  head_dim: int | None = None, num_groups: int = 1, conv_width: int = 4,
-                 chunk_size: int | None = None, a_init_range: tuple[float, float] = (1.0, 16.0),
+                 chunk_size: int | None = None, a_init_range: tuple[float, float] = A_RANGE,
                  dt_min: float = DT_RANGE[0], dt_max: float = DT_RANGE[1],
                  dt_init_floor: float = DT_INIT_FLOOR,
                  dt_limit: tuple[float, float] = (0.0, math.inf), norm_eps: float = 1e-5,
@@ -124,14 +127,14 @@ class Mamba2(nnx.Module):
         w, b = conv_init(rngs.params(), conv_width, conv_dim, init)
         self.conv_weight = layers.param(w, (None, "mlp"))
         self.conv_bias = layers.param(b, ("mlp",)) if conv_bias else None
-        self.dt_bias = layers.param(dt_bias_init(rngs.params(), (H,), dt_min, dt_max,
-                                                 dt_init_floor), ("heads",))
+        A_log, dt_bias = mamba2_decay_init(rngs.params(), (H,), a_range=(a_lo, a_hi),
+                                           dt_min=dt_min, dt_max=dt_max,
+                                           dt_init_floor=dt_init_floor)
         if init == "mimetic":
-            a = jnp.full((H,), MIMETIC_A, jnp.float32)
-        else:
-            a = jax.random.uniform(rngs.params(), (H,), jnp.float32, a_lo, a_hi)
-        self.A_log = layers.param(jnp.log(a), ("heads",))
-        self.D_skip = layers.param(jnp.ones((H,), jnp.float32), ("heads",))
+            A_log = jnp.full((H,), math.log(MIMETIC_A), jnp.float32)
+        self.dt_bias = layers.param(dt_bias, ("heads",), group="ssm_dynamics")
+        self.A_log = layers.param(A_log, ("heads",), group="ssm_dynamics")
+        self.D_skip = layers.param(jnp.ones((H,), jnp.float32), ("heads",), weight_decay=False)
         self.norm = GatedRMSNorm(E, E // G, epsilon=norm_eps, dtype=dtype)
         self.out_proj = layers.Linear(E, d_model, axes=("mlp", "embed"), use_bias=use_bias,
                                       dtype=dtype, rngs=rngs)
@@ -176,11 +179,30 @@ class Mamba2(nnx.Module):
         """x [b, t, d_model]; with `cache` continue from it and return (y, cache).
         segment_ids [b, t] int: packed documents, nothing crosses a change of id."""
         layers.check_input("Mamba2", "x", x, ndim=3, width=self.d_model)
+        out, new_cache = self._forward(x, cache, segment_ids)
+        return out if cache is None else (out, new_cache)
+
+    def step(self, x_t, cache: MambaCache):
+        """One token x_t [b, d_model] -> (y_t [b, d_model], cache): the parallel path at T=1,
+        the convolution through causal_conv1d_update."""
+        layers.check_input("Mamba2.step", "x_t", x_t, ndim=2, width=self.d_model,
+                           legend="[batch, d_model]")
+        y, cache = self._forward(x_t[:, None], cache, None, decode=True)
+        return y[:, 0], cache
+
+    def _forward(self, x, cache, segment_ids, decode: bool = False):
         z, xbc, dt = self._split_in(x)
-        xbc, conv_state = causal_conv1d(
-            xbc, self.conv_weight[...], bias=self._conv_bias(), activation="silu",
-            segment_ids=segment_ids, initial_state=None if cache is None else cache.conv_state,
-            implementation=self.implementation)
+        if decode:
+            xbc, conv_state = causal_conv1d_update(xbc[:, 0], cache.conv_state,
+                                                   self.conv_weight[...], bias=self._conv_bias(),
+                                                   activation="silu")
+            xbc = xbc[:, None]
+        else:
+            xbc, conv_state = causal_conv1d(
+                xbc, self.conv_weight[...], bias=self._conv_bias(), activation="silu",
+                segment_ids=segment_ids,
+                initial_state=None if cache is None else cache.conv_state,
+                implementation=self.implementation)
         xs, B, C, dt = self._heads(xbc.astype(self.dtype), dt)
         y, state = chunked_linear_attention(
             C, B, xs * dt[..., None].astype(xs.dtype), log_gate=dt * lead(self.A(), 3),
@@ -189,20 +211,5 @@ class Mamba2(nnx.Module):
             implementation=self.implementation)
         out = self._out(y, xs, z)
         if cache is None:
-            return out
+            return out, None
         return out, MambaCache(conv_state.astype(jnp.float32), state)
-
-    def step(self, x_t, cache: MambaCache):
-        """One token x_t [b, d_model] -> (y_t [b, d_model], cache): the recurrence for one step."""
-        layers.check_input("Mamba2.step", "x_t", x_t, ndim=2, width=self.d_model,
-                           legend="[batch, d_model]")
-        z, xbc, dt = self._split_in(x_t)
-        xbc, conv_state = causal_conv1d_update(xbc, cache.conv_state, self.conv_weight[...],
-                                               bias=self._conv_bias(), activation="silu")
-        xs, B, C, dt = self._heads(xbc.astype(self.dtype), dt)
-        f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-        v = f32(xs) * dt[..., None]                                                  # [b, H, P]
-        S = (jnp.exp(dt * lead(self.A(), 2))[..., None, None] * cache.ssm_state
-             + f32(B)[..., :, None] * v[..., None, :])                               # [b, H, N, P]
-        y = jnp.einsum("bhnp,bhn->bhp", S, f32(C))
-        return self._out(y, xs, z), MambaCache(conv_state.astype(jnp.float32), S)

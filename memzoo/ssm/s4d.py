@@ -27,11 +27,11 @@ from memzoo import layers
 from memzoo.registry import register_mixer
 from memzoo.ssm import discretization, hippo
 from memzoo.ssm.block import SSMBlock
+from memzoo.ssm.init import DT_RANGE, log_uniform
 from pallas_kernels import linear_scan
 
 INITS = ("legs", "inv", "lin", "random")
 MODES = ("conv", "recurrent")
-DT_RANGE = (1e-3, 1e-1)
 
 
 @struct.dataclass
@@ -76,10 +76,6 @@ def complex_param(z, axes) -> nnx.Param:
 def as_complex(p) -> jax.Array:
     v = p[...]
     return jax.lax.complex(v[..., 0], v[..., 1])
-
-
-def log_uniform(key, shape, lo: float, hi: float):
-    return jax.random.uniform(key, shape, jnp.float32, math.log(lo), math.log(hi))
 
 
 def vandermonde(log_z, length: int):
@@ -129,8 +125,8 @@ class S4D(nnx.Module):
         half = state_size // 2
         lam, b = s4d_init(init, state_size, key=rngs.params() if init == "random" else None)
         lam = jnp.broadcast_to(jnp.asarray(lam, jnp.complex64)[None], (d_model, half))
-        self.log_neg_a_real = layers.param(jnp.log(-lam.real), ("embed", "state"))
-        self.a_imag = layers.param(lam.imag, ("embed", "state"))
+        self.log_neg_a_real = layers.param(jnp.log(-lam.real), ("embed", "state"), group="ssm_dynamics")
+        self.a_imag = layers.param(lam.imag, ("embed", "state"), group="ssm_dynamics")
         self.B = complex_param(jnp.broadcast_to(jnp.asarray(b, jnp.complex64)[None],
                                                 (d_model, half)), ("embed", "state", None))
         # Complex normal with unit variance: each of Re, Im has variance 1/2.
@@ -139,7 +135,7 @@ class S4D(nnx.Module):
                               (None, "embed", "state", None))
         self.D = layers.param(jax.random.normal(rngs.params(), (d_model,)), ("embed",))
         self.log_dt = layers.param(log_uniform(rngs.params(), (d_model,), dt_min, dt_max),
-                                   ("embed",))
+                                   ("embed",), group="ssm_dynamics")
 
     # The SSM in continuous form, complex [d, n/2].
     def _A(self):

@@ -23,7 +23,8 @@ from memzoo import layers
 from memzoo.registry import register_mixer
 from memzoo.ssm import discretization, hippo
 from memzoo.ssm.block import SSMBlock
-from memzoo.ssm.s4d import SSMCache, DT_RANGE, complex_param, log_uniform
+from memzoo.ssm.init import DT_RANGE, log_uniform
+from memzoo.ssm.s4d import SSMCache, complex_param
 from pallas_kernels import linear_scan
 
 
@@ -55,8 +56,9 @@ class S5(nnx.Module):
         lam, V = hippo_n_init(state_size, blocks)
         V = jnp.asarray(V, jnp.complex64)
         self.log_neg_lambda_real = layers.param(jnp.asarray(np.log(-lam.real), jnp.float32),
-                                                ("state",))
-        self.lambda_imag = layers.param(jnp.asarray(lam.imag, jnp.float32), ("state",))
+                                                ("state",), group="ssm_dynamics")
+        self.lambda_imag = layers.param(jnp.asarray(lam.imag, jnp.float32), ("state",),
+                                         group="ssm_dynamics")
         B = nnx.initializers.lecun_normal()(rngs.params(), (state_size, d_model))
         self.B = complex_param(V.conj().T @ B.astype(jnp.complex64), ("state", "embed", None))
         directions = 2 if bidirectional else 1
@@ -66,7 +68,7 @@ class S5(nnx.Module):
                                (None, "embed", "state", None))
         self.D = layers.param(jax.random.normal(rngs.params(), (d_model,)), ("embed",))
         self.log_step = layers.param(log_uniform(rngs.params(), (state_size // 2,), dt_min,
-                                                 dt_max), ("state",))
+                                                 dt_max), ("state",), group="ssm_dynamics")
 
     def _discrete(self):
         """(Abar [P/2], Bbar [P/2, d]) complex64."""
