@@ -151,6 +151,10 @@ def selective_scan_forward(dt, u, b, c, a, h0, keep, *, save_states: bool = Fals
     length = u.shape[1]
     seg = segment_length(b.shape[3])
     n_seg = -(-length // seg)
+    if n_seg == 1:
+        # One segment (decoding's T=1 above all): its checkpoint is h0 whatever its length, so
+        # pad only to whole unrolled blocks instead of running a full segment of identity steps.
+        seg = -(-length // UNROLL) * UNROLL
     dt, u, b, c, keep = _prepare(dt, u, b, c, keep, n_seg * seg)
     a_t = _transposed(a)
     h = jnp.swapaxes(h0, 1, 2)
