@@ -183,9 +183,9 @@ def test_value_table_sharded_along_its_embedding_dim_equals_unsharded():
 
 def test_memory_values_have_their_own_optimizer_group():
     from train import trainer
-    assert trainer.param_group(("stack", "layers", "0", "mlp", "values", "memory_values")) \
-        == "memory_values"
-    assert trainer.param_group(("stack", "layers", "0", "mlp", "keys")) == "default"
+    pkm = ProductKeyMemory(8, n_keys=6, num_heads=2, topk=2, rngs=nnx.Rngs(0))
+    assert trainer.param_group(pkm.values.memory_values) == "memory_values"
+    assert trainer.param_group(pkm.keys) == "default"
 
 
 def test_pkm_bad_options():

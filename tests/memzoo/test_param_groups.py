@@ -1,0 +1,109 @@
+"""Optimizer tags on parameters (memzoo.layers.param group= / weight_decay=): every mixer tags its
+SSM dynamics where it makes them, whatever attribute they are stored under."""
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import memzoo
+from memzoo import layers
+
+D = 8
+
+# Per registered mixer, the parameters that set the memory's time scales (paths in the mixer).
+# Decided from the papers and their code: Mamba / Mamba-2 exempt A_log and dt_bias from weight
+# decay (D too, but D is a skip weight, not a time scale: tagged weight_decay=False instead);
+# fla's Gated DeltaNet exempts A_log and dt_bias, which memzoo stores as log_A and the decay
+# projection's bias; S4D's and S5's step and eigenvalue parameters; GLA's gate bias is the
+# forgetting rate's offset (a dt bias in all but name). Mixers without a learned time scale have
+# none: attention, linear attention, DeltaNet, RetNet (fixed decays), the HiPPO cell (A, B are
+# buffers). The neural memories (Titans, Miras) keep their inner optimizer's rate, momentum and
+# forgetting logits in one gate_proj bias vector: untagged (default group) for now.
+DYNAMICS: dict[str, set[str]] = {
+    "attention": set(),
+    "linear_attention": set(),
+    "retnet": set(),
+    "deltanet": set(),
+    "gated_deltanet": {"log_A", "decay_proj/bias"},
+    "mom": {"log_A", "decay_proj/bias"},
+    "gla": {"gate_bias"},
+    "hippo_rnn": set(),
+    "s4d": {"core/log_dt", "core/log_neg_a_real", "core/a_imag"},
+    "s5": {"core/log_step", "core/log_neg_lambda_real", "core/lambda_imag"},
+    "mamba": {"A_log", "dt_bias"},
+    "mamba2": {"A_log", "dt_bias"},
+    "neural_memory": set(),
+    "moneta": set(),
+    "yaad": set(),
+    "memora": set(),
+    "titans_mac": set(),
+    "titans_mag": set(),
+    "titans_mal": set(),
+}
+# Default-group parameters that must not be decayed by their own tag.
+NO_DECAY_TAGS: dict[str, set[str]] = {"mamba": {"D_skip"}, "mamba2": {"D_skip", "norm/scale"}}
+
+
+def build(name: str):
+    takes = memzoo.accepts_keyword(getattr(memzoo.MIXERS[name], "__init__"), "state_size")
+    return nnx.eval_shape(lambda: memzoo.build_mixer(
+        name, D, rngs=nnx.Rngs(0), **({"state_size": 8} if takes else {})))
+
+
+def tags(module) -> dict[str, tuple[str, bool]]:
+    return {"/".join(map(str, path)): (layers.param_group_of(v), layers.weight_decay_of(v))
+            for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def test_the_table_covers_every_registered_mixer():
+    # A new mixer must state which of its parameters are dynamics.
+    assert set(DYNAMICS) == set(memzoo.MIXERS)
+
+
+@pytest.mark.parametrize("name", sorted(memzoo.MIXERS))
+def test_dynamics_are_tagged_and_only_they(name):
+    found = tags(build(name))
+    for path, (group, _) in found.items():
+        assert group in layers.PARAM_GROUPS, (path, group)
+    assert {p for p, (g, _) in found.items() if g == "ssm_dynamics"} == DYNAMICS[name]
+    assert {p for p, (g, d) in found.items() if g == "default" and not d} \
+        == NO_DECAY_TAGS.get(name, set())
+
+
+def test_pkm_value_table_is_in_its_group():
+    from memzoo.memory_layers.product_key import ProductKeyMemory
+    found = tags(nnx.eval_shape(lambda: ProductKeyMemory(D, rngs=nnx.Rngs(0))))
+    assert {p for p, (g, _) in found.items() if g == "memory_values"} == {"values/memory_values"}
+
+
+def test_tags_survive_split_merge_and_tree_maps():
+    mixer = memzoo.build_mixer("gated_deltanet", D, num_heads=2, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(mixer, nnx.Param, ...)
+    # a checkpoint restore target is the params' tree mapped to ShapeDtypeStructs
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    assert tags(nnx.merge(graphdef, target, rest)) == tags(mixer)
+    grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 3, D)))))(mixer)
+    flat = {"/".join(map(str, p)): layers.param_group_of(v) for p, v in nnx.to_flat_state(grads)}
+    assert flat["decay_proj/bias"] == flat["log_A"] == "ssm_dynamics"
+
+
+def test_tags_reach_linen_through_the_bridge():
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nnx.bridge.to_linen(memzoo.MIXERS["gated_deltanet"], D, num_heads=2,
+                                       name="mixer")(x)
+
+    variables = Model().init(jax.random.key(0), jnp.ones((1, 3, D)))
+    boxes = variables["params"]["mixer"]
+    assert layers.param_group_of(boxes["decay_proj"]["bias"]) == "ssm_dynamics"
+    assert layers.param_group_of(boxes["log_A"]) == "ssm_dynamics"
+    assert layers.param_group_of(boxes["wq"]) == "default"
+
+
+def test_bad_tags_are_clear_errors():
+    with pytest.raises(ValueError, match=r"param: group must be one of .*'ssm_dynamics'.*'dynamics'"):
+        layers.param(jnp.zeros((2,)), ("embed",), group="dynamics")
+    with pytest.raises(ValueError, match="param: weight_decay must be a bool"):
+        layers.param(jnp.zeros((2,)), ("embed",), weight_decay="no")
