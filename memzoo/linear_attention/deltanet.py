@@ -12,8 +12,8 @@ and are L2-normalised, which keeps I - beta k k^T a contraction. Gated DeltaNet'
 Mamba-2's scalar per head: log alpha_t = -exp(log_A) softplus(x W_a + dt_bias), A ~ U[1, 16],
 dt_bias the inverse softplus of dt ~ logU[1e-3, 1e-1] (memzoo.ssm.init, shared with Mamba-2).
 log_A and the dt bias (stored as the decay projection's bias) are tagged "ssm_dynamics": no
-weight decay, the SSM learning rate, as fla marks A_log and dt_bias `_no_weight_decay`. Outputs: RMSNorm per head (DeltaNet);
-RMSNorm per head times swish(x W_g) (Gated DeltaNet).
+weight decay, the SSM learning rate, as fla marks A_log and dt_bias `_no_weight_decay`.
+Outputs: RMSNorm per head (DeltaNet); RMSNorm per head times swish(x W_g) (Gated DeltaNet).
 """
 from __future__ import annotations
 

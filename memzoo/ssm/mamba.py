@@ -11,8 +11,9 @@
 The convolution is `pallas_kernels.causal_conv1d` (decoding: `causal_conv1d_update`), the
 recurrence `pallas_kernels.selective_scan` (softplus, D skip and z gate fused in); decoding
 (`step`) is the same path on one token, `causal_conv1d_update` then `selective_scan` at T=1 from
-the cached state, so the recurrence has one home. `segment_ids` reach both, so packed documents neither see each
-other's inputs through the convolution nor each other's state through the scan.
+the cached state, so the recurrence has one home. `segment_ids` reach both, so packed
+documents neither see each other's inputs through the convolution nor each other's state
+through the scan.
 
 Initialisation (`init="default"`, as published): dt drawn log-uniformly in [dt_min, dt_max],
 floored at dt_init_floor, stored in dt_bias through the inverse softplus

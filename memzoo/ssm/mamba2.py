@@ -13,16 +13,15 @@ The recurrence is linear attention with a scalar decay per head, so it runs on
 `pallas_kernels.chunked_linear_attention` (the SSD chunked algorithm): queries C, keys B
 (broadcast from groups to heads), values dt * x, log gate dt * A, scale 1. Decoding (`step`) is
 the same path on one token: `causal_conv1d_update`, then the op at T=1 from the cached state.
-`segment_ids` reach the conv and the
-state, so packed documents do not leak into each other.
+`segment_ids` reach the conv and the state, so packed documents do not leak into each other.
 
 Initialisation as published (memzoo.ssm.init.mamba2_decay_init, shared with Gated DeltaNet): A
 uniform in a_init_range = [1, 16] per head (stored as A_log), dt_bias the inverse softplus of a
-log-uniform dt in [dt_min, dt_max]; D = 1;
-the convolution as PyTorch's Conv1d default. `init="mimetic"` (Trockman et al., 2024; details in
-memzoo/ssm/mamba.py) sets A = -0.01 in every head (a decay mask near 1), copies the B columns of
-in_proj into its C columns (C_t . B_s a positive semi-definite kernel, queries = keys at init) and
-starts the convolution as the identity, which keeps the conv's B and C outputs equal.
+log-uniform dt in [dt_min, dt_max]; D = 1; the convolution as PyTorch's Conv1d default.
+`init="mimetic"` (Trockman et al., 2024; details in memzoo/ssm/mamba.py) sets A = -0.01 in
+every head (a decay mask near 1), copies the B columns of in_proj into its C columns (C_t . B_s
+a positive semi-definite kernel, queries = keys at init) and starts the convolution as the
+identity, which keeps the conv's B and C outputs equal.
 """
 from __future__ import annotations
 

@@ -125,7 +125,8 @@ class S4D(nnx.Module):
         half = state_size // 2
         lam, b = s4d_init(init, state_size, key=rngs.params() if init == "random" else None)
         lam = jnp.broadcast_to(jnp.asarray(lam, jnp.complex64)[None], (d_model, half))
-        self.log_neg_a_real = layers.param(jnp.log(-lam.real), ("embed", "state"), group="ssm_dynamics")
+        self.log_neg_a_real = layers.param(jnp.log(-lam.real), ("embed", "state"),
+                                           group="ssm_dynamics")
         self.a_imag = layers.param(lam.imag, ("embed", "state"), group="ssm_dynamics")
         self.B = complex_param(jnp.broadcast_to(jnp.asarray(b, jnp.complex64)[None],
                                                 (d_model, half)), ("embed", "state", None))

@@ -103,7 +103,8 @@ def test_tags_reach_linen_through_the_bridge():
 
 
 def test_bad_tags_are_clear_errors():
-    with pytest.raises(ValueError, match=r"param: group must be one of .*'ssm_dynamics'.*'dynamics'"):
+    with pytest.raises(ValueError,
+                       match=r"param: group must be one of .*'ssm_dynamics'.*'dynamics'"):
         layers.param(jnp.zeros((2,)), ("embed",), group="dynamics")
     with pytest.raises(ValueError, match="param: weight_decay must be a bool"):
         layers.param(jnp.zeros((2,)), ("embed",), weight_decay="no")
