@@ -76,8 +76,7 @@ SMALL_BLOCKS = {"tpu": ccp.BlockSizes(block_t=16, block_c=128),
 PALLAS_CASES = [((1, 1, 8), 4), ((2, 45, 200), 4), ((1, 37, 20), 3)]
 
 
-@pytest.mark.parametrize("runner", ["pallas_gpu_interpret", "pallas_tpu_generic_interpret",
-                                    "pallas_tpu_interpret"])
+@pytest.mark.parametrize("runner", kt.PALLAS_RUNNERS)
 @pytest.mark.parametrize("shape,width", PALLAS_CASES, ids=[f"{s}-W{w}" for s, w in PALLAS_CASES])
 def test_pallas_matches_float64_reference(runner, shape, width, monkeypatch):
     ctx, implementation = kt.IMPLEMENTATION_RUNNERS[runner]

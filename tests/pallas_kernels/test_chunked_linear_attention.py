@@ -226,6 +226,9 @@ PALLAS_RUNS = [("pallas_gpu_interpret", "vector-segments-T40-chunk24"),
                ("pallas_tpu_generic_interpret", "plain-segments-T40-chunk16"),
                ("pallas_tpu_interpret", "vector-segments-T40-chunk16"),
                ("pallas_tpu_interpret", "scalar-T5-one-padded-chunk")]
+# On a GPU or TPU machine, every case through the compiled kernels too.
+PALLAS_RUNS += [("pallas_native", case) for case in PALLAS_CASES
+                if "pallas_native" in kt.IMPLEMENTATION_RUNNERS]
 
 
 def _narrow_value_blocks(monkeypatch):

@@ -113,8 +113,7 @@ def test_xla_matches_float64_reference(shape, dtype, reverse):
     _check_against_reference("xla", shape, dtype, reverse, seed=hash((shape, reverse)) % 1000)
 
 
-@pytest.mark.parametrize("runner", ["pallas_gpu_interpret", "pallas_tpu_generic_interpret",
-                                    "pallas_tpu_interpret"])
+@pytest.mark.parametrize("runner", kt.PALLAS_RUNNERS)
 @pytest.mark.parametrize("shape,dtype,reverse", PALLAS_CASES,
                          ids=[f"{s}-{jnp.dtype(d).name}-{reverse=}" for s, d, reverse in PALLAS_CASES])
 def test_pallas_matches_float64_reference(runner, shape, dtype, reverse, monkeypatch):

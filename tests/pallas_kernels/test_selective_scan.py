@@ -113,8 +113,7 @@ SMALL_BLOCKS = {"tpu": ssp.BlockSizes(block_t=128, block_c=128),
 PALLAS_CASES = [(1, 70, 256, 3, 2)]  # two time blocks on TPU, 16 channel blocks on GPU
 
 
-@pytest.mark.parametrize("runner", ["pallas_gpu_interpret", "pallas_tpu_generic_interpret",
-                                    "pallas_tpu_interpret"])
+@pytest.mark.parametrize("runner", kt.PALLAS_RUNNERS)
 @pytest.mark.parametrize("shape", PALLAS_CASES, ids=str)
 def test_pallas_matches_float64_reference(runner, shape, monkeypatch):
     ctx, implementation = kt.IMPLEMENTATION_RUNNERS[runner]
