@@ -111,10 +111,12 @@ PALLAS_CASES = [
 
 
 # Pairwise rather than the full product (interpreters are slow): the tricky case (repeated rows,
-# several TPU calls and a partial bag block, two GPU dim blocks) in every runner; k = 1 and
-# bfloat16 each in one (bfloat16 in TPU interpret mode, which the newest-JAX CI stage runs).
+# several TPU calls and a partial bag block, two GPU dim blocks) in every runner; every other
+# case in the GPU kernel, and 16-bit ones in the TPU kernel (TPU interpret mode) too.
 PALLAS_RUNS = [(runner, PALLAS_CASES[0]) for runner in kt.PALLAS_RUNNERS] + [
-    ("pallas_gpu_interpret", PALLAS_CASES[1]), ("pallas_tpu_interpret", PALLAS_CASES[2])]
+    (runner, case) for case in PALLAS_CASES[1:]
+    for runner in ("pallas_gpu_interpret",) + (("pallas_tpu_interpret",)
+                                               if jnp.dtype(case[4]).itemsize == 2 else ())]
 PALLAS_RUNS += [("pallas_native", case) for case in PALLAS_CASES[1:]
                 if "pallas_native" in kt.IMPLEMENTATION_RUNNERS]
 
