@@ -10,7 +10,8 @@
 * `IMPLEMENTATION_RUNNERS`: (name, context manager factory, implementation) triples that run an
   op through every implementation a CPU can run: the XLA path, the Pallas kernels for GPU and
   for TPU in the generic interpreter, and the TPU kernels in TPU interpret mode with race
-  detection.
+  detection; on a GPU or TPU machine also "pallas_native", the kernels compiled for the device
+  (no interpreter). `PALLAS_RUNNERS` names the Pallas ones of these.
 * `lower_for(fn, *args, platform)` and `assert_lowers_to(...)`: lower for "tpu" or "cuda" on a
   CPU-only machine and assert the expected custom call (Mosaic: `tpu_custom_call`; Triton:
   `__gpu$xla.gpu.triton`) is in the module.
@@ -82,6 +83,12 @@ IMPLEMENTATION_RUNNERS: dict[str, tuple[Callable[[], contextlib.AbstractContextM
     "pallas_tpu_generic_interpret": (lambda: pallas_interpret("generic", target="tpu"), "pallas"),
     "pallas_tpu_interpret": (lambda: pallas_interpret("tpu"), "pallas"),
 }
+if jax.default_backend() in ("gpu", "tpu"):
+    # implementation="pallas" outside any interpreter: dispatch compiles the kernel written for
+    # the device (Triton on GPU, Mosaic on TPU), so `pytest -m kernel` there runs them for real.
+    IMPLEMENTATION_RUNNERS["pallas_native"] = (contextlib.nullcontext, "pallas")
+
+PALLAS_RUNNERS = tuple(name for name in IMPLEMENTATION_RUNNERS if name != "xla")
 
 
 def _abstract_gpu_context():

@@ -20,6 +20,9 @@ from train.trainer import Trainer
 
 # A test hook: seconds to sleep after every step, so a subprocess can be killed mid-run.
 _STEP_SLEEP = float(os.environ.get("MEMZOO_TEST_STEP_SLEEP", "0") or 0)
+# A test hook: after this step (its metrics and checkpoint written) the run sleeps until it is
+# killed, so a test can kill -9 it mid-run without racing the run's end.
+_HANG_AFTER_STEP = int(os.environ.get("MEMZOO_TEST_HANG_AFTER_STEP", "0") or 0)
 
 
 def _chance(info) -> float:
@@ -195,6 +198,9 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
                 if preemption.requested:
                     preempted = True
                     break
+                if step == _HANG_AFTER_STEP:
+                    while True:
+                        time.sleep(60)
         if preempted:
             if ckpt is None:
                 say(f"SIGTERM at step {step}: checkpoints are off (checkpoint.every=0), "

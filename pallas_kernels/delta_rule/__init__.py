@@ -53,6 +53,8 @@ def delta_rule(q, k, v, beta, *, log_gate=None, initial_state=None, scale=None, 
       chunk_size: the chunk length of the chunked forms (default 64); any positive integer,
         the sequence needs no padding by the caller.
       implementation: "auto" | "pallas" | "xla" | "reference" (pallas_kernels._dispatch).
+        The Pallas kernels accumulate in float32: "auto" keeps 64-bit inputs on the XLA path,
+        "pallas" with 64-bit inputs raises a ValueError.
 
     Returns:
       (o, final_state): o [batch, time, heads, value_dim] in the promoted dtype of q, k, v;
@@ -85,6 +87,10 @@ def delta_rule(q, k, v, beta, *, log_gate=None, initial_state=None, scale=None, 
         dtypes.append(log_gate.dtype)
     out_dtype = _validation.result_dtype(q.dtype, k.dtype, v.dtype)
     acc = _validation.accum_dtype(_validation.result_dtype(*dtypes))
+    if implementation == "pallas" and acc != jnp.float32:
+        raise ValueError(f"{_OP}: implementation='pallas' runs the Pallas kernels, which "
+                         f"accumulate in float32; these inputs accumulate in {jnp.dtype(acc).name} "
+                         "(64-bit inputs take implementation='auto' or 'xla')")
     if initial_state is None:
         h0 = jnp.zeros((batch, heads, key_dim, value_dim), acc)
     else:
@@ -130,13 +136,21 @@ def _static(scale, chunk_size, gated, segmented):
     return dict(scale=scale, chunk_size=chunk_size, gated=gated, segmented=segmented)
 
 
+def _pallas_for(fn, h0, static):
+    """The Pallas callable, or None (the XLA path under "auto") for 64-bit inputs: the kernels
+    accumulate in float32 ("pallas" with 64-bit inputs was refused by `delta_rule`)."""
+    if h0.dtype != jnp.float32:
+        return None
+    return functools.partial(fn, **static)
+
+
 def _forward(args, scale, chunk_size, gated, segmented, implementation):
     static = _static(scale, chunk_size, gated, segmented)
     return _dispatch.dispatch(
         _OP, implementation, *args,
         reference=functools.partial(_xla.delta_rule_forward, **static),
         xla=functools.partial(_xla.delta_rule_forward, **static),
-        pallas=functools.partial(_pallas.delta_rule_forward, **static))
+        pallas=_pallas_for(_pallas.delta_rule_forward, args[5], static))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
@@ -159,12 +173,12 @@ def _delta_bwd(scale, chunk_size, gated, segmented, implementation, residuals, c
     do, dfinal = cotangents
     static = _static(scale, chunk_size, gated, segmented)
     xla_bwd = functools.partial(_xla.delta_rule_backward, **static)
-    # Each path's backward takes the chunk states its own forward wrote (the Pallas chunk is the
-    # op's chunk except when one padded chunk covers the whole sequence: same states).
+    # Each path's backward takes the chunk states its own forward wrote (the Pallas kernels run
+    # the op's chunks, padded at their ends: the same states).
     grads = _dispatch.dispatch(
         _OP, implementation, *args, states, do, dfinal,
         reference=xla_bwd, xla=xla_bwd,
-        pallas=functools.partial(_pallas.delta_rule_backward, **static))
+        pallas=_pallas_for(_pallas.delta_rule_backward, args[5], static))
     return tuple(grads) + (jnp.zeros_like(args[6]),)
 
 

@@ -14,6 +14,10 @@ Inside a chunk, T = (I + A)^-1 is built by forward substitution over the chunk's
 fori_loop of rank-1 updates on a C x C value), then everything else is a handful of MXU / tensor
 core matmuls. The kernels also write the state entering each chunk: the custom VJP's residual.
 
+The chunks are the op's (xla.effective_chunk, so the chunk states match the XLA path's); each is
+padded at its end to the hardware's tile (a multiple of 8 rows on TPU, a power of two >= 16 on
+GPU) with zero rows (beta = k = g = 0), which leave the state as it is, so any chunk_size runs.
+
 The backward kernels walk the chunks in reverse with dS in VMEM (TPU) or registers (GPU). Their
 body is the VJP of the forward's own chunk algebra (`chunk_step_vjp`: jax.vjp traced inside the
 kernel), except through the row substitution, whose cotangent is done by hand as three
@@ -226,32 +230,28 @@ def _gpu_kernel(q_ref, k_ref, v_ref, bc_ref, gc_ref, cc_ref, br_ref, gr_ref, cr_
     final_ref[...] = jax.lax.fori_loop(0, n_chunks, step, h0_ref[...])
 
 
-def pallas_chunk(length: int, chunk_size: int, target: str) -> int:
-    """The chunk the kernels run: the op's chunk (so chunk states match the XLA backward's),
-    rounded up for the hardware only when the whole sequence is one chunk."""
+def pallas_chunk(length: int, chunk_size: int, target: str) -> tuple[int, int]:
+    """(chunk, rows): the op's chunk (xla.effective_chunk, so the chunk states the forward writes
+    are those the XLA backward expects) and the rows of the kernels' chunk tile, the chunk padded
+    at its end for the hardware: a multiple of 8 on TPU, a power of two >= 16 on GPU (Triton).
+    Any chunk_size works; zero rows (beta = 0, k = 0, g = 0) leave the state as it is."""
     chunk = max(1, min(chunk_size, length))
-    align = 8 if target == "tpu" else 16
-    if chunk >= length:    # one chunk: padding it changes no chunk boundary
-        return _round_up(chunk, align) if target == "tpu" else max(align, pl.next_power_of_2(chunk))
-    ok = chunk % align == 0 if target == "tpu" else chunk >= align and chunk == pl.next_power_of_2(chunk)
-    if not ok:
-        raise ValueError(
-            f"delta_rule: implementation='pallas' on {target} needs `chunk_size` "
-            + ("a multiple of 8" if target == "tpu" else "a power of two >= 16")
-            + f", got {chunk_size}")
-    return chunk
+    rows = _round_up(chunk, 8) if target == "tpu" else max(16, pl.next_power_of_2(chunk))
+    return chunk, rows
 
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """The kernels' common layout: [B*H, padded T, padded width] sequences, per-token scalars in
-    chunk coordinates as columns [B*H, padded T, 1] and rows, and the padded sizes."""
+    """The kernels' common layout: [B*H, padded T, padded width] sequences (each of the op's
+    chunks padded at its end to `chunk` rows), per-token scalars in chunk coordinates as columns
+    [B*H, padded T, 1] and rows, and the padded sizes."""
     batch: int
     length: int
     heads: int
     key_dim: int
     value_dim: int
-    chunk: int
+    op_chunk: int       # the op's chunk (tokens per chunk)
+    chunk: int          # rows of the kernels' chunk tile (op_chunk padded for the hardware)
     n_chunks: int
     padded_t: int
     kd: int
@@ -269,10 +269,24 @@ class _Layout:
     def n_v(self):
         return self.vd // self.block_v
 
+    def to_tiles(self, x):
+        """[B*H, T, D] -> [B*H, padded T, D]: every chunk zero padded at its end (a zero step
+        leaves S as it is)."""
+        n, c = self.n_chunks, self.op_chunk
+        x = jnp.pad(x, [(0, 0), (0, n * c - self.length), (0, 0)])
+        x = x.reshape(self.bh, n, c, x.shape[-1])
+        x = jnp.pad(x, [(0, 0), (0, 0), (0, self.chunk - c), (0, 0)])
+        return x.reshape(self.bh, self.padded_t, x.shape[-1])
+
+    def from_tiles(self, x):
+        """[B*H, padded T, D] -> [B*H, T, D], the chunks' padding rows dropped."""
+        x = x.reshape(self.bh, self.n_chunks, self.chunk, x.shape[-1])[:, :, :self.op_chunk]
+        return x.reshape(self.bh, self.n_chunks * self.op_chunk, x.shape[-1])[:, :self.length]
+
     def heads_first(self, x, width):
-        """[B, T, H, D] -> [B*H, padded T, width], zero padded (a zero step leaves S as it is)."""
+        """[B, T, H, D] -> [B*H, padded T, width], zero padded."""
         x = jnp.transpose(x, (0, 2, 1, 3)).reshape(self.bh, self.length, x.shape[-1])
-        return jnp.pad(x, [(0, 0), (0, self.padded_t - self.length), (0, width - x.shape[-1])])
+        return jnp.pad(self.to_tiles(x), [(0, 0), (0, 0), (0, width - x.shape[-1])])
 
     def state_in(self, x):
         """[B, H, K, V] (or [B, H, N, K, V]) -> padded [B*H, (N,) kd, vd]."""
@@ -282,20 +296,20 @@ class _Layout:
 
     def seq_out(self, x, width):
         """[B*H, padded T, padded width] -> [B, T, H, width]."""
-        x = x[:, :self.length, :width].reshape(self.batch, self.heads, self.length, width)
+        x = self.from_tiles(x[..., :width]).reshape(self.batch, self.heads, self.length, width)
         return jnp.transpose(x, (0, 2, 1, 3))
 
     def scalar_out(self, x):
         """[B*H, padded T] -> [B, T, H]."""
-        x = x[:, :self.length].reshape(self.batch, self.heads, self.length)
+        x = self.from_tiles(x[..., None]).reshape(self.batch, self.heads, self.length)
         return jnp.transpose(x, (0, 2, 1))
 
 
 def _layout(q, k, v, beta, g, reset, *, chunk_size, target, block_sizes) -> _Layout:
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    chunk = pallas_chunk(length, chunk_size, target)
-    n_chunks = -(-length // chunk)
+    op_chunk, chunk = pallas_chunk(length, chunk_size, target)
+    n_chunks = -(-length // op_chunk)
     padded_t = n_chunks * chunk
     bs = block_sizes or BlockSizes.get_default(target)
     if target == "tpu":
@@ -310,10 +324,10 @@ def _layout(q, k, v, beta, g, reset, *, chunk_size, target, block_sizes) -> _Lay
     else:
         raise ValueError(f"delta_rule: unknown Pallas target {target!r}")
     bh = batch * heads
-    base = _Layout(batch, length, heads, key_dim, value_dim, chunk, n_chunks, padded_t, kd, vd,
-                   block_v, (), (), ())
+    base = _Layout(batch, length, heads, key_dim, value_dim, op_chunk, chunk, n_chunks, padded_t,
+                   kd, vd, block_v, (), (), ())
     seq = (base.heads_first(q, kd), base.heads_first(k, kd), base.heads_first(v, vd))
-    pad_t = lambda x: jnp.pad(x, [(0, 0), (0, padded_t - length)])
+    pad_t = lambda x: base.to_tiles(x[..., None])[..., 0]
     # Per-token scalars, in chunk coordinates: G = cumulative log gate, counts = resets so far.
     bt = pad_t(jnp.transpose(beta, (0, 2, 1)).reshape(bh, length))
     gt = pad_t(jnp.transpose(g, (0, 2, 1)).reshape(bh, length))

@@ -76,9 +76,16 @@ SMALL_BLOCKS = {"tpu": ccp.BlockSizes(block_t=16, block_c=128),
 PALLAS_CASES = [((1, 1, 8), 4), ((2, 45, 200), 4), ((1, 37, 20), 3)]
 
 
-@pytest.mark.parametrize("runner", ["pallas_gpu_interpret", "pallas_tpu_generic_interpret",
-                                    "pallas_tpu_interpret"])
-@pytest.mark.parametrize("shape,width", PALLAS_CASES, ids=[f"{s}-W{w}" for s, w in PALLAS_CASES])
+# Pairwise rather than the full product (interpreters are slow): the case with several time and
+# channel blocks, a partial one of each, in every runner; T = 1 and W = 3 each in one runner.
+PALLAS_RUNS = [(runner, PALLAS_CASES[1]) for runner in kt.PALLAS_RUNNERS] + [
+    ("pallas_tpu_interpret", PALLAS_CASES[0]), ("pallas_gpu_interpret", PALLAS_CASES[2])]
+PALLAS_RUNS += [("pallas_native", case) for case in (PALLAS_CASES[0], PALLAS_CASES[2])
+                if "pallas_native" in kt.IMPLEMENTATION_RUNNERS]
+
+
+@pytest.mark.parametrize("runner,shape,width", [(r, *c) for r, c in PALLAS_RUNS],
+                         ids=[f"{s}-W{w}-{r}" for r, (s, w) in PALLAS_RUNS])
 def test_pallas_matches_float64_reference(runner, shape, width, monkeypatch):
     ctx, implementation = kt.IMPLEMENTATION_RUNNERS[runner]
     monkeypatch.setattr(ccp.BlockSizes, "get_default", classmethod(lambda cls, t: SMALL_BLOCKS[t]))

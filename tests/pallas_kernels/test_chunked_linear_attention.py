@@ -84,6 +84,7 @@ def check(implementation, shape, gate, *, seed=0, dtype=jnp.float32, segments=Fa
             continue
         assert gr.dtype == (dtype if name in ("dq", "dk", "dv") else jnp.float32), name
         kt.assert_close(gr, r, tol, name)
+    return ref_out, ref_grads
 
 
 XLA_SHAPES = [(1, 1, 2, 8, 4), (2, 37, 3, 8, 5), (1, 150, 2, 16, 8)]
@@ -104,11 +105,16 @@ def test_xla_small_chunks_match(gate):
 
 
 @pytest.mark.parametrize("gate", ["scalar", "vector"])
-@pytest.mark.parametrize("log_gate", [-20.0, -1e4, -1e-6], ids=["-20", "-1e4", "-1e-6"])
+@pytest.mark.parametrize("log_gate", [-20.0, -29.0, -1e4, -1e-6], ids=["-20", "-29", "-1e4", "-1e-6"])
 def test_strong_and_weak_gates(gate, log_gate):
-    """Decays near 0 (every exp of a cumulative gate underflows) and near 1: no overflow, no
-    NaN, gradients (including the tiny gate gradients of strong decays) still accurate."""
-    check("xla", (1, 140, 2, 8, 4), gate, seed=5, gate_range=log_gate)
+    """Decays near 0 and near 1: no overflow, no NaN, gradients (including the tiny gate
+    gradients of strong decays) still accurate. At -1e4 every exp underflows even in float64, so
+    the gate gradient is exactly 0 there (checked as such; the fast paths clamp gates at
+    xla.GATE_FLOOR = -30, whose gradient is 0 by contract); at -20 and -29, just above the
+    floor (decays of 2e-9 and 3e-13), the reference's gate gradient is not zero and its tiny
+    values are checked to the relative tolerance."""
+    _, ref_grads = check("xla", (1, 140, 2, 8, 4), gate, seed=5, gate_range=log_gate)
+    assert (np.linalg.norm(ref_grads[3]) > 0) == (log_gate > -1e3), "reference gate gradient"
 
 
 @pytest.mark.parametrize("gate", ["scalar", "vector"])
@@ -226,6 +232,9 @@ PALLAS_RUNS = [("pallas_gpu_interpret", "vector-segments-T40-chunk24"),
                ("pallas_tpu_generic_interpret", "plain-segments-T40-chunk16"),
                ("pallas_tpu_interpret", "vector-segments-T40-chunk16"),
                ("pallas_tpu_interpret", "scalar-T5-one-padded-chunk")]
+# On a GPU or TPU machine, every case through the compiled kernels too.
+PALLAS_RUNS += [("pallas_native", case) for case in PALLAS_CASES
+                if "pallas_native" in kt.IMPLEMENTATION_RUNNERS]
 
 
 def _narrow_value_blocks(monkeypatch):

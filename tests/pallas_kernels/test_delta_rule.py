@@ -143,14 +143,25 @@ def test_reference_matches_naive_numpy_loop():
 
 PALLAS_CASES = {
     "gated-segments-T37-chunk16": ((1, 37, 1, 8, 6), 16, dict(segments=True)),
+    # Chunks of 13 (not a multiple of 8, not a power of two): every chunk is padded to the tile
+    # (16 rows on TPU and GPU), the last chunk (11 tokens) too.
+    "gated-segments-T37-chunk13": ((1, 37, 1, 8, 6), 13, dict(segments=True)),
+    # Chunks of 20 -> 24 rows on TPU, 32 on GPU, no gate, no initial state.
+    "plain-T45-chunk20": ((1, 45, 1, 4, 4), 20, dict(gated=False, initial=False)),
     "plain-T5-one-padded-chunk": ((1, 5, 1, 4, 4), 64, dict(gated=False)),
 }
-# Interpreters are slow: three chunks and two value blocks in every runner, the single padded
-# chunk in the GPU and TPU kernels once each.
-PALLAS_RUNS = [(runner, "gated-segments-T37-chunk16") for runner in
+# Interpreters are slow, so the table is pairwise rather than the full product: the tricky
+# case (padded chunks, segments, gates, two value blocks) in every runner, each other case in
+# the GPU kernel and the TPU kernel once.
+PALLAS_RUNS = [(runner, "gated-segments-T37-chunk13") for runner in
                ("pallas_gpu_interpret", "pallas_tpu_generic_interpret", "pallas_tpu_interpret")] + [
+    ("pallas_tpu_interpret", "gated-segments-T37-chunk16"),
+    ("pallas_gpu_interpret", "plain-T45-chunk20"),
+    ("pallas_tpu_interpret", "plain-T45-chunk20"),
     ("pallas_gpu_interpret", "plain-T5-one-padded-chunk"),
     ("pallas_tpu_interpret", "plain-T5-one-padded-chunk")]
+PALLAS_RUNS += [("pallas_native", case) for case in PALLAS_CASES
+                if "pallas_native" in kt.IMPLEMENTATION_RUNNERS]
 
 
 @pytest.mark.parametrize("runner,case", PALLAS_RUNS, ids=[f"{r}-{c}" for r, c in PALLAS_RUNS])
@@ -163,8 +174,39 @@ def test_pallas_matches_float64_reference(runner, case, monkeypatch):
     check_against_reference(implementation, inputs, chunk_size=chunk, seed=5, ctx=ctx())
 
 
+def test_64_bit_inputs_auto_takes_xla_and_pallas_refuses():
+    """The kernels accumulate in float32: "auto" runs 64-bit inputs on the XLA path (exact to
+    the float64 reference, even inside the interpreter context that sends "auto" to the
+    kernels, and no custom call when lowered for an accelerator); "pallas" says why it refuses."""
+    with jax.enable_x64(True):
+        inputs = {n: (None if x is None else x.astype(jnp.float64) if x.dtype == jnp.float32
+                      else x)
+                  for n, x in make_inputs(jax.random.PRNGKey(8), (1, 21, 1, 4, 4),
+                                          segments=True).items()}
+        names, arrays = _split(inputs)
+        seg = inputs["segment_ids"]
+        key = jax.random.PRNGKey(9)
+        weights = (jax.random.normal(key, (1, 21, 1, 4), jnp.float64),
+                   jax.random.normal(key, (1, 1, 4, 4), jnp.float64))
+        run = lambda impl: jax.jit(functools.partial(forward_and_grads, impl, 8, tuple(names)))
+        ref = run("reference")(seg, weights, *arrays)
+        with kt.IMPLEMENTATION_RUNNERS["pallas_tpu_interpret"][0]():
+            got = run("auto")(seg, weights, *arrays)
+        assert got[0][0].dtype == jnp.float64 and got[0][1].dtype == jnp.float64
+        kt.assert_tree_close(got, ref, 1e-12, "float64 under auto")
+        text = kt.lower_for(lambda *a: delta_rule(**dict(zip(names, a)), chunk_size=8), *arrays,
+                            platform="tpu")
+        assert not kt.custom_calls(text)
+        with pytest.raises(ValueError, match=r"implementation='pallas' .* accumulate in float32; "
+                                             r"these inputs accumulate in float64"):
+            delta_rule(**dict(zip(names, arrays)), implementation="pallas")
+
+
 def test_long_sequence_stays_finite_and_accurate():
-    """T = 16384 through the XLA path: no overflow from the gates, no drift from the chunks."""
+    """T = 16384 through the XLA path: no overflow from the gates, no drift from the chunks, in
+    the outputs and in every gradient. The gradients' reference is the same chunked XLA path in
+    float64 (the float64 reference recurrence's autodiff over 16384 steps is not affordable;
+    the XLA path's float64 gradients equal the reference's at the short lengths above)."""
     inputs = make_inputs(jax.random.PRNGKey(2), (1, 16384, 1, 16, 16), gate=(0.0, 0.05),
                          beta=(0.0, 1.5))
     names, arrays = _split(inputs)
@@ -172,10 +214,12 @@ def test_long_sequence_stays_finite_and_accurate():
     ref = kt.float64_run(f("reference"), *arrays)
     out = jax.jit(f("xla"))(*arrays)
     kt.assert_tree_close(out, ref, F32_TOL, "T=16384")
-    grads = jax.jit(jax.grad(lambda *a: jnp.sum(f("xla")(*a)[0] ** 2),
-                             argnums=tuple(range(len(arrays)))))(*arrays)
-    for name, g in zip(names, grads):
-        assert np.all(np.isfinite(np.asarray(g))), f"d{name} not finite at T=16384"
+    grad = lambda: jax.jit(jax.grad(lambda *a: jnp.sum(f("xla")(*a)[0] ** 2),
+                                    argnums=tuple(range(len(arrays)))))
+    grads = grad()(*arrays)
+    ref_grads = kt.float64_run(grad(), *arrays)
+    for name, g, r in zip(names, grads, ref_grads):
+        kt.assert_close(g, r, F32_TOL, f"d{name} at T=16384")
 
 
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])
@@ -305,7 +349,10 @@ def test_bad_input_raises_clear_value_error(kwargs, message):
         jax.jit(lambda q, k, v, beta: delta_rule(q, k, v, beta, **kwargs))(**arrays)
 
 
-def test_pallas_chunk_must_suit_the_hardware():
-    with pytest.raises(ValueError, match="chunk_size"):
-        drp.pallas_chunk(100, 24, "cuda")
-    assert drp.pallas_chunk(5, 64, "tpu") == 8 and drp.pallas_chunk(5, 64, "cuda") == 16
+def test_pallas_chunk_is_the_ops_chunk_padded_for_the_hardware():
+    """(op's chunk, tile rows): any chunk size, padded to 8 rows on TPU, a power of two >= 16 on
+    GPU; never longer than the sequence (the XLA path's chunk, whose states the backward reads)."""
+    assert drp.pallas_chunk(100, 24, "cuda") == (24, 32)
+    assert drp.pallas_chunk(100, 24, "tpu") == (24, 24)
+    assert drp.pallas_chunk(100, 13, "tpu") == (13, 16)
+    assert drp.pallas_chunk(5, 64, "tpu") == (5, 8) and drp.pallas_chunk(5, 64, "cuda") == (5, 16)

@@ -55,20 +55,19 @@ def forward_and_grads(implementation, arrays, seg, weights):
                               delta_softplus=True, segment_ids=seg,
                               implementation=implementation, **kw)
 
-    def loss(*xs):
-        y, h = run(*xs)
-        return jnp.sum(y.astype(weights[0].dtype) * weights[0]) + jnp.sum(h * weights[1])
-
-    xs = tuple(arrays[n] for n in ORDER)
-    return run(*xs), jax.grad(loss, argnums=tuple(range(len(ORDER))))(*xs)
+    # One forward for the outputs and the gradients of sum(y * w_y) + sum(h * w_h).
+    (y, h), vjp = jax.vjp(run, *(arrays[n] for n in ORDER))
+    return (y, h), vjp((weights[0].astype(y.dtype), weights[1].astype(h.dtype)))
 
 
 def check(implementation, shape, dtype=jnp.float32, seed=0, ctx=None, **kw):
     arrays, seg, weights = make_inputs(jax.random.PRNGKey(seed), shape, dtype, **kw)
-    ref_out, ref_grads = kt.float64_run(functools.partial(forward_and_grads, "reference"),
+    ref_out, ref_grads = kt.float64_run(jax.jit(functools.partial(forward_and_grads, "reference")),
                                         arrays, seg, weights)
     with ctx or kt.IMPLEMENTATION_RUNNERS["xla"][0]():
-        (y, h), grads = forward_and_grads(implementation, arrays, seg, weights)
+        # jitted inside the runner's context (the interpret mode is read when tracing)
+        (y, h), grads = jax.jit(functools.partial(forward_and_grads, implementation))(
+            arrays, seg, weights)
     tol = BF16_TOL if dtype == jnp.bfloat16 else F32_TOL
     assert y.dtype == dtype and h.dtype == jnp.float32
     kt.assert_close(y, ref_out[0], tol, "y")
@@ -113,8 +112,7 @@ SMALL_BLOCKS = {"tpu": ssp.BlockSizes(block_t=128, block_c=128),
 PALLAS_CASES = [(1, 70, 256, 3, 2)]  # two time blocks on TPU, 16 channel blocks on GPU
 
 
-@pytest.mark.parametrize("runner", ["pallas_gpu_interpret", "pallas_tpu_generic_interpret",
-                                    "pallas_tpu_interpret"])
+@pytest.mark.parametrize("runner", kt.PALLAS_RUNNERS)
 @pytest.mark.parametrize("shape", PALLAS_CASES, ids=str)
 def test_pallas_matches_float64_reference(runner, shape, monkeypatch):
     ctx, implementation = kt.IMPLEMENTATION_RUNNERS[runner]
@@ -123,15 +121,18 @@ def test_pallas_matches_float64_reference(runner, shape, monkeypatch):
 
 
 def test_pallas_tpu_falls_back_for_narrow_groups():
-    """Groups of fewer than 128 channels cannot be tiled on TPU: the XLA forward runs instead."""
+    """Groups of fewer than 128 channels cannot be tiled on TPU: implementation="pallas" then
+    runs the XLA forward (no kernel in the trace) and is still right (forward and gradients
+    against the float64 reference); the GPU kernel tiles the same groups (a kernel is traced)."""
     assert not ssp.supported("tpu", 16, 2)
     assert ssp.supported("cuda", 16, 2)
-    arrays, seg, _ = make_inputs(jax.random.PRNGKey(2), (1, 9, 16, 3, 2))
-    with kt.IMPLEMENTATION_RUNNERS["pallas_tpu_interpret"][0]():
-        out = selective_scan(*(arrays[n] for n in ORDER[:5]), segment_ids=seg,
-                             implementation="pallas")
-    ref = selective_scan(*(arrays[n] for n in ORDER[:5]), segment_ids=seg, implementation="xla")
-    kt.assert_tree_close(out, ref, 1e-6, "fallback")
+    shape = (1, 9, 16, 3, 2)
+    arrays, seg, weights = make_inputs(jax.random.PRNGKey(2), shape)
+    for runner, kernel in [("pallas_tpu_interpret", False), ("pallas_gpu_interpret", True)]:
+        with kt.IMPLEMENTATION_RUNNERS[runner][0]():
+            fn = jax.jit(functools.partial(forward_and_grads, "pallas"))   # traced in the context
+            assert ("pallas_call" in str(jax.make_jaxpr(fn)(arrays, seg, weights))) == kernel, runner
+    check("pallas", shape, seed=2, ctx=kt.IMPLEMENTATION_RUNNERS["pallas_tpu_interpret"][0]())
 
 
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])

@@ -38,13 +38,21 @@ def _wait_for(predicate, proc, timeout=180):
         time.sleep(0.1)
 
 
+def _logged_step(run_dir, step) -> bool:
+    path = run_dir / "metrics.jsonl"
+    return path.exists() and f'"step": {step},' in path.read_text()
+
+
 def test_kill_9_then_resume_is_exact(reference, tmp_path):
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"
+    # The child stops making progress after step 7 (checkpoint 6 written, step 7 not saved) and
+    # waits there to be killed: the kill cannot race the end of the run.
     proc = subprocess.Popen(train_command(run_dir, "checkpoint.every=3"), cwd=ROOT,
-                            env=subprocess_env(1, MEMZOO_TEST_STEP_SLEEP="0.3"),
+                            env=subprocess_env(1, MEMZOO_TEST_HANG_AFTER_STEP="7"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (ckpts / "6").is_dir(), proc)
+    _wait_for(lambda: (ckpts / "6").is_dir() and _logged_step(run_dir, 7), proc)
+    assert proc.poll() is None
     proc.kill()                                        # SIGKILL: no handler runs
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
