@@ -303,7 +303,45 @@ def _cost(compiled) -> dict:
     return out
 
 
-def report(compiled) -> dict:
+# XLA logs each Triton kernel's shared memory when it compiles it (at verbosity 2 of its
+# xtile_compiler module); nothing in the compiled module records it. These variables must be in
+# the environment before XLA first loads (a fresh process: see benchmarks/compile.py).
+KERNEL_LOG_ENV = {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "xtile_compiler=2"}
+_SHARED = re.compile(r"Shared memory usage: (\d+) B")
+_SHARED_LIMIT = re.compile(r"Shared memory size limit exceeded: requested (\d+)")
+
+
+@contextlib.contextmanager
+def compiler_log() -> Iterator[list]:
+    """Captures what the compilers write to stderr (file descriptor 2) inside the context; the
+    yielded list holds the text after exit. Pass it to `report(compiled, log=...)`."""
+    import sys
+    import tempfile
+    out: list = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read().decode(errors="replace"))
+
+
+def shared_memory(log: str) -> dict:
+    """Triton shared memory figures in a compiler log: per kernel used, and any refused request."""
+    out: dict[str, Any] = {"triton_shared_bytes": [int(n) for n in _SHARED.findall(log)]}
+    refused = [int(n) for n in _SHARED_LIMIT.findall(log)]
+    if refused:
+        out["triton_shared_refused_bytes"] = refused
+    return out
+
+
+def report(compiled, log: str | None = None) -> dict:
     """What a compiled program costs on each device.
 
     memory: bytes per device (arguments, outputs, aliased, temporaries, generated code; total =
@@ -314,6 +352,8 @@ def report(compiled) -> dict:
       all-to-all, collective-permute; async ones by their -start), with its result shape.
     kernels: each Pallas kernel's custom call: kind (mosaic / triton), name, Mosaic's reserved
       VMEM bytes (vmem_bytes), Triton's num_warps / num_stages / grid.
+    triton_shared_bytes: with `log` (the text `compiler_log` captured around the compile, in a
+      process started with KERNEL_LOG_ENV), the shared memory of each Triton kernel compiled.
     """
     text = compiled.as_text()
     collectives, kernels = [], []
@@ -328,8 +368,11 @@ def report(compiled) -> dict:
     counts: dict[str, int] = {}
     for c in collectives:
         counts[c["op"]] = counts.get(c["op"], 0) + 1
-    return {"memory": _memory(compiled), **_cost(compiled), "collectives": collectives,
-            "collective_counts": counts, "kernels": kernels}
+    rep = {"memory": _memory(compiled), **_cost(compiled), "collectives": collectives,
+           "collective_counts": counts, "kernels": kernels}
+    if log is not None:
+        rep.update(shared_memory(log))
+    return rep
 
 
 def _mib(n: int | None) -> str:
@@ -354,6 +397,8 @@ def format_report(rep: dict) -> str:
         extra = ", ".join(f"{key}={k[key]}" for key in
                           ("vmem_bytes", "num_warps", "num_stages") if key in k)
         lines.append(f"kernel {k['kind']} {k.get('name', k.get('op_name', ''))} {extra}".rstrip())
+    if rep.get("triton_shared_bytes"):
+        lines.append(f"triton shared memory: {rep['triton_shared_bytes']} bytes")
     return "\n".join(lines)
 
 
