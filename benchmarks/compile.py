@@ -144,7 +144,7 @@ def _program(case: Case):
     def loss(*xs):
         out = fn(*xs)
         return sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(out))
-    return jax.grad(loss, argnums=tuple(diff)), args
+    return jax.value_and_grad(loss, argnums=tuple(diff)), args
 
 
 def run_case(case: Case) -> dict[str, Any]:

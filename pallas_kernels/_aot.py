@@ -193,12 +193,13 @@ def _set_mesh(mesh):
 def lowering(spec_or_devices: str | Sequence[Any], mesh=None) -> Iterator[None]:
     """The context to lower (trace + lower + compile) in for compile-only devices.
 
-    Pallas on GPU asks the current mesh's device which GPU it targets, so for GPU specs this
-    sets a mesh: `mesh` if given (a program's own mesh over these devices), else a one-device
-    mesh on the first device. TPU lowering needs nothing; `mesh` is set if given.
+    Pallas asks the current mesh's device which chip it targets (Triton: the GPU's compute
+    capability; Mosaic: the TPU generation, for some kernels), since the process's own backend
+    is the CPU. This sets a mesh: `mesh` if given (a program's own mesh over these devices),
+    else a one-device mesh on the first device.
     """
     devs = devices(spec_or_devices) if isinstance(spec_or_devices, str) else list(spec_or_devices)
-    if mesh is None and devs and devs[0].platform != "tpu":
+    if mesh is None and devs:
         mesh = jax.sharding.Mesh(np.array(devs[:1]), ("x",))
     if mesh is None:
         yield
