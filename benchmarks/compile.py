@@ -168,7 +168,7 @@ def run_case(case: Case) -> dict[str, Any]:
     except Exception as e:  # the compiler's refusal is the result
         row.update(status="failed", seconds=round(time.perf_counter() - start, 2),
                    error=_aot.first_line(e))
-        shared = _aot.shared_memory(log[0] if log else "")
+        shared = _aot.shared_memory((log[0] if log else "") + "\n" + str(e))
         if shared.get("triton_shared_refused_bytes"):
             row["shared_refused_bytes"] = max(shared["triton_shared_refused_bytes"])
         return row
