@@ -153,8 +153,34 @@ def _topology(name: str, topology: str):
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if name in TPUS:
         return topologies.get_topology_desc(platform="tpu", topology_name=f"{name}:{topology}")
-    return topologies.get_topology_desc(
+    make = lambda: topologies.get_topology_desc(
         platform="cuda", target_config=GPUS[name].target_config(), topology=topology)
+    try:
+        return make()
+    except NotImplementedError:
+        if not _register_cuda_plugin():
+            raise
+        return make()
+
+
+def _register_cuda_plugin() -> bool:
+    """Registers the CUDA plugin when JAX's discovery skipped it.
+
+    Unless JAX_PLATFORMS excludes cuda, the plugin checks the CUDA libraries' versions first and
+    is not registered when they are missing, as on a CPU host that only compiles. Compiling
+    needs none of them: register it again without the check.
+    """
+    import importlib
+    try:
+        plugin = importlib.import_module("jax_plugins.xla_cuda12")
+    except ImportError:
+        return False
+    os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
+    try:
+        plugin.initialize()
+    except Exception:  # noqa: BLE001 -- an unusable plugin means: not available
+        return False
+    return True
 
 
 def devices(spec: str) -> list:
