@@ -185,8 +185,15 @@ def run_case(case: Case) -> dict[str, Any]:
 
 
 def _worker(inbox, outbox):
+    import queue
+    parent = os.getppid()
     while True:
-        case = inbox.get()
+        try:
+            case = inbox.get(timeout=5.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the run was killed: do not outlive it
+                return
+            continue
         if case is None:
             return
         try:
