@@ -31,6 +31,7 @@ forward cumulative sums), outside the kernel.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 
@@ -66,20 +67,32 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+# The matmul algorithm of the kernel bodies, read when they are traced (set by `_launch`). Full
+# float32 (HIGHEST) everywhere except compiled Triton, where HIGHEST means IEEE float32 dots that
+# Triton expands into scalar FMA loops (slow to compile, no tensor cores); there the dots are
+# TF32x3 (three TF32 tensor-core products with the rounding errors fed back), about float32
+# accuracy: relative errors 1e-7 to 3e-6 against float64 on an H200 at B2 T2048 H8 d64 / d128.
+_PRECISION = contextvars.ContextVar("memzoo_cla_precision", default=_HIGHEST)
+
+# Key dims above this run the XLA path on GPU (the same chunks and chunk states): the Triton
+# kernels ask 262,144 bytes of shared memory at K = 256 (H100 / H200: 232,448 per block).
+GPU_MAX_KEY_DIM = 128
+
+
 def _dot(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_HIGHEST,
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_PRECISION.get(),
                                preferred_element_type=F32)
 
 
 def _dot_nt(a, b):
     """a @ b.T"""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_HIGHEST,
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_PRECISION.get(),
                                preferred_element_type=F32)
 
 
 def _dot_tn(a, b):
     """a.T @ b"""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_HIGHEST,
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_PRECISION.get(),
                                preferred_element_type=F32)
 
 
@@ -377,7 +390,13 @@ def _launch(kernel_step, inputs, outputs, *, init, finish, reverse, target, geo,
             interpret=interpret, name=name)
     else:
         raise ValueError(f"{_OP}: unknown Pallas target {target!r}")
-    return call(*[x for *_, x in inputs])
+    precision = (jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if target == "cuda" and not interpret
+                 else _HIGHEST)
+    token = _PRECISION.set(precision)
+    try:
+        return call(*[x for *_, x in inputs])
+    finally:
+        _PRECISION.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,6 +525,8 @@ def forward(q, k, v, g, h0, runs, *, chunk_size=None, target: str, interpret=Non
     """`xla.forward_with_states` in Pallas: (o [B,T,H,V] in v's dtype, final state [B,H,K,V],
     the state entering every chunk [B,H,N,K,V])."""
     _check_dtype(h0)
+    if target == "cuda" and q.shape[-1] > GPU_MAX_KEY_DIM:
+        return _xla.forward_with_states(q, k, v, g, h0, runs, chunk_size=chunk_size)
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     vector = g is not None and g.shape[-1] > 1
@@ -538,6 +559,8 @@ def backward(q, k, v, g, h0, runs, starts, do, dfinal, *, chunk_size=None, targe
              interpret=None, block_sizes: BlockSizes | None = None):
     """`xla.backward` in Pallas: (dq, dk, dv, dg, dh0) from the inputs and the chunk states."""
     _check_dtype(h0)
+    if target == "cuda" and q.shape[-1] > GPU_MAX_KEY_DIM:
+        return _xla.backward(q, k, v, g, h0, runs, starts, do, dfinal, chunk_size=chunk_size)
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     vector = g is not None and g.shape[-1] > 1

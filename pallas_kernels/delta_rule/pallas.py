@@ -27,6 +27,8 @@ XLA after the call.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 
@@ -55,24 +57,54 @@ class BlockSizes:
         raise ValueError(f"delta_rule: unknown Pallas target {target!r}")
 
 
+# The largest key dims whose GPU kernels fit in one SM's shared memory, found by compiling for
+# the A100, H100 and H200 (benchmarks/compile.py; TF32x3 matmuls, chunk 64, value blocks of 64):
+# forward 131,072 bytes at K = 128, 262,144 asked at K = 256; backward 163,840 at K = 64 (under
+# the A100's 166,912), 245,760 or more asked at K = 128 (the H100 allows 232,448). Smaller value
+# blocks barely help: the [C, K] and [C, C] tiles dominate. Above them the XLA path runs that
+# pass, from and to the same chunk states.
+GPU_FORWARD_MAX_KEY_DIM = 128
+GPU_BACKWARD_MAX_KEY_DIM = 64
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+# The matmul algorithm of the kernel bodies, read when they are traced (`_matmuls`). Full float32
+# (HIGHEST) everywhere except compiled Triton, where HIGHEST means IEEE float32 dots that
+# Triton expands into scalar FMA loops: tens of thousands of instructions per chunk body, minutes
+# of compile time (202 s for the gated backward at head dim 64 on an H100), no tensor cores. There
+# the dots are three TF32 tensor-core products with the rounding errors fed back (TF32x3), about
+# float32 accuracy. Interpreters run on the host's XLA, which takes HIGHEST.
+_PRECISION = contextvars.ContextVar("memzoo_delta_rule_precision", default=_HIGHEST)
+
+
+@contextlib.contextmanager
+def _matmuls(target: str, interpret):
+    precision = (jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if target == "cuda" and not interpret
+                 else _HIGHEST)
+    token = _PRECISION.set(precision)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
 def _dot(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_HIGHEST,
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_PRECISION.get(),
                                preferred_element_type=F32)
 
 
 def _dot_nt(a, b):
     """a @ b.T"""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_HIGHEST,
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_PRECISION.get(),
                                preferred_element_type=F32)
 
 
 def _dot_tn(a, b):
     """a.T @ b"""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_HIGHEST,
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_PRECISION.get(),
                                preferred_element_type=F32)
 
 
@@ -343,9 +375,18 @@ def _layout(q, k, v, beta, g, reset, *, chunk_size, target, block_sizes) -> _Lay
 
 def delta_rule_forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
                        target: str, interpret=None, block_sizes: BlockSizes | None = None):
-    """(o [B,T,H,V], final state [B,H,K,V], states entering each chunk [B,H,N,K,V])."""
+    """(o [B,T,H,V], final state [B,H,K,V], states entering each chunk [B,H,N,K,V]).
+
+    On GPU, key dims above GPU_FORWARD_MAX_KEY_DIM run the XLA forward (the same chunk states):
+    the Triton forward would ask 262,144 bytes of shared memory at K = 256.
+    """
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas import triton as pltriton
+
+    if target == "cuda" and q.shape[-1] > GPU_FORWARD_MAX_KEY_DIM:
+        from pallas_kernels.delta_rule import xla as _xla
+        return _xla.delta_rule_forward(q, k, v, beta, g, h0, reset, scale=scale,
+                                       chunk_size=chunk_size, gated=gated, segmented=segmented)
 
     acc = h0.dtype
     if acc != F32:
@@ -377,7 +418,8 @@ def delta_rule_forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated,
             compiler_params=pltpu.CompilerParams(
                 dimension_semantics=("parallel", "parallel", "arbitrary")),
             interpret=interpret, name="memzoo_delta_rule_fwd")
-        o, final, states = call(*lay.seq, *lay.cols, *lay.rows, h0f)
+        with _matmuls(target, interpret):
+            o, final, states = call(*lay.seq, *lay.cols, *lay.rows, h0f)
     else:
         seq_k = pl.BlockSpec((None, padded_t, kd), lambda b, j: (b, 0, 0))
         seq_v = pl.BlockSpec((None, padded_t, block_v), lambda b, j: (b, 0, j))
@@ -396,7 +438,8 @@ def delta_rule_forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated,
             out_specs=[seq_v, state, states_spec],
             compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
             interpret=interpret, name="memzoo_delta_rule_fwd")
-        o, final, states = call(*lay.seq, *lay.cols, *lay.rows, h0f)
+        with _matmuls(target, interpret):
+            o, final, states = call(*lay.seq, *lay.cols, *lay.rows, h0f)
         states = states.reshape(bh, n_chunks, kd, vd)
 
     o = lay.seq_out(o, lay.value_dim)
@@ -465,9 +508,21 @@ def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scal
                         gated, segmented, target: str, interpret=None,
                         block_sizes: BlockSizes | None = None):
     """Cotangents (dq, dk, dv, dbeta, dg, dh0) from the forward kernels' chunk states: the
-    same chunk geometry, so `states` [B,H,N,K,V] are the states entering the kernels' chunks."""
+    same chunk geometry, so `states` [B,H,N,K,V] are the states entering the kernels' chunks.
+
+    On GPU, key dims above GPU_BACKWARD_MAX_KEY_DIM take the XLA backward (the same chunks, so
+    the same states): the Triton backward body keeps too many [C, K] and [C, C] tiles in shared
+    memory for one SM (327,680 bytes asked at K = 128 against the H100's 232,448), whatever
+    the value block.
+    """
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas import triton as pltriton
+
+    if target == "cuda" and q.shape[-1] > GPU_BACKWARD_MAX_KEY_DIM:
+        from pallas_kernels.delta_rule import xla as _xla
+        return _xla.delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal,
+                                        scale=scale, chunk_size=chunk_size, gated=gated,
+                                        segmented=segmented)
 
     lay = _layout(q, k, v, beta, g, reset, chunk_size=chunk_size, target=target,
                   block_sizes=block_sizes)
@@ -532,7 +587,9 @@ def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scal
             compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
             interpret=interpret, name="memzoo_delta_rule_bwd")
         sf_in = sf.reshape(bh, n_chunks * kd, vd)
-    dq, dk, dv, dbc, dgc, dbr, dgr, dh0 = call(*lay.seq, *lay.cols, *lay.rows, sf_in, dof, dfin)
+    with _matmuls(target, interpret):
+        dq, dk, dv, dbc, dgc, dbr, dgr, dh0 = call(*lay.seq, *lay.cols, *lay.rows, sf_in, dof,
+                                                   dfin)
 
     # Sum over value blocks; beta and G got cotangents as columns and as rows.
     dq, dk, dbc, dgc = (jnp.sum(x, axis=0) for x in (dq, dk, dbc, dgc))

@@ -60,27 +60,43 @@ def _round_up(x: int, m: int) -> int:
 # TPU
 
 
-def _tpu_kernel(idx_ref, w_ref, v_hbm, o_ref, rows, sem, *, block_b: int, k: int):
+def _tpu_kernel(idx_ref, w_ref, v_hbm, o_ref, rows, acc_ref, sem, *, block_b: int, k: int,
+                pack: int):
     base = pl.program_id(0) * (block_b * k)
     count = block_b * k
 
+    # A 16-bit table packs `pack` = 2 rows into each 32-bit sublane, and Mosaic slices HBM and
+    # VMEM only at whole packed rows: each DMA fetches the aligned group of `pack` rows holding
+    # the wanted one (rows is [count, pack, dim], indexed on its untiled leading axis), and the
+    # sum below keeps the wanted row of the group. pack = 1 for 32-bit tables.
     def copy(r):
+        # lax.div/rem, not // and %: indices are in range (>= 0), and jnp's floor rounding
+        # lowers through `sign`, which Mosaic lowers only when it knows the TPU generation.
+        start = pl.multiple_of(jax.lax.div(idx_ref[base + r], pack) * pack, pack)
         return pltpu_module().make_async_copy(
-            v_hbm.at[pl.ds(idx_ref[base + r], 1)], rows.at[pl.ds(r, 1)], sem.at[0])
+            v_hbm.at[pl.ds(start, pack)], rows.at[r], sem.at[0])
 
     # Every row of the block in flight at once; then wait for each (same sizes, one semaphore).
     jax.lax.fori_loop(0, count, lambda r, c: (copy(r).start(), c)[1], 0)
     jax.lax.fori_loop(0, count, lambda r, c: (copy(r).wait(), c)[1], 0)
 
+    member = jax.lax.broadcasted_iota(jnp.int32, (pack, rows.shape[2]), 0)
+
     def bag(b, carry):
         def slot(j, acc):
             r = b * k + j
-            return acc + w_ref[base + r] * rows[pl.ds(r, 1), :].astype(F32)
-        acc = jax.lax.fori_loop(0, k, slot, jnp.zeros((1, rows.shape[1]), F32))
-        o_ref[pl.ds(b, 1), :] = acc.astype(o_ref.dtype)
+            group = rows[r].astype(F32)
+            if pack > 1:
+                group = jnp.where(member == jax.lax.rem(idx_ref[base + r], pack), group, 0.0)
+            return acc + w_ref[base + r] * jnp.sum(group, axis=0, keepdims=True)
+        acc_ref[pl.ds(b, 1), :] = jax.lax.fori_loop(0, k, slot,
+                                                     jnp.zeros((1, rows.shape[2]), F32))
         return carry
 
+    # Bags are summed into a float32 tile (dynamic rows of a 32-bit array are fine), then the
+    # block is stored whole: a dynamic row of a 16-bit output would be half a packed sublane.
     jax.lax.fori_loop(0, block_b, bag, 0)
+    o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
 def pltpu_module():
@@ -93,12 +109,18 @@ def _tpu_call(values, idx, w, out_dtype, bs: BlockSizes, interpret):
     n, k = idx.shape
     dim = values.shape[1]
     block_b = bs.block_b
-    kernel = functools.partial(_tpu_kernel, block_b=block_b, k=k)
+    pack = max(1, 4 // values.dtype.itemsize)
+    if values.shape[0] % pack:
+        # The last row's aligned group would run past the table: one padding row (a copy of
+        # the table, only for odd row counts of a 16-bit table).
+        values = jnp.pad(values, ((0, pack - values.shape[0] % pack), (0, 0)))
+    kernel = functools.partial(_tpu_kernel, block_b=block_b, k=k, pack=pack)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(n // block_b,),
         in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=pl.BlockSpec((block_b, dim), lambda i, idx_ref, w_ref: (i, 0)),
-        scratch_shapes=[pltpu.VMEM((block_b * k, dim), values.dtype),
+        scratch_shapes=[pltpu.VMEM((block_b * k, pack, dim), values.dtype),
+                        pltpu.VMEM((block_b, dim), F32),
                         pltpu.SemaphoreType.DMA((1,))])
     call = pl.pallas_call(
         kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((n, dim), out_dtype),

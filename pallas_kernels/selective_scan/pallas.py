@@ -53,6 +53,19 @@ class BlockSizes:
         raise ValueError(f"selective_scan: unknown Pallas target {target!r}")
 
 
+# The TPU kernel's [N, block_c] tiles (state, A, the unrolled steps' temporaries, and the
+# checkpoints of a time block) grow with the state size N: at N = 256 and 512 channels they
+# overflow the 16 MiB of scoped VMEM (v5e: "CompileTimeScopedVmemOom"). Channel blocks are cut
+# to keep N x block_c at the default's 16 x 512 floats, never below one 128-lane tile (so from
+# N = 64 on, blocks of 128 channels).
+_TPU_STATE_TILE = 16 * 512
+
+
+def tpu_channel_cap(state: int) -> int:
+    """The largest TPU channel block for state size N (a multiple of 128)."""
+    return max(128, _TPU_STATE_TILE // _round_up(state, 8) // 128 * 128)
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -159,7 +172,10 @@ def selective_scan_forward(dt, u, b, c, a, h0, keep, *, target: str, interpret=N
     seg = _xla.segment_length(state)
     n_seg = -(-length // seg)
     bs = block_sizes or BlockSizes.get_default(target)
-    bc = _channel_block(target, channels, groups, bs.block_c)
+    block_c = bs.block_c
+    if target == "tpu":
+        block_c = min(block_c, tpu_channel_cap(state))
+    bc = _channel_block(target, channels, groups, block_c)
     if bc is None:
         raise ValueError(f"selective_scan: no {target} channel block divides {channels // groups} "
                          "channels per group")

@@ -285,6 +285,18 @@ def test_lowers_for_accelerators(platform):
     kt.assert_lowers_to(fwd_bwd, *arrays, platform=platform, count=2)
 
 
+def test_gpu_backward_above_its_key_dim_runs_on_xla_from_the_kernels_states():
+    """Key dims above GPU_BACKWARD_MAX_KEY_DIM: the Triton forward, then the XLA backward from
+    the forward kernel's chunk states (the backward kernel would not fit in shared memory)."""
+    inputs = make_inputs(jax.random.PRNGKey(3), (1, 40, 1, drp.GPU_BACKWARD_MAX_KEY_DIM + 8, 4))
+    check_against_reference("pallas", inputs, chunk_size=16, seed=7,
+                            ctx=kt.IMPLEMENTATION_RUNNERS["pallas_gpu_interpret"][0]())
+    names, arrays = _split(inputs)
+    seg = inputs["segment_ids"]
+    grad = jax.grad(lambda *xs: jnp.sum(delta_rule(**dict(zip(names, xs)), segment_ids=seg)[0]))
+    kt.assert_lowers_to(grad, *arrays, platform="cuda", count=1)
+
+
 def test_auto_on_cpu_uses_no_custom_call():
     inputs = make_inputs(jax.random.PRNGKey(0), (1, 16, 1, 8, 8))
     names, arrays = _split(inputs)

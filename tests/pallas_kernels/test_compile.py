@@ -1,0 +1,86 @@
+"""Every op's Pallas kernels, forward and backward, compiled by the real compilers for a TPU (v5e,
+Mosaic) and a GPU (H100, Triton), on this CPU: what lowering alone cannot show (VMEM and shared
+memory limits, Mosaic's layout rules, Triton's tile rules) fails here.
+
+Needs the compilers' plugins (`pip install 'jax[tpu]' jax-cuda12-plugin`, versions matching
+jax); skipped without them. The shapes are modest (compile time does not grow with the length)
+at each op's largest head / state dim, in bfloat16 and float32. benchmarks/compile.py runs the
+whole matrix.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("jax.experimental.topologies")
+
+from benchmarks import compile as matrix  # noqa: E402
+from pallas_kernels import _aot  # noqa: E402
+
+pytestmark = [pytest.mark.kernel, pytest.mark.compile]
+
+TARGETS = ("v5e", "h100")
+LENGTH = 512
+# The largest dim at which each op still runs its own kernel on the target (larger ones run the
+# XLA path there by the op's own rule; benchmarks/RESULTS.md, compile matrix).
+LARGEST_DIM = {"chunked_linear_attention": 256, "delta_rule": 256, "selective_scan": 256,
+               "memory_lookup": 1024, "linear_scan": None, "causal_conv1d": None}
+LARGEST_GPU_DIM = {**LARGEST_DIM, "delta_rule": 128, "chunked_linear_attention": 128}
+CASES = [(op, variant) for op in matrix.OPS for variant in matrix.VARIANTS[op]]
+# Short ids: the newest-JAX CI stage deselects tests named "bfloat16".
+DTYPES = {"bf16": "bfloat16", "f32": "float32"}
+KIND = {"tpu": "mosaic", "cuda": "triton"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cpu_only():
+    if os.environ.get("JAX_PLATFORMS", "cpu") not in ("", "cpu"):
+        pytest.skip("compile-only devices are tested on a CPU host (JAX_PLATFORMS=cpu)")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("op,variant", CASES, ids=[f"{o}-{v}" if v else o for o, v in CASES])
+def test_compiles_forward_and_backward(op, variant, dtype, target):
+    if not _aot.available(target):
+        pytest.skip(f"no compiler plugin for {target}")
+    dim = (LARGEST_DIM if _aot.platform(target) == "tpu" else LARGEST_GPU_DIM)[op]
+    case = matrix.Case(op, variant, dim, DTYPES[dtype], "fwd+bwd", LENGTH, target)
+    fn, args = matrix._program(case)
+    compiled, _ = _aot.compile(fn, *(_aot.abstract(s, d, target) for s, d in args))
+    rep = _aot.report(compiled)
+    kinds = {k["kind"] for k in rep["kernels"]}
+    # The op's own kernel, not an XLA fallback: at least the forward kernel is in the program.
+    assert kinds == {KIND[_aot.platform(target)]}, f"kernels: {rep['kernels']}"
+    assert rep["memory"]["arguments"] > 0
+    if _aot.platform(target) == "tpu":
+        assert all(k["vmem_bytes"] > 0 for k in rep["kernels"]), rep["kernels"]
+
+
+def test_specs_and_errors():
+    assert _aot.platform("v5e:4x4") == "tpu" and _aot.platform("h100x8") == "cuda"
+    for bad in ("v9", "h100:2x2", "v5e:2x", "a100x0", ""):
+        with pytest.raises(ValueError, match="spec"):
+            _aot.devices(bad)
+
+
+@pytest.mark.parametrize("spec,count", [("v5e:2x2", 4), ("h100x8", 8)])
+def test_multi_device_collectives(spec, count):
+    """A sharded program on a slice / a host of GPUs: its collectives are found in the report."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    if not _aot.available(spec):
+        pytest.skip(f"no compiler plugin for {spec}")
+    devs = _aot.devices(spec)
+    assert len(devs) == count
+    mesh = Mesh(np.array(devs), ("d",))
+    x = jax.ShapeDtypeStruct((256, 512), jnp.float32, sharding=NamedSharding(mesh, P("d", None)))
+    compiled, _ = _aot.compile(lambda a: jnp.sum(a @ a.T, axis=0), x, mesh=mesh)
+    rep = _aot.report(compiled)
+    assert rep["collective_counts"], rep
+    assert set(rep["collective_counts"]) <= set(_aot.COLLECTIVES)
+    # Each device holds its shard of the argument: 256 * 512 * 4 bytes / count.
+    assert rep["memory"]["arguments"] == 256 * 512 * 4 // count
