@@ -101,6 +101,14 @@ def initialize_distributed(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a.split("=", 1)[0] == "--compile_for" for a in argv):
+        # Before anything starts JAX's backends (building the --help text does): compile-only
+        # devices need no local accelerator, and the CUDA plugin started as a backend would try
+        # to open a GPU (and fail without cuDNN).
+        import jax
+        if not os.environ.get("JAX_PLATFORMS"):
+            jax.config.update("jax_platforms", "cpu")   # read from the environment at import
     args = parse_args(argv)
     try:
         config = configs.resolve(args.config, args.preset, args.set)

@@ -1,7 +1,7 @@
 """python -m train --compile_for TARGET: the run's sharded train step compiled for a pod, without one.
 
     python -m train --preset lm350m_attention --compile_for v5e:4x4
-    python -m train --preset lm1b3_mamba2 --compile_for h100x8
+    python -m train --preset lm1300m_mamba2 --compile_for h100x8
 
 The step is the one `python -m train` runs (train/trainer.py `Trainer.jitted_steps`), with the
 same mesh axes (config mesh: data, fsdp, tensor, sequence; their product must be the target's
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import sys
 import time
 from typing import Any
@@ -37,11 +39,9 @@ class DoesNotFit(ValueError):
     """The compiled step needs more memory per device than the target has."""
 
 
-# ------------------------------------------------------------------------------------------------
-# Compile-only devices. TODO(aot): replace with pallas_kernels/_aot.py (branch `compile`) when
-# it lands; this minimal version covers TPU topologies only.
-_HBM = {"v5e": 16 * GIB, "v5litepod": 16 * GIB, "v4": 32 * GIB, "v5p": 95 * GIB,
-        "v6e": 32 * GIB}
+# HBM per chip of the TPU generations pallas_kernels._aot compiles for (Google Cloud's TPU pages);
+# GPUs carry theirs in _aot.GPUS (device_memory_size).
+TPU_HBM = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,49 +53,42 @@ class Target:
 
 
 def target_devices(spec: str) -> Target:
-    if not isinstance(spec, str) or ":" not in spec:
-        raise ValueError(f"--compile_for: expected a target like 'v5e:4x4', got {spec!r}")
-    generation = spec.split(":", 1)[0]
-    if generation not in _HBM:
-        raise ValueError(f"--compile_for {spec!r}: unknown TPU generation {generation!r}; "
-                         f"known: {', '.join(_HBM)}")
-    import os
-    # libtpu takes a host-wide lock for the chips it drives; compile-only devices drive none, and
-    # several compiles (tests, other users) may share a host.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
-    topology = topologies.get_topology_desc(platform="tpu", topology_name=spec)
-    devices = tuple(topology.devices)
-    return Target(spec, devices, devices[0].device_kind, _HBM[generation])
+    """Compile-only devices for `spec` ("v5e:4x4", "h100x8", ...: pallas_kernels._aot) and the
+    HBM of one."""
+    from pallas_kernels import _aot
+    name, _ = _aot._parse(spec)
+    if not _aot.available(spec):
+        raise ValueError(f"--compile_for {spec!r}: this host cannot compile for {name} (TPU: "
+                         "`pip install 'jax[tpu]'` for libtpu; GPU: `pip install "
+                         "jax-cuda12-plugin`, and JAX_PLATFORMS=cpu so that JAX does not start "
+                         "the plugin as a backend, which needs a GPU)")
+    devices = tuple(_aot.devices(spec))
+    hbm = TPU_HBM[name] if name in TPU_HBM else _aot.GPUS[name].device_memory_size
+    return Target(spec, devices, devices[0].device_kind, hbm)
 
 
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
                 "f8e4m3fn": 1, "f8e5m2": 1}
 
 
-def _shape_bytes(text: str) -> int:
-    import re
+def _shape_bytes(shape: str) -> int:
+    """Bytes of the arrays in an HLO result shape ("bf16[16,4096]{1,0}" or a tuple of them)."""
     total = 0
-    for dtype, dims in re.findall(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]", text):
+    for dtype, dims in re.findall(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]", shape):
         if dtype in _DTYPE_BYTES:
             total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
     return total
 
 
-def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
-    """kind -> (count, bytes of results) of the collectives in a compiled module's text."""
-    import re
+def collectives(aot_report: dict) -> dict[str, tuple[int, int]]:
+    """kind -> (count, bytes of their results) from pallas_kernels._aot.report's collectives.
+    An asynchronous one is counted once, by its -start, whose result holds operand and result."""
     found: dict[str, list[int]] = {}
-    pattern = re.compile(r"=\s*(.*?)\s(" + "|".join(_COLLECTIVES) + r")(-done)?\(")
-    for line in hlo_text.splitlines():
-        m = pattern.search(line)
-        if not m or "-start(" in line:
-            continue
-        entry = found.setdefault(m.group(2), [0, 0])
+    for c in aot_report["collectives"]:
+        entry = found.setdefault(c["op"], [0, 0])
         entry[0] += 1
-        entry[1] += _shape_bytes(m.group(1))
+        entry[1] += _shape_bytes(c["shape"])
     return {k: (v[0], v[1]) for k, v in sorted(found.items())}
 # ------------------------------------------------------------------------------------------------
 
@@ -132,6 +125,7 @@ class CompileReport:
     hbm_bytes: int
     flops: float | None
     collectives: dict[str, tuple[int, int]]
+    kernels: int                     # Pallas kernel calls (Mosaic / Triton) in the module
     lower_seconds: float
     compile_seconds: float
     scanned: bool = False            # layers in a loop: XLA's cost analysis counts its body once
@@ -175,6 +169,7 @@ class CompileReport:
         lines.append(f"  FLOPs per step per device: {flops} (XLA cost analysis"
                      f"{'; a scanned layer loop counted once' if self.scanned else ''}), "
                      f"{_flops(self.model_flops)} (6 x parameters x tokens)")
+        lines.append(f"  Pallas kernel calls in the module: {self.kernels}")
         if self.collectives:
             lines.append("  collectives in the compiled module (kind: count, result bytes):")
             for kind, (count, size) in self.collectives.items():
@@ -248,22 +243,23 @@ def compile_for(config: TrainConfig, target: str) -> CompileReport:
                           f"split over mesh.data x mesh.fsdp = {sizes['data'] * sizes['fsdp']}")
     trainer = Trainer(config, mesh, vocab_size=vocab_size, num_classes=num_classes)
     train_step, _ = trainer.jitted_steps(batch)
+    from pallas_kernels import _aot
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
+    with _aot.lowering(tgt.devices, mesh):
         lowered = train_step.lower(trainer.abstract_state, batch)
         t1 = time.perf_counter()
         compiled = lowered.compile()
     t2 = time.perf_counter()
-    from train.trainer import flops_of
-    memory = compiled.memory_analysis()
+    rep = _aot.report(compiled)
+    memory = rep["memory"]
     return CompileReport(
         target=target, device_kind=tgt.device_kind, num_devices=len(tgt.devices),
         mesh=dict(mesh.shape), num_params=trainer.num_params, global_batch=config.data.batch_size,
-        seq_len=config.data.seq_len, argument_bytes=memory.argument_size_in_bytes,
-        output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
-        temp_bytes=memory.temp_size_in_bytes,
-        code_bytes=memory.generated_code_size_in_bytes, hbm_bytes=tgt.hbm_bytes,
-        flops=flops_of(compiled), collectives=collectives(compiled.as_text()),
+        seq_len=config.data.seq_len, argument_bytes=memory["arguments"],
+        output_bytes=memory["outputs"], alias_bytes=memory["aliased"],
+        temp_bytes=memory["temporaries"], code_bytes=memory["generated_code"],
+        hbm_bytes=tgt.hbm_bytes, flops=rep.get("flops") or None,
+        collectives=collectives(rep), kernels=len(rep["kernels"]),
         lower_seconds=t1 - t0, compile_seconds=t2 - t1,
         scanned=config.model.scan_layers and config.model.num_layers >= len(
             config.model.mixer.split(",")))
