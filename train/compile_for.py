@@ -12,9 +12,12 @@ The train state and the batch are abstract (`jax.eval_shape`; the batch layout f
 kernels into the step.
 
 The report: per-device memory (arguments, outputs, temporaries, donated-and-aliased, code; total
-against the device's HBM), XLA's FLOPs per step per device, the collectives in the compiled module,
-and the seconds spent lowering and compiling. A step that does not fit raises `DoesNotFit`, whose
-message names the largest part ("temporaries ..."); `python -m train` then exits with status 1.
+against the device's HBM), XLA's FLOPs per step per device (with layers scanned, XLA counts the
+loop body once; 6 x parameters x tokens beside it), the collectives in the compiled module (kind,
+count, bytes; a scanned body's appear once) and the seconds spent lowering and compiling. A step
+that does not fit raises `DoesNotFit` naming the overflow ("temporaries 32.5 GiB ..."): the TPU
+compiler itself refuses temporaries beyond HBM (CompileTimeHbmOom, turned into the same message);
+other targets compile and the memory analysis is checked. `python -m train` then exits 1.
 """
 from __future__ import annotations
 
@@ -187,9 +190,24 @@ class CompileReport:
         parts = sorted(((n, s) for n, s in self.parts() if s > 0), key=lambda p: -p[1])
         listed = ", ".join(f"{n} {s / GIB:.1f} GiB" for n, s in parts)
         return (f"train step needs {self.total_bytes / GIB:.1f} GiB per device of {self.target} "
-                f"({self.device_kind}, {self.hbm_bytes / GIB:g} GiB HBM): {listed}; reduce "
-                f"data.batch_size / data.seq_len, enable model.remat, or shard more "
-                f"(mesh.fsdp, mesh.tensor)")
+                f"({self.device_kind}, {self.hbm_bytes / GIB:g} GiB HBM): {listed}; {_ADVICE}")
+
+
+_ADVICE = ("reduce data.batch_size / data.seq_len, enable model.remat, or shard more "
+           "(mesh.fsdp, mesh.tensor)")
+
+
+def _refusal_message(error: str, tgt: Target) -> str:
+    """The TPU compiler refuses a program whose temporaries overflow HBM (CompileTimeHbmOom)
+    before any memory analysis exists: its figures, in the report's words."""
+    head = f"{tgt.name} ({tgt.device_kind}, {tgt.hbm_bytes / GIB:g} GiB HBM)"
+    m = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", error)
+    if m:
+        return (f"train step needs {float(m.group(1)):.1f} GiB per device of {head}: temporaries "
+                f"{float(m.group(1)):.1f} GiB alone exceed the {float(m.group(2)):.2f} GiB the "
+                f"compiler can use (XLA refused it: CompileTimeHbmOom); {_ADVICE}")
+    first = next((line for line in error.splitlines() if "RESOURCE_EXHAUSTED" in line), error)
+    return f"train step does not fit on {head}: {first.strip()[:300]}; {_ADVICE}"
 
 
 def resolve_mesh_sizes(config: TrainConfig, num_devices: int, target: str) -> dict[str, int]:
@@ -248,7 +266,12 @@ def compile_for(config: TrainConfig, target: str) -> CompileReport:
     with _aot.lowering(tgt.devices, mesh):
         lowered = train_step.lower(trainer.abstract_state, batch)
         t1 = time.perf_counter()
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as err:
+            if "RESOURCE_EXHAUSTED" not in str(err):
+                raise
+            raise DoesNotFit(_refusal_message(str(err), tgt)) from None
     t2 = time.perf_counter()
     rep = _aot.report(compiled)
     memory = rep["memory"]
@@ -268,9 +291,9 @@ def compile_for(config: TrainConfig, target: str) -> CompileReport:
 def main(config: TrainConfig, target: str, out=None) -> int:
     """The command: print the report; 1 (and the overflow named) when the step does not fit."""
     out = out or sys.stdout
-    report = compile_for(config, target)
-    print(report.format(), file=out, flush=True)
     try:
+        report = compile_for(config, target)
+        print(report.format(), file=out, flush=True)
         report.check_fits()
     except DoesNotFit as err:
         print(f"python -m train: error: {err}", file=sys.stderr)
