@@ -67,8 +67,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="print the resolved config and exit")
     parser.add_argument("--compile_for", metavar="TARGET",
                         help="compile the sharded train step for a pod topology without the "
-                             "hardware (e.g. v5e:4x4, v5e:2x2, h100x8) and print per-device memory, "
-                             "FLOPs per step and collectives; exit 1 when it does not fit "
+                             "hardware (e.g. v5e:4x4, v5e:2x2, h100x8) and print per-device "
+                             "memory, FLOPs per step and collectives; exit 1 when it does not fit "
                              "(train/compile_for.py; reads no data)")
     parser.add_argument("--coordinator_address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
     parser.add_argument("--num_processes", type=int,

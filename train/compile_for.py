@@ -1,4 +1,4 @@
-"""python -m train --compile_for TARGET: the run's sharded train step compiled for a pod, without one.
+"""python -m train --compile_for TARGET: a run's sharded train step compiled for a pod, without one.
 
     python -m train --preset lm350m_attention --compile_for v5e:4x4
     python -m train --preset lm1300m_mamba2 --compile_for h100x8
@@ -165,8 +165,9 @@ class CompileReport:
                  "  memory per device:"]
         for name, size in self.parts():
             lines.append(f"    {name:<18} {_size(size):>12}")
+        share = 100 * self.total_bytes / self.hbm_bytes
         lines.append(f"    {'total':<18} {_size(self.total_bytes):>12} of "
-                     f"{self.hbm_bytes / GIB:g} GiB HBM ({100 * self.total_bytes / self.hbm_bytes:.0f}%)"
+                     f"{self.hbm_bytes / GIB:.3g} GiB HBM ({share:.0f}%)"
                      f"{'' if self.fits else '  DOES NOT FIT'}")
         flops = "n/a" if self.flops is None else _flops(self.flops)
         lines.append(f"  FLOPs per step per device: {flops} (XLA cost analysis"
@@ -190,7 +191,7 @@ class CompileReport:
         parts = sorted(((n, s) for n, s in self.parts() if s > 0), key=lambda p: -p[1])
         listed = ", ".join(f"{n} {s / GIB:.1f} GiB" for n, s in parts)
         return (f"train step needs {self.total_bytes / GIB:.1f} GiB per device of {self.target} "
-                f"({self.device_kind}, {self.hbm_bytes / GIB:g} GiB HBM): {listed}; {_ADVICE}")
+                f"({self.device_kind}, {self.hbm_bytes / GIB:.3g} GiB HBM): {listed}; {_ADVICE}")
 
 
 _ADVICE = ("reduce data.batch_size / data.seq_len, enable model.remat, or shard more "
@@ -200,7 +201,7 @@ _ADVICE = ("reduce data.batch_size / data.seq_len, enable model.remat, or shard 
 def _refusal_message(error: str, tgt: Target) -> str:
     """The TPU compiler refuses a program whose temporaries overflow HBM (CompileTimeHbmOom)
     before any memory analysis exists: its figures, in the report's words."""
-    head = f"{tgt.name} ({tgt.device_kind}, {tgt.hbm_bytes / GIB:g} GiB HBM)"
+    head = f"{tgt.name} ({tgt.device_kind}, {tgt.hbm_bytes / GIB:.3g} GiB HBM)"
     m = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", error)
     if m:
         return (f"train step needs {float(m.group(1)):.1f} GiB per device of {head}: temporaries "

@@ -25,8 +25,8 @@ from train.data import builders, byte_lm, standard, tasks
 from train.data.pipeline import Loader, make_loader
 from train.data.tasks import TASKS
 
-__all__ = ["build", "example_layout", "DataInfo", "GeneratedSource", "KNOWN_TASKS", "Loader", "make_loader",
-           "TASKS"]
+__all__ = ["build", "example_layout", "DataInfo", "GeneratedSource", "KNOWN_TASKS", "Loader",
+           "make_loader", "TASKS"]
 
 KNOWN_TASKS = (*TASKS, "bytes", *standard.ALIASES, "tfds:<name>")
 DEFAULT_SIZES = {"train": 100_000, "validation": 2_000, "test": 2_000}
