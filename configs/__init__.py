@@ -5,7 +5,7 @@ import importlib.util
 import os
 from typing import Callable, Sequence
 
-from configs import (delayed_recall, factual_recall, induction_heads, mqar, mqar_long,
+from configs import (delayed_recall, factual_recall, induction_heads, lm, mqar, mqar_long,
                      niah, selective_copying)
 from configs.base import (CheckpointConfig, ConfigError, DataConfig, LoggingConfig, MeshConfig,
                           ModelConfig, OptimConfig, TrainConfig, from_dict, schema, short_keys)
@@ -61,6 +61,10 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     # The same 2-layer memory in MAL and MAC: clipped alike (not yet trained to the end here).
     "niah_titans_mal": lambda: niah.get_config("titans_mal", chunk_size=16, max_grad_norm=1.0),
     "niah_titans_mac": lambda: niah.get_config("titans_mac", max_grad_norm=1.0),
+    # byte LMs at 350M and 1.3B parameters, 4k context (configs/lm.py): for pods, and for
+    # python -m train --compile_for v5e:4x4 | h100x8 here (train/compile_for.py)
+    **{f"lm{size}_{mixer}": (lambda mixer=mixer, size=size: lm.get_config(mixer, size))
+       for size in lm.SIZES for mixer in lm.MIXERS},
     # seconds, for tests and smoke checks
     "smoke": _variant(delayed_recall.get_config, "smoke", **{
         "model.d_model": 16, "model.num_layers": 1, "model.mixer_options": {"state_size": 8},

@@ -13,6 +13,8 @@ parameter's name, so a parameter keeps its role whatever attribute it is stored 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable, Sequence
 
 import jax
@@ -97,6 +99,29 @@ def param_group_of(variable) -> str:
 def weight_decay_of(variable) -> bool:
     """Whether the parameter's own tag allows weight decay (True when untagged)."""
     return bool(_metadata(variable).get(DECAY_KEY, True))
+
+
+_ACTIVATION_CONSTRAINT: contextvars.ContextVar = contextvars.ContextVar(
+    "memzoo_activation_constraint", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(constrain: Callable[[jax.Array, LogicalAxes], jax.Array]):
+    """Inside, `constrain_activation(x, names)` is `constrain(x, names)`: how a training loop pins
+    the residual stream's layout (its logical names resolved by its own rule table). Without
+    it, GSPMD propagation may meet a batch-sharded activation and an fsdp-sharded weight and
+    gather the batch instead of the weight. Read at trace time."""
+    token = _ACTIVATION_CONSTRAINT.set(constrain)
+    try:
+        yield
+    finally:
+        _ACTIVATION_CONSTRAINT.reset(token)
+
+
+def constrain_activation(x: jax.Array, names: LogicalAxes) -> jax.Array:
+    """`x` under the innermost `activation_sharding` constraint; `x` itself outside one."""
+    constrain = _ACTIVATION_CONSTRAINT.get()
+    return x if constrain is None else constrain(x, names)
 
 
 class Buffer(nnx.Variable):

@@ -63,6 +63,10 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
 }
 POOLINGS = ("mean", "last")
+# The residual stream's logical axes, pinned at block boundaries when a training loop asks
+# (layers.activation_sharding): rows over the batch axes, time over the sequence axis, the width
+# whole (a weight's "embed" axis is split over fsdp; an activation's must not be).
+RESIDUAL_AXES = ("batch", "length", None)
 # The logical name of the repeat axis that scan_layers adds to every stacked parameter, so
 # its sharding metadata keeps one name per dimension (a rule table maps it, usually to None).
 LAYER_AXIS = {nnx.PARTITION_NAME: "layers"}
@@ -175,11 +179,14 @@ class Block(nnx.Module):
         return x
 
     def __call__(self, x, *, segment_ids=None, cache=None):
+        x = layers.constrain_activation(x, RESIDUAL_AXES)
         h = self.mixer_norm(x)
         kw = {"segment_ids": segment_ids} if segment_ids is not None and self.takes_segment_ids \
             else {}
         if cache is None:
-            return self._mlp(x + self.mixer(h, **kw).astype(self.dtype))
+            x = layers.constrain_activation(x + self.mixer(h, **kw).astype(self.dtype),
+                                            RESIDUAL_AXES)
+            return self._mlp(x)
         y, cache = self.mixer(h, cache=cache)
         return self._mlp(x + y.astype(self.dtype)), cache
 

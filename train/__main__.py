@@ -5,6 +5,8 @@ TensorBoard logs and metrics.jsonl under the run directory (runs/<name> unless r
 Rerunning the same command resumes from the newest checkpoint. Multi-host: pass
 --coordinator_address/--num_processes/--process_id (or JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed to let JAX detect the cluster.
+--compile_for TARGET compiles the run's train step for a pod (v5e:4x4, h100x8...) without one
+and reports memory, FLOPs and collectives instead of training (train/compile_for.py).
 """
 from __future__ import annotations
 
@@ -63,6 +65,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="override a config key, e.g. optim.steps=200 (repeatable)")
     parser.add_argument("--print_config", action="store_true",
                         help="print the resolved config and exit")
+    parser.add_argument("--compile_for", metavar="TARGET",
+                        help="compile the sharded train step for a pod topology without the "
+                             "hardware (e.g. v5e:4x4, v5e:2x2, h100x8) and print per-device "
+                             "memory, FLOPs per step and collectives; exit 1 when it does not fit "
+                             "(train/compile_for.py; reads no data)")
     parser.add_argument("--coordinator_address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
     parser.add_argument("--num_processes", type=int,
                         default=_env_int("JAX_NUM_PROCESSES"))
@@ -94,6 +101,14 @@ def initialize_distributed(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a.split("=", 1)[0] == "--compile_for" for a in argv):
+        # Before anything starts JAX's backends (building the --help text does): compile-only
+        # devices need no local accelerator, and the CUDA plugin started as a backend would try
+        # to open a GPU (and fail without cuDNN).
+        import jax
+        if not os.environ.get("JAX_PLATFORMS"):
+            jax.config.update("jax_platforms", "cpu")   # read from the environment at import
     args = parse_args(argv)
     try:
         config = configs.resolve(args.config, args.preset, args.set)
@@ -104,6 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         import json
         print(json.dumps(config.to_dict(), indent=2))
         return 0
+    if args.compile_for:
+        from train import compile_for
+        try:
+            return compile_for.main(config, args.compile_for)
+        except (ConfigError, ValueError) as err:
+            print(f"python -m train: error: {err}", file=sys.stderr)
+            return 2
     initialize_distributed(args)
     from train.checkpoint import CheckpointError
     from train.loop import run

@@ -184,9 +184,13 @@ class Trainer:
             return pallas_kernels.sequence_parallel("sequence", mesh=self.mesh)
         return contextlib.nullcontext()
 
+    def _constrain(self, x, names):
+        spec = mesh_lib.logical_to_spec(names, x.shape, self.mesh)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
     def _loss_sums(self, model, batch):
         """Sums (not means) over the mask, so micro-batches add up to exactly the full batch."""
-        with self._sequence_parallel():
+        with self._sequence_parallel(), layers.activation_sharding(self._constrain):
             return self._loss_sums_inner(model, batch)
 
     def _loss_sums_inner(self, model, batch):

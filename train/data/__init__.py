@@ -19,12 +19,14 @@ import dataclasses
 import os
 from typing import Any
 
+import numpy as np
+
 from train.data import builders, byte_lm, standard, tasks
 from train.data.pipeline import Loader, make_loader
 from train.data.tasks import TASKS
 
-__all__ = ["build", "DataInfo", "GeneratedSource", "KNOWN_TASKS", "Loader", "make_loader",
-           "TASKS"]
+__all__ = ["build", "example_layout", "DataInfo", "GeneratedSource", "KNOWN_TASKS", "Loader",
+           "make_loader", "TASKS"]
 
 KNOWN_TASKS = (*TASKS, "bytes", *standard.ALIASES, "tfds:<name>")
 DEFAULT_SIZES = {"train": 100_000, "validation": 2_000, "test": 2_000}
@@ -156,6 +158,33 @@ def build(task: str, *, split: str = "train", batch_size: int, seq_len: int | No
                     has_segment_ids=has_segment_ids, num_examples=len(source),
                     num_batches=loader.num_batches, chance_accuracy=chance, options=options)
     return loader, info
+
+
+def example_layout(task: str, *, seq_len: int | None, data_seed: int = 0,
+                   **task_options) -> tuple[dict[str, np.ndarray], int, int | None]:
+    """(one example's arrays, vocab_size, num_classes) for `task`, reading nothing from disk.
+
+    What an ahead-of-time compile needs to know of the batches (train/compile_for.py): the keys,
+    per-example shapes and dtypes come from the very code that makes real examples (the task's
+    generator in memory; byte_lm.make_row for the byte-LM layout), so they cannot drift apart.
+    """
+    if task in TASKS:
+        if seq_len is None:
+            raise ValueError(f"task {task!r} needs a seq_len")
+        options = TASKS[task].options(task_options)
+        example = tasks.example(task, data_seed, "train", 0, seq_len=seq_len, **options)
+        return dict(example), TASKS[task].vocab_size(options), TASKS[task].num_classes
+    if task == "bytes" or standard.ALIASES.get(task, ("", False))[0] == "lm1b":
+        if seq_len is None:
+            raise ValueError(f"task {task!r} needs a seq_len")
+        row = byte_lm.make_row(np.zeros(seq_len + 1, np.int32), np.zeros(seq_len + 1, np.int64),
+                               seq_len)
+        return row, byte_lm.VOCAB_SIZE, None
+    if task in KNOWN_TASKS or task.startswith("tfds:"):
+        raise ValueError(f"task {task!r}: its example layout comes from the prepared dataset's "
+                         "features; only the synthetic tasks, 'bytes' and 'lm1b' are known "
+                         "without reading data")
+    raise _unknown(task)
 
 
 def _split_source(builder, split: str, task: str):
