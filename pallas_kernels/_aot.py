@@ -121,10 +121,10 @@ TARGETS: tuple[str, ...] = (*TPUS, *GPUS)
 
 def platform(target: str) -> str:
     """'tpu' or 'cuda' for a target name or spec ("v5e:2x2" -> 'tpu', "h100x8" -> 'cuda')."""
-    return "tpu" if _parse(target)[0] in TPUS else "cuda"
+    return "tpu" if parse_spec(target)[0] in TPUS else "cuda"
 
 
-def _parse(spec: str) -> tuple[str, str]:
+def parse_spec(spec: str) -> tuple[str, str]:
     """spec -> (target name, topology string for get_topology_desc)."""
     if not isinstance(spec, str):
         raise ValueError(f"spec must be a string like 'v5e:2x2' or 'h100x8', got {spec!r}")
@@ -185,13 +185,13 @@ def _register_cuda_plugin() -> bool:
 
 def devices(spec: str) -> list:
     """The compile-only devices of `spec` (cached): one per TPU chip / per GPU."""
-    return list(_topology(*_parse(spec)).devices)
+    return list(_topology(*parse_spec(spec)).devices)
 
 
 @functools.lru_cache(maxsize=None)
 def _available(name: str) -> bool:
     try:
-        _topology(*_parse(name))
+        _topology(*parse_spec(name))
     except Exception:  # no plugin, or a plugin that cannot describe this part
         return False
     return True
@@ -199,7 +199,7 @@ def _available(name: str) -> bool:
 
 def available(target: str) -> bool:
     """Whether this host can compile for `target` (its compiler plugin is installed and works)."""
-    return _available(_parse(target)[0])
+    return _available(parse_spec(target)[0])
 
 
 def abstract(shape: Sequence[int], dtype, spec: str | Any, *, device_index: int = 0):

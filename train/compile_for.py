@@ -59,7 +59,7 @@ def target_devices(spec: str) -> Target:
     """Compile-only devices for `spec` ("v5e:4x4", "h100x8", ...: pallas_kernels._aot) and the
     HBM of one."""
     from pallas_kernels import _aot
-    name, _ = _aot._parse(spec)
+    name, _ = _aot.parse_spec(spec)
     if not _aot.available(spec):
         raise ValueError(f"--compile_for {spec!r}: this host cannot compile for {name} (TPU: "
                          "`pip install 'jax[tpu]'` for libtpu; GPU: `pip install "
