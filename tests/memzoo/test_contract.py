@@ -65,15 +65,22 @@ def _perturbed(params):
     return jax.tree.unflatten(treedef, moved)
 
 
-def build(name, **extra):
-    return MIXERS[name](D, rngs=nnx.Rngs(0), **MIXER_OPTIONS.get(name, {}), **extra)
+def build(name, options=None, **extra):
+    options = MIXER_OPTIONS.get(name, {}) if options is None else options
+    return MIXERS[name](D, rngs=nnx.Rngs(0), **options, **extra)
 
 
 @functools.cache
-def model(name):
-    """(graphdef, params, rest) of the float32 mixer, parameters perturbed; built once."""
-    graphdef, params, rest = nnx.split(build(name), nnx.Param, ...)
+def _model(name, frozen_options):
+    graphdef, params, rest = nnx.split(build(name, dict(frozen_options)), nnx.Param, ...)
     return graphdef, _perturbed(params), rest
+
+
+def model(name, options=None):
+    """(graphdef, params, rest) of the float32 mixer, parameters perturbed; built once per
+    (name, options). options=None: the option table's."""
+    options = MIXER_OPTIONS.get(name, {}) if options is None else options
+    return _model(name, tuple(sorted(options.items())))
 
 
 def init_cache(mixer, batch):
@@ -100,9 +107,11 @@ def leaf_name(path):
 
 # ---- the contract ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", NAMES)
-def test_causal(name):
-    graphdef, params, rest = model(name)
+# Each check takes a registered name and constructor options (default: the option table's), so
+# family files run the same checks over their other configurations instead of copying them.
+
+def check_causal(name, options=None):
+    graphdef, params, rest = model(name, options)
     x = inputs(1)
     x2 = x.at[:, T0:].set(inputs(2)[:, T0:])
 
@@ -118,9 +127,9 @@ def test_causal(name):
     assert rel_rmse(y2[:, T0:], y[:, T0:]) > 1e-2, f"{name}: the output ignores its input"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_step_and_prefill_equal_parallel(name):
-    graphdef, params, rest = model(name)
+def check_decoding(name, options=None):
+    """step-by-step, prefill-then-decode and prefill-then-prefill == the parallel form."""
+    graphdef, params, rest = model(name, options)
     x = inputs(3)
 
     @jax.jit
@@ -140,9 +149,9 @@ def test_step_and_prefill_equal_parallel(name):
     assert_close(y_prefill_prefill, y, F32_TOL, f"{name}: prefill, prefill vs parallel")
 
 
-def check_packed_equals_alone(name):
+def check_packed_equals_alone(name, options=None):
     """Forward, input gradient and parameter gradients of packed rows == each document alone."""
-    graphdef, params, rest = model(name)
+    graphdef, params, rest = model(name, options)
     assert accepts_keyword(nnx.merge(graphdef, params, rest).__call__, "segment_ids"), (
         f"{name}: __call__ does not take segment_ids, so packed documents would see each other")
     x, cotangent, seg = inputs(4), inputs(5), segment_ids()
@@ -179,14 +188,9 @@ def check_packed_equals_alone(name):
                      f"{name}: d {leaf_name(path)}, packed vs alone")
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_packed_documents_equal_each_alone(name):
-    check_packed_equals_alone(name)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_gradients_finite_and_nonzero_for_every_parameter(name):
-    graphdef, params, rest = model(name)
+def check_gradients(name, options=None):
+    """Finite, and non-zero for every parameter leaf, on a random input and cotangent."""
+    graphdef, params, rest = model(name, options)
     x, cotangent = inputs(6), inputs(7)
 
     @jax.jit
@@ -204,31 +208,61 @@ def test_gradients_finite_and_nonzero_for_every_parameter(name):
         assert np.any(g != 0), f"{name}: zero gradient at {leaf_name(path)}"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_bfloat16_compute_is_float32_in_value(name):
+def check_bfloat16(name, options=None, *, decode_too=True):
     """dtype= is the compute dtype: parameters stay float32, outputs (parallel and decoded) are
     bfloat16 and match the float32 mixer with the same parameters to bfloat16 rounding."""
-    mixer16 = build(name, dtype=jnp.bfloat16)
+    mixer16 = build(name, options, dtype=jnp.bfloat16)
     for path, p in jax.tree_util.tree_leaves_with_path(nnx.state(mixer16, nnx.Param)):
         assert p.dtype == jnp.float32, f"{name}: parameter {leaf_name(path)} is {p.dtype}"
     graphdef16, _, rest16 = nnx.split(mixer16, nnx.Param, ...)
-    graphdef, params, rest = model(name)
+    graphdef, params, rest = model(name, options)
     x = inputs(8).astype(jnp.bfloat16)
 
     @jax.jit
     def run(params, x):
         mixer16 = nnx.merge(graphdef16, params, rest16)
         y16 = mixer16(x)
-        y16_steps, _ = decode(mixer16, x[:, :T1], init_cache(mixer16, BATCH))
+        if decode_too:
+            y16_steps, cache = decode(mixer16, x[:, :T1], init_cache(mixer16, BATCH))
+        else:  # a bidirectional mixer does not decode
+            y16_steps, cache = y16[:, :T1], None
         y32 = nnx.merge(graphdef, params, rest)(x.astype(jnp.float32))
-        return y16, y16_steps, y32
+        return y16, y16_steps, cache, y32
 
-    y16, y16_steps, y32 = run(params, x)
+    y16, y16_steps, cache, y32 = run(params, x)
+    # The carried state stays float32: bfloat16 rounding would compound over a long decode.
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
+        assert leaf.dtype != jnp.bfloat16, f"{name}: decoding state {leaf_name(path)} is bfloat16"
     assert y16.dtype == jnp.bfloat16 and y16_steps.dtype == jnp.bfloat16, (y16.dtype,
                                                                             y16_steps.dtype)
     assert_close(np.asarray(y16, np.float32), y32, BF16_TOL, f"{name}: bf16 vs f32, parallel")
     assert_close(np.asarray(y16_steps, np.float32), y32[:, :T1], BF16_TOL,
                  f"{name}: bf16 vs f32, decoded")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_causal(name):
+    check_causal(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_and_prefill_equal_parallel(name):
+    check_decoding(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_packed_documents_equal_each_alone(name):
+    check_packed_equals_alone(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_finite_and_nonzero_for_every_parameter(name):
+    check_gradients(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_compute_is_float32_in_value(name):
+    check_bfloat16(name)
 
 
 def test_option_table_names_registered_mixers():
@@ -272,13 +306,13 @@ def segment_blind_mixer(request):
         yield name
     finally:
         del MIXERS._entries[name]  # no public unregister: a test-only mixer must not linger
-        model.cache_clear()
+        _model.cache_clear()
 
 
 def test_contract_catches_a_mixer_that_lets_documents_mix(segment_blind_mixer):
     name = segment_blind_mixer
-    test_causal(name)  # it keeps the rest of the contract: only the packed check objects
-    test_step_and_prefill_equal_parallel(name)
+    check_causal(name)  # it keeps the rest of the contract: only the packed check objects
+    check_decoding(name)
     with pytest.raises(AssertionError, match="packed vs each document alone|segment_ids"):
         check_packed_equals_alone(name)
 
