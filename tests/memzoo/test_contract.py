@@ -152,7 +152,8 @@ def check_decoding(name, options=None):
 def check_packed_equals_alone(name, options=None):
     """Forward, input gradient and parameter gradients of packed rows == each document alone."""
     graphdef, params, rest = model(name, options)
-    assert accepts_keyword(nnx.merge(graphdef, params, rest).__call__, "segment_ids"), (
+    takes_segments = accepts_keyword(nnx.merge(graphdef, params, rest).__call__, "segment_ids")
+    assert takes_segments, (
         f"{name}: __call__ does not take segment_ids, so packed documents would see each other")
     x, cotangent, seg = inputs(4), inputs(5), segment_ids()
 
