@@ -1,6 +1,6 @@
-"""The "attention" mixer: the mixer contract (parallel == step-by-step == prefill-then-decode),
-full and sliding-window masks against a naive float64 softmax written here, GQA, causality,
-segment isolation, float32 parameters under bfloat16, clear errors."""
+"""The "attention" mixer: the contract's checks (tests/memzoo/test_contract.py) over GQA, windows
+and convolutions; full and sliding-window masks, with and without segments, against a naive
+float64 softmax written here; cache sizes; clear errors."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +10,8 @@ from flax import nnx
 import memzoo
 from memzoo.attention import Attention
 from pallas_kernels._testing import assert_close
-from tests.memzoo.helpers import forward, prefill, prefill_then_decode, step
+from tests.memzoo import test_contract as contract
+from tests.memzoo.helpers import forward
 
 D, T, BATCH = 16, 12, 2
 
@@ -101,29 +102,11 @@ def params_of(mixer):
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
-def test_parallel_equals_step_equals_prefill_then_decode(case):
+def test_decoding_in_every_configuration(case):
+    """test_contract.py's decoding check (its prefill, 6 tokens, is longer than every window
+    here, so the ring keeps only the last `window` keys) over GQA, windows and convolutions."""
     _, options = case
-    mixer, x = build(options), inputs()
-    y = forward(mixer, x)
-    assert y.shape == x.shape and y.dtype == jnp.float32
-
-    cache = mixer.init_cache(BATCH, max_len=T)
-    steps = []
-    for t in range(T):
-        y_t, cache = step(mixer, x[:, t], cache)
-        steps.append(y_t)
-    assert_close(jnp.stack(steps, axis=1), y, 1e-5, "step-by-step vs parallel")
-
-    # Prefill longer than every window here: the ring keeps only the last `window` keys.
-    t1 = 7
-    assert_close(prefill_then_decode(mixer, x, t1, mixer.init_cache(BATCH, max_len=T)), y, 1e-5,
-                 "prefill then decode vs parallel")
-
-    # Two prefills: the second's queries sit after the first's keys (offset mask and phases).
-    y_a, cache_a = prefill(mixer, x[:, :t1], mixer.init_cache(BATCH, max_len=T))
-    y_b, cache_b = prefill(mixer, x[:, t1:], cache_a)
-    assert_close(jnp.concatenate([y_a, y_b], axis=1), y, 1e-5, "prefill, prefill vs parallel")
-    assert int(cache_b.index) == T
+    contract.check_decoding("attention", options)
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
@@ -137,15 +120,6 @@ def test_matches_naive_masked_softmax_in_float64(case):
     assert_close(forward(mixer, x), want, 1e-5, "parallel vs naive float64")
 
 
-def test_causal():
-    mixer, x = build(dict(num_heads=2, num_kv_heads=1)), inputs()
-    t0 = 5
-    y = forward(mixer, x)
-    y2 = forward(mixer, x.at[:, t0].add(3.0))
-    np.testing.assert_array_equal(np.asarray(y2[:, :t0]), np.asarray(y[:, :t0]))
-    assert not np.allclose(np.asarray(y2[:, t0:]), np.asarray(y[:, t0:]))
-
-
 SEGMENT_CASES = [CASES[1], CASES[2], CASES[5]]
 
 
@@ -157,8 +131,6 @@ def test_segment_ids_keep_packed_documents_apart(case):
     cut = 5
     seg = jnp.broadcast_to((jnp.arange(T) >= cut).astype(jnp.int32)[None], (BATCH, T))
     y = forward_segments(mixer, x, seg)
-    assert_close(y[:, cut:], forward(mixer, x[:, cut:]), 1e-5, "doc 2 packed vs alone")
-    assert_close(y[:, :cut], forward(mixer, x[:, :cut]), 1e-5, "doc 1 packed vs alone")
     # Against the naive softmax with the same mask and per-document positions.
     pos = np.where(np.arange(T) >= cut, np.arange(T) - cut, np.arange(T))
     want = naive_attention(
@@ -168,23 +140,10 @@ def test_segment_ids_keep_packed_documents_apart(case):
     assert_close(y, want, 1e-5, "segments vs naive float64")
 
 
-def test_gradients_flow_to_every_parameter():
-    mixer, x = build(dict(num_heads=4, num_kv_heads=2, window=4, conv_size=3)), inputs()
-    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(mixer)
-    for path, g in nnx.to_flat_state(grads):
-        assert np.all(np.isfinite(g[...])) and np.any(g[...] != 0), path
-
-
-def test_bfloat16_compute_keeps_float32_params():
-    mixer = build(dict(num_heads=2, window=4), dtype=jnp.bfloat16)
-    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(mixer, nnx.Param)))
-    x = inputs().astype(jnp.bfloat16)
-    y = forward(mixer, x)
-    assert y.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y, np.float32)))
-    ref = forward(build(dict(num_heads=2, window=4)), x.astype(jnp.float32))
-    assert_close(np.asarray(y, np.float32), ref, 3e-2, "bf16 vs f32")
-    y_t, _ = step(mixer, x[:, 0], mixer.init_cache(BATCH))
-    assert y_t.dtype == jnp.bfloat16
+def test_gradients_and_bfloat16_with_window_and_convolution():
+    options = dict(num_heads=4, num_kv_heads=2, window=4, conv_size=3)
+    contract.check_gradients("attention", options)
+    contract.check_bfloat16("attention", options)
 
 
 def test_parameters_carry_logical_axes_and_registry():

@@ -1,9 +1,9 @@
 """The linear-attention family (memzoo/linear_attention): for each of linear attention, RetNet,
-GLA, DeltaNet, Gated DeltaNet and Mixture-of-Memories, the chunked form == step-by-step ==
-prefill-then-decode; the module equals its paper's recurrence written out here in float64 numpy
-(a loop over time) from the module's own parameters; packed documents == separate ones;
-causality; bfloat16 compute with float32 parameters; key/value heads shared by query heads;
-MoM writes only to the routed memories; bad options name the option."""
+GLA, DeltaNet, Gated DeltaNet and Mixture-of-Memories, the module equals its paper's recurrence
+written out here in float64 numpy (a loop over time) from the module's own parameters; the
+contract's decoding and bfloat16 checks (tests/memzoo/test_contract.py) over the configurations
+here; key/value heads shared by query heads; MoM writes only to the routed memories; bad options
+name the option."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +12,9 @@ from flax import nnx
 
 import memzoo
 from memzoo.linear_attention import LinearAttentionCache
-from pallas_kernels._testing import assert_close, rel_rmse
-from tests.memzoo.helpers import forward, prefill, prefill_then_decode, step
+from pallas_kernels._testing import assert_close
+from tests.memzoo import test_contract as contract
+from tests.memzoo.helpers import forward
 
 D, T, BATCH, CHUNK = 16, 24, 2, 16  # T spans two chunks, the last one partial
 
@@ -32,7 +33,6 @@ CASES = [
                                    memory_rule="linear_attention", shared_memory=False,
                                    qk_norm="none", conv_size=0)),
 ]
-ONE_PER_MIXER = [CASES[i] for i in (0, 2, 3, 4, 5, 6)]
 
 
 def ids(cases):
@@ -45,11 +45,6 @@ def build(name, options, seed=0, **extra):
 
 def inputs(seed=1, length=T):
     return jax.random.normal(jax.random.key(seed), (BATCH, length, D), jnp.float32)
-
-
-@nnx.jit
-def forward_segments(mixer, x, segment_ids):
-    return mixer(x, segment_ids=segment_ids)
 
 
 # ---- the papers' recurrences, float64 numpy -------------------------------------------------
@@ -230,64 +225,20 @@ def naive_mom(mixer, p, x, q, k, v):
 # ---- the tests ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
-def test_chunked_equals_step_equals_prefill_then_decode_equals_naive_float64(case):
+def test_chunked_equals_naive_float64_and_decodes(case):
     _, name, options = case
     mixer, x = build(name, options), inputs()
     y = forward(mixer, x)
     assert y.shape == x.shape and y.dtype == jnp.float32
     assert_close(y, naive(mixer, x), 1e-5, f"{name}: chunked vs naive float64 recurrence")
-
-    cache = mixer.init_cache(BATCH)
-    steps = []
-    for t in range(T):
-        y_t, cache = step(mixer, x[:, t], cache)
-        steps.append(y_t)
-    assert_close(jnp.stack(steps, axis=1), y, 1e-5, "step-by-step vs chunked")
-    assert int(cache.index) == T
-
-    t1 = T // 2  # prefill then decode; and two prefills of one compiled shape
-    assert_close(prefill_then_decode(mixer, x, t1, mixer.init_cache(BATCH)), y, 1e-5,
-                 "prefill then decode vs chunked")
-    y_a, cache_a = prefill(mixer, x[:, :t1], mixer.init_cache(BATCH))
-    y_b, cache_b = prefill(mixer, x[:, t1:], cache_a)
-    assert_close(jnp.concatenate([y_a, y_b], axis=1), y, 1e-5, "prefill, prefill vs chunked")
-    assert_close(cache_b.state, cache.state, 1e-5, "final state: prefill vs step")
-
-
-@pytest.mark.parametrize("case", ONE_PER_MIXER, ids=ids(ONE_PER_MIXER))
-def test_packed_documents_equal_separate_ones_and_causality(case):
-    _, name, options = case
-    mixer, x = build(name, options), inputs()
-    bounds = [(0, 7), (7, T)]
-    seg = jnp.broadcast_to((jnp.arange(T) >= 7).astype(jnp.int32)[None], (BATCH, T))
-    packed = forward_segments(mixer, x, seg)
-    separate = jnp.concatenate([forward(mixer, x[:, s:e]) for s, e in bounds], axis=1)
-    assert_close(packed, separate, 1e-5, f"{name}: packed vs separate")
-    y = forward(mixer, x)
-    assert rel_rmse(y, separate) > 1e-3  # without the ids the second document sees the first
-
-    t0 = 11
-    x2 = x.at[:, t0].add(3.0 * jax.random.normal(jax.random.key(5), (BATCH, D)))
-    y2 = forward(mixer, x2)
-    assert float(jnp.max(jnp.abs(y2[:, t0] - y[:, t0]))) > 1e-2
-    np.testing.assert_array_equal(np.asarray(y2[:, :t0]), np.asarray(y[:, :t0]))
+    contract.check_decoding(name, {**options, "chunk_size": CHUNK})
 
 
 @pytest.mark.parametrize("case", [CASES[i] for i in (1, 3, 5, 6)],
                          ids=ids([CASES[i] for i in (1, 3, 5, 6)]))
-def test_bfloat16_compute_keeps_float32_params_and_state(case):
+def test_bfloat16_compute_is_float32_in_value(case):
     _, name, options = case
-    mixer = build(name, options, dtype=jnp.bfloat16)
-    for path, p in nnx.to_flat_state(nnx.state(mixer, nnx.Param)):
-        assert p[...].dtype == jnp.float32, path
-    x = inputs().astype(jnp.bfloat16)
-    y = forward(mixer, x)
-    assert y.dtype == jnp.bfloat16
-    ref = forward(build(name, options), x.astype(jnp.float32))
-    assert_close(np.asarray(y, np.float32), ref, 1e-2, f"{name}: bf16 vs f32")
-    y_t, cache = step(mixer, x[:, 0], mixer.init_cache(BATCH))
-    assert y_t.dtype == jnp.bfloat16
-    assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(cache))
+    contract.check_bfloat16(name, {**options, "chunk_size": CHUNK})
 
 
 def _share_kv(small, big):
@@ -325,16 +276,6 @@ def test_key_value_heads_are_shared_by_query_heads(case):
     assert small.init_cache(BATCH).state.shape[1] == 1
     assert big.init_cache(BATCH).state.shape[1] == options["num_heads"]
     assert small.state_size * options["num_heads"] == big.state_size
-
-
-@pytest.mark.parametrize("case", [CASES[3], CASES[6]], ids=ids([CASES[3], CASES[6]]))
-def test_gradients_reach_every_parameter(case):
-    _, name, options = case
-    mixer, x = build(name, options), inputs(length=12)
-    grads = nnx.jit(nnx.grad(lambda m: jnp.mean(jnp.square(m(x) - 0.5))))(mixer)
-    for path, g in nnx.to_flat_state(grads):
-        g = np.asarray(g[...])
-        assert np.all(np.isfinite(g)) and np.any(g != 0), path
 
 
 def test_mom_token_writes_only_its_routed_memories():

@@ -1,6 +1,5 @@
-"""Mamba (and the contract both selective SSMs keep, "mamba" and "mamba2"): parallel ==
-step-by-step == prefill-then-decode, the published recurrence written out in float64 numpy,
-packed documents == separate ones, causality, bfloat16 compute over float32 parameters, the
+"""Mamba (and what both selective SSMs share, "mamba" and "mamba2"): the contract's checks over
+their other configurations, the published recurrence written out in float64 numpy, the
 initialisations (published and mimetic), clear option errors, CausalLM decoding, the Linen bridge
 and the training loop's decay mask."""
 import math
@@ -15,8 +14,9 @@ from flax import nnx
 import memzoo
 from memzoo.models import CausalLM
 from memzoo.ssm import Mamba
-from pallas_kernels._testing import assert_close, rel_rmse
-from tests.memzoo.helpers import forward, prefill, prefill_then_decode, step
+from pallas_kernels._testing import assert_close
+from tests.memzoo import test_contract as contract
+from tests.memzoo.helpers import forward
 
 D, T, BATCH = 16, 20, 2
 
@@ -43,89 +43,12 @@ def inputs(seed=1, length=T, batch=BATCH):
     return jax.random.normal(jax.random.key(seed), (batch, length, D), jnp.float32)
 
 
-@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
-def test_parallel_equals_step_equals_prefill_then_decode(case):
+# The contract (tests/memzoo/test_contract.py) for the configurations besides its own.
+@pytest.mark.parametrize("case", CASES[1:], ids=ids(CASES[1:]))
+def test_contract_holds_in_every_configuration(case):
     _, name, options = case
-    mixer, x = build(name, options), inputs()
-    y = forward(mixer, x)
-    assert y.shape == x.shape and y.dtype == jnp.float32
-
-    cache = mixer.init_cache(BATCH)
-    steps = []
-    for t in range(T):
-        y_t, cache = step(mixer, x[:, t], cache)
-        steps.append(y_t)
-    assert_close(jnp.stack(steps, axis=1), y, 1e-5, "step-by-step vs parallel")
-
-    t1 = T // 2
-    assert_close(prefill_then_decode(mixer, x, t1, mixer.init_cache(BATCH)), y, 1e-5,
-                 "prefill then decode vs parallel")
-    y_a, cache_a = prefill(mixer, x[:, :t1], mixer.init_cache(BATCH))
-    y_b, cache_b = prefill(mixer, x[:, t1:], cache_a)
-    assert_close(jnp.concatenate([y_a, y_b], axis=1), y, 1e-5, "prefill, prefill vs parallel")
-    # The state a prefill leaves is the state decoding reaches.
-    for got, want in zip(jax.tree.leaves(cache_b), jax.tree.leaves(cache)):
-        assert got.dtype == jnp.float32
-        assert_close(got, want, 1e-5, "cache after prefill vs after decoding")
-
-
-# One configuration per module for the costlier whole-module checks.
-BASIC = [CASES[0], CASES[2]]
-
-
-@pytest.mark.parametrize("case", BASIC, ids=ids(BASIC))
-def test_causal(case):
-    _, name, options = case
-    mixer, x = build(name, options), inputs()
-    t0 = 11
-    x2 = x.at[:, t0].add(3.0 * jax.random.normal(jax.random.key(5), (BATCH, D)))
-    y, y2 = forward(mixer, x), forward(mixer, x2)
-    assert float(jnp.max(jnp.abs(y[:, t0] - y2[:, t0]))) > 1e-2
-    leak = np.abs(np.asarray(y[:, :t0]) - np.asarray(y2[:, :t0]))
-    assert leak.max() == 0.0, leak.max()
-
-
-@pytest.mark.parametrize("case", BASIC, ids=ids(BASIC))
-def test_packed_documents_equal_separate_ones(case):
-    _, name, options = case
-    mixer, x = build(name, options), inputs()
-    bounds = [(0, 3), (3, 12), (12, T)]  # a first document shorter than the conv width
-    seg = jnp.concatenate([jnp.full((BATCH, e - s), i, jnp.int32)
-                           for i, (s, e) in enumerate(bounds)], axis=1)
-    packed = nnx.jit(lambda m, x, s: m(x, segment_ids=s))(mixer, x, seg)
-    separate = jnp.concatenate([forward(mixer, x[:, s:e]) for s, e in bounds], axis=1)
-    assert_close(packed, separate, 1e-5, "packed vs separate")
-    assert rel_rmse(forward(mixer, x), separate) > 1e-3  # without ids the documents mix
-
-
-@pytest.mark.parametrize("case", BASIC, ids=ids(BASIC))
-def test_bfloat16_compute_keeps_float32_params_and_state(case):
-    _, name, options = case
-    mixer = build(name, options, dtype=jnp.bfloat16)
-    for path, p in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(mixer,
-                                                                                  nnx.Param))):
-        assert p.dtype == jnp.float32, f"{jax.tree_util.keystr(path)} is {p.dtype}"
-    x = inputs()
-    y = forward(mixer, x.astype(jnp.bfloat16))
-    assert y.dtype == jnp.bfloat16 and y.shape == x.shape
-    # bfloat16 rounds the projections' inputs; the float32 run is the reference.
-    ref = forward(build(name, options), x)
-    assert_close(y.astype(jnp.float32), ref, 2e-2, "bfloat16 vs float32")
-    y_t, cache = step(mixer, x[:, 0].astype(jnp.bfloat16), mixer.init_cache(BATCH))
-    assert y_t.dtype == jnp.bfloat16
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(cache))
-
-
-@pytest.mark.parametrize("case", BASIC, ids=ids(BASIC))
-def test_gradients_reach_every_parameter(case):
-    _, name, options = case
-    mixer, x = build(name, options), inputs(length=12)
-    target = inputs(seed=7, length=12)
-    grads = nnx.jit(nnx.grad(lambda m: jnp.mean(jnp.square(m(x) - target))))(mixer)
-    for path, g in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(grads)):
-        g = np.asarray(g)
-        assert np.all(np.isfinite(g)), f"non-finite gradient at {jax.tree_util.keystr(path)}"
-        assert np.any(g != 0), f"zero gradient at {jax.tree_util.keystr(path)}"
+    contract.check_decoding(name, options)
+    contract.check_causal(name, options)
 
 
 # --- Mamba against the published equations, written out in float64 ---------------------------
