@@ -252,13 +252,16 @@ def chunk_update(rule: MemoryRule, anchor, acc, mom, k, v, q, theta, eta, alpha,
 
 
 def chunk_update_segments(rule: MemoryRule, anchor, acc, mom, initial, k, v, q, theta, eta,
-                          alpha, reset, doc_pos, *, implementation: str = "auto"):
+                          alpha, reset, doc_pos, *, chunk_size: int,
+                          implementation: str = "auto"):
     """`chunk_update` for packed documents: every token sees what it would see were its
     document alone, chunked from its own first token.
 
     reset [B, C] bool: the token begins a document (the state returns to `initial` before it);
-    doc_pos [B, C] int: its position in its document. A token's gradient is taken at the
-    accumulator before the start of its document's chunk, p = t - doc_pos % C, which is one of
+    doc_pos [B, C] int: its position in its document. This chunk holds C <= chunk_size tokens
+    (the last one may be partial); the documents' own chunks have chunk_size tokens. A token's
+    gradient is taken at the accumulator before the start of its document's chunk,
+    p = t - doc_pos % chunk_size, which is one of
       A  p before this chunk: `anchor` (carried: the last token's anchor, same document);
       I  p in this chunk and the document's first token: `initial`;
       R  p in this chunk, later in a document begun before it (only the chunk's first
@@ -272,7 +275,7 @@ def chunk_update_segments(rule: MemoryRule, anchor, acc, mom, initial, k, v, q, 
     B, H, C = k.shape[:3]
     shapes = [a.shape[2:] for a in acc]
     j = jnp.arange(C, dtype=jnp.int32)[None]
-    p = j - jnp.mod(doc_pos, C)                 # chunk-local start of the token's document chunk
+    p = j - jnp.mod(doc_pos, chunk_size)        # chunk-local start of the token's document chunk
     kind_a = p < 0
     kind_i = (p >= 0) & (p == j - doc_pos)
     kind_r = (p >= 0) & ~kind_i
@@ -373,7 +376,8 @@ def chunked_memory(rule: MemoryRule, acc, mom, k, v, q, theta, eta, alpha, *, ch
         anchor, acc, mom = carry
         if packed:
             anchor, acc_end, mom_end, y, ya = chunk_update_segments(
-                rule, anchor, acc, mom, initial, *xs, implementation=implementation)
+                rule, anchor, acc, mom, initial, *xs, chunk_size=C,
+                implementation=implementation)
         else:
             acc_end, mom_end, y, ya = chunk_update(rule, acc, acc, mom, *xs,
                                                    implementation=implementation)
@@ -432,14 +436,16 @@ def linear_memory_delta_rule(acc, k, v, q, theta, alpha, *, chunk_size=None,
     beta = 2.0 * theta / keep
     log_gate = jnp.log(keep)
     kw = dict(log_gate=log_gate, scale=1.0, chunk_size=chunk_size, implementation=implementation)
-    if reset is None:
+    start = acc[0]
+    if reset is not None:
+        w0 = initial[0].astype(acc[0].dtype)
+        # A document starting at token 0 starts from W0 itself; later starts are the kernel's
+        # segments (it resets to zero there) plus the W0 term above.
+        start = jnp.where(reset[:, 0, None, None, None], w0, acc[0])
+    if reset is None or k.shape[1] == 1:   # no start after token 0 (the decoding step)
         y, state = pallas_kernels.delta_rule(q, k, v * keep[..., None], beta,
-                                             initial_state=acc[0], **kw)
+                                             initial_state=start, **kw)
         return y, (state.astype(acc[0].dtype),)
-    w0 = initial[0].astype(acc[0].dtype)
-    # A document starting at token 0 starts from W0 itself; later starts are the kernel's
-    # segments (it resets to zero there) plus the W0 term above.
-    start = jnp.where(reset[:, 0, None, None, None], w0, acc[0])
     seg = jnp.cumsum(reset.at[:, 0].set(False), axis=1, dtype=jnp.int32)
     later = (seg > 0)[..., None, None]
     log_g, _ = pallas_kernels.linear_scan(jnp.ones_like(log_gate), log_gate, segment_ids=seg,

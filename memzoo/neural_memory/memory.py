@@ -28,10 +28,16 @@ at chunked speed; `use_delta_rule=False` sends it down the general path instead.
 
 Decoding (`NeuralMemoryCache`): the accumulator and momentum after the last token, the
 accumulator at the start of the current chunk (the weights every gradient of that chunk is
-taken at), the conv window and the token count. `step` re-anchors at every chunk boundary, so
-token-by-token decoding reproduces the chunked parallel form exactly. A prefill from a cache
-whose position is not a multiple of `chunk_size` runs token by token (a `lax.cond` picks);
-one from a chunk boundary runs the parallel form.
+taken at), the conv window, the token count, and per row the position in its current document
+and that document's id. `step` re-anchors where a row's document begins a chunk, so
+token-by-token decoding reproduces the chunked parallel form exactly. A prefill continues each
+row's document wherever it is in its chunk (core.chunk_update_segments).
+
+Packed documents (`segment_ids`, also for prefill and step, memzoo.registry): at each document's
+first token the memory weights return to the learned initial ones, the momentum and the conv
+window to zero, and the document is chunked from its own first token, so it gets, to float32
+rounding, what it gets alone; on the delta-rule path the restart to the initial weights rides on
+the kernel's zero restarts (core.linear_memory_delta_rule).
 """
 from __future__ import annotations
 
@@ -262,16 +268,11 @@ class NeuralMemory(nnx.Module):
         elif reset is None and cache is None:
             y, ya, state = self._chunked(inputs, acc, mom)
         else:
-            packed = dict(anchor=anchor, initial=initial, doc_pos=doc_pos,
-                          reset=jnp.zeros((b, T), bool) if reset is None else reset)
-            if reset is None:
-                # From a chunk boundary of every row the plain chunked form is the same, cheaper.
-                y, ya, state = jax.lax.cond(
-                    jnp.all(position % self.chunk_size == 0),
-                    lambda: self._chunked(inputs, acc, mom),
-                    lambda: self._chunked(inputs, acc, mom, **packed))
-            else:
-                y, ya, state = self._chunked(inputs, acc, mom, **packed)
+            # A prefill: each row's document may be anywhere in its chunk, so the packed form
+            # (with no starts when no ids are given) continues it exactly.
+            y, ya, state = self._chunked(
+                inputs, acc, mom, anchor=anchor, initial=initial, doc_pos=doc_pos,
+                reset=jnp.zeros((b, T), bool) if reset is None else reset)
         new = NeuralMemoryCache(*state, conv, index + T, doc_pos[:, -1] + 1, segment)
         return self._output(y), None if ya is None else self._output(ya), new
 
