@@ -461,6 +461,6 @@ def linear_memory_delta_rule(acc, k, v, q, theta, alpha, *, chunk_size=None,
     y = o[..., :dv] + jnp.where(later, jnp.einsum("bthi,bhio->btho",
                                                   o[..., dv:] + g_doc[..., None] * q, w0o), 0.0)
     eye = jnp.eye(k.shape[-1], dtype=state.dtype)
-    phi = state[..., dv:] + g_doc[:, -1, :, None, None].astype(state.dtype) * eye
+    phi = state[..., dv:] + g_doc[:, -1, :, None, None].astype(state.dtype) * eye[None, None]
     final = state[..., :dv] + jnp.where(later[:, -1, None], phi @ w0.astype(state.dtype), 0.0)
     return y, (final.astype(acc[0].dtype),)

@@ -98,7 +98,7 @@ def assert_packed_decoding_equals_alone(mixer, x, lengths, t1, tol=1e-5):
         ys.append(y_t[:, None])
     y = jnp.concatenate(ys, axis=1)
     for r, a, b in documents(lengths):
-        alone = prefill_then_decode(mixer, x[r:r + 1, a:b], (b - a) // 2,
+        alone = prefill_then_decode(mixer, x[r:r + 1, a:b], max(1, (b - a) // 2),
                                     mixer.init_cache(1))
         err = relative_rmse(y[r:r + 1, a:b], alone)
         assert err < tol, (r, a, b, err)
