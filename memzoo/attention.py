@@ -42,16 +42,37 @@ class KVCache:
     conv: jax.Array | None = None   # conv_size > 0: [b, conv_size - 1, (heads + 2 kv_heads) k]
 
 
-def segment_positions(segment_ids: jax.Array) -> jax.Array:
+def segment_starts(segment_ids: jax.Array, previous: jax.Array | None = None) -> jax.Array:
+    """[b, t] int -> [b, t] bool: token t begins a new segment, its id differing from the token
+    before it. Token 0 compares with `previous` [b] (the id of the token before this call, as a
+    cache holds it); without `previous` it continues whatever came before (never a start)."""
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = (jnp.zeros_like(segment_ids[:, :1], dtype=bool) if previous is None
+             else (segment_ids[:, :1] != jnp.asarray(previous)[:, None]))
+    return jnp.concatenate([first, change], axis=1)
+
+
+def segment_positions(segment_ids: jax.Array, offset: jax.Array | None = None,
+                      previous: jax.Array | None = None) -> jax.Array:
     """Position of each token within its segment: [b, t] int -> [b, t] int32, 0 at each start.
 
-    A packed document then gets the rotary phases it would get alone.
+    A packed document then gets the rotary phases it would get alone. The first segment
+    continues from `offset` [b] (a cache's position in its document; default 0) unless token 0
+    starts a new segment (`previous`, see segment_starts).
     """
     T = segment_ids.shape[1]
     t = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], segment_ids.shape)
-    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], dtype=bool),
-                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+    last = jax.lax.cummax(jnp.where(segment_starts(segment_ids, previous), t, -1), axis=1)
+    first = t if offset is None else t + jnp.asarray(offset, jnp.int32)[:, None]
+    return jnp.where(last >= 0, t - last, first)
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """[b, t] int -> [b, t, t] bool: query t and key s lie in the same segment. Segments are
+    counted by their starts, so an id that comes back after another (1, 2, 1) is a new
+    document, not the first one again: nothing crosses a change of id."""
+    doc = jnp.cumsum(segment_starts(segment_ids), axis=1)
+    return doc[:, :, None] == doc[:, None, :]
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -183,7 +204,7 @@ class Attention(nnx.Module):
         else:
             check_segment_ids("Attention", segment_ids, (b, T))
             positions = segment_positions(segment_ids)
-            mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+            mask = segment_mask(segment_ids)[:, None]
         q, k, v, _ = self._project_conv(x, positions, segment_ids=segment_ids)
         o = jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=True,

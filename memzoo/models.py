@@ -170,6 +170,7 @@ class Block(nnx.Module):
         self.mlp_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs) if self.mlp else None
         self.dtype = dtype
         # Optional protocol keywords (memzoo.registry.SequenceMixer), decided once here.
+        self.mixer_name = mixer
         self.takes_segment_ids = accepts_keyword(self.mixer.__call__, "segment_ids")
         self.cache_takes_max_len = accepts_keyword(self.mixer.init_cache, "max_len")
 
@@ -181,8 +182,16 @@ class Block(nnx.Module):
     def __call__(self, x, *, segment_ids=None, cache=None):
         x = layers.constrain_activation(x, RESIDUAL_AXES)
         h = self.mixer_norm(x)
-        kw = {"segment_ids": segment_ids} if segment_ids is not None and self.takes_segment_ids \
-            else {}
+        kw = {}
+        if segment_ids is not None:
+            if not self.takes_segment_ids:
+                # Dropping them would let packed documents see each other without a word.
+                raise ValueError(
+                    f"Block: mixer {self.mixer_name!r} ({type(self.mixer).__name__}) does not "
+                    f"take `segment_ids`, so it cannot keep packed documents apart; give its "
+                    f"__call__ a `segment_ids` keyword that resets its state where the id "
+                    f"changes (memzoo.registry.SequenceMixer), or call without segment_ids")
+            kw = {"segment_ids": segment_ids}
         if cache is None:
             x = layers.constrain_activation(x + self.mixer(h, **kw).astype(self.dtype),
                                             RESIDUAL_AXES)
@@ -433,8 +442,9 @@ class CausalLM(nnx.Module):
         return self.head(x).astype(jnp.float32)
 
     def __call__(self, tokens, *, segment_ids=None):
-        """`segment_ids` [batch, time] int marks packed documents; mixers that take it (attention)
-        keep documents apart, the others carry state across (memzoo.registry.SequenceMixer)."""
+        """`segment_ids` [batch, time] int marks packed documents: every mixer keeps them apart
+        (no information crosses a change of id; memzoo.registry.SequenceMixer), and a mixer
+        without the keyword makes Block raise a ValueError rather than let them mix."""
         check_tokens("CausalLM", tokens)
         if segment_ids is not None:
             check_segment_ids("CausalLM", segment_ids, tokens.shape)

@@ -84,13 +84,30 @@ class SequenceMixer(Protocol):
     (`accepts_keyword`):
 
     mixer(x, segment_ids=s)          s: [b, t] int, packed documents: no information crosses a
-                                     change of id (attention masks across it; the SSMs reset
-                                     their scans). A mixer without the keyword would carry its
-                                     state over document boundaries; every mixer here has it.
+                                     change of id (attention masks across it; the recurrent and
+                                     test-time memories restart from their initial state, the
+                                     neural memories chunk each document from its own first
+                                     token), so each document gets, to rounding, what it gets
+                                     alone. Every registered mixer has the keyword; a
+                                     memzoo.models.Block given segment_ids for a mixer without
+                                     it raises a ValueError instead of letting documents mix.
     mixer.init_cache(b, max_len=n)   for mixers whose state grows with the sequence (attention's
                                      KV cache): room for n tokens.
-    """
 
+    Decoding packed documents (an extension; today "hippo_rnn", "neural_memory", "moneta",
+    "yaad", "memora", "titans_mac", "titans_mag", "titans_mal" have it):
+
+    y, c = mixer(x, cache=c, segment_ids=s)      s [b, t]
+    y_t, c = mixer.step(x_t, c, segment_ids=s_t) s_t [b]
+
+    The cache remembers each row's current document id (init_cache: 0); a token whose id
+    differs from the one before it, the cache's included, begins a new document in that row,
+    which restarts from init_cache's state. Without segment_ids a call continues the row's
+    document. The other mixers' caches keep no id: with a cache, attention and the linear
+    attention family reject segment_ids (ValueError), the SSMs restart at the id changes inside
+    the call with token 0 continuing the cache's document; their step has no such keyword
+    (start a fresh cache for a new document).
+    """
     def __call__(self, x, cache=None, *, segment_ids=None): ...
 
     def init_cache(self, batch_size: int): ...

@@ -173,6 +173,63 @@ def _unflatten(flat, shapes):
     return tuple(out)
 
 
+def _grads(rule: MemoryRule, w, k, v):
+    """Every token's gradient at the shared weights w (leaves [B, H, i, o]): independent, so one
+    vmap(grad); k, v [B, H, C, d] -> [B * H, C, params]."""
+    per_token = jax.vmap(rule.token_grad, in_axes=(None, 0, 0))
+    grads = jax.vmap(jax.vmap(per_token))(w, k, v)                # leaves [B, H, C, i, o]
+    B, H, C = k.shape[:3]
+    return _flatten(grads, 3).reshape(B * H, C, -1)
+
+
+def _accumulate(rule: MemoryRule, g, acc, mom, theta, eta, alpha, *, implementation,
+                reset=None, initial=None):
+    """The momentum and decay scans over one chunk's gradients g [BH, C, P] from (acc, mom)
+    (tuples of [B, H, i, o]). `reset` [B, C] bool: the token begins a document, so before it the
+    accumulator returns to `initial` and the momentum to 0 (the scan's decay is zeroed there and
+    `initial` enters as an input). Returns (acc_tok [BH, C, P], acc_end, mom_end [BH, P])."""
+    B, H = acc[0].shape[:2]
+    BH, C = g.shape[:2]
+    dtype = g.dtype
+
+    def per_token(x):   # [B, H, C] -> [BH, C, 1]
+        return x.reshape(BH, C, 1).astype(dtype)
+
+    start = None if reset is None else jnp.broadcast_to(reset[:, None, :], (B, H, C)).reshape(
+        BH, C, 1)
+    th = per_token(theta)
+    if rule.momentum:
+        a_eta = jnp.broadcast_to(per_token(eta), g.shape)
+        if start is not None:
+            a_eta = jnp.where(start, 0.0, a_eta)
+        update, mom_end = pallas_kernels.linear_scan(
+            a_eta, -th * g, initial_state=_flatten(mom, 2).reshape(BH, -1),
+            implementation=implementation)
+    else:
+        update, mom_end = -th * g, None
+    keep = jnp.broadcast_to(per_token(1.0 - alpha), g.shape)
+    if start is not None:
+        update = update + jnp.where(start, keep * _flatten(initial, 2).reshape(BH, 1, -1)
+                                    .astype(dtype), 0.0)
+        keep = jnp.where(start, 0.0, keep)
+    acc_tok, acc_end = pallas_kernels.linear_scan(
+        keep, update, initial_state=_flatten(acc, 2).reshape(BH, -1),
+        implementation=implementation)
+    return acc_tok, acc_end, mom_end
+
+
+def _read(rule: MemoryRule, w, q, per_token: bool):
+    """M_w(q) for q [B, H, C, dk]: w leaves [B, H, C, i, o] (per token) or [B, H, i, o]."""
+    return jax.vmap(jax.vmap(jax.vmap(rule.apply, in_axes=(0 if per_token else None, 0))))(w, q)
+
+
+def _restore(flat, shapes, like):
+    """[B, H, P] flat state -> leaves shaped and typed like `like`."""
+    B, H = like[0].shape[:2]
+    return tuple(a.astype(x.dtype) for a, x in zip(_unflatten(flat.reshape(B, H, -1), shapes),
+                                                     like))
+
+
 def chunk_update(rule: MemoryRule, anchor, acc, mom, k, v, q, theta, eta, alpha, *,
                  implementation: str = "auto"):
     """One chunk of C tokens (the body the parallel form scans and `step` runs with C = 1).
@@ -185,32 +242,76 @@ def chunk_update(rule: MemoryRule, anchor, acc, mom, k, v, q, theta, eta, alpha,
     B, H, C = k.shape[:3]
     shapes = [a.shape[2:] for a in acc]
     w0 = rule.readout(anchor)
-    # Every token's gradient at the chunk-start weights: independent, so one vmap(grad).
-    per_token = jax.vmap(rule.token_grad, in_axes=(None, 0, 0))
-    grads = jax.vmap(jax.vmap(per_token))(w0, k, v)               # leaves [B, H, C, i, o]
-    g = _flatten(grads, 3).reshape(B * H, C, -1)                   # [BH, C, P]
-    th = theta.reshape(B * H, C, 1).astype(g.dtype)
-    dtype = g.dtype
-    if rule.momentum:
-        a_eta = jnp.broadcast_to(eta.reshape(B * H, C, 1).astype(dtype), g.shape)
-        update, mom_flat = pallas_kernels.linear_scan(
-            a_eta, -th * g, initial_state=_flatten(mom, 2).reshape(B * H, -1),
-            implementation=implementation)
-        mom_end = _unflatten(mom_flat.reshape(B, H, -1), shapes)
-    else:
-        update, mom_end = -th * g, None
-    keep = jnp.broadcast_to((1.0 - alpha).reshape(B * H, C, 1).astype(dtype), g.shape)
-    acc_tok, acc_flat = pallas_kernels.linear_scan(
-        keep, update, initial_state=_flatten(acc, 2).reshape(B * H, -1),
-        implementation=implementation)
-    acc_end = _unflatten(acc_flat.reshape(B, H, -1), shapes)
+    g = _grads(rule, w0, k, v)
+    acc_tok, acc_end, mom_end = _accumulate(rule, g, acc, mom, theta, eta, alpha,
+                                            implementation=implementation)
     w_tok = rule.readout(_unflatten(acc_tok.reshape(B, H, C, -1), shapes))   # [B, H, C, i, o]
-    read = jax.vmap(jax.vmap(jax.vmap(rule.apply)))
-    y = read(w_tok, q)
-    y_anchor = jax.vmap(jax.vmap(jax.vmap(rule.apply, in_axes=(None, 0))))(w0, q)
-    return (tuple(a.astype(x.dtype) for a, x in zip(acc_end, acc)),
-            None if mom_end is None else tuple(m.astype(x.dtype) for m, x in zip(mom_end, mom)),
-            y, y_anchor)
+    return (_restore(acc_end, shapes, acc),
+            None if mom_end is None else _restore(mom_end, shapes, mom),
+            _read(rule, w_tok, q, True), _read(rule, w0, q, False))
+
+
+def chunk_update_segments(rule: MemoryRule, anchor, acc, mom, initial, k, v, q, theta, eta,
+                          alpha, reset, doc_pos, *, chunk_size: int,
+                          implementation: str = "auto"):
+    """`chunk_update` for packed documents: every token sees what it would see were its
+    document alone, chunked from its own first token.
+
+    reset [B, C] bool: the token begins a document (the state returns to `initial` before it);
+    doc_pos [B, C] int: its position in its document. This chunk holds C <= chunk_size tokens
+    (the last one may be partial); the documents' own chunks have chunk_size tokens. A token's
+    gradient is taken at the accumulator before the start of its document's chunk,
+    p = t - doc_pos % chunk_size, which is one of
+      A  p before this chunk: `anchor` (carried: the last token's anchor, same document);
+      I  p in this chunk and the document's first token: `initial`;
+      R  p in this chunk, later in a document begun before it (only the chunk's first
+         document can): the accumulator after token p - 1, which depends on the gradients of the
+         A tokens before p. So a first pass (A and I gradients) finds it, and a second pass
+         runs the chunk with every gradient at its own anchor.
+    Three shared-weight gradient evaluations and two scans instead of one each: the price of
+    documents that start anywhere. Returns (anchor_end, acc_end, mom_end, y, y_anchor), anchor_end
+    the accumulator the next chunk's A tokens take their gradients at.
+    """
+    B, H, C = k.shape[:3]
+    shapes = [a.shape[2:] for a in acc]
+    j = jnp.arange(C, dtype=jnp.int32)[None]
+    p = j - jnp.mod(doc_pos, chunk_size)        # chunk-local start of the token's document chunk
+    kind_a = p < 0
+    kind_i = (p >= 0) & (p == j - doc_pos)
+    kind_r = (p >= 0) & ~kind_i
+
+    def pick(mask, x, y):   # mask [B, C]; x, y [BH, C, ...]
+        m = jnp.broadcast_to(mask[:, None], (B, H, C)).reshape(B * H, C, *([1] * (x.ndim - 2)))
+        return jnp.where(m, x, y)
+
+    w_a, w_i = rule.readout(anchor), rule.readout(initial)
+    g_i = _grads(rule, w_i, k, v)
+    g1 = pick(kind_i, g_i, _grads(rule, w_a, k, v))
+    acc_tok, _, _ = _accumulate(rule, g1, acc, mom, theta, eta, alpha, reset=reset,
+                                initial=initial, implementation=implementation)
+    # The accumulator before each token (the carried one before token 0), at the R tokens' p.
+    before = jnp.concatenate([_flatten(acc, 2).reshape(B * H, 1, -1).astype(acc_tok.dtype),
+                              acc_tok[:, :-1]], axis=1).reshape(B, H, C, -1)
+    p_r = jnp.max(jnp.where(kind_r, p, 0), axis=1)                            # [B]
+    anchor_r = _restore(jnp.take_along_axis(before, p_r[:, None, None, None], axis=2)[:, :, 0],
+                        shapes, acc)
+    w_r = rule.readout(anchor_r)
+    g = pick(kind_r, _grads(rule, w_r, k, v), g1)
+    acc_tok, acc_end, mom_end = _accumulate(rule, g, acc, mom, theta, eta, alpha, reset=reset,
+                                            initial=initial, implementation=implementation)
+    w_tok = rule.readout(_unflatten(acc_tok.reshape(B, H, C, -1), shapes))
+    y = _read(rule, w_tok, q, True)
+
+    def pick_read(mask, x, y):   # mask [B, C]; x, y [B, H, C, dv]
+        return jnp.where(mask[:, None, :, None], x, y)
+
+    y_anchor = pick_read(kind_r, _read(rule, w_r, q, False),
+                         pick_read(kind_i, _read(rule, w_i, q, False), _read(rule, w_a, q, False)))
+    last_i, last_r = kind_i[:, -1, None, None, None], kind_r[:, -1, None, None, None]
+    anchor_end = tuple(jnp.where(last_r, r, jnp.where(last_i, i.astype(a.dtype), a))
+                       for a, i, r in zip(anchor, initial, anchor_r))
+    return (anchor_end, _restore(acc_end, shapes, acc),
+            None if mom_end is None else _restore(mom_end, shapes, mom), y, y_anchor)
 
 
 def _scan_chunks(step, carry, xs, remat: bool):
@@ -243,55 +344,76 @@ def _scan_chunks(step, carry, xs, remat: bool):
 
 
 def chunked_memory(rule: MemoryRule, acc, mom, k, v, q, theta, eta, alpha, *, chunk_size: int,
-                   implementation: str = "auto", remat: bool = True):
+                   implementation: str = "auto", remat: bool = True, anchor=None, initial=None,
+                   reset=None, doc_pos=None):
     """The parallel form over T tokens from (acc, mom), chunks aligned with the first token.
 
     k, q [B, T, H, dk]; v [B, T, H, dv]; theta, eta, alpha [B, T, H]; acc, mom as in
     `chunk_update`. Returns (y, y_anchor [B, T, H, dv], (anchor, acc, mom) after the last token),
-    where `anchor` is the accumulator at the start of the last (possibly partial) chunk.
+    where `anchor` is the accumulator the last token's gradient was taken at (unpacked, after a
+    whole number of chunks: the final accumulator, where the next chunk starts).
+
+    Packed documents (`chunk_update_segments`): reset [B, T] bool marks each document's first
+    token, where the state returns to `initial` (accumulators [B, H, i, o]; momentum 0);
+    doc_pos [B, T] int is each token's position in its document, whose chunks start at its own
+    first token wherever that falls; `anchor` is the carried anchor of a document begun before
+    the call (default `acc`). Each document then gets, to rounding, what it gets alone.
     """
     _require(isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1,
              f"chunked_memory: `chunk_size` must be an integer >= 1, got {chunk_size!r}")
     B, T, H = k.shape[:3]
     C = chunk_size
     n, r = divmod(T, C)
+    packed = reset is not None
 
     def heads_first(x):  # [B, T, H, ...] -> [B, H, T, ...]
         return jnp.moveaxis(x, 2, 1)
 
     seq = tuple(heads_first(x) for x in (k, v, q, theta, eta, alpha))
+    per_row = (reset, doc_pos) if packed else ()
 
     def body(carry, xs):
-        acc, mom = carry
-        acc_end, mom_end, y, ya = chunk_update(rule, acc, acc, mom, *xs,
-                                               implementation=implementation)
-        return (acc_end, mom_end), (y, ya)
+        anchor, acc, mom = carry
+        if packed:
+            anchor, acc_end, mom_end, y, ya = chunk_update_segments(
+                rule, anchor, acc, mom, initial, *xs, chunk_size=C,
+                implementation=implementation)
+        else:
+            acc_end, mom_end, y, ya = chunk_update(rule, acc, acc, mom, *xs,
+                                                   implementation=implementation)
+            anchor = acc
+        return (anchor, acc_end, mom_end), (y, ya)
 
     step = jax.checkpoint(body) if remat else body
-    ys, yas, anchor = [], [], acc
+    ys, yas = [], []
+    carry = (acc if anchor is None else anchor, acc, mom)
     if n:
-        def split(x):  # [B, H, n*C, ...] -> [n, B, H, C, ...]
-            x = x[:, :, :n * C].reshape(B, H, n, C, *x.shape[3:])
-            return jnp.moveaxis(x, 2, 0)
+        def split(x, axis):  # [B, (H,) n*C, ...] -> [n, B, (H,) C, ...]
+            x = jax.lax.slice_in_dim(x, 0, n * C, axis=axis)
+            x = x.reshape(*x.shape[:axis], n, C, *x.shape[axis + 1:])
+            return jnp.moveaxis(x, axis, 0)
 
-        (acc, mom), (y, ya) = _scan_chunks(step, (acc, mom), tuple(split(x) for x in seq),
-                                           remat)
+        carry, (y, ya) = _scan_chunks(
+            step, carry, tuple(split(x, 2) for x in seq) + tuple(split(x, 1) for x in per_row),
+            remat)
         # [n, B, H, C, dv] -> [B, H, n*C, dv]
         ys.append(jnp.moveaxis(y, 0, 2).reshape(B, H, n * C, -1))
         yas.append(jnp.moveaxis(ya, 0, 2).reshape(B, H, n * C, -1))
-        anchor = acc
     if r:
-        anchor = acc
-        (acc, mom), (y, ya) = step((acc, mom), tuple(x[:, :, n * C:] for x in seq))
+        carry, (y, ya) = step(carry, tuple(x[:, :, n * C:] for x in seq)
+                              + tuple(x[:, n * C:] for x in per_row))
         ys.append(y)
         yas.append(ya)
     y = jnp.concatenate(ys, axis=2) if len(ys) > 1 else ys[0]
     ya = jnp.concatenate(yas, axis=2) if len(yas) > 1 else yas[0]
+    anchor, acc, mom = carry
+    if not packed and not r:
+        anchor = acc   # the next token starts a chunk (the cache re-anchors there anyway)
     return jnp.moveaxis(y, 1, 2), jnp.moveaxis(ya, 1, 2), (anchor, acc, mom)
 
 
 def linear_memory_delta_rule(acc, k, v, q, theta, alpha, *, chunk_size=None,
-                             implementation: str = "auto"):
+                             implementation: str = "auto", initial=None, reset=None):
     """The linear memory (one layer, W [dk, dv]) with the l2 bias, l2 retention and no momentum,
     by `pallas_kernels.delta_rule`: the exact per-token online rule (chunk size 1), at the
     delta rule's chunked speed.
@@ -301,10 +423,44 @@ def linear_memory_delta_rule(acc, k, v, q, theta, alpha, *, chunk_size=None,
     beta = 2 theta / (1 - alpha) and v' = (1 - alpha) v (expand both: the terms match one by one).
     acc: (W [B, H, dk, dv],); k, q [B, T, H, dk]; v [B, T, H, dv]; theta, alpha [B, T, H].
     Returns (y [B, T, H, dv], W after the last token).
+
+    Packed documents: reset [B, T] bool marks each document's first token, where W returns to
+    `initial` (W0 [B, H, dk, dv],), not to the zero state the kernel's segments restart from. W is
+    affine in its start: from a start s, W_t = S0_t + Phi_t W0 with S0 the kernel's zero-start
+    state and Phi_t = prod e^g (I - beta k k^T). X_t = Phi_t - G_t I (G_t = prod e^g within the
+    document) starts at 0 and is itself a delta rule, with values -G_t k:
+    X_t = e^g X_{t-1} + beta k (-G_t k - e^g X_{t-1}^T k)^T. So one kernel call with dk more value
+    columns gives q^T S0 and q^T X, and q^T W_t = q^T S0_t + (q^T X_t + G_t q^T) W0.
     """
     keep = 1.0 - alpha
     beta = 2.0 * theta / keep
-    y, state = pallas_kernels.delta_rule(q, k, v * keep[..., None], beta, log_gate=jnp.log(keep),
-                                         initial_state=acc[0], scale=1.0, chunk_size=chunk_size,
-                                         implementation=implementation)
-    return y, (state.astype(acc[0].dtype),)
+    log_gate = jnp.log(keep)
+    kw = dict(log_gate=log_gate, scale=1.0, chunk_size=chunk_size, implementation=implementation)
+    start = acc[0]
+    if reset is not None:
+        w0 = initial[0].astype(acc[0].dtype)
+        # A document starting at token 0 starts from W0 itself; later starts are the kernel's
+        # segments (it resets to zero there) plus the W0 term above.
+        start = jnp.where(reset[:, 0, None, None, None], w0, acc[0])
+    if reset is None or k.shape[1] == 1:   # no start after token 0 (the decoding step)
+        y, state = pallas_kernels.delta_rule(q, k, v * keep[..., None], beta,
+                                             initial_state=start, **kw)
+        return y, (state.astype(acc[0].dtype),)
+    seg = jnp.cumsum(reset.at[:, 0].set(False), axis=1, dtype=jnp.int32)
+    later = (seg > 0)[..., None, None]
+    log_g, _ = pallas_kernels.linear_scan(jnp.ones_like(log_gate), log_gate, segment_ids=seg,
+                                          implementation=implementation)
+    g_doc = jnp.exp(log_g)
+    dv = v.shape[-1]
+    o, state = pallas_kernels.delta_rule(
+        q, k, jnp.concatenate([v * keep[..., None], -g_doc[..., None] * k], axis=-1), beta,
+        initial_state=jnp.concatenate([start, jnp.zeros((*start.shape[:-1], k.shape[-1]),
+                                                        start.dtype)], axis=-1),
+        segment_ids=seg, **kw)
+    w0o = w0.astype(o.dtype)
+    y = o[..., :dv] + jnp.where(later, jnp.einsum("bthi,bhio->btho",
+                                                  o[..., dv:] + g_doc[..., None] * q, w0o), 0.0)
+    eye = jnp.eye(k.shape[-1], dtype=state.dtype)
+    phi = state[..., dv:] + g_doc[:, -1, :, None, None].astype(state.dtype) * eye[None, None]
+    final = state[..., :dv] + jnp.where(later[:, -1, None], phi @ w0.astype(state.dtype), 0.0)
+    return y, (final.astype(acc[0].dtype),)

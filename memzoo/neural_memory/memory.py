@@ -28,10 +28,16 @@ at chunked speed; `use_delta_rule=False` sends it down the general path instead.
 
 Decoding (`NeuralMemoryCache`): the accumulator and momentum after the last token, the
 accumulator at the start of the current chunk (the weights every gradient of that chunk is
-taken at), the conv window and the token count. `step` re-anchors at every chunk boundary, so
-token-by-token decoding reproduces the chunked parallel form exactly. A prefill from a cache
-whose position is not a multiple of `chunk_size` runs token by token (a `lax.cond` picks);
-one from a chunk boundary runs the parallel form.
+taken at), the conv window, the token count, and per row the position in its current document
+and that document's id. `step` re-anchors where a row's document begins a chunk, so
+token-by-token decoding reproduces the chunked parallel form exactly. A prefill continues each
+row's document wherever it is in its chunk (core.chunk_update_segments).
+
+Packed documents (`segment_ids`, also for prefill and step, memzoo.registry): at each document's
+first token the memory weights return to the learned initial ones, the momentum and the conv
+window to zero, and the document is chunked from its own first token, so it gets, to float32
+rounding, what it gets alone; on the delta-rule path the restart to the initial weights rides on
+the kernel's zero restarts (core.linear_memory_delta_rule).
 """
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ from flax import nnx, struct
 
 import pallas_kernels
 from memzoo import layers
+from memzoo.attention import check_segment_ids, segment_positions, segment_starts
 from memzoo.linear_attention.common import check_positive_int, l2_normalize, normal_init
 from memzoo.neural_memory import core
 from memzoo.registry import register_mixer
@@ -56,12 +63,16 @@ THETA_INIT, ETA_INIT, ALPHA_INIT = 0.3, 0.5, 0.01   # theta: a fraction of max_l
 @struct.dataclass
 class NeuralMemoryCache:
     """anchor, weights, momentum: tuples of [b, H, in, out] float32 (momentum None for the
-    "gd" rule); conv [b, conv_size - 1, 3 H K] or None; index int32: tokens seen."""
+    "gd" rule); conv [b, conv_size - 1, 3 H K] or None; index int32: tokens seen; position [b]
+    int32: tokens of each row's current document seen (its chunks start at the document's first
+    token); segment [b] int32: that document's id (a different id starts a new document)."""
     anchor: tuple
     weights: tuple
     momentum: tuple | None
     conv: jax.Array | None
     index: jax.Array
+    position: jax.Array
+    segment: jax.Array
 
 
 def _logit(p: float) -> float:
@@ -159,7 +170,7 @@ class NeuralMemory(nnx.Module):
         mom = (tuple(jnp.zeros_like(a) for a in leaves) if self.rule.momentum else None)
         return leaves, mom
 
-    def _inputs(self, x, conv_state, decode: bool):
+    def _inputs(self, x, conv_state, decode: bool, segment_ids=None):
         """q, k, v [b, t, H, K] and theta, eta, alpha [b, t, H], and the new conv window."""
         b, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
@@ -175,7 +186,8 @@ class NeuralMemory(nnx.Module):
                 flat = y[:, None]
             else:
                 flat, new_conv = pallas_kernels.causal_conv1d(flat, w, activation="silu",
-                                                              initial_state=conv_state)
+                                                              initial_state=conv_state,
+                                                              segment_ids=segment_ids)
         flat = flat.astype(self.state_dtype)
         q, k, v = (flat[..., i * H * K:(i + 1) * H * K].reshape(b, T, H, K) for i in range(3))
         q, k = l2_normalize(q), l2_normalize(k)
@@ -190,67 +202,79 @@ class NeuralMemory(nnx.Module):
         y = self.out_norm(y.astype(self.dtype))
         return jnp.einsum("bthk,hkd->btd", y, self.wo[...].astype(self.dtype))
 
-    def _parallel(self, inputs, anchor, acc, mom):
+    def _chunked(self, inputs, acc, mom, **packed):
         q, k, v, theta, eta, alpha = inputs
-        if self.delta_path:
-            y, acc = core.linear_memory_delta_rule(acc, k, v, q, theta, alpha,
-                                                   implementation=self.implementation)
-            return y, None, (acc, acc, None)
-        del anchor  # the parallel form starts at a chunk boundary (see __call__)
-        y, ya, state = core.chunked_memory(self.rule, acc, mom, k, v, q, theta, eta, alpha,
-                                           chunk_size=self.chunk_size, remat=self.remat,
-                                           implementation=self.implementation)
-        return y, ya, state
+        return core.chunked_memory(self.rule, acc, mom, k, v, q, theta, eta, alpha,
+                                   chunk_size=self.chunk_size, remat=self.remat,
+                                   implementation=self.implementation, **packed)
 
-    def _token(self, inputs, cache: NeuralMemoryCache):
-        """One token (inputs [b, 1, ...]) from `cache`: the chunk body with C = 1, its gradient
-        taken at the chunk-start accumulator (refreshed when a new chunk begins)."""
-        if self.delta_path:
-            return self._parallel(inputs, None, cache.weights, None)
-        new_chunk = cache.index % self.chunk_size == 0
-        anchor = tuple(jnp.where(new_chunk, a, c) for a, c in zip(cache.weights, cache.anchor))
-        heads_first = [jnp.moveaxis(t, 2, 1) for t in inputs]
-        q, k, v, theta, eta, alpha = heads_first
-        acc, mom, y, ya = core.chunk_update(self.rule, anchor, cache.weights, cache.momentum,
-                                            k, v, q, theta, eta, alpha,
-                                            implementation=self.implementation)
+    def _token(self, inputs, anchor, acc, mom, position):
+        """One token (inputs [b, 1, ...]): the chunk body with C = 1, its gradient taken at the
+        chunk-start accumulator (refreshed where a row's document begins a new chunk)."""
+        new_chunk = (position % self.chunk_size == 0)[:, None, None, None]
+        anchor = tuple(jnp.where(new_chunk, a, c) for a, c in zip(acc, anchor))
+        q, k, v, theta, eta, alpha = (jnp.moveaxis(t, 2, 1) for t in inputs)
+        acc, mom, y, ya = core.chunk_update(self.rule, anchor, acc, mom, k, v, q, theta, eta,
+                                            alpha, implementation=self.implementation)
         return jnp.moveaxis(y, 1, 2), jnp.moveaxis(ya, 1, 2), (anchor, acc, mom)
 
-    def forward(self, x, cache: NeuralMemoryCache | None = None, *, decode: bool = False):
+    def forward(self, x, cache: NeuralMemoryCache | None = None, *, decode: bool = False,
+                segment_ids=None):
         """(y, y_anchor, cache): the output, the read of the chunk-start weights (both projected
-        [b, t, d]; y_anchor is None on the delta-rule path) and the state after x."""
+        [b, t, d]; y_anchor is None on the delta-rule path) and the state after x.
+
+        segment_ids [b, t] int: packed documents. Where the id changes (with a cache: also from
+        the cache's `segment` to token 0) the memory weights, momentum and conv window return to
+        their initial values, and the document's chunks start at its first token."""
         b, T, _ = x.shape
+        initial, zero_mom = self._initial(b)
         if cache is None:
-            acc, mom = self._initial(b)
-            anchor, conv, index = acc, None, jnp.zeros((), jnp.int32)
+            anchor, acc, mom, conv = initial, initial, zero_mom, None
+            index, position = jnp.zeros((), jnp.int32), jnp.zeros((b,), jnp.int32)
+            segment, previous = jnp.zeros((b,), jnp.int32), None
         else:
-            anchor, acc, mom = cache.anchor, cache.weights, cache.momentum
-            conv, index = cache.conv, cache.index
-        inputs, conv = self._inputs(x, conv, decode)
-        if decode:
-            y, ya, state = self._token(inputs, NeuralMemoryCache(anchor, acc, mom, None, index))
-        elif cache is None or self.delta_path:
-            y, ya, state = self._parallel(inputs, anchor, acc, mom)
+            anchor, acc, mom, conv = cache.anchor, cache.weights, cache.momentum, cache.conv
+            index, position, segment = cache.index, cache.position, cache.segment
+            previous = segment
+        reset = doc_pos = None
+        if segment_ids is not None:
+            reset = segment_starts(segment_ids, previous)
+            doc_pos = segment_positions(segment_ids, position, previous)
+            if cache is not None:   # a document from token 0 on: the state restarts before it
+                r0 = reset[:, 0]
+
+                def restart(old, new):
+                    return None if old is None else tuple(
+                        jnp.where(r0.reshape(-1, *[1] * (o.ndim - 1)), n.astype(o.dtype), o)
+                        for o, n in zip(old, new))
+
+                anchor, acc, mom = restart(anchor, initial), restart(acc, initial), \
+                    restart(mom, zero_mom)
+                if conv is not None:
+                    conv = jnp.where(r0[:, None, None], 0.0, conv).astype(conv.dtype)
+            segment = segment_ids[:, -1].astype(jnp.int32)
+        inputs, conv = self._inputs(x, conv, decode, segment_ids)
+        t = jnp.arange(T, dtype=jnp.int32)[None]
+        if doc_pos is None:
+            doc_pos = position[:, None] + t
+        if self.delta_path:
+            q, k, v, theta, _, alpha = inputs
+            y, w = core.linear_memory_delta_rule(
+                acc, k, v, q, theta, alpha, implementation=self.implementation,
+                initial=initial, reset=reset)
+            ya, state = None, (w, w, None)
+        elif decode:
+            y, ya, state = self._token(inputs, anchor, acc, mom, doc_pos[:, 0])
+        elif reset is None and cache is None:
+            y, ya, state = self._chunked(inputs, acc, mom)
         else:
-            y, ya, state = self._prefill(inputs, NeuralMemoryCache(anchor, acc, mom, None, index))
-        new = NeuralMemoryCache(*state, conv, index + T)
+            # A prefill: each row's document may be anywhere in its chunk, so the packed form
+            # (with no starts when no ids are given) continues it exactly.
+            y, ya, state = self._chunked(
+                inputs, acc, mom, anchor=anchor, initial=initial, doc_pos=doc_pos,
+                reset=jnp.zeros((b, T), bool) if reset is None else reset)
+        new = NeuralMemoryCache(*state, conv, index + T, doc_pos[:, -1] + 1, segment)
         return self._output(y), None if ya is None else self._output(ya), new
-
-    def _prefill(self, inputs, cache):
-        """From a chunk boundary: the parallel form; else token by token (lax.scan of _token)."""
-        def parallel(_):
-            return self._parallel(inputs, cache.anchor, cache.weights, cache.momentum)
-
-        def tokenwise(_):
-            def body(c, tok):
-                y, ya, (anchor, acc, mom) = self._token(
-                    tuple(t[:, None] for t in tok), c)
-                return NeuralMemoryCache(anchor, acc, mom, None, c.index + 1), (y[:, 0], ya[:, 0])
-            seq = tuple(jnp.moveaxis(t, 1, 0) for t in inputs)
-            c, (y, ya) = jax.lax.scan(body, cache, seq)
-            return jnp.moveaxis(y, 0, 1), jnp.moveaxis(ya, 0, 1), (c.anchor, c.weights, c.momentum)
-
-        return jax.lax.cond(cache.index % self.chunk_size == 0, parallel, tokenwise, None)
 
     # ---- the SequenceMixer protocol ------------------------------------------------------------
     def init_cache(self, batch_size: int, *, max_len: int | None = None) -> NeuralMemoryCache:
@@ -259,7 +283,9 @@ class NeuralMemory(nnx.Module):
         acc, mom = self._initial(batch_size)
         conv = (jnp.zeros((batch_size, self.conv_size - 1, 3 * self.num_heads * self.head_dim),
                           self.state_dtype) if self.conv_size else None)
-        return NeuralMemoryCache(acc, acc, mom, conv, jnp.zeros((), jnp.int32))
+        return NeuralMemoryCache(acc, acc, mom, conv, jnp.zeros((), jnp.int32),
+                                 jnp.zeros((batch_size,), jnp.int32),
+                                 jnp.zeros((batch_size,), jnp.int32))
 
     def _check_cache(self, cache, batch: int) -> None:
         want = (batch, *self.memory_init[0].shape)
@@ -269,21 +295,30 @@ class NeuralMemory(nnx.Module):
             raise ValueError(f"{type(self).__name__}: `cache` must be a NeuralMemoryCache with "
                              f"first weights {want} (from init_cache({batch})), got {got}")
 
-    def step(self, x_t, cache: NeuralMemoryCache):
+    def step(self, x_t, cache: NeuralMemoryCache, *, segment_ids=None):
+        """One token; `segment_ids` [b] int: its document, a new one where it differs from the
+        cache's (the memory restarts from its initial weights)."""
         owner = type(self).__name__
         layers.check_input(f"{owner}.step", "x_t", x_t, ndim=2, width=self.d_model,
                            legend="[batch, d_model]")
         self._check_cache(cache, x_t.shape[0])
-        y, _, cache = self.forward(x_t[:, None], cache, decode=True)
+        if segment_ids is not None:
+            check_segment_ids(f"{owner}.step", segment_ids, x_t.shape[:1])
+            segment_ids = segment_ids[:, None]
+        y, _, cache = self.forward(x_t[:, None], cache, decode=True, segment_ids=segment_ids)
         return y[:, 0], cache
 
-    def __call__(self, x, cache: NeuralMemoryCache | None = None):
-        """Parallel (chunked) form, or with `cache` the prefill that continues from it."""
-        layers.check_input(type(self).__name__, "x", x, ndim=3, width=self.d_model)
+    def __call__(self, x, cache: NeuralMemoryCache | None = None, *, segment_ids=None):
+        """Parallel (chunked) form, or with `cache` the prefill that continues from it.
+        `segment_ids` [b, t] int: packed documents, nothing crosses a change of id (forward)."""
+        owner = type(self).__name__
+        layers.check_input(owner, "x", x, ndim=3, width=self.d_model)
+        if segment_ids is not None:
+            check_segment_ids(owner, segment_ids, x.shape[:2])
         if cache is None:
-            return self.forward(x)[0]
+            return self.forward(x, segment_ids=segment_ids)[0]
         self._check_cache(cache, x.shape[0])
-        y, _, cache = self.forward(x, cache)
+        y, _, cache = self.forward(x, cache, segment_ids=segment_ids)
         return y, cache
 
 

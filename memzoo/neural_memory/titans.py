@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from memzoo import layers
-from memzoo.attention import Attention, KVCache
+from memzoo.attention import (Attention, KVCache, check_segment_ids, segment_positions,
+                              segment_starts)
 from memzoo.linear_attention.common import check_positive_int
 from memzoo.neural_memory.memory import NeuralMemory, NeuralMemoryCache, with_memory_keywords
 from memzoo.registry import register_mixer
@@ -82,31 +83,48 @@ class _TitansBase(nnx.Module):
 
     def _attend(self, q, keys, values, visible):
         """Softmax attention of q [b, t, H, k] over [persistent; keys] with mask `visible`
-        [t, s] for `keys` (persistent keys are always visible)."""
+        [t, s] or [b, t, s] for `keys` (persistent keys are always visible, to every document)."""
         b, T = q.shape[:2]
+        visible = jnp.broadcast_to(visible, (b, T, visible.shape[-1]))
         pkv = self._persistent_kv(b)
         if pkv is not None:
             keys = jnp.concatenate([pkv[0].astype(keys.dtype), keys], axis=1)
             values = jnp.concatenate([pkv[1].astype(values.dtype), values], axis=1)
-            visible = jnp.concatenate([jnp.ones((T, self.num_persistent), bool), visible], 1)
+            visible = jnp.concatenate([jnp.ones((b, T, self.num_persistent), bool), visible], 2)
         o = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
-                                         mask=visible[None, None])
+                                         mask=visible[:, None])
         return self.attn._out(o)
 
-    def _window_parallel(self, x):
-        b, T, _ = x.shape
-        pos = jnp.arange(T, dtype=jnp.int32)
-        q, k, v = self.attn._project(x, jnp.broadcast_to(pos[None], (b, T)))
-        visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.window)
-        return self._attend(q, k, v, visible)
+    @staticmethod
+    def _documents(b, T, memory_cache, segment_ids):
+        """(doc_pos, doc), both [b, t] int32: each token's position in its document (rotary
+        phases, MAC's segments) and which document it is in, counted from 0 (the document the
+        memory's cache holds, or the first)."""
+        t = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (b, T))
+        offset = None if memory_cache is None else memory_cache.position
+        if segment_ids is None:
+            return (t if offset is None else t + offset[:, None]), jnp.zeros((b, T), jnp.int32)
+        previous = None if memory_cache is None else memory_cache.segment
+        doc = jnp.cumsum(segment_starts(segment_ids, previous), axis=1, dtype=jnp.int32)
+        return segment_positions(segment_ids, offset, previous), doc
 
-    def _window_cached(self, x, cache: KVCache):
-        """The ring-cache form of the window attention (memzoo.attention's slot layout:
-        position p in slot p % W), with the persistent keys in front."""
+    def _window_parallel(self, x, segment_ids=None):
+        b, T, _ = x.shape
+        doc_pos, doc = self._documents(b, T, None, segment_ids)
+        pos = jnp.arange(T, dtype=jnp.int32)
+        q, k, v = self.attn._project(x, doc_pos)
+        visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.window)
+        return self._attend(q, k, v, visible[None] & (doc[:, :, None] == doc[:, None, :]))
+
+    def _window_cached(self, x, cache: KVCache, memory_cache, segment_ids=None):
+        """The ring-cache form of the window attention (memzoo.attention's slot layout: stream
+        position p in slot p % W), with the persistent keys in front. Each row sees only keys
+        from its query's document, which began at stream position q_pos - doc_pos."""
         b, T, _ = x.shape
         index, W = cache.index, cache.k.shape[1]
         q_pos = index + jnp.arange(T, dtype=jnp.int32)
-        q, k, v = self.attn._project(x, jnp.broadcast_to(q_pos[None], (b, T)))
+        doc_pos, _ = self._documents(b, T, memory_cache, segment_ids)
+        q, k, v = self.attn._project(x, doc_pos)
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
         s = jnp.arange(W, dtype=jnp.int32)
         ring_pos = index - W + jnp.mod(s - index, W)
@@ -119,6 +137,8 @@ class _TitansBase(nnx.Module):
                       cache.v.at[:, write].set(v[:, T - m:]), index + T)
         visible = ((k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
                    & (k_pos[None, :] > q_pos[:, None] - self.window))
+        doc_start = q_pos[None] - doc_pos
+        visible = visible[None] & (k_pos[None, None, :] >= doc_start[:, :, None])
         return self._attend(q, keys, values, visible), new
 
     # ---- protocol ----------------------------------------------------------------------------
@@ -126,18 +146,29 @@ class _TitansBase(nnx.Module):
         del max_len  # nothing grows with the sequence
         return TitansCache(self.memory.init_cache(batch_size), self.attn.init_cache(batch_size))
 
-    def step(self, x_t, cache: TitansCache):
-        layers.check_input(f"{type(self).__name__}.step", "x_t", x_t, ndim=2, width=self.d_model,
+    def step(self, x_t, cache: TitansCache, *, segment_ids=None):
+        """One token; `segment_ids` [b] int: its document, a new one where it differs from the
+        cache's (memory and attention start afresh; the persistent tokens stay)."""
+        owner = f"{type(self).__name__}.step"
+        layers.check_input(owner, "x_t", x_t, ndim=2, width=self.d_model,
                            legend="[batch, d_model]")
-        y, cache = self._forward(x_t[:, None], cache, decode=True)
+        if segment_ids is not None:
+            check_segment_ids(owner, segment_ids, x_t.shape[:1])
+            segment_ids = segment_ids[:, None]
+        y, cache = self._forward(x_t[:, None], cache, decode=True, segment_ids=segment_ids)
         return y[:, 0], cache
 
-    def __call__(self, x, cache: TitansCache | None = None):
-        layers.check_input(type(self).__name__, "x", x, ndim=3, width=self.d_model)
+    def __call__(self, x, cache: TitansCache | None = None, *, segment_ids=None):
+        """Parallel form, or with `cache` the prefill that continues from it. `segment_ids`
+        [b, t] int: packed documents; nothing but the persistent tokens crosses a change of id."""
+        owner = type(self).__name__
+        layers.check_input(owner, "x", x, ndim=3, width=self.d_model)
         if cache is not None and not isinstance(cache, TitansCache):
-            raise ValueError(f"{type(self).__name__}: `cache` must be a TitansCache (from "
+            raise ValueError(f"{owner}: `cache` must be a TitansCache (from "
                              f"init_cache), got {type(cache).__name__}")
-        y, new = self._forward(x, cache)
+        if segment_ids is not None:
+            check_segment_ids(owner, segment_ids, x.shape[:2])
+        y, new = self._forward(x, cache, segment_ids=segment_ids)
         return y if cache is None else (y, new)
 
 
@@ -158,13 +189,14 @@ class TitansMAG(_TitansBase):
                          memory_options=memory_options, dtype=dtype, rngs=rngs)
         self.gate = layers.Linear(d_model, d_model, axes=("embed", "embed"), rngs=rngs)
 
-    def _forward(self, x, cache, decode: bool = False):
+    def _forward(self, x, cache, decode: bool = False, segment_ids=None):
         if cache is None:
-            a, m = self._window_parallel(x), self.memory(x)
+            a, m = self._window_parallel(x, segment_ids), self.memory(x, segment_ids=segment_ids)
             new = None
         else:
-            a, attn = self._window_cached(x, cache.attn)
-            m, _, mem = self.memory.forward(x, cache.memory, decode=decode)
+            a, attn = self._window_cached(x, cache.attn, cache.memory, segment_ids)
+            m, _, mem = self.memory.forward(x, cache.memory, decode=decode,
+                                            segment_ids=segment_ids)
             new = TitansCache(mem, attn)
         g = jax.nn.sigmoid(self.gate(x.astype(self.dtype)))
         return g * a + (1.0 - g) * m, new
@@ -186,11 +218,12 @@ class TitansMAL(_TitansBase):
                          num_persistent=num_persistent, chunk_size=chunk_size, rope=rope,
                          memory_options=memory_options, dtype=dtype, rngs=rngs)
 
-    def _forward(self, x, cache, decode: bool = False):
+    def _forward(self, x, cache, decode: bool = False, segment_ids=None):
         if cache is None:
-            return self._window_parallel(self.memory(x)), None
-        m, _, mem = self.memory.forward(x, cache.memory, decode=decode)
-        a, attn = self._window_cached(m, cache.attn)
+            return self._window_parallel(self.memory(x, segment_ids=segment_ids),
+                                         segment_ids), None
+        m, _, mem = self.memory.forward(x, cache.memory, decode=decode, segment_ids=segment_ids)
+        a, attn = self._window_cached(m, cache.attn, cache.memory, segment_ids)
         return a, TitansCache(mem, attn)
 
 
@@ -224,46 +257,53 @@ class TitansMAC(_TitansBase):
                                    jnp.zeros((), jnp.int32)))
 
     def _segment_kv(self, x, h, positions):
-        """Keys/values of the segment tokens and of the memory reads h (same positions)."""
-        b, T, _ = x.shape
-        pos = jnp.broadcast_to(positions[None], (b, T))
-        q, kx, vx = self.attn._project(x, pos)
-        _, kh, vh = self.attn._project(h, pos)
+        """Keys/values of the segment tokens and of the memory reads h (same positions [b, t])."""
+        q, kx, vx = self.attn._project(x, positions)
+        _, kh, vh = self.attn._project(h, positions)
         return q, kx, vx, kh, vh
 
-    def _forward(self, x, cache, decode: bool = False):
+    def _forward(self, x, cache, decode: bool = False, segment_ids=None):
         b, T, _ = x.shape
         S = self.segment_len
-        index = jnp.zeros((), jnp.int32) if cache is None else cache.attn.index
-        m, h, mem = self.memory.forward(x, None if cache is None else cache.memory, decode=decode)
-        pos = index + jnp.arange(T, dtype=jnp.int32)
-        q, kx, vx, kh, vh = self._segment_kv(x, h, pos)
+        memory_cache = None if cache is None else cache.memory
+        # Segments are counted within each document (from its first token), like the memory's
+        # chunks, so a packed document is cut where it would be cut alone.
+        doc_pos, doc = self._documents(b, T, memory_cache, segment_ids)
+        m, h, mem = self.memory.forward(x, memory_cache, decode=decode, segment_ids=segment_ids)
+        q, kx, vx, kh, vh = self._segment_kv(x, h, doc_pos)
+        seg = doc_pos // S
+        t = jnp.arange(T, dtype=jnp.int32)
+        new_ok = ((doc[:, None, :] == doc[:, :, None]) & (seg[:, None, :] == seg[:, :, None])
+                  & (t[None, :] <= t[:, None])[None])
         if cache is None:
-            seg = pos // S
-            visible = (seg[None, :] == seg[:, None]) & (pos[None, :] <= pos[:, None])
             a = self._attend(q, jnp.concatenate([kh, kx], 1), jnp.concatenate([vh, vx], 1),
-                             jnp.concatenate([visible, visible], 1))
+                             jnp.concatenate([new_ok, new_ok], -1))
             return a + m, None
-        # Cached: slots [0, S) hold the segment's x keys, [S, 2S) its h keys, by position % S.
-        # Attend over [old buffer; new keys], keep the last S new keys in the buffer.
+        # Cached: slots [0, S) hold the current segment's x keys, [S, 2S) its h keys, by
+        # position % S in the row's document; the cache's document had written `position` % S
+        # of them. Attend over [old buffer; new keys].
         buf = cache.attn
+        position = memory_cache.position
         slot = jnp.arange(S, dtype=jnp.int32)
-        start = index - jnp.mod(index, S)                    # first position of the segment
-        buf_pos = start + slot                               # < index: written, same segment
-        seg_q = pos // S
-        old_ok = (buf_pos[None, :] < index) & ((buf_pos // S)[None, :] == seg_q[:, None])
-        new_ok = ((pos // S)[None, :] == seg_q[:, None]) & (pos[None, :] <= pos[:, None])
+        old_ok = (((doc == 0) & (seg == (position // S)[:, None]))[:, :, None]
+                  & (slot[None, None, :] < (position % S)[:, None, None]))
         keys = jnp.concatenate([buf.k[:, S:], kh, buf.k[:, :S], kx], 1)
         values = jnp.concatenate([buf.v[:, S:], vh, buf.v[:, :S], vx], 1)
-        visible = jnp.concatenate([old_ok, new_ok, old_ok, new_ok], 1)
-        a = self._attend(q, keys, values, visible)
-        n = min(T, S)
-        write = jnp.mod(index + T - n + jnp.arange(n, dtype=jnp.int32), S)
-        kb = buf.k.at[:, write].set(kx[:, T - n:].astype(buf.k.dtype))
-        kb = kb.at[:, S + write].set(kh[:, T - n:].astype(buf.k.dtype))
-        vb = buf.v.at[:, write].set(vx[:, T - n:].astype(buf.v.dtype))
-        vb = vb.at[:, S + write].set(vh[:, T - n:].astype(buf.v.dtype))
-        return a + m, TitansCache(mem, KVCache(kb, vb, index + T))
+        a = self._attend(q, keys, values, jnp.concatenate([old_ok, new_ok, old_ok, new_ok], -1))
+        # Keep the keys of the last token's segment, each at its slot (one token per slot:
+        # tokens of other segments or documents could share slots, so they are not written).
+        final = (doc == doc[:, -1:]) & (seg == seg[:, -1:])
+        onehot = final[:, :, None] & ((doc_pos % S)[:, :, None] == slot[None, None, :])
+        written = jnp.any(onehot, axis=1)[:, :, None, None]
+        source = jnp.argmax(onehot, axis=1)[:, :, None, None]            # [b, S]: its token
+
+        def keep(old, new):
+            picked = jnp.take_along_axis(new, source, axis=1)   # a gather: exact, any precision
+            return jnp.where(written, picked.astype(old.dtype), old)
+
+        kb = jnp.concatenate([keep(buf.k[:, :S], kx), keep(buf.k[:, S:], kh)], 1)
+        vb = jnp.concatenate([keep(buf.v[:, :S], vx), keep(buf.v[:, S:], vh)], 1)
+        return a + m, TitansCache(mem, KVCache(kb, vb, buf.index + T))
 
 
 # Name the memory's keywords in the constructors' signatures (see with_memory_keywords).

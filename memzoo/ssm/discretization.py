@@ -54,15 +54,21 @@ def discretize(A, B, dt: float, method: str = "bilinear"):
 def gbt_step(A, B, c, f, dt, method: str = "bilinear"):
     """c_next = Abar c + Bbar f for a lower-triangular A and a per-step dt, without inverses.
 
-    A [n, n], B [n], c [batch, n], f [batch], dt scalar. (I - alpha dt A) is lower triangular,
-    so the step costs two O(n^2) products and one triangular solve.
+    A [n, n], B [n], c [batch, n], f [batch], dt scalar or [batch] (one clock per row, e.g.
+    packed documents restarting LegS's 1/t). (I - alpha dt A) is lower triangular, so the step
+    costs two O(n^2) products and one triangular solve.
     """
     check_method(method, tuple(_GBT_ALPHA))
     alpha = _GBT_ALPHA[method]
     n = A.shape[0]
-    rhs = c + (1.0 - alpha) * dt * (c @ A.T) + dt * (f[:, None] * B[None, :])
+    per_row = jnp.ndim(dt) == 1
+    d = dt[:, None] if per_row else dt
+    rhs = c + (1.0 - alpha) * d * (c @ A.T) + d * (f[:, None] * B[None, :])
     if alpha == 0.0:
         return rhs
+    if per_row:
+        lhs = jnp.eye(n, dtype=A.dtype)[None] - alpha * dt[:, None, None] * A[None]
+        return jax.scipy.linalg.solve_triangular(lhs, rhs[..., None], lower=True)[..., 0]
     lhs = jnp.eye(n, dtype=A.dtype) - alpha * dt * A
     return jax.scipy.linalg.solve_triangular(lhs, rhs.T, lower=True).T
 

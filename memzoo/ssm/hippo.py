@@ -35,6 +35,7 @@ import scipy.special
 from flax import nnx, struct
 
 from memzoo import layers
+from memzoo.attention import check_segment_ids, segment_starts
 from memzoo.registry import register_mixer
 from memzoo.ssm import discretization
 
@@ -177,7 +178,8 @@ def run_memory(op: HippoOperator, f, *, dtype=jnp.float32):
 class HippoRNNCache:
     h: jax.Array  # [b, hidden] RNN hidden state
     c: jax.Array  # [b, n] HiPPO memory coefficients
-    t: jax.Array  # [] int32: tokens seen (LegS's 1/t clock)
+    t: jax.Array  # [b] int32: tokens of each row's current document seen (LegS's 1/t clock)
+    segment: jax.Array  # [b] int32: that document's id (a different id starts a new one)
 
 
 @register_mixer("hippo_rnn")
@@ -222,9 +224,17 @@ class HippoRNN(nnx.Module):
     def init_cache(self, batch_size: int) -> HippoRNNCache:
         return HippoRNNCache(h=jnp.zeros((batch_size, self.hidden_size), jnp.float32),
                              c=jnp.zeros((batch_size, self.state_size), jnp.float32),
-                             t=jnp.zeros((), jnp.int32))
+                             t=jnp.zeros((batch_size,), jnp.int32),
+                             segment=jnp.zeros((batch_size,), jnp.int32))
 
-    def _cell(self, x_t, cache: HippoRNNCache):
+    def _cell(self, x_t, cache: HippoRNNCache, start=None, segment=None):
+        """One step; where `start` [b] (a new document) the state first returns to init_cache's."""
+        if start is not None:
+            fresh = self.init_cache(x_t.shape[0])
+            cache = jax.tree.map(
+                lambda n, o: jnp.where(start.reshape(-1, *[1] * (o.ndim - 1)), n, o),
+                fresh, cache)
+            cache = cache.replace(segment=segment)
         pre = (self.input_proj(jnp.concatenate([x_t.astype(jnp.float32), cache.c], axis=-1))
                + self.hidden_proj(cache.h))
         if self.gated:
@@ -237,24 +247,38 @@ class HippoRNN(nnx.Module):
         t = cache.t + 1
         c = memory_step(self.measure, self.method, self.A[...], self.B[...], self.Abar[...],
                         self.Bbar[...], cache.c, f, t)
-        return h, HippoRNNCache(h=h, c=c, t=t)
+        return h, HippoRNNCache(h=h, c=c, t=t, segment=cache.segment)
 
-    def step(self, x_t, cache: HippoRNNCache):
+    def step(self, x_t, cache: HippoRNNCache, *, segment_ids=None):
+        """One token; `segment_ids` [b] int: its document, a new one (the state restarts) where
+        it differs from the cache's."""
         layers.check_input("HippoRNN.step", "x_t", x_t, ndim=2, width=self.d_model,
                            legend="[batch, d_model]")
-        h, cache = self._cell(x_t, cache)
+        start = None
+        if segment_ids is not None:
+            check_segment_ids("HippoRNN.step", segment_ids, x_t.shape[:1])
+            start = segment_ids != cache.segment
+        h, cache = self._cell(x_t, cache, start, segment_ids)
         return self.out_proj(h), cache
 
-    def __call__(self, x, cache: HippoRNNCache | None = None):
+    def __call__(self, x, cache: HippoRNNCache | None = None, *, segment_ids=None):
+        """The scan of `step`, from `cache` if given (then (y, cache)). `segment_ids` [b, t] int:
+        packed documents; the state restarts where the id changes (with a cache: also where
+        token 0's id differs from the cache's)."""
         layers.check_input("HippoRNN", "x", x, ndim=3, width=self.d_model)
         given = cache is not None
         if cache is None:
             cache = self.init_cache(x.shape[0])
+        xs = (jnp.swapaxes(x, 0, 1),)
+        if segment_ids is not None:
+            check_segment_ids("HippoRNN", segment_ids, x.shape[:2])
+            starts = segment_starts(segment_ids, cache.segment if given else None)
+            xs += (jnp.swapaxes(starts, 0, 1), jnp.swapaxes(segment_ids.astype(jnp.int32), 0, 1))
 
-        def body(carry, x_t):
-            h, carry = self._cell(x_t, carry)
+        def body(carry, xs_t):
+            h, carry = self._cell(*xs_t[:1], carry, *xs_t[1:])
             return carry, h
 
-        cache, hs = jax.lax.scan(body, cache, jnp.swapaxes(x, 0, 1))
+        cache, hs = jax.lax.scan(body, cache, xs)
         y = self.out_proj(jnp.swapaxes(hs, 0, 1))
         return (y, cache) if given else y

@@ -172,5 +172,25 @@ def test_hippo_rnn_memory_is_the_hippo_recurrence():
     op = hippo.HippoOperator.build("legs", 6, method="bilinear")
     c = hippo.run_memory(op, jnp.stack(fs, axis=1))
     np.testing.assert_allclose(np.asarray(c[:, -1]), np.asarray(cache.c), rtol=1e-5, atol=1e-6)
-    assert int(cache.t) == 10 and prev is not cache
+    assert cache.t.tolist() == [10] and prev is not cache
 
+
+
+# ---- packed documents (segment_ids) --------------------------------------------------------------
+PACKED = [[4, 2, 7], [3, 1, 9]]
+
+
+@pytest.mark.parametrize("measure", ["legs", "legt"])
+def test_hippo_rnn_packed_documents_equal_each_alone(measure):
+    """The RNN state, the memory and LegS's 1/t clock restart at every document: forward,
+    prefill + decoding across the starts, and gradients."""
+    from flax import nnx
+    from memzoo.ssm import HippoRNN
+    from tests.memzoo import helpers
+    m = HippoRNN(4, state_size=6, measure=measure, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 13, 4))
+    y = helpers.assert_packed_equals_alone(m, x, PACKED)
+    assert helpers.relative_rmse(helpers.forward(m, x)[0, 6:], y[0, 6:]) > 1e-3
+    dec = helpers.assert_packed_decoding_equals_alone(m, x, PACKED, t1=5)
+    assert helpers.relative_rmse(dec, y) < 1e-5
+    helpers.assert_packed_gradients_equal_alone(m, x, PACKED)

@@ -214,3 +214,33 @@ def test_bad_inputs_are_clear_errors():
         generate(model, tokens(length=2), 2, temperature=1.0)
     # remat as a bool (configs that only switch it on) is "full" / "none".
     assert lm("s4d", 1, remat=True).stack.remat == "full"
+
+
+def test_block_raises_for_a_mixer_without_segment_ids():
+    """A mixer that cannot keep packed documents apart makes the model refuse segment_ids (it
+    used to drop them and let the documents mix); without them it still runs."""
+    from memzoo.registry import MIXERS
+
+    class NoSegments(nnx.Module):
+        def __init__(self, d_model, *, rngs, dtype=jnp.float32):
+            self.d_model = d_model
+
+        def __call__(self, x, cache=None):
+            return jnp.cumsum(x, axis=1)
+
+        def init_cache(self, batch_size):
+            return None
+
+        def step(self, x_t, cache):
+            return x_t, cache
+
+    MIXERS.register("_test_no_segments", NoSegments)
+    try:
+        lm = CausalLM(vocab_size=8, d_model=8, num_layers=1, mixer="_test_no_segments",
+                      rngs=nnx.Rngs(0))
+        tokens = jnp.zeros((1, 6), jnp.int32)
+        assert lm(tokens).shape == (1, 6, 8)
+        with pytest.raises(ValueError, match="_test_no_segments.*segment_ids"):
+            lm(tokens, segment_ids=jnp.array([[1, 1, 1, 2, 2, 2]], jnp.int32))
+    finally:
+        MIXERS._entries.pop("_test_no_segments")

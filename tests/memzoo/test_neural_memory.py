@@ -296,3 +296,86 @@ def test_shared_options_route_only_to_the_memory_keywords():
         MIXERS["titans_mag"](D, num_heads=2, state_size=8, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="fixed by the variant"):
         MIXERS["moneta"](D, num_heads=2, retention="l2", rngs=nnx.Rngs(0))
+
+
+# ---- packed documents (segment_ids) --------------------------------------------------------------
+# chunk 4, T 13: row 0 has a document start at a chunk boundary (4) and one mid-chunk (6); row 1
+# one mid-chunk (3), a one-token document, one at a boundary (4) with a partial last chunk.
+PACKED = [[4, 2, 7], [3, 1, 9]]
+
+
+@pytest.mark.parametrize("options", [
+    dict(chunk_size=4),                                                       # momentum, 2 layers
+    dict(chunk_size=4, attentional_bias="lp", retention="lq", learning_rule="gd"),
+    dict(chunk_size=4, retention="kl", learning_rule="gd", max_grad_norm=1.0),
+    dict(chunk_size=4, memory_layers=1, learning_rule="gd"),                  # delta-rule path
+])
+def test_packed_documents_equal_each_alone(options):
+    """Memory weights, momentum and conv window restart at every document, which is chunked
+    from its own first token: resets mid-chunk and at a chunk boundary, several per row."""
+    mem = NeuralMemory(D, num_heads=2, conv_size=2, rngs=nnx.Rngs(0), **options)
+    x = jax.random.normal(jax.random.key(1), (2, 13, D))
+    y = helpers.assert_packed_equals_alone(mem, x, PACKED)
+    # Without the ids the documents do mix (the test can fail).
+    assert helpers.relative_rmse(helpers.forward(mem, x)[0, 6:], y[0, 6:]) > 1e-3
+
+
+@pytest.mark.parametrize("options", [dict(chunk_size=4),
+                                     dict(chunk_size=4, memory_layers=1, learning_rule="gd")])
+def test_packed_gradients_are_the_sum_over_documents(options):
+    mem = NeuralMemory(D, num_heads=2, conv_size=2, rngs=nnx.Rngs(0), **options)
+    x = jax.random.normal(jax.random.key(1), (2, 13, D))
+    helpers.assert_packed_gradients_equal_alone(mem, x, PACKED)
+
+
+@pytest.mark.parametrize("options", [dict(chunk_size=4),
+                                     dict(chunk_size=3, memory_layers=1, learning_rule="gd")])
+def test_decoding_across_a_document_boundary_equals_each_alone(options):
+    """Prefill 5 tokens (a start inside it), then step across the other starts."""
+    mem = NeuralMemory(D, num_heads=2, conv_size=2, rngs=nnx.Rngs(0), **options)
+    x = jax.random.normal(jax.random.key(1), (2, 13, D))
+    y = helpers.assert_packed_decoding_equals_alone(mem, x, PACKED, t1=5)
+    packed = helpers.forward_packed(mem, x, helpers.segment_ids_of(PACKED))
+    assert helpers.relative_rmse(y, packed) < 1e-5
+
+
+def test_chunked_memory_packed_with_no_starts_is_the_plain_form():
+    """The two-pass packed chunk with no document start reproduces the plain chunked form."""
+    rule = MemoryRule()
+    acc, k, v, q, theta, eta, alpha = random_inputs(0, (K, 2 * K, K))
+    mom = tuple(jnp.zeros_like(a) for a in acc)
+    y, ya, _ = chunked_memory(rule, acc, mom, k, v, q, theta, eta, alpha, chunk_size=3)
+    doc_pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    y2, ya2, _ = chunked_memory(rule, acc, mom, k, v, q, theta, eta, alpha, chunk_size=3,
+                                initial=acc, reset=jnp.zeros((B, T), bool), doc_pos=doc_pos)
+    assert helpers.relative_rmse(y2, y) < 1e-6 and helpers.relative_rmse(ya2, ya) < 1e-6
+
+
+@pytest.mark.parametrize("name, options", [
+    ("titans_mac", dict(segment_len=4)),
+    ("titans_mag", dict(window=3, chunk_size=4)),
+    ("titans_mal", dict(window=3, chunk_size=4)),
+])
+def test_titans_packed_documents_equal_each_alone(name, options):
+    """Attention masked across documents (MAC's segments counted within each document), the
+    memory restarted; forward, prefill + decoding across the starts, and gradients."""
+    from memzoo import MIXERS
+    mixer = MIXERS[name](D, num_heads=2, num_persistent=2, rngs=nnx.Rngs(6), **options)
+    x = jax.random.normal(jax.random.key(7), (2, 13, D))
+    y = helpers.assert_packed_equals_alone(mixer, x, PACKED)
+    dec = helpers.assert_packed_decoding_equals_alone(mixer, x, PACKED, t1=5)
+    assert helpers.relative_rmse(dec, y) < 1e-5
+    helpers.assert_packed_gradients_equal_alone(mixer, x, PACKED)
+
+
+def test_mac_persistent_tokens_stay_visible_after_a_reset():
+    """A document after a reset still attends to the persistent tokens (and equals itself alone,
+    above): its output moves with them."""
+    from memzoo import MIXERS
+    mac = MIXERS["titans_mac"](D, num_heads=2, num_persistent=2, segment_len=4, rngs=nnx.Rngs(6))
+    x = jax.random.normal(jax.random.key(7), (2, 13, D))
+    ids = helpers.segment_ids_of(PACKED)
+    y = helpers.forward_packed(mac, x, ids)
+    mac.persistent[...] = mac.persistent[...] + 1.0
+    y2 = helpers.forward_packed(mac, x, ids)
+    assert helpers.relative_rmse(y2[0, 6:], y[0, 6:]) > 1e-3       # the third document
