@@ -73,7 +73,9 @@ def linear_scan(a, b, *, initial_state=None, reverse: bool = False, segment_ids=
         _validation.check_integer(_OP, "segment_ids", segment_ids, (batch, length),
                                   "[batch, time]")
         a = jnp.where(_segment_starts(segment_ids, reverse)[..., None], jnp.zeros_like(a), a)
-    if length == 0:
+    if length == 0 or width == 0:
+        # Nothing to scan: an empty time axis, or no channels (e.g. a memory whose flattened
+        # leaves are empty), which would give the kernels a zero-width block.
         return b, h0
     if implementation == "reference":
         # The specification, differentiated by JAX's autodiff: what the custom VJP is tested against.

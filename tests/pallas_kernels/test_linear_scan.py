@@ -278,3 +278,17 @@ def test_bad_input_raises_clear_value_error(kwargs, message):
     a, b = kwargs.pop("a"), kwargs.pop("b")
     with pytest.raises(ValueError, match=message):
         jax.jit(lambda a, b: linear_scan(a, b, **kwargs))(a, b)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_no_channels_is_empty_not_a_kernel_error(reverse):
+    # A zero-width channel axis (a memory with no flattened leaves) gave the kernels a block of
+    # width 0 (ZeroDivisionError while building the Pallas branch, which "auto" traces on CPU too).
+    a = jnp.zeros((2, 5, 0))
+    h0 = jnp.zeros((2, 0))
+    for platform in ("tpu", "cuda"):
+        kt.lower_for(lambda a: linear_scan(a, a, initial_state=h0, reverse=reverse), a,
+                     platform=platform)
+    h, final = jax.jit(lambda a: linear_scan(a, a, reverse=reverse))(a)
+    assert h.shape == (2, 5, 0) and final.shape == (2, 0)
+    assert jax.grad(lambda a: linear_scan(a, a)[0].sum())(a).shape == a.shape
