@@ -25,20 +25,21 @@ cases=$($PY -m benchmarks.gpu --list)
 start=$(date +%s)
 # 1. The kernel tests with the compiled ("pallas_native") runner, in the background while the
 #    cases compile: XLA's and Triton's compilers are CPU-bound, the GPU is idle then.
-(timeout 240 $PY -m pytest tests/pallas_kernels -m kernel -k "pallas_native" -q -x -p no:cacheprovider \
+(timeout ${TESTS_S:-150} $PY -m pytest tests/pallas_kernels -m kernel -k "pallas_native" -q -p no:cacheprovider \
    -W ignore::DeprecationWarning > "$OUT/tests.log" 2>&1; echo "rc=$?" >> "$OUT/tests.log") &
 tests=$!
 # 2. Check + compile every case in parallel (fills the compilation cache).
 for c in $cases; do
-  timeout 200 $PY -m benchmarks.gpu "$c" --phase check --json "$OUT/gpu.jsonl" \
+  timeout ${CHECK_S:-150} $PY -m benchmarks.gpu "$c" --phase check --json "$OUT/gpu.jsonl" \
     > "$OUT/check_$c.log" 2>&1 &
 done
 wait $(jobs -p | grep -v "^$tests$") 2>/dev/null
 echo "checks done after $(( $(date +%s) - start )) s"
 # 3. Timings one case at a time (nothing else on the GPU).
 wait $tests
-for c in $cases; do
-  timeout 45 $PY -m benchmarks.gpu "$c" --phase time --json "$OUT/gpu.jsonl" \
+# The matrix-state ops first: they have peers.
+for c in ${TIME_CASES:-$cases}; do
+  timeout ${TIME_S:-30} $PY -m benchmarks.gpu "$c" --phase time --json "$OUT/gpu.jsonl" \
     > "$OUT/time_$c.log" 2>&1 || echo "$c: time phase failed or timed out (rc $?)"
 done
 echo "all done after $(( $(date +%s) - start )) s"
