@@ -23,7 +23,9 @@ import contextlib
 import contextvars
 import functools
 import importlib
-from typing import Any, Callable, Literal
+import itertools
+import warnings
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 
@@ -125,6 +127,7 @@ def dispatch(
     reference: Callable[..., Any],
     xla: Callable[..., Any],
     pallas: Callable[..., Any] | None,
+    partition: "Partition | None" = None,
 ):
     """Calls the implementation of `op` chosen by `implementation` on `args` (arrays only).
 
@@ -144,10 +147,195 @@ def dispatch(
     interpreting = current_interpret()
     if interpreting is not None:
         interpret, target = interpreting
-        return pallas(*args, target=target, interpret=interpret)
+        return partitioned(op, functools.partial(pallas, target=target, interpret=interpret),
+                           partition, *args)
 
     def on(target, interpret=None):
-        return lambda *a: pallas(*a, target=target, interpret=interpret)
+        kernel = functools.partial(pallas, target=target, interpret=interpret)
+        return lambda *a: partitioned(op, kernel, partition, *a)
 
     default = on("cuda", True) if implementation == "pallas" else xla
     return jax.lax.platform_dependent(*args, tpu=on("tpu"), cuda=on("cuda"), default=default)
+
+
+class Partition(NamedTuple):
+    """How a kernel's arguments and results split over a mesh (see `partitioned`).
+
+    inputs: one (name, dims) per positional argument: dims a space-separated string with one
+      factor name per axis ("b t h k"), or None for an argument that is None.
+    outputs: the kernel's result pytree with the same kind of string (or None) at each leaf.
+    whole: the factors that must stay whole on every device (time, contracted dims). Every
+      other factor is free: the kernel's math is independent along it. A free factor missing
+      from an output means that output is a sum over it (a gradient), so it is summed
+      across the shards.
+    tied: {factor: leader}: the factor is split exactly as the leader is (grouped channels: the
+      group axis of B/C follows the channel axis); where it cannot be, the leader stays whole.
+      A tied factor of size 1 (one group for all channels) is left whole.
+    """
+    inputs: tuple
+    outputs: Any
+    whole: str = ""
+    tied: tuple = ()
+
+
+def _manual_axes() -> frozenset:
+    mesh = jax.sharding.get_abstract_mesh()
+    return frozenset(getattr(mesh, "manual_axes", ()) or ())
+
+
+def partitioned(op: str, kernel: Callable[..., Any], part: Partition | None, *args):
+    """`kernel(*args)`, run per shard wherever the compiler partitions the call.
+
+    A custom_partitioning call whose partitioner reads the operands' shardings at compile time
+    (no mesh needed when tracing; plain jit of NamedSharding inputs works as well as
+    `jax.set_mesh`). Inside a shard_map (manual axes), the plain call: the caller already
+    handles the split.
+    """
+    if part is None or _manual_axes():
+        return kernel(*args)
+    specs = [None if d is None else tuple(d.split()) for _, d in part.inputs]
+    names = [n for n, _ in part.inputs]
+    if len(specs) != len(args):
+        raise ValueError(f"{op}: partition rule names {len(specs)} arguments, got {len(args)}")
+    for name, spec, x in zip(names, specs, args):
+        if (spec is None) != (x is None) or (x is not None and len(spec) != x.ndim):
+            raise ValueError(f"{op}: partition rule for `{name}` is {spec}, "
+                             f"got shape {None if x is None else x.shape}")
+    present = [i for i, x in enumerate(args) if x is not None]
+    out_specs = part.outputs
+    return _partitioned_call(op, kernel, [names[i] for i in present],
+                             [specs[i] for i in present], out_specs, part, present, len(args),
+                             *[args[i] for i in present])
+
+
+def _partitioned_call(op, kernel, names, specs, out_specs, part, present, nargs, *arrays):
+    from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def full(arrs):
+        args = [None] * nargs
+        for i, x in zip(present, arrs):
+            args[i] = x
+        return args
+
+    def call(*arrs):
+        return kernel(*full(arrs))
+
+    whole = set(part.whole.split())
+    tied = dict(part.tied)
+    leaves, out_tree = jax.tree.flatten(out_specs)
+    flat_out = [tuple(s.split()) for s in leaves]
+    in_factors = {f for s in specs for f in s}
+
+    def plan(mesh, arg_shapes, warn):
+        """{factor: mesh axes} that the kernel is run split along."""
+        sizes, chosen, used = {}, {}, set()
+        for name, spec, arg in zip(names, specs, arg_shapes):
+            pspec = _spec_of(arg.sharding, len(spec))
+            for dim, (f, axes) in enumerate(zip(spec, pspec)):
+                sizes[f] = arg.shape[dim]
+                if not axes:
+                    continue
+                if f in whole:
+                    if warn:
+                        warnings.warn(
+                            f"{op}: argument `{name}` is sharded along its dim {dim} ({f!r}, "
+                            f"over mesh axes {axes}), which the kernel needs whole: it is "
+                            f"gathered before the call", stacklevel=2)
+                    continue
+                if f in chosen or f in tied or used & set(axes):
+                    continue
+                if arg.shape[dim] % _size(mesh, axes):
+                    continue
+                chosen[f] = axes
+                used |= set(axes)
+        for f, leader in tied.items():
+            if leader not in chosen:
+                continue
+            if sizes.get(f, 1) == 1:
+                continue
+            if sizes[f] % _size(mesh, chosen[leader]):
+                axes = chosen.pop(leader)
+                if warn:
+                    warnings.warn(f"{op}: {leader!r} is sharded over mesh axes {axes}, which do "
+                                  f"not divide {f!r} ({sizes[f]}): it is gathered before the "
+                                  f"call", stacklevel=2)
+            else:
+                chosen[f] = chosen[leader]
+        return chosen
+
+    def shard(mesh, chosen, spec):
+        return NamedSharding(mesh, PartitionSpec(*[chosen.get(f) for f in spec]))
+
+    def infer(mesh, arg_shapes, result_shape):
+        chosen = plan(mesh, arg_shapes, warn=False)
+        return out_tree.unflatten([shard(mesh, chosen, s) for s in flat_out])
+
+    def partition(mesh, arg_shapes, result_shape):
+        chosen = plan(mesh, arg_shapes, warn=True)
+        summed = [tuple(a for f in in_factors if f in chosen and f not in s for a in chosen[f])
+                  for s in flat_out]
+
+        def lower(*arrs):
+            outs = jax.tree.leaves(call(*arrs))
+            outs = [jax.lax.psum(o, axes) if axes else o for o, axes in zip(outs, summed)]
+            return out_tree.unflatten(outs)
+
+        arg_shardings = tuple(shard(mesh, chosen, s) for s in specs)
+        return mesh, lower, out_tree.unflatten([shard(mesh, chosen, s) for s in flat_out]), \
+            arg_shardings
+
+    letters = {}
+
+    def letter(f):
+        return letters.setdefault(f, "abcdefghijklmnopqrstuvwxyz"[len(letters)])
+
+    rule = (", ".join(" ".join(letter(f) for f in s) for s in specs) + " -> "
+            + ", ".join(" ".join(letter(f) for f in s) for s in flat_out))
+
+    cp = custom_partitioning(call)
+    cp.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                     sharding_rule=rule)
+
+    @jax.custom_batching.custom_vmap
+    def run(*arrs):
+        return cp(*arrs)
+
+    @run.def_vmap
+    def run_batched(axis_size, in_batched, *arrs):
+        # vmap adds a leading axis, free like a batch axis, to the batched operands and to
+        # every result: the batched call is partitioned the same way.
+        fresh = f"vmap{next(_fresh)}"
+        axes = [0 if b else None for b in in_batched]
+        new_specs = [((fresh,) + s) if b else s for s, b in zip(specs, in_batched)]
+        new_out = jax.tree.map(lambda s: f"{fresh} {s}", out_specs)
+        batched_kernel = jax.vmap(call, in_axes=axes)
+        out = _partitioned_call(op, batched_kernel, names, new_specs, new_out, part, list(range(len(arrs))),
+                                len(arrs), *arrs)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return run(*arrays)
+
+
+_fresh = itertools.count()
+
+
+def _spec_of(sharding, ndim):
+    """Mesh axes (a tuple, empty when whole) along each of `ndim` dims of a NamedSharding."""
+    spec = tuple(getattr(sharding, "spec", ())) + (None,) * ndim
+    out = []
+    for entry in spec[:ndim]:
+        if entry is None:
+            out.append(())
+        elif isinstance(entry, str):
+            out.append((entry,))
+        else:
+            out.append(tuple(entry))
+    return out
+
+
+def _size(mesh, axes):
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    return n
