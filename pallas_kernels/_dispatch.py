@@ -273,8 +273,9 @@ def _partitioned_call(op, kernel, names, specs, out_specs, part, present, nargs,
 
     def partition(mesh, arg_shapes, result_shape):
         chosen = plan(mesh, arg_shapes, warn=True)
-        summed = [tuple(a for f in in_factors if f in chosen and f not in s for a in chosen[f])
-                  for s in flat_out]
+        # A tied factor is split with its leader, not summed over.
+        summed = [tuple(a for f in sorted(in_factors) if f in chosen and f not in s
+                        and f not in tied for a in chosen[f]) for s in flat_out]
 
         def lower(*arrs):
             outs = jax.tree.leaves(call(*arrs))
