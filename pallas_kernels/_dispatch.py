@@ -148,11 +148,11 @@ def dispatch(
     if interpreting is not None:
         interpret, target = interpreting
         return partitioned(op, functools.partial(pallas, target=target, interpret=interpret),
-                           partition, *args)
+                           partition, *args, mosaic=target == "tpu")
 
     def on(target, interpret=None):
         kernel = functools.partial(pallas, target=target, interpret=interpret)
-        return lambda *a: partitioned(op, kernel, partition, *a)
+        return lambda *a: partitioned(op, kernel, partition, *a, mosaic=target == "tpu")
 
     default = on("cuda", True) if implementation == "pallas" else xla
     return jax.lax.platform_dependent(*args, tpu=on("tpu"), cuda=on("cuda"), default=default)
@@ -183,7 +183,8 @@ def _manual_axes() -> frozenset:
     return frozenset(getattr(mesh, "manual_axes", ()) or ())
 
 
-def partitioned(op: str, kernel: Callable[..., Any], part: Partition | None, *args):
+def partitioned(op: str, kernel: Callable[..., Any], part: Partition | None, *args,
+                mosaic: bool = False):
     """`kernel(*args)`, run per shard wherever the compiler partitions the call.
 
     A custom_partitioning call whose partitioner reads the operands' shardings at compile time
@@ -203,9 +204,67 @@ def partitioned(op: str, kernel: Callable[..., Any], part: Partition | None, *ar
                              f"got shape {None if x is None else x.shape}")
     present = [i for i, x in enumerate(args) if x is not None]
     out_specs = part.outputs
+    mesh = _context_mesh() if mosaic else None
+    if mesh is not None:
+        return _shard_mapped(op, kernel, [names[i] for i in present], [specs[i] for i in present],
+                             part, present, len(args), mesh, *[args[i] for i in present])
     return _partitioned_call(op, kernel, [names[i] for i in present],
                              [specs[i] for i in present], out_specs, part, present, len(args),
                              *[args[i] for i in present])
+
+
+def _context_mesh():
+    """The mesh set with `jax.set_mesh` / `use_mesh` when it spans several devices, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or getattr(mesh, "empty", True) or mesh.size == 1:
+        return None
+    return mesh
+
+
+def _shard_mapped(op, kernel, names, specs, part, present, nargs, mesh, *arrays):
+    """The kernel under a shard_map over the context mesh (the Mosaic path; see `partitioned`).
+
+    Operands whose types carry their sharding (Explicit mesh axes) are split as they are, by
+    the same rule as the partitioner's. Under Auto axes the shardings are unknown while tracing:
+    the batch (the first operand's leading factor) is split over as many mesh axes, in mesh
+    order, as divide it, and every other factor is kept whole.
+    """
+    from jax.sharding import PartitionSpec
+    whole, tied = set(part.whole.split()), dict(part.tied)
+    leaves, out_tree = jax.tree.flatten(part.outputs)
+    flat_out = [tuple(o.split()) for o in leaves]
+    pspecs = []
+    for x, spec in zip(arrays, specs):
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        pspecs.append(_spec_of(sharding, len(spec)) if sharding is not None
+                      else [()] * len(spec))
+    mesh_shape = dict(mesh.shape)
+    if any(axes for p in pspecs for axes in p):
+        chosen = _plan(op, names, specs, [x.shape for x in arrays], pspecs, mesh_shape, whole,
+                       tied, warn=True)
+    else:
+        batch, size, axes = specs[0][0], arrays[0].shape[0], []
+        for a in mesh.axis_names:
+            if size % (_size(mesh_shape, axes) * mesh_shape[a]) == 0:
+                axes.append(a)
+        chosen = {batch: tuple(axes)} if axes and batch not in whole else {}
+    summed = _summed(specs, flat_out, chosen, tied)
+
+    def body(*arrs):
+        args = [None] * nargs
+        for i, x in zip(present, arrs):
+            args[i] = x
+        outs = jax.tree.leaves(kernel(*args))
+        outs = [jax.lax.psum(o, axes) if axes else o for o, axes in zip(outs, summed)]
+        return out_tree.unflatten(outs)
+
+    def spec(factors):
+        return PartitionSpec(*[chosen.get(f) for f in factors])
+
+    # check_vma=False: Pallas calls carry no varying-axes types.
+    return jax.shard_map(body, mesh=mesh, in_specs=tuple(spec(s) for s in specs),
+                         out_specs=out_tree.unflatten([spec(s) for s in flat_out]),
+                         check_vma=False)(*arrays)
 
 
 def _partitioned_call(op, kernel, names, specs, out_specs, part, present, nargs, *arrays):
@@ -225,44 +284,11 @@ def _partitioned_call(op, kernel, names, specs, out_specs, part, present, nargs,
     tied = dict(part.tied)
     leaves, out_tree = jax.tree.flatten(out_specs)
     flat_out = [tuple(s.split()) for s in leaves]
-    in_factors = {f for s in specs for f in s}
 
     def plan(mesh, arg_shapes, warn):
-        """{factor: mesh axes} that the kernel is run split along."""
-        sizes, chosen, used = {}, {}, set()
-        for name, spec, arg in zip(names, specs, arg_shapes):
-            pspec = _spec_of(arg.sharding, len(spec))
-            for dim, (f, axes) in enumerate(zip(spec, pspec)):
-                sizes[f] = arg.shape[dim]
-                if not axes:
-                    continue
-                if f in whole:
-                    if warn:
-                        warnings.warn(
-                            f"{op}: argument `{name}` is sharded along its dim {dim} ({f!r}, "
-                            f"over mesh axes {axes}), which the kernel needs whole: it is "
-                            f"gathered before the call", stacklevel=2)
-                    continue
-                if f in chosen or f in tied or used & set(axes):
-                    continue
-                if arg.shape[dim] % _size(mesh, axes):
-                    continue
-                chosen[f] = axes
-                used |= set(axes)
-        for f, leader in tied.items():
-            if leader not in chosen:
-                continue
-            if sizes.get(f, 1) == 1:
-                continue
-            if sizes[f] % _size(mesh, chosen[leader]):
-                axes = chosen.pop(leader)
-                if warn:
-                    warnings.warn(f"{op}: {leader!r} is sharded over mesh axes {axes}, which do "
-                                  f"not divide {f!r} ({sizes[f]}): it is gathered before the "
-                                  f"call", stacklevel=2)
-            else:
-                chosen[f] = chosen[leader]
-        return chosen
+        return _plan(op, names, specs, [a.shape for a in arg_shapes],
+                     [_spec_of(a.sharding, len(s)) for a, s in zip(arg_shapes, specs)],
+                     dict(mesh.shape), whole, tied, warn)
 
     def shard(mesh, chosen, spec):
         return NamedSharding(mesh, PartitionSpec(*[chosen.get(f) for f in spec]))
@@ -273,9 +299,7 @@ def _partitioned_call(op, kernel, names, specs, out_specs, part, present, nargs,
 
     def partition(mesh, arg_shapes, result_shape):
         chosen = plan(mesh, arg_shapes, warn=True)
-        # A tied factor is split with its leader, not summed over.
-        summed = [tuple(a for f in sorted(in_factors) if f in chosen and f not in s
-                        and f not in tied for a in chosen[f]) for s in flat_out]
+        summed = _summed(specs, flat_out, chosen, tied)
 
         def lower(*arrs):
             outs = jax.tree.leaves(call(*arrs))
@@ -321,6 +345,50 @@ def _partitioned_call(op, kernel, names, specs, out_specs, part, present, nargs,
 _fresh = itertools.count()
 
 
+def _plan(op, names, specs, shapes, pspecs, mesh_shape, whole, tied, warn):
+    """{factor: mesh axes} that the kernel is run split along, from the operands' dims
+    (`pspecs`: the mesh axes each dim is split over)."""
+    sizes, chosen, used = {}, {}, set()
+    for name, spec, shape, pspec in zip(names, specs, shapes, pspecs):
+        for dim, (f, axes) in enumerate(zip(spec, pspec)):
+            sizes[f] = shape[dim]
+            if not axes:
+                continue
+            if f in whole:
+                if warn:
+                    warnings.warn(
+                        f"{op}: argument `{name}` is sharded along its dim {dim} ({f!r}, over "
+                        f"mesh axes {axes}), which the kernel needs whole: it is gathered "
+                        f"before the call", stacklevel=3)
+                continue
+            if f in chosen or f in tied or used & set(axes):
+                continue
+            if shape[dim] % _size(mesh_shape, axes):
+                continue
+            chosen[f] = axes
+            used |= set(axes)
+    for f, leader in tied.items():
+        if leader not in chosen or sizes.get(f, 1) == 1:
+            continue
+        if sizes[f] % _size(mesh_shape, chosen[leader]):
+            axes = chosen.pop(leader)
+            if warn:
+                warnings.warn(f"{op}: {leader!r} is sharded over mesh axes {axes}, which do not "
+                              f"divide {f!r} ({sizes[f]}): it is gathered before the call",
+                              stacklevel=3)
+        else:
+            chosen[f] = chosen[leader]
+    return chosen
+
+
+def _summed(specs, out_specs, chosen, tied):
+    """Per output, the mesh axes its per-shard results are summed over: those of the split
+    factors it lacks (a tied factor is split with its leader, not summed over)."""
+    factors = sorted({f for s in specs for f in s})
+    return [tuple(a for f in factors if f in chosen and f not in s and f not in tied
+                  for a in chosen[f]) for s in out_specs]
+
+
 def _spec_of(sharding, ndim):
     """Mesh axes (a tuple, empty when whole) along each of `ndim` dims of a NamedSharding."""
     spec = tuple(getattr(sharding, "spec", ())) + (None,) * ndim
@@ -335,8 +403,8 @@ def _spec_of(sharding, ndim):
     return out
 
 
-def _size(mesh, axes):
+def _size(mesh_shape, axes):
     n = 1
     for a in axes:
-        n *= mesh.shape[a]
+        n *= mesh_shape[a]
     return n
