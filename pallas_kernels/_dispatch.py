@@ -204,8 +204,8 @@ def partitioned(op: str, kernel: Callable[..., Any], part: Partition | None, *ar
                              f"got shape {None if x is None else x.shape}")
     present = [i for i, x in enumerate(args) if x is not None]
     out_specs = part.outputs
-    mesh = _context_mesh() if mosaic else None
-    if mesh is not None:
+    mesh = _context_mesh()
+    if mesh is not None and (mosaic or _explicit_axes(mesh)):
         return _shard_mapped(op, kernel, [names[i] for i in present], [specs[i] for i in present],
                              part, present, len(args), mesh, *[args[i] for i in present])
     return _partitioned_call(op, kernel, [names[i] for i in present],
@@ -221,13 +221,18 @@ def _context_mesh():
     return mesh
 
 
+def _explicit_axes(mesh) -> list:
+    return [a for a, t in zip(mesh.axis_names, mesh.axis_types)
+            if t == jax.sharding.AxisType.Explicit]
+
+
 def _shard_mapped(op, kernel, names, specs, part, present, nargs, mesh, *arrays):
     """The kernel under a shard_map over the context mesh (the Mosaic path; see `partitioned`).
 
     Operands whose types carry their sharding (Explicit mesh axes) are split as they are, by
     the same rule as the partitioner's. Under Auto axes the shardings are unknown while tracing:
-    the batch (the first operand's leading factor) is split over as many mesh axes, in mesh
-    order, as divide it, and every other factor is kept whole.
+    the batch (the leading factor of the first operand that leads with a free one) is split
+    over as many mesh axes, in mesh order, as divide it, and every other factor is kept whole.
     """
     from jax.sharding import PartitionSpec
     whole, tied = set(part.whole.split()), dict(part.tied)
@@ -243,7 +248,8 @@ def _shard_mapped(op, kernel, names, specs, part, present, nargs, mesh, *arrays)
         chosen = _plan(op, names, specs, [x.shape for x in arrays], pspecs, mesh_shape, whole,
                        tied, warn=True)
     else:
-        batch, size, axes = specs[0][0], arrays[0].shape[0], []
+        lead = next(i for i, s in enumerate(specs) if s and s[0] not in whole)
+        batch, size, axes = specs[lead][0], arrays[lead].shape[0], []
         for a in mesh.axis_names:
             if size % (_size(mesh_shape, axes) * mesh_shape[a]) == 0:
                 axes.append(a)
@@ -261,8 +267,13 @@ def _shard_mapped(op, kernel, names, specs, part, present, nargs, mesh, *arrays)
     def spec(factors):
         return PartitionSpec(*[chosen.get(f) for f in factors])
 
+    in_specs = tuple(spec(s) for s in specs)
+    if _explicit_axes(mesh):
+        # Explicit axes: shard_map takes operands only as their types say they are split.
+        arrays = [x if _spec_of(jax.typeof(x).sharding, x.ndim) == _spec_of(
+            _Spec(p), x.ndim) else jax.sharding.reshard(x, p) for x, p in zip(arrays, in_specs)]
     # check_vma=False: Pallas calls carry no varying-axes types.
-    return jax.shard_map(body, mesh=mesh, in_specs=tuple(spec(s) for s in specs),
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs,
                          out_specs=out_tree.unflatten([spec(s) for s in flat_out]),
                          check_vma=False)(*arrays)
 
@@ -387,6 +398,10 @@ def _summed(specs, out_specs, chosen, tied):
     factors = sorted({f for s in specs for f in s})
     return [tuple(a for f in factors if f in chosen and f not in s and f not in tied
                   for a in chosen[f]) for s in out_specs]
+
+
+class _Spec(NamedTuple):
+    spec: Any
 
 
 def _spec_of(sharding, ndim):

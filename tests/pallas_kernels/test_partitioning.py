@@ -227,21 +227,26 @@ def test_vmap_of_sharded_call_stays_per_shard():
         f = jax.jit(jax.vmap(lambda a, b: linear_scan(a, b, implementation="pallas")))
         text = f.lower(jax.device_put(a, s), jax.device_put(b, s)).compile().as_text()
         got = f(jax.device_put(a, s), jax.device_put(b, s))
-    assert "all-gather" not in text
+    assert not re.search(r"all-gather|all-to-all", text)
     want = jax.vmap(lambda a, b: linear_scan(a, b, implementation="reference"))(a, b)
     kt.assert_tree_close(got, want, F32_TOL, "vmap")
 
 
-def test_context_mesh_and_shard_map():
-    """Under `jax.set_mesh` the same partitioning; inside a shard_map the plain call."""
+@pytest.mark.parametrize("target", ["cuda", "tpu"])
+def test_context_mesh_and_shard_map(target):
+    """Under `jax.set_mesh`: the GPU kernels are partitioned as without it (channels split
+    here); the TPU ones run in a shard_map over the context mesh, the batch split over the axes
+    it divides (Auto axes: the inputs' shardings are unknown while tracing). Inside a shard_map
+    the plain call."""
     mesh = _mesh((4, 2), ("data", "model"))
     inputs = _conv_inputs(jax.random.PRNGKey(5))
     x, w, bias, h0 = (v for v, _ in inputs.values())
     call = lambda x, w: causal_conv1d(x, w, implementation="pallas")
     want = causal_conv1d(x, w, implementation="reference")
     set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
-    with pallas_interpret("generic", target="cuda"), set_mesh(mesh):
-        xs = jax.device_put(x, P("data", None, "model"))
+    split = P("data", None, "model") if target == "cuda" else P(("data", "model"))
+    with pallas_interpret("generic", target=target), set_mesh(mesh):
+        xs = jax.device_put(x, split)
         f = jax.jit(call)
         text = f.lower(xs, w).compile().as_text()
         kt.assert_tree_close(f(xs, w), want, F32_TOL, "set_mesh")
@@ -250,5 +255,54 @@ def test_context_mesh_and_shard_map():
                                                               P(None, "model")),
                                    out_specs=(P("data", None, "model"), P("data", None, "model")),
                                    check_vma=False))
+        xs = jax.device_put(x, P("data", None, "model"))
         kt.assert_tree_close(sm(xs, w), want, F32_TOL, "shard_map")
-    assert "all-gather" not in text
+    assert not re.search(r"all-gather|all-to-all", text)
+
+
+# Deviceless compiles for real chips (pallas_kernels/_aot.py): the kernels, not an interpreter,
+# under a batch-sharded call, forward and backward. Skipped where the compiler plugin is missing.
+def _aot_inputs(dtype):
+    b, t, h, d, c = 4, 256, 2, 128, 256
+    x4 = lambda *s: jax.ShapeDtypeStruct(s, dtype)
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    attention = dict(q=x4(b, t, h, d), k=x4(b, t, h, d), v=x4(b, t, h, d), log_gate=f32(b, t, h))
+    return {
+        "chunked_linear_attention": (attention, lambda **x: chunked_linear_attention(**x)),
+        "delta_rule": (attention | {"beta": f32(b, t, h)}, lambda **x: delta_rule(**x)),
+        "linear_scan": (dict(a=x4(b, t, c), b=x4(b, t, c)), lambda **x: linear_scan(**x)),
+        "selective_scan": (dict(u=x4(b, t, c), delta=x4(b, t, c), A=f32(c, 16),
+                                B=x4(b, t, 1, 16), C=x4(b, t, 1, 16)),
+                           lambda **x: selective_scan(**x, delta_softplus=True)),
+        "causal_conv1d": (dict(x=x4(b, t, c), weight=x4(4, c)),
+                          lambda **x: causal_conv1d(**x, activation="silu")),
+        "memory_lookup": (dict(values=f32(1024, c), indices=jax.ShapeDtypeStruct((b, 16, 4), jnp.int32),
+                               weights=f32(b, 16, 4)), lambda **x: memory_lookup(**x)),
+    }
+
+
+AOT_OPS = ["chunked_linear_attention", "delta_rule", "linear_scan", "selective_scan",
+           "causal_conv1d", "memory_lookup"]
+
+
+@pytest.mark.parametrize("spec", ["v5e:2x2", "h100x2"])
+@pytest.mark.parametrize("op", AOT_OPS)
+def test_compiles_per_shard_for_accelerators(op, spec):
+    from pallas_kernels import _aot
+    if not _aot.available(spec):
+        pytest.skip(f"no compiler plugin for {spec} here")
+    devices = _aot.devices(spec)
+    mesh = Mesh(np.array(devices), ("data",))
+    inputs, call = _aot_inputs(jnp.bfloat16 if spec.startswith("v5e") else jnp.float32)[op]
+    names = list(inputs)
+    float_names = [n for n in names if jnp.issubdtype(inputs[n].dtype, jnp.floating)]
+    placed = {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+        mesh, P("data") if n not in ("A", "weight", "values") else P()))
+        for n, x in inputs.items()}
+    loss = _loss_fn(call, names, float_names)
+    compiled, _ = _aot.compile(jax.value_and_grad(loss), [placed[n] for n in float_names],
+                               {n: placed[n] for n in names if n not in float_names}, mesh=mesh)
+    rep = _aot.report(compiled)
+    assert rep["kernels"], f"{op}: no Pallas kernel in the {spec} module"
+    gathers = [c for c in rep["collectives"] if c["op"] in ("all-gather", "all-to-all")]
+    assert not gathers, f"{op} on {spec}: {gathers}"
