@@ -12,6 +12,18 @@ each platform, and lowering for "tpu" or "cuda" on a CPU-only machine picks the 
     cuda     | Pallas, Triton        | Pallas, Triton
     other    | XLA path              | Pallas (GPU variant), generic interpret mode (slow)
 
+Partitioning: every Pallas call goes through `partitioned(op, kernel, Partition(...), *args)`,
+so that under a mesh the kernel runs on each shard's local arrays. The op's `Partition` names the
+factor of each argument dim; factors not in `whole` are free (the math is independent along
+them) and are split as the operands are; a sharded whole factor (time, contracted dims) is
+gathered first, with a warning naming op, argument and dim; a free factor absent from a result
+means that result is summed over it (psum). GPU kernels and interpreters: `custom_partitioning`
+(real operand shardings at compile time, any jit). TPU kernels: libtpu has no partitioner for
+custom_partitioning (jax#38196), so a `shard_map` over the context mesh (`jax.set_mesh`): Auto
+axes split the batch over the mesh axes that divide it, Explicit axes follow the operands'
+types. Without a context mesh a sharded TPU call still fails to compile. Inside a shard_map
+(manual axes) and on one device: the plain call.
+
 `pallas_interpret(...)` is the test hook: inside it "auto" and "pallas" both run the Pallas
 kernels in the given interpret mode on whatever backend is present, so a whole model can be run
 through its kernels on a CPU. The mode is read when a function is traced; jit caches do not see
@@ -129,12 +141,13 @@ def dispatch(
     pallas: Callable[..., Any] | None,
     partition: "Partition | None" = None,
 ):
-    """Calls the implementation of `op` chosen by `implementation` on `args` (arrays only).
+    """Calls the implementation of `op` chosen by `implementation` on `args` (arrays or None).
 
     `pallas(*args, target=..., interpret=...)` is called with target in PALLAS_TARGETS and
     interpret None (compile for that target) or an interpreter setting; the other callables take
     `*args`. All branches must return the same pytree of shapes and dtypes
     (platform_dependent requires it, and it is what makes them interchangeable).
+    `partition`: how the Pallas call splits under a mesh (`Partition`); None: not split.
     """
     check_implementation(implementation, op)
     if implementation == "reference":
