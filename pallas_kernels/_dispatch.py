@@ -202,8 +202,9 @@ def partitioned(op: str, kernel: Callable[..., Any], part: Partition | None, *ar
 
     A custom_partitioning call whose partitioner reads the operands' shardings at compile time
     (no mesh needed when tracing; plain jit of NamedSharding inputs works as well as
-    `jax.set_mesh`). Inside a shard_map (manual axes), the plain call: the caller already
-    handles the split.
+    `jax.set_mesh`). `mosaic=True` (TPU kernels, which custom_partitioning cannot carry on
+    TPU) and meshes with Explicit axes: a shard_map over the context mesh (`_shard_mapped`).
+    Inside a shard_map (manual axes), the plain call: the caller already handles the split.
     """
     if part is None or _manual_axes():
         return kernel(*args)
