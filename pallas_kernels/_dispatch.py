@@ -12,6 +12,18 @@ each platform, and lowering for "tpu" or "cuda" on a CPU-only machine picks the 
     cuda     | Pallas, Triton        | Pallas, Triton
     other    | XLA path              | Pallas (GPU variant), generic interpret mode (slow)
 
+Partitioning: every Pallas call goes through `partitioned(op, kernel, Partition(...), *args)`,
+so that under a mesh the kernel runs on each shard's local arrays. The op's `Partition` names the
+factor of each argument dim; factors not in `whole` are free (the math is independent along
+them) and are split as the operands are; a sharded whole factor (time, contracted dims) is
+gathered first, with a warning naming op, argument and dim; a free factor absent from a result
+means that result is summed over it (psum). GPU kernels and interpreters: `custom_partitioning`
+(real operand shardings at compile time, any jit). TPU kernels: libtpu has no partitioner for
+custom_partitioning (jax#38196), so a `shard_map` over the context mesh (`jax.set_mesh`): Auto
+axes split the batch over the mesh axes that divide it, Explicit axes follow the operands'
+types. Without a context mesh a sharded TPU call still fails to compile. Inside a shard_map
+(manual axes) and on one device: the plain call.
+
 `pallas_interpret(...)` is the test hook: inside it "auto" and "pallas" both run the Pallas
 kernels in the given interpret mode on whatever backend is present, so a whole model can be run
 through its kernels on a CPU. The mode is read when a function is traced; jit caches do not see
@@ -23,7 +35,9 @@ import contextlib
 import contextvars
 import functools
 import importlib
-from typing import Any, Callable, Literal
+import itertools
+import warnings
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 
@@ -125,13 +139,15 @@ def dispatch(
     reference: Callable[..., Any],
     xla: Callable[..., Any],
     pallas: Callable[..., Any] | None,
+    partition: "Partition | None" = None,
 ):
-    """Calls the implementation of `op` chosen by `implementation` on `args` (arrays only).
+    """Calls the implementation of `op` chosen by `implementation` on `args` (arrays or None).
 
     `pallas(*args, target=..., interpret=...)` is called with target in PALLAS_TARGETS and
     interpret None (compile for that target) or an interpreter setting; the other callables take
     `*args`. All branches must return the same pytree of shapes and dtypes
     (platform_dependent requires it, and it is what makes them interchangeable).
+    `partition`: how the Pallas call splits under a mesh (`Partition`); None: not split.
     """
     check_implementation(implementation, op)
     if implementation == "reference":
@@ -144,10 +160,280 @@ def dispatch(
     interpreting = current_interpret()
     if interpreting is not None:
         interpret, target = interpreting
-        return pallas(*args, target=target, interpret=interpret)
+        return partitioned(op, functools.partial(pallas, target=target, interpret=interpret),
+                           partition, *args, mosaic=target == "tpu")
 
     def on(target, interpret=None):
-        return lambda *a: pallas(*a, target=target, interpret=interpret)
+        kernel = functools.partial(pallas, target=target, interpret=interpret)
+        return lambda *a: partitioned(op, kernel, partition, *a, mosaic=target == "tpu")
 
     default = on("cuda", True) if implementation == "pallas" else xla
     return jax.lax.platform_dependent(*args, tpu=on("tpu"), cuda=on("cuda"), default=default)
+
+
+class Partition(NamedTuple):
+    """How a kernel's arguments and results split over a mesh (see `partitioned`).
+
+    inputs: one (name, dims) per positional argument: dims a space-separated string with one
+      factor name per axis ("b t h k"), or None for an argument that is None.
+    outputs: the kernel's result pytree with the same kind of string (or None) at each leaf.
+    whole: the factors that must stay whole on every device (time, contracted dims). Every
+      other factor is free: the kernel's math is independent along it. A free factor missing
+      from an output means that output is a sum over it (a gradient), so it is summed
+      across the shards.
+    tied: {factor: leader}: the factor is split exactly as the leader is (grouped channels: the
+      group axis of B/C follows the channel axis); where it cannot be, the leader stays whole.
+      A tied factor of size 1 (one group for all channels) is left whole.
+    """
+    inputs: tuple
+    outputs: Any
+    whole: str = ""
+    tied: tuple = ()
+
+
+def _manual_axes() -> frozenset:
+    mesh = jax.sharding.get_abstract_mesh()
+    return frozenset(getattr(mesh, "manual_axes", ()) or ())
+
+
+def partitioned(op: str, kernel: Callable[..., Any], part: Partition | None, *args,
+                mosaic: bool = False):
+    """`kernel(*args)`, run per shard wherever the compiler partitions the call.
+
+    A custom_partitioning call whose partitioner reads the operands' shardings at compile time
+    (no mesh needed when tracing; plain jit of NamedSharding inputs works as well as
+    `jax.set_mesh`). `mosaic=True` (TPU kernels, which custom_partitioning cannot carry on
+    TPU) and meshes with Explicit axes: a shard_map over the context mesh (`_shard_mapped`).
+    Inside a shard_map (manual axes), the plain call: the caller already handles the split.
+    """
+    if part is None or _manual_axes():
+        return kernel(*args)
+    specs = [None if d is None else tuple(d.split()) for _, d in part.inputs]
+    names = [n for n, _ in part.inputs]
+    if len(specs) != len(args):
+        raise ValueError(f"{op}: partition rule names {len(specs)} arguments, got {len(args)}")
+    for name, spec, x in zip(names, specs, args):
+        if (spec is None) != (x is None) or (x is not None and len(spec) != x.ndim):
+            raise ValueError(f"{op}: partition rule for `{name}` is {spec}, "
+                             f"got shape {None if x is None else x.shape}")
+    present = [i for i, x in enumerate(args) if x is not None]
+    out_specs = part.outputs
+    mesh = _context_mesh()
+    if mesh is not None and (mosaic or _explicit_axes(mesh)):
+        return _shard_mapped(op, kernel, [names[i] for i in present], [specs[i] for i in present],
+                             part, present, len(args), mesh, *[args[i] for i in present])
+    return _partitioned_call(op, kernel, [names[i] for i in present],
+                             [specs[i] for i in present], out_specs, part, present, len(args),
+                             *[args[i] for i in present])
+
+
+def _context_mesh():
+    """The mesh set with `jax.set_mesh` / `use_mesh` when it spans several devices, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or getattr(mesh, "empty", True) or mesh.size == 1:
+        return None
+    return mesh
+
+
+def _explicit_axes(mesh) -> list:
+    return [a for a, t in zip(mesh.axis_names, mesh.axis_types)
+            if t == jax.sharding.AxisType.Explicit]
+
+
+def _shard_mapped(op, kernel, names, specs, part, present, nargs, mesh, *arrays):
+    """The kernel under a shard_map over the context mesh (the Mosaic path; see `partitioned`).
+
+    Operands whose types carry their sharding (Explicit mesh axes) are split as they are, by
+    the same rule as the partitioner's. Under Auto axes the shardings are unknown while tracing:
+    the batch (the leading factor of the first operand that leads with a free one) is split
+    over as many mesh axes, in mesh order, as divide it, and every other factor is kept whole.
+    """
+    from jax.sharding import PartitionSpec
+    whole, tied = set(part.whole.split()), dict(part.tied)
+    leaves, out_tree = jax.tree.flatten(part.outputs)
+    flat_out = [tuple(o.split()) for o in leaves]
+    pspecs = []
+    for x, spec in zip(arrays, specs):
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        pspecs.append(_spec_of(sharding, len(spec)) if sharding is not None
+                      else [()] * len(spec))
+    mesh_shape = dict(mesh.shape)
+    if any(axes for p in pspecs for axes in p):
+        chosen = _plan(op, names, specs, [x.shape for x in arrays], pspecs, mesh_shape, whole,
+                       tied, warn=True)
+    else:
+        lead = next(i for i, s in enumerate(specs) if s and s[0] not in whole)
+        batch, size, axes = specs[lead][0], arrays[lead].shape[0], []
+        for a in mesh.axis_names:
+            if size % (_size(mesh_shape, axes) * mesh_shape[a]) == 0:
+                axes.append(a)
+        chosen = {batch: tuple(axes)} if axes and batch not in whole else {}
+    summed = _summed(specs, flat_out, chosen, tied)
+
+    def body(*arrs):
+        args = [None] * nargs
+        for i, x in zip(present, arrs):
+            args[i] = x
+        outs = jax.tree.leaves(kernel(*args))
+        outs = [jax.lax.psum(o, axes) if axes else o for o, axes in zip(outs, summed)]
+        return out_tree.unflatten(outs)
+
+    def spec(factors):
+        return PartitionSpec(*[chosen.get(f) for f in factors])
+
+    in_specs = tuple(spec(s) for s in specs)
+    if _explicit_axes(mesh):
+        # Explicit axes: shard_map takes operands only as their types say they are split.
+        arrays = [x if _spec_of(jax.typeof(x).sharding, x.ndim) == _spec_of(
+            _Spec(p), x.ndim) else jax.sharding.reshard(x, p) for x, p in zip(arrays, in_specs)]
+    # check_vma=False: Pallas calls carry no varying-axes types.
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs,
+                         out_specs=out_tree.unflatten([spec(s) for s in flat_out]),
+                         check_vma=False)(*arrays)
+
+
+def _partitioned_call(op, kernel, names, specs, out_specs, part, present, nargs, *arrays):
+    from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def full(arrs):
+        args = [None] * nargs
+        for i, x in zip(present, arrs):
+            args[i] = x
+        return args
+
+    def call(*arrs):
+        return kernel(*full(arrs))
+
+    whole = set(part.whole.split())
+    tied = dict(part.tied)
+    leaves, out_tree = jax.tree.flatten(out_specs)
+    flat_out = [tuple(s.split()) for s in leaves]
+
+    def plan(mesh, arg_shapes, warn):
+        return _plan(op, names, specs, [a.shape for a in arg_shapes],
+                     [_spec_of(a.sharding, len(s)) for a, s in zip(arg_shapes, specs)],
+                     dict(mesh.shape), whole, tied, warn)
+
+    def shard(mesh, chosen, spec):
+        return NamedSharding(mesh, PartitionSpec(*[chosen.get(f) for f in spec]))
+
+    def infer(mesh, arg_shapes, result_shape):
+        chosen = plan(mesh, arg_shapes, warn=False)
+        return out_tree.unflatten([shard(mesh, chosen, s) for s in flat_out])
+
+    def partition(mesh, arg_shapes, result_shape):
+        chosen = plan(mesh, arg_shapes, warn=True)
+        summed = _summed(specs, flat_out, chosen, tied)
+
+        def lower(*arrs):
+            outs = jax.tree.leaves(call(*arrs))
+            outs = [jax.lax.psum(o, axes) if axes else o for o, axes in zip(outs, summed)]
+            return out_tree.unflatten(outs)
+
+        arg_shardings = tuple(shard(mesh, chosen, s) for s in specs)
+        return mesh, lower, out_tree.unflatten([shard(mesh, chosen, s) for s in flat_out]), \
+            arg_shardings
+
+    letters = {}
+
+    def letter(f):
+        return letters.setdefault(f, "abcdefghijklmnopqrstuvwxyz"[len(letters)])
+
+    rule = (", ".join(" ".join(letter(f) for f in s) for s in specs) + " -> "
+            + ", ".join(" ".join(letter(f) for f in s) for s in flat_out))
+
+    cp = custom_partitioning(call)
+    cp.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                     sharding_rule=rule)
+
+    @jax.custom_batching.custom_vmap
+    def run(*arrs):
+        return cp(*arrs)
+
+    @run.def_vmap
+    def run_batched(axis_size, in_batched, *arrs):
+        # vmap adds a leading axis, free like a batch axis, to the batched operands and to
+        # every result: the batched call is partitioned the same way.
+        fresh = f"vmap{next(_fresh)}"
+        axes = [0 if b else None for b in in_batched]
+        new_specs = [((fresh,) + s) if b else s for s, b in zip(specs, in_batched)]
+        new_out = jax.tree.map(lambda s: f"{fresh} {s}", out_specs)
+        batched_kernel = jax.vmap(call, in_axes=axes)
+        out = _partitioned_call(op, batched_kernel, names, new_specs, new_out, part, list(range(len(arrs))),
+                                len(arrs), *arrs)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return run(*arrays)
+
+
+_fresh = itertools.count()
+
+
+def _plan(op, names, specs, shapes, pspecs, mesh_shape, whole, tied, warn):
+    """{factor: mesh axes} that the kernel is run split along, from the operands' dims
+    (`pspecs`: the mesh axes each dim is split over)."""
+    sizes, chosen, used = {}, {}, set()
+    for name, spec, shape, pspec in zip(names, specs, shapes, pspecs):
+        for dim, (f, axes) in enumerate(zip(spec, pspec)):
+            sizes[f] = shape[dim]
+            if not axes:
+                continue
+            if f in whole:
+                if warn:
+                    warnings.warn(
+                        f"{op}: argument `{name}` is sharded along its dim {dim} ({f!r}, over "
+                        f"mesh axes {axes}), which the kernel needs whole: it is gathered "
+                        f"before the call", stacklevel=3)
+                continue
+            if f in chosen or f in tied or used & set(axes):
+                continue
+            if shape[dim] % _size(mesh_shape, axes):
+                continue
+            chosen[f] = axes
+            used |= set(axes)
+    for f, leader in tied.items():
+        if leader not in chosen or sizes.get(f, 1) == 1:
+            continue
+        if sizes[f] % _size(mesh_shape, chosen[leader]):
+            axes = chosen.pop(leader)
+            if warn:
+                warnings.warn(f"{op}: {leader!r} is sharded over mesh axes {axes}, which do not "
+                              f"divide {f!r} ({sizes[f]}): it is gathered before the call",
+                              stacklevel=3)
+        else:
+            chosen[f] = chosen[leader]
+    return chosen
+
+
+def _summed(specs, out_specs, chosen, tied):
+    """Per output, the mesh axes its per-shard results are summed over: those of the split
+    factors it lacks (a tied factor is split with its leader, not summed over)."""
+    factors = sorted({f for s in specs for f in s})
+    return [tuple(a for f in factors if f in chosen and f not in s and f not in tied
+                  for a in chosen[f]) for s in out_specs]
+
+
+class _Spec(NamedTuple):
+    spec: Any
+
+
+def _spec_of(sharding, ndim):
+    """Mesh axes (a tuple, empty when whole) along each of `ndim` dims of a NamedSharding."""
+    spec = tuple(getattr(sharding, "spec", ())) + (None,) * ndim
+    out = []
+    for entry in spec[:ndim]:
+        if entry is None:
+            out.append(())
+        elif isinstance(entry, str):
+            out.append((entry,))
+        else:
+            out.append(tuple(entry))
+    return out
+
+
+def _size(mesh_shape, axes):
+    n = 1
+    for a in axes:
+        n *= mesh_shape[a]
+    return n

@@ -111,13 +111,13 @@ def _conv(x, weight, bias, state, back, activation, out_dtype, implementation):
                             out_dtype=out_dtype)
     pallas = functools.partial(_pallas.causal_conv1d_forward, activation=activation,
                                out_dtype=out_dtype)
-    # Optional arguments (bias, segments) travel as closures: dispatch takes arrays only.
-    args = (x, weight, state)
-    return _dispatch.dispatch(
-        _OP, implementation, *args,
-        reference=lambda x, w, s: xla(x, w, bias, s, back),
-        xla=lambda x, w, s: xla(x, w, bias, s, back),
-        pallas=lambda x, w, s, **kw: pallas(x, w, bias, s, back, **kw))
+    # Batch and channels split (a depthwise filter); time and the taps stay whole.
+    partition = _dispatch.Partition(
+        (("x", "b t c"), ("weight", "w c"), ("bias", None if bias is None else "c"),
+         ("initial_state", "b s c"), ("segment_ids", None if back is None else "b t")),
+        "b t c", whole="t w s")
+    return _dispatch.dispatch(_OP, implementation, x, weight, bias, state, back,
+                              reference=xla, xla=xla, pallas=pallas, partition=partition)
 
 
 def _conv_fwd(x, weight, bias, state, back, activation, out_dtype, implementation):

@@ -160,11 +160,27 @@ def _pallas_for(fn, h0, chunk_size, implementation):
     return functools.partial(fn, chunk_size=chunk_size)
 
 
+def _partition(g, runs, backward):
+    """Batch, heads and value columns split (each column of the state is its own recurrence);
+    time, key_dim and the chunk axis of the saved states stay whole. The key/gate gradients
+    sum over the value columns (the partitioner adds the cross-shard sum)."""
+    gate = None if g is None else ("b t h k" if g.shape[-1] > 1 else "b t h one")
+    inputs = [("q", "b t h k"), ("k", "b t h k"), ("v", "b t h v"), ("log_gate", gate),
+              ("initial_state", "b h k v"), ("segment_ids", None if runs is None else "b t")]
+    if not backward:
+        return _dispatch.Partition(tuple(inputs), ("b t h v", "b h k v", "b h n k v"),
+                                   whole="t k n one")
+    inputs += [("chunk_states", "b h n k v"), ("d_out", "b t h v"), ("d_final", "b h k v")]
+    return _dispatch.Partition(
+        tuple(inputs), ("b t h k", "b t h k", "b t h v", gate, "b h k v"), whole="t k n one")
+
+
 def _forward(q, k, v, g, h0, runs, chunk_size, implementation):
     """(o, final_state, per-chunk start states) from the chosen fast path."""
     xla = functools.partial(_xla.forward_with_states, chunk_size=chunk_size)
     return _dispatch.dispatch(_OP, implementation, q, k, v, g, h0, runs, reference=xla, xla=xla,
-                              pallas=_pallas_for(_pallas.forward, h0, chunk_size, implementation))
+                              pallas=_pallas_for(_pallas.forward, h0, chunk_size, implementation),
+                              partition=_partition(g, runs, backward=False))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -187,7 +203,8 @@ def _attention_bwd(chunk_size, implementation, residuals, cotangents):
     # implementation="reference" never reaches the custom VJP (autodiff differentiates it).
     grads = _dispatch.dispatch(
         _OP, implementation, q, k, v, g, h0, runs, starts, do, dfinal, reference=xla_bwd,
-        xla=xla_bwd, pallas=_pallas_for(_pallas.backward, h0, chunk_size, implementation))
+        xla=xla_bwd, pallas=_pallas_for(_pallas.backward, h0, chunk_size, implementation),
+        partition=_partition(g, runs, backward=True))
     return (*grads, None)
 
 

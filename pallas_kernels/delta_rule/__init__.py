@@ -144,13 +144,30 @@ def _pallas_for(fn, h0, static):
     return functools.partial(fn, **static)
 
 
+_INPUTS = (("q", "b t h k"), ("k", "b t h k"), ("v", "b t h v"), ("beta", "b t h"),
+           ("log_gate", "b t h"), ("initial_state", "b h k v"), ("segment_ids", "b t"))
+
+
+def _partition(backward):
+    """Batch, heads and value columns split (the delta update mixes key rows, never value
+    columns); time, key_dim and the chunk axis stay whole. The q/k/beta/gate gradients sum over
+    the value columns (the partitioner adds the cross-shard sum)."""
+    if not backward:
+        return _dispatch.Partition(_INPUTS, ("b t h v", "b h k v", "b h n k v"), whole="t k n")
+    inputs = _INPUTS + (("chunk_states", "b h n k v"), ("d_out", "b t h v"),
+                        ("d_final", "b h k v"))
+    return _dispatch.Partition(
+        inputs, ("b t h k", "b t h k", "b t h v", "b t h", "b t h", "b h k v"), whole="t k n")
+
+
 def _forward(args, scale, chunk_size, gated, segmented, implementation):
     static = _static(scale, chunk_size, gated, segmented)
     return _dispatch.dispatch(
         _OP, implementation, *args,
         reference=functools.partial(_xla.delta_rule_forward, **static),
         xla=functools.partial(_xla.delta_rule_forward, **static),
-        pallas=_pallas_for(_pallas.delta_rule_forward, args[5], static))
+        pallas=_pallas_for(_pallas.delta_rule_forward, args[5], static),
+        partition=_partition(backward=False))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
@@ -178,7 +195,8 @@ def _delta_bwd(scale, chunk_size, gated, segmented, implementation, residuals, c
     grads = _dispatch.dispatch(
         _OP, implementation, *args, states, do, dfinal,
         reference=xla_bwd, xla=xla_bwd,
-        pallas=_pallas_for(_pallas.delta_rule_backward, args[5], static))
+        pallas=_pallas_for(_pallas.delta_rule_backward, args[5], static),
+        partition=_partition(backward=True))
     return tuple(grads) + (jnp.zeros_like(args[6]),)
 
 

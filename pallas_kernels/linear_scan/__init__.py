@@ -97,7 +97,10 @@ def _forward(a, b, h0, reverse, implementation):
         _OP, implementation, a, b, h0,
         reference=functools.partial(_reference.linear_scan_reference, reverse=reverse),
         xla=functools.partial(_xla.linear_scan_forward, reverse=reverse),
-        pallas=functools.partial(_pallas.linear_scan_forward, reverse=reverse))
+        pallas=functools.partial(_pallas.linear_scan_forward, reverse=reverse),
+        partition=_dispatch.Partition(
+            (("a", "b t c"), ("b", "b t c"), ("initial_state", "b c")),
+            ("b t c", "b c"), whole="t"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -121,7 +124,11 @@ def _scan_bwd(reverse, implementation, residuals, cotangents):
     # implementation="reference" never reaches the custom VJP (autodiff differentiates it).
     return _dispatch.dispatch(
         _OP, implementation, a, h, h0, dh, dh_final, reference=xla_bwd, xla=xla_bwd,
-        pallas=functools.partial(_pallas.linear_scan_backward, reverse=reverse))
+        pallas=functools.partial(_pallas.linear_scan_backward, reverse=reverse),
+        partition=_dispatch.Partition(
+            (("a", "b t c"), ("h", "b t c"), ("initial_state", "b c"), ("dh", "b t c"),
+             ("dh_final", "b c")),
+            ("b t c", "b t c", "b c"), whole="t"))
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)

@@ -102,7 +102,11 @@ def _forward(values, idx, w, implementation):
     return _dispatch.dispatch(
         _OP, implementation, values, idx, w,
         reference=_reference.memory_lookup_reference, xla=_xla.memory_lookup_forward,
-        pallas=_pallas.memory_lookup_forward)
+        pallas=_pallas.memory_lookup_forward,
+        # Bags and the columns of the table split; the rows of the table (any bag may read any
+        # row) and the k slots of a bag stay whole.
+        partition=_dispatch.Partition(
+            (("values", "r m"), ("indices", "n j"), ("weights", "n j")), "n m", whole="r j"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -156,7 +156,16 @@ def _xla_with_states(*args):
 
 def _forward_with_states(args, implementation):
     return _dispatch.dispatch(_OP, implementation, *args, reference=_xla_with_states,
-                              xla=_xla_with_states, pallas=_pallas)
+                              xla=_xla_with_states, pallas=_pallas, partition=_PARTITION)
+
+
+# Batch and channels split (every channel is its own recurrence); the groups of B and C follow
+# the channels (channel c reads group c // (channels / groups)); time, state and the segment
+# axis of the checkpoints stay whole.
+_PARTITION = _dispatch.Partition(
+    (("delta", "b t c"), ("u", "b t c"), ("B", "b t g n"), ("C", "b t g n"), ("A", "c n"),
+     ("initial_state", "b c n"), ("segment_ids", "b t")),
+    ("b t c", "b c n", "b s n c"), whole="t n s", tied=(("g", "c"),))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
