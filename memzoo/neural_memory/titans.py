@@ -187,7 +187,8 @@ class TitansMAG(_TitansBase):
         super().__init__(d_model, num_heads=num_heads, memory_heads=memory_heads, window=window,
                          num_persistent=num_persistent, chunk_size=chunk_size, rope=rope,
                          memory_options=memory_options, dtype=dtype, rngs=rngs)
-        self.gate = layers.Linear(d_model, d_model, axes=("embed", "embed"), rngs=rngs)
+        self.gate = layers.Linear(d_model, d_model, axes=("embed", "embed"), dtype=dtype,
+                                  rngs=rngs)
 
     def _forward(self, x, cache, decode: bool = False, segment_ids=None):
         if cache is None:
