@@ -25,7 +25,7 @@ cases=$($PY -m benchmarks.gpu --list)
 start=$(date +%s)
 # 1. The kernel tests with the compiled ("pallas_native") runner, in the background while the
 #    cases compile: XLA's and Triton's compilers are CPU-bound, the GPU is idle then.
-(timeout ${TESTS_S:-150} $PY -m pytest tests/pallas_kernels -m kernel -k "pallas_native" -q -p no:cacheprovider \
+(timeout ${TESTS_S:-150} $PY -m pytest tests/pallas_kernels -m kernel -k "pallas_native" -q -n 8 -p no:cacheprovider \
    -W ignore::DeprecationWarning > "$OUT/tests.log" 2>&1; echo "rc=$?" >> "$OUT/tests.log") &
 tests=$!
 # 2. Check + compile every case in parallel (fills the compilation cache).
