@@ -6,6 +6,8 @@ import pytest
 
 pytest.importorskip("libtpu")
 
+pytestmark = pytest.mark.compile
+
 import configs  # noqa: E402
 from configs.base import ConfigError  # noqa: E402
 from train import compile_for  # noqa: E402
