@@ -11,7 +11,7 @@ import memzoo
 from memzoo.attention import Attention
 from pallas_kernels._testing import assert_close
 from tests.memzoo import test_contract as contract
-from tests.memzoo.helpers import forward
+from tests.memzoo.helpers import forward, prefill
 
 D, T, BATCH = 16, 12, 2
 

@@ -14,7 +14,7 @@ import memzoo
 from memzoo.linear_attention import LinearAttentionCache
 from pallas_kernels._testing import assert_close
 from tests.memzoo import test_contract as contract
-from tests.memzoo.helpers import forward
+from tests.memzoo.helpers import forward, prefill, step
 
 D, T, BATCH, CHUNK = 16, 24, 2, 16  # T spans two chunks, the last one partial
 
