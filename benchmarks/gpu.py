@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from benchmarks._timing import time_calls
 
 # fla's ops benchmarks use [B, T, H, D] = [8, T, 16, 128]-class shapes; one long T here.
 SHAPE = dict(B=8, T=4096, H=16, D=128)
@@ -167,14 +167,7 @@ def check(case):
 
 
 def _median_ms(step, repeats):
-    step()
-    step()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return time_calls(step, repeats=repeats, warmup=1)["median_ms"]
 
 
 def time_ours(case, repeats):
