@@ -119,6 +119,18 @@ TPUS: dict[str, TpuTarget] = {
 TARGETS: tuple[str, ...] = (*TPUS, *GPUS)
 
 
+# HBM per chip of the TPU generations (Google Cloud's TPU pages); GPUs carry theirs in GPUS.
+TPU_HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
+
+
+def hbm_bytes(target: str) -> int:
+    """Device memory per chip of `target` ("v5e", "h100", or a spec such as "v5e:4x4")."""
+    name = parse_spec(target)[0]
+    if name in TPU_HBM_BYTES:
+        return TPU_HBM_BYTES[name]
+    return GPUS[name].device_memory_size
+
+
 def platform(target: str) -> str:
     """'tpu' or 'cuda' for a target name or spec ("v5e:2x2" -> 'tpu', "h100x8" -> 'cuda')."""
     return "tpu" if parse_spec(target)[0] in TPUS else "cuda"

@@ -42,11 +42,6 @@ class DoesNotFit(ValueError):
     """The compiled step needs more memory per device than the target has."""
 
 
-# HBM per chip of the TPU generations pallas_kernels._aot compiles for (Google Cloud's TPU pages);
-# GPUs carry theirs in _aot.GPUS (device_memory_size).
-TPU_HBM = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
-
-
 @dataclasses.dataclass(frozen=True)
 class Target:
     name: str
@@ -66,7 +61,7 @@ def target_devices(spec: str) -> Target:
                          "jax-cuda12-plugin`, and JAX_PLATFORMS=cpu so that JAX does not start "
                          "the plugin as a backend, which needs a GPU)")
     devices = tuple(_aot.devices(spec))
-    hbm = TPU_HBM[name] if name in TPU_HBM else _aot.GPUS[name].device_memory_size
+    hbm = _aot.hbm_bytes(name)
     return Target(spec, devices, devices[0].device_kind, hbm)
 
 
