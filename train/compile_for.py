@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import sys
 import time
-from typing import Any
 
 import jax
 import numpy as np
