@@ -6,11 +6,11 @@ lowering time, not by asking `jax.devices()` while tracing: a function traced on
 with `jax.export(..., platforms=("cpu", "tpu", "cuda"))` then carries the right implementation for
 each platform, and lowering for "tpu" or "cuda" on a CPU-only machine picks the Pallas kernel.
 
-    platform | "auto"                | "pallas"
-    ---------+-----------------------+------------------------------------------
-    tpu      | Pallas, Mosaic TPU    | Pallas, Mosaic TPU
-    cuda     | Pallas, Triton        | Pallas, Triton
-    other    | XLA path              | Pallas (GPU variant), generic interpret mode (slow)
+    platform | "auto"                        | "pallas"
+    ---------+-------------------------------+------------------------------------------
+    tpu      | Pallas, Mosaic TPU            | Pallas, Mosaic TPU
+    cuda     | per op, `AUTO_ON_CUDA`        | Pallas, Triton
+    other    | XLA path                      | Pallas (GPU variant), generic interpret mode (slow)
 
 Partitioning: every Pallas call goes through `partitioned(op, kernel, Partition(...), *args)`,
 so that under a mesh the kernel runs on each shard's local arrays. The op's `Partition` names the
@@ -48,6 +48,35 @@ Implementation = Literal["auto", "pallas", "xla", "reference"]
 # The kernel variants a Pallas module provides, by the hardware they are written for. Either can
 # also run through an interpreter on any backend (see `pallas_interpret`).
 PALLAS_TARGETS = ("tpu", "cuda")
+
+# What "auto" runs on an NVIDIA GPU, per op: the faster of the two on an H200 (JAX 0.11.2, bf16,
+# B8 T4096 H16 d128 / 1024 channels; benchmarks/RESULTS.md, "The kernels compiled natively on an
+# H200"). The Triton scans win where XLA has no fusion for a sequential recurrence (linear_scan
+# 13x fwd+bwd, selective_scan 2x); XLA wins where the work is batched matmuls cuBLAS does well
+# (chunked linear attention 4.5x fwd+bwd, the delta rule 1.8x), a few elementwise taps
+# (causal_conv1d 4x) or a gather (memory_lookup, a tie: XLA saves the kernel's compile). The
+# Triton matrix-state kernels also cost ~50 s of first-call compile there. Ops not listed: Pallas.
+# On TPU "auto" is always the Mosaic kernel. Note that float32 matmuls on XLA's GPU path use
+# TF32 by default (relative error ~1e-3); the Triton kernels use TF32x3 (~1e-6):
+# `implementation="pallas"` or jax_default_matmul_precision="highest" where that matters.
+AUTO_ON_CUDA: dict[str, Literal["pallas", "xla"]] = {
+    "linear_scan": "pallas",
+    "selective_scan": "pallas",
+    "chunked_linear_attention": "xla",
+    "delta_rule": "xla",
+    "causal_conv1d": "xla",
+    "memory_lookup": "xla",
+}
+
+
+def auto_runs_pallas(op: str, platform: str) -> bool:
+    """Whether implementation="auto" runs `op`'s Pallas kernel when lowered for `platform`."""
+    if platform == "tpu":
+        return True
+    if platform == "cuda":
+        return AUTO_ON_CUDA.get(op, "pallas") == "pallas"
+    return False
+
 
 _interpret_mode: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "memzoo_pallas_interpret", default=None)
@@ -172,8 +201,11 @@ def dispatch(
         kernel = functools.partial(pallas, target=target, interpret=interpret)
         return lambda *a: partitioned(op, kernel, partition, *a, mosaic=target == "tpu")
 
-    default = on("cuda", True) if implementation == "pallas" else xla
-    return jax.lax.platform_dependent(*args, tpu=on("tpu"), cuda=on("cuda"), default=default)
+    if implementation == "pallas":
+        return jax.lax.platform_dependent(*args, tpu=on("tpu"), cuda=on("cuda"),
+                                          default=on("cuda", True))
+    cuda = on("cuda") if auto_runs_pallas(op, "cuda") else xla
+    return jax.lax.platform_dependent(*args, tpu=on("tpu"), cuda=cuda, default=xla)
 
 
 class Partition(NamedTuple):

@@ -116,7 +116,22 @@ def custom_calls(hlo_text: str) -> list[str]:
 def assert_lowers_to(fn: Callable, *args, platform: str, count: int | None = None) -> str:
     text = lower_for(fn, *args, platform=platform)
     calls = [c for c in custom_calls(text) if c == CUSTOM_CALLS[platform]]
+    if count == 0:
+        assert not calls, f"expected no {CUSTOM_CALLS[platform]}, got {len(calls)}"
+        return text
     assert calls, f"no {CUSTOM_CALLS[platform]} in the {platform} lowering"
     if count is not None:
         assert len(calls) == count, f"expected {count} {CUSTOM_CALLS[platform]}, got {len(calls)}"
     return text
+
+
+def assert_auto_lowers(make_fn: Callable, *args, op: str, platform: str, count: int) -> None:
+    """`make_fn(implementation)` -> function. "pallas" lowers to `count` kernel calls for
+    `platform`; "auto" to the same where it picks the kernel there (_dispatch.AUTO_ON_CUDA), to
+    none (the XLA path) where it does not."""
+    from pallas_kernels import _dispatch
+    if _dispatch.auto_runs_pallas(op, platform):  # "auto" is "pallas" there: one lowering
+        assert_lowers_to(make_fn("auto"), *args, platform=platform, count=count)
+    else:
+        assert_lowers_to(make_fn("pallas"), *args, platform=platform, count=count)
+        assert_lowers_to(make_fn("auto"), *args, platform=platform, count=0)

@@ -134,20 +134,23 @@ def test_packed_segments_equal_separate_documents():
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_lowers_for_accelerators(platform):
-    """"auto" picks the Pallas forward when lowering for an accelerator; the backward is the XLA
-    taps' autodiff (linear, nothing stored), so grad adds no second custom call."""
+    """The Pallas forward lowers for an accelerator ("auto" picks it where
+    _dispatch.AUTO_ON_CUDA says so); the backward is the XLA taps' autodiff (linear, nothing
+    stored), so grad adds no second custom call."""
     (x, weight, bias, state), seg, _ = make_inputs(jax.random.PRNGKey(0), (2, 300, 1000), 4,
                                                    jnp.bfloat16)
 
-    def fwd(x, w, b):
-        return causal_conv1d(x, w, bias=b, initial_state=state, activation="silu",
-                             segment_ids=seg)
+    def fwd(implementation):
+        return lambda x, w, b: causal_conv1d(x, w, bias=b, initial_state=state,
+                                             activation="silu", segment_ids=seg,
+                                             implementation=implementation)
 
-    def fwd_bwd(x, w, b):
-        return jax.grad(lambda *a: jnp.sum(fwd(*a)[0] ** 2), argnums=(0, 1, 2))(x, w, b)
+    def fwd_bwd(implementation):
+        return jax.grad(lambda *a: jnp.sum(fwd(implementation)(*a)[0] ** 2), argnums=(0, 1, 2))
 
-    kt.assert_lowers_to(fwd, x, weight, bias, platform=platform, count=1)
-    kt.assert_lowers_to(fwd_bwd, x, weight, bias, platform=platform, count=1)
+    for make in (fwd, fwd_bwd):
+        kt.assert_auto_lowers(make, x, weight, bias, op="causal_conv1d", platform=platform,
+                              count=1)
 
 
 def test_vmap_jit_grad_compose():

@@ -272,23 +272,27 @@ def test_pallas_mixed_strong_and_weak_vector_gates(monkeypatch):
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 @pytest.mark.parametrize("gate", GATES)
 def test_lowers_for_accelerators(platform, gate):
-    """"auto" picks the kernels for the lowering platform: one custom call for the forward, a
-    second for the backward."""
+    """The kernels lower for the platform ("auto" picks them where _dispatch.AUTO_ON_CUDA says
+    so): one custom call for the forward, a second for the backward."""
     q, k, v, g, h0, seg = make_inputs(jax.random.PRNGKey(0), (2, 150, 2, 64, 128), gate,
                                       dtype=jnp.bfloat16, segments=True)
 
-    def fwd(q, k, v, g, h0):
-        return chunked_linear_attention(q, k, v, log_gate=g, initial_state=h0, segment_ids=seg)
+    def fwd(implementation):
+        return lambda q, k, v, g, h0: chunked_linear_attention(
+            q, k, v, log_gate=g, initial_state=h0, segment_ids=seg,
+            implementation=implementation)
 
-    def fwd_bwd(q, k, v, g, h0):
+    def fwd_bwd(implementation):
         def loss(q, k, v, g, h0):
-            o, s = fwd(q, k, v, g, h0)
+            o, s = fwd(implementation)(q, k, v, g, h0)
             return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s ** 2)
         argnums = (0, 1, 2, 4) if g is None else (0, 1, 2, 3, 4)
-        return jax.grad(loss, argnums=argnums)(q, k, v, g, h0)
+        return jax.grad(loss, argnums=argnums)
 
-    kt.assert_lowers_to(fwd, q, k, v, g, h0, platform=platform, count=1)
-    kt.assert_lowers_to(fwd_bwd, q, k, v, g, h0, platform=platform, count=2)
+    args = (q, k, v, g, h0)
+    kt.assert_auto_lowers(fwd, *args, op="chunked_linear_attention", platform=platform, count=1)
+    kt.assert_auto_lowers(fwd_bwd, *args, op="chunked_linear_attention", platform=platform,
+                          count=2)
 
 
 def test_pallas_rejects_64_bit_and_auto_keeps_it_on_xla():

@@ -267,22 +267,24 @@ def test_segment_ids_equal_separate_documents():
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_lowers_for_accelerators(platform):
-    """"auto" picks the kernels for the lowering platform: the forward's custom call alone, and
-    forward + backward kernels (two calls) under grad."""
+    """The kernels lower for the platform ("auto" picks them where _dispatch.AUTO_ON_CUDA says
+    so): the forward's custom call alone, and forward + backward kernels (two calls) under
+    grad."""
     inputs = make_inputs(jax.random.PRNGKey(0), (2, 256, 2, 64, 128), jnp.bfloat16,
                          segments=True)
     names, arrays = _split(inputs)
     seg = inputs["segment_ids"]
 
-    def fwd(*xs):
-        return delta_rule(**dict(zip(names, xs)), segment_ids=seg)
+    def fwd(implementation):
+        return lambda *xs: delta_rule(**dict(zip(names, xs)), segment_ids=seg,
+                                      implementation=implementation)
 
-    def fwd_bwd(*xs):
-        return jax.grad(lambda *a: jnp.sum(fwd(*a)[0].astype(jnp.float32)),
-                        argnums=tuple(range(len(xs))))(*xs)
+    def fwd_bwd(implementation):
+        return jax.grad(lambda *a: jnp.sum(fwd(implementation)(*a)[0].astype(jnp.float32)),
+                        argnums=tuple(range(len(arrays))))
 
-    kt.assert_lowers_to(fwd, *arrays, platform=platform, count=1)
-    kt.assert_lowers_to(fwd_bwd, *arrays, platform=platform, count=2)
+    kt.assert_auto_lowers(fwd, *arrays, op="delta_rule", platform=platform, count=1)
+    kt.assert_auto_lowers(fwd_bwd, *arrays, op="delta_rule", platform=platform, count=2)
 
 
 def test_gpu_backward_above_its_key_dim_runs_on_xla_from_the_kernels_states():
@@ -293,7 +295,8 @@ def test_gpu_backward_above_its_key_dim_runs_on_xla_from_the_kernels_states():
                             ctx=kt.IMPLEMENTATION_RUNNERS["pallas_gpu_interpret"][0]())
     names, arrays = _split(inputs)
     seg = inputs["segment_ids"]
-    grad = jax.grad(lambda *xs: jnp.sum(delta_rule(**dict(zip(names, xs)), segment_ids=seg)[0]))
+    grad = jax.grad(lambda *xs: jnp.sum(delta_rule(**dict(zip(names, xs)), segment_ids=seg,
+                                                   implementation="pallas")[0]))
     kt.assert_lowers_to(grad, *arrays, platform="cuda", count=1)
 
 

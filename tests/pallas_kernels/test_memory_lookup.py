@@ -165,12 +165,19 @@ def test_each_runner_traces_its_own_kernel():
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_lowers_for_accelerators(platform):
     values, indices, weights, cot = make_inputs(2, 64, 256, (16,), 4)
-    fwd = functools.partial(memory_lookup, implementation="auto")
-    kt.assert_lowers_to(fwd, values, indices, weights, platform=platform, count=1)
-    # The backward is XLA's scatter-add: the module of value and gradient holds the forward
-    # kernel once (with grad alone the forward's output is unused and removed).
-    grad = jax.value_and_grad(lambda v, w: jnp.sum(fwd(v, indices, w) * cot), argnums=(0, 1))
-    kt.assert_lowers_to(grad, values, weights, platform=platform, count=1)
+
+    def fwd(implementation):
+        return functools.partial(memory_lookup, implementation=implementation)
+
+    def grad(implementation):
+        # The backward is XLA's scatter-add: the module of value and gradient holds the forward
+        # kernel once (with grad alone the forward's output is unused and removed).
+        return jax.value_and_grad(
+            lambda v, w: jnp.sum(fwd(implementation)(v, indices, w) * cot), argnums=(0, 1))
+
+    kt.assert_auto_lowers(fwd, values, indices, weights, op="memory_lookup", platform=platform,
+                          count=1)
+    kt.assert_auto_lowers(grad, values, weights, op="memory_lookup", platform=platform, count=1)
 
 
 def test_vmap_jit_grad_compose():

@@ -269,18 +269,23 @@ def _aot_inputs(dtype):
     b, t, h, d, c = 4, 256, 2, 128 if dtype == jnp.bfloat16 else 64, 256
     x4 = lambda *s: jax.ShapeDtypeStruct(s, dtype)
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+
+    def kernel(op, **options):  # the kernels: "auto" runs some ops on XLA on a GPU
+        return lambda **x: op(**x, **options, implementation="pallas")
+
     attention = dict(q=x4(b, t, h, d), k=x4(b, t, h, d), v=x4(b, t, h, d), log_gate=f32(b, t, h))
     return {
-        "chunked_linear_attention": (attention, lambda **x: chunked_linear_attention(**x)),
-        "delta_rule": (attention | {"beta": f32(b, t, h)}, lambda **x: delta_rule(**x)),
-        "linear_scan": (dict(a=x4(b, t, c), b=x4(b, t, c)), lambda **x: linear_scan(**x)),
+        "chunked_linear_attention": (attention, kernel(chunked_linear_attention)),
+        "delta_rule": (attention | {"beta": f32(b, t, h)}, kernel(delta_rule)),
+        "linear_scan": (dict(a=x4(b, t, c), b=x4(b, t, c)), kernel(linear_scan)),
         "selective_scan": (dict(u=x4(b, t, c), delta=x4(b, t, c), A=f32(c, 16),
                                 B=x4(b, t, 1, 16), C=x4(b, t, 1, 16)),
-                           lambda **x: selective_scan(**x, delta_softplus=True)),
+                           kernel(selective_scan, delta_softplus=True)),
         "causal_conv1d": (dict(x=x4(b, t, c), weight=x4(4, c)),
-                          lambda **x: causal_conv1d(**x, activation="silu")),
-        "memory_lookup": (dict(values=f32(1024, c), indices=jax.ShapeDtypeStruct((b, 16, 4), jnp.int32),
-                               weights=f32(b, 16, 4)), lambda **x: memory_lookup(**x)),
+                          kernel(causal_conv1d, activation="silu")),
+        "memory_lookup": (dict(values=f32(1024, c), weights=f32(b, 16, 4),
+                               indices=jax.ShapeDtypeStruct((b, 16, 4), jnp.int32)),
+                          kernel(memory_lookup)),
     }
 
 
