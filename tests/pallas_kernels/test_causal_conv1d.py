@@ -44,10 +44,13 @@ def forward_and_grads(implementation, activation, arrays, seg, weights):
 
 def check(implementation, shape, width, dtype=jnp.float32, activation="silu", seed=0, ctx=None):
     arrays, seg, weights = make_inputs(jax.random.PRNGKey(seed), shape, width, dtype)
+    # jit: one compiled program per implementation (op-by-op dispatch costs far more CPU)
     ref_out, ref_grads = kt.float64_run(
-        functools.partial(forward_and_grads, "reference", activation), arrays, seg, weights)
+        jax.jit(functools.partial(forward_and_grads, "reference", activation)),
+        arrays, seg, weights)
     with ctx or kt.IMPLEMENTATION_RUNNERS["xla"][0]():
-        (y, final), grads = forward_and_grads(implementation, activation, arrays, seg, weights)
+        (y, final), grads = jax.jit(functools.partial(forward_and_grads, implementation,
+                                                      activation))(arrays, seg, weights)
     tol = BF16_TOL if dtype == jnp.bfloat16 else F32_TOL
     assert y.dtype == jnp.float32 and final.dtype == jnp.float32  # float32 weights promote
     kt.assert_close(y, ref_out[0], tol, "y")

@@ -62,18 +62,19 @@ def weights_for(key, shape):
 
 
 def check(implementation, shape, gate, *, seed=0, dtype=jnp.float32, segments=False,
-          chunk_size=None, gate_range=(0.8, 1.0), tol=None, ctx=None, jit=False):
+          chunk_size=None, gate_range=(0.8, 1.0), tol=None, ctx=None):
     key = jax.random.PRNGKey(seed)
     q, k, v, g, h0, seg = make_inputs(key, shape, gate, dtype=dtype, segments=segments,
                                       gate_range=gate_range)
     weights = weights_for(jax.random.fold_in(key, 1), shape)
+    # jit: one compiled program for the outputs and the gradients (op-by-op dispatch of the
+    # chunked algebra and of the reference's scan cost far more CPU than one compile).
     ref_out, ref_grads = kt.float64_run(
-        functools.partial(forward_and_grads, "reference", chunk_size=chunk_size),
+        jax.jit(functools.partial(forward_and_grads, "reference", chunk_size=chunk_size)),
         q, k, v, g, h0, seg, weights)
     with ctx or kt.IMPLEMENTATION_RUNNERS["xla"][0]():
-        # jit: one trace for the outputs and the gradients (interpreted kernels are slow).
         run = functools.partial(forward_and_grads, implementation, chunk_size=chunk_size)
-        out, grads = (jax.jit(run) if jit else run)(q, k, v, g, h0, seg, weights)
+        out, grads = jax.jit(run)(q, k, v, g, h0, seg, weights)
     tol = tol or (BF16_TOL if dtype == jnp.bfloat16 else F32_TOL)
     assert out[0].dtype == dtype and out[1].dtype == jnp.float32
     kt.assert_close(out[0], ref_out[0], tol, "o")
@@ -250,7 +251,7 @@ def test_pallas_matches_float64_reference(runner, case, monkeypatch):
     ctx, implementation = kt.IMPLEMENTATION_RUNNERS[runner]
     shape, gate, chunk = PALLAS_CASES[case]
     check(implementation, shape, gate, seed=21, segments="segments" in case,
-          chunk_size=chunk, ctx=ctx(), jit=True)
+          chunk_size=chunk, ctx=ctx())
 
 
 def test_pallas_mixed_strong_and_weak_vector_gates(monkeypatch):

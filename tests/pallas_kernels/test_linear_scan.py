@@ -58,7 +58,7 @@ def forward_and_grads(implementation, reverse, a, b, h0, seg, weights):
 
 
 def reference_run(reverse, a, b, h0, seg, weights):
-    return kt.float64_run(functools.partial(forward_and_grads, "reference", reverse),
+    return kt.float64_run(jax.jit(functools.partial(forward_and_grads, "reference", reverse)),
                           a, b, h0, seg, weights)
 
 
@@ -97,7 +97,9 @@ def _check_against_reference(implementation, shape, dtype, reverse, seed, ctx=No
     weights = weights_for(jax.random.fold_in(key, 1), shape, dtype)
     ref_out, ref_grads = reference_run(reverse, a, b, h0, seg, weights)
     with ctx or kt.IMPLEMENTATION_RUNNERS["xla"][0]():
-        out, grads = forward_and_grads(implementation, reverse, a, b, h0, seg, weights)
+        # jit: one compiled program (op-by-op dispatch costs far more CPU than one compile)
+        out, grads = jax.jit(functools.partial(forward_and_grads, implementation, reverse))(
+            a, b, h0, seg, weights)
     tol = BF16_TOL if dtype == jnp.bfloat16 else F32_TOL
     assert out[0].dtype == jnp.result_type(a.dtype, b.dtype)
     assert out[1].dtype == jnp.promote_types(out[0].dtype, jnp.float32)
