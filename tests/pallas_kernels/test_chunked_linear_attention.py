@@ -126,9 +126,9 @@ def test_mixed_strong_and_weak_gates(gate):
     q, k, v, g, h0, _ = make_inputs(jax.random.PRNGKey(6), (1, 140, 2, 8, 4), gate)
     g = jnp.where(jax.random.bernoulli(jax.random.PRNGKey(7), 0.1, g.shape), -1e4, g)
     weights = weights_for(jax.random.PRNGKey(8), (1, 140, 2, 8, 4))
-    ref = kt.float64_run(functools.partial(forward_and_grads, "reference"), q, k, v, g, h0, None,
-                         weights)
-    got = forward_and_grads("xla", q, k, v, g, h0, None, weights)
+    ref = kt.float64_run(jax.jit(functools.partial(forward_and_grads, "reference")),
+                         q, k, v, g, h0, None, weights)
+    got = jax.jit(functools.partial(forward_and_grads, "xla"))(q, k, v, g, h0, None, weights)
     kt.assert_tree_close(got[0], ref[0], F32_TOL, "outputs")
     kt.assert_tree_close(got[1], ref[1], 5e-5, "grads")
 
@@ -143,29 +143,29 @@ def test_long_sequence_stays_finite(gate):
     """T=16384 with decays near 1 and near 0: finite and equal to the float64 recurrence."""
     q, k, v, g, h0, _ = make_inputs(jax.random.PRNGKey(10), (1, 16384, 1, 8, 4), gate,
                                     gate_range=(0.0, 1.0))
-    ref = kt.float64_run(functools.partial(chunked_linear_attention, implementation="reference"),
-                         q, k, v, log_gate=g, initial_state=h0)
-    got = chunked_linear_attention(q, k, v, log_gate=g, initial_state=h0, implementation="xla")
+    run = lambda impl: jax.jit(lambda q, k, v, g, h0: chunked_linear_attention(
+        q, k, v, log_gate=g, initial_state=h0, implementation=impl))
+    ref = kt.float64_run(run("reference"), q, k, v, g, h0)
+    got = run("xla")(q, k, v, g, h0)
     kt.assert_tree_close(got, ref, F32_TOL, "T=16384")
 
 
 @pytest.mark.parametrize("gate", GATES)
 def test_step_by_step_and_split_carry_equal_whole(gate):
     q, k, v, g, h0, _ = make_inputs(jax.random.PRNGKey(11), (2, 40, 2, 8, 4), gate)
-    f = functools.partial(chunked_linear_attention, implementation="xla", chunk_size=16)
+    # one jitted call per distinct length: whole (40), steps (1), the split (23 and 17)
+    f = jax.jit(lambda q, k, v, g, s: chunked_linear_attention(
+        q, k, v, log_gate=g, initial_state=s, implementation="xla", chunk_size=16))
     part = lambda x, s: None if x is None else x[:, s]
-    whole, final = f(q, k, v, log_gate=g, initial_state=h0)
-    step = jax.jit(lambda q, k, v, g, s: f(q, k, v, log_gate=g, initial_state=s))
+    whole, final = f(q, k, v, g, h0)
     state, outs = h0, []
     for t in range(40):
-        o, state = step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], part(g, slice(t, t + 1)), state)
+        o, state = f(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], part(g, slice(t, t + 1)), state)
         outs.append(o)
     kt.assert_close(jnp.concatenate(outs, 1), whole, 1e-6, "step-by-step")
     kt.assert_close(state, final, 1e-6, "step-by-step final state")
-    first, carry = f(q[:, :23], k[:, :23], v[:, :23], log_gate=part(g, slice(None, 23)),
-                     initial_state=h0)
-    second, final_split = f(q[:, 23:], k[:, 23:], v[:, 23:], log_gate=part(g, slice(23, None)),
-                            initial_state=carry)
+    first, carry = f(q[:, :23], k[:, :23], v[:, :23], part(g, slice(None, 23)), h0)
+    second, final_split = f(q[:, 23:], k[:, 23:], v[:, 23:], part(g, slice(23, None)), carry)
     kt.assert_close(jnp.concatenate([first, second], 1), whole, 1e-6, "split-and-carry")
     kt.assert_close(final_split, final, 1e-6, "split-and-carry final state")
 
@@ -175,11 +175,17 @@ def test_segment_ids_equal_separate_documents(gate):
     q, k, v, g, _, _ = make_inputs(jax.random.PRNGKey(12), (1, 90, 2, 8, 4), gate)
     seg = jnp.array([[3] * 7 + [1] * 60 + [3] * 23], jnp.int32)   # ids change, not only grow
     f = functools.partial(chunked_linear_attention, implementation="xla", chunk_size=32)
-    packed, _ = f(q, k, v, log_gate=g, segment_ids=seg)
     bounds = [(0, 7), (7, 67), (67, 90)]
     sl = lambda x, s, e: None if x is None else x[:, s:e]
-    separate = jnp.concatenate([f(sl(q, s, e), sl(k, s, e), sl(v, s, e), log_gate=sl(g, s, e))[0]
-                                for s, e in bounds], axis=1)
+
+    @jax.jit
+    def run(q, k, v, g):
+        packed, _ = f(q, k, v, log_gate=g, segment_ids=seg)
+        return packed, jnp.concatenate(
+            [f(sl(q, s, e), sl(k, s, e), sl(v, s, e), log_gate=sl(g, s, e))[0]
+             for s, e in bounds], axis=1)
+
+    packed, separate = run(q, k, v, g)
     kt.assert_close(packed, separate, 1e-6, "packed vs separate")
 
 
@@ -211,8 +217,9 @@ def test_vmap_jit_grad_compose():
 
 def test_grad_of_grad_agrees_with_reference():
     q, k, v, g, _, _ = make_inputs(jax.random.PRNGKey(15), (1, 12, 1, 4, 3), "scalar")
-    f = lambda impl: jax.grad(lambda v: jnp.sum(jax.grad(lambda q: jnp.sum(
-        chunked_linear_attention(q, k, v, log_gate=g, implementation=impl, chunk_size=8)[0] ** 2))(q) ** 2))(v)
+    f = lambda impl: jax.jit(jax.grad(lambda v: jnp.sum(jax.grad(lambda q: jnp.sum(
+        chunked_linear_attention(q, k, v, log_gate=g, implementation=impl,
+                                 chunk_size=8)[0] ** 2))(q) ** 2)))(v)
     kt.assert_close(f("xla"), f("reference"), 1e-5, "grad of grad")
 
 
