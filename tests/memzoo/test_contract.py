@@ -56,13 +56,17 @@ def _perturbed(params):
     """Parameters moved by ~10% of their scale (0.1 absolute where they start at zero): some
     mixers start a path at exactly zero (attention's conv taps, output gates), which at their
     initial values would hide that path from every check here."""
+    # numpy, not jax: eager jax ops compile once per leaf shape, seconds per mixer.
     leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1234), len(leaves))
+    rng = np.random.default_rng(1234)
     moved = []
-    for key, p in zip(keys, leaves):
-        scale = float(jnp.sqrt(jnp.mean(jnp.abs(p) ** 2))) if p.size else 0.0
-        moved.append(p + 0.1 * (scale if scale > 0 else 1.0)
-                     * jax.random.normal(key, p.shape, p.dtype))
+    for p in leaves:
+        p = np.asarray(p)
+        scale = float(np.sqrt(np.mean(np.abs(p) ** 2))) if p.size else 0.0
+        noise = rng.standard_normal(p.shape)
+        if np.iscomplexobj(p):
+            noise = (noise + 1j * rng.standard_normal(p.shape)) / np.sqrt(2)
+        moved.append(jnp.asarray(p + 0.1 * (scale if scale > 0 else 1.0) * noise, p.dtype))
     return jax.tree.unflatten(treedef, moved)
 
 

@@ -320,8 +320,8 @@ def test_packed_documents_equal_each_alone(options):
     assert helpers.relative_rmse(helpers.forward(mem, x)[0, 6:], y[0, 6:]) > 1e-3
 
 
-@pytest.mark.parametrize("options", [dict(chunk_size=4),
-                                     dict(chunk_size=4, memory_layers=1, learning_rule="gd")])
+# The momentum / 2-layer path's packed gradients are test_contract.py's (its option table).
+@pytest.mark.parametrize("options", [dict(chunk_size=4, memory_layers=1, learning_rule="gd")])
 def test_packed_gradients_are_the_sum_over_documents(options):
     mem = NeuralMemory(D, num_heads=2, conv_size=2, rngs=nnx.Rngs(0), **options)
     x = jax.random.normal(jax.random.key(1), (2, 13, D))
@@ -358,14 +358,13 @@ def test_chunked_memory_packed_with_no_starts_is_the_plain_form():
 ])
 def test_titans_packed_documents_equal_each_alone(name, options):
     """Attention masked across documents (MAC's segments counted within each document), the
-    memory restarted; forward, prefill + decoding across the starts, and gradients."""
+    memory restarted; forward, and prefill + decoding across the starts, at windows / segments
+    shorter than test_contract.py's (which also checks the packed gradients)."""
     from memzoo import MIXERS
     mixer = MIXERS[name](D, num_heads=2, num_persistent=2, rngs=nnx.Rngs(6), **options)
     x = jax.random.normal(jax.random.key(7), (2, 13, D))
-    y = helpers.assert_packed_equals_alone(mixer, x, PACKED)
-    dec = helpers.assert_packed_decoding_equals_alone(mixer, x, PACKED, t1=5)
-    assert helpers.relative_rmse(dec, y) < 1e-5
-    helpers.assert_packed_gradients_equal_alone(mixer, x, PACKED)
+    helpers.assert_packed_equals_alone(mixer, x, PACKED)
+    helpers.assert_packed_decoding_equals_alone(mixer, x, PACKED, t1=5)
 
 
 def test_mac_persistent_tokens_stay_visible_after_a_reset():
