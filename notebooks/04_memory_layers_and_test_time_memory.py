@@ -51,6 +51,7 @@ QUICK = os.environ.get("MEMZOO_NOTEBOOK_QUICK", "0") == "1"
 FACT_STEPS = 12 if QUICK else None   # None: the preset's own schedule
 NIAH_STEPS = 12 if QUICK else None
 BATCH = 8 if QUICK else None          # None: the preset's batch
+LAYERS = 1 if QUICK else None         # None: the preset's depth (2)
 EVAL_BATCHES = 1 if QUICK else 8
 LOG_EVERY = 4 if QUICK else 25
 
@@ -79,6 +80,8 @@ def train(preset: str, steps=None, extra=()):
                  f"logging.eval_every={steps}"]
     if BATCH:
         sets.append(f"data.batch_size={BATCH}")
+    if LAYERS:
+        sets.append(f"model.num_layers={LAYERS}")
     config = configs.resolve(preset=preset, sets=sets)
     config = config.replace(run_dir=tempfile.mkdtemp())
     command = f"python -m train --preset {preset} " + " ".join(f"--set '{s}'" for s in sets)
