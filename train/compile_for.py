@@ -8,8 +8,9 @@ same mesh axes (config mesh: data, fsdp, tensor, sequence; their product must be
 device count) and the same shardings (train/mesh.py LOGICAL_AXIS_RULES) on compile-only devices.
 The train state and the batch are abstract (`jax.eval_shape`; the batch layout from
 `train.data.example_layout`): nothing is allocated and no data is read. Mixers keep
-`implementation="auto"`, which picks at lowering time, so a TPU or GPU target compiles the Pallas
-kernels into the step.
+`implementation="auto"`, which picks at lowering time, so a TPU target compiles the Pallas
+kernels into the step and a GPU target the ones `pallas_kernels._dispatch.AUTO_ON_CUDA` picks
+(the scans; XLA's path for the chunked matmul ops).
 
 The report: per-device memory (arguments, outputs, temporaries, donated-and-aliased, code; total
 against the device's HBM), XLA's FLOPs per step per device (with layers scanned, XLA counts the
