@@ -166,13 +166,20 @@ def check_packed_equals_alone(name, options=None):
         y = nnx.merge(graphdef, params, rest)(x, segment_ids=seg)
         return jnp.sum(y * cotangent), y
 
-    # Every document alone, all in one batched call (helpers.alone_rows: each at the start of a
-    # row of its own, random tokens after it that causality keeps out of its outputs).
     docs = [(r, s, e) for r, row in enumerate(DOCS) for s, e in row]
+    resolved = MIXER_OPTIONS.get(name, {}) if options is None else options
+    causal = not resolved.get("bidirectional", False)
 
     def alone(params, x):
         mixer = nnx.merge(graphdef, params, rest)
-        y = helpers.packed_layout(mixer(helpers.alone_rows(x, docs)), docs, x)
+        if causal:
+            # Every document alone, all in one batched call (helpers.alone_rows: each at the
+            # start of a row of its own, random tokens after it that causality keeps out).
+            y = helpers.packed_layout(mixer(helpers.alone_rows(x, docs)), docs, x)
+        else:  # a bidirectional mixer sees the tokens after a document: each runs exactly alone
+            y = jnp.zeros(x.shape[:2] + (D,), x.dtype)
+            for r, s, e in docs:
+                y = y.at[r:r + 1, s:e].set(mixer(x[r:r + 1, s:e]))
         return jnp.sum(y * cotangent), y
 
     @jax.jit
