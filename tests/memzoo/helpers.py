@@ -74,7 +74,6 @@ def alone_rows(x, docs, seed=0):
     past them: one batched call runs every document alone, instead of one compile per document
     length. The filler is random, not zeros, so it cannot hide a leak by being neutral."""
     import jax
-    import jax.numpy as jnp
     rows = jax.random.normal(jax.random.key(seed), (len(docs),) + x.shape[1:], x.dtype)
     for i, (r, a, b) in enumerate(docs):
         rows = rows.at[i, :b - a].set(x[r, a:b])
