@@ -276,7 +276,7 @@ def chunk_update_segments(rule: MemoryRule, anchor, acc, mom, initial, k, v, q, 
     shapes = [a.shape[2:] for a in acc]
     j = jnp.arange(C, dtype=jnp.int32)[None]
     p = j - jnp.mod(doc_pos, chunk_size)        # chunk-local start of the token's document chunk
-    kind_a = p < 0
+    # Kind A (p < 0) is what is neither I nor R: the `where`s below fall through to it.
     kind_i = (p >= 0) & (p == j - doc_pos)
     kind_r = (p >= 0) & ~kind_i
 

@@ -10,6 +10,7 @@ variants (Moneta, Yaad, Memora) as configurations of it. The math is in core.py.
 theta_t (learning rate: `max_lr` times a sigmoid; 0.1 by default), eta_t (momentum) and alpha_t (forgetting) are
 sigmoid projections of x per head, in float32. alpha's logit is clamped at ALPHA_LOGIT_MAX: total
 forgetting (alpha = 1) would divide by zero in the delta-rule form below and is never needed.
+The gates' biases (`gate_proj.bias`) are tagged "ssm_dynamics" (memzoo.layers.param).
 
 Stability of a deep memory: with every gradient of a chunk taken at the chunk-start weights, a
 chunk moves the weights by about C theta / (1 - eta) gradients of the sum-of-squares loss, whose
@@ -148,8 +149,13 @@ class NeuralMemory(nnx.Module):
         # 2-layer memory diverge to inf within 256 tokens) and become data-dependent in training.
         self.gate_proj = layers.Linear(d_model, 3 * H, axes=("embed", None),
                                        kernel_init=nnx.initializers.zeros, rngs=rngs)
+        # The biases set the memory's time scales when the kernel is small (its step size, the
+        # momentum's memory and the forgetting rate: alpha plays the part of Mamba's A and theta
+        # of its dt), so they get the SSM dynamics' optimizer treatment: no weight decay, which
+        # would pull every gate towards 0.5, and the SSM learning rate.
         self.gate_proj.bias = layers.param(jnp.repeat(jnp.asarray(
-            [_logit(THETA_INIT), _logit(ETA_INIT), _logit(ALPHA_INIT)], jnp.float32), H), (None,))
+            [_logit(THETA_INIT), _logit(ETA_INIT), _logit(ALPHA_INIT)], jnp.float32), H), (None,),
+            group="ssm_dynamics")
         sizes = [K] + [memory_expansion * K] * (memory_layers - 1) + [K]
         # The memory's initial weights (accumulators) are learned, one MLP per head. KL
         # retention starts from uniform rows (zero log-weights); the others from a fan-in normal.

@@ -129,8 +129,44 @@ def has_dt_limit(dt_limit: tuple[float, float]) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 
+class ConvSSMMixer(nnx.Module):
+    """What Mamba and Mamba-2 share around their scans: the public __call__ / step (decoding is
+    the parallel path at T=1) and the short causal convolution in front, whose decode form is
+    causal_conv1d_update. A subclass sets conv_weight, conv_bias, d_model and implementation and
+    defines _forward(x, cache, segment_ids, decode) -> (y, cache or None)."""
+
+    def _conv_bias(self):
+        return None if self.conv_bias is None else self.conv_bias[...]
+
+    def _conv(self, x, cache, segment_ids, decode: bool):
+        """SiLU(causal conv) of x [b, t, c] -> (y [b, t, c], the conv window after x)."""
+        if decode:
+            y, window = causal_conv1d_update(x[:, 0], cache.conv_state, self.conv_weight[...],
+                                             bias=self._conv_bias(), activation="silu")
+            return y[:, None], window
+        return causal_conv1d(x, self.conv_weight[...], bias=self._conv_bias(), activation="silu",
+                             segment_ids=segment_ids,
+                             initial_state=None if cache is None else cache.conv_state,
+                             implementation=self.implementation)
+
+    def __call__(self, x, cache: MambaCache | None = None, *, segment_ids=None):
+        """x [b, t, d_model]; with `cache` continue from it and return (y, cache).
+        segment_ids [b, t] int: packed documents, nothing crosses a change of id."""
+        layers.check_input(type(self).__name__, "x", x, ndim=3, width=self.d_model)
+        out, new_cache = self._forward(x, cache, segment_ids)
+        return out if cache is None else (out, new_cache)
+
+    def step(self, x_t, cache: MambaCache):
+        """One token x_t [b, d_model] -> (y_t [b, d_model], cache): the parallel path at T=1,
+        the convolution through causal_conv1d_update."""
+        layers.check_input(f"{type(self).__name__}.step", "x_t", x_t, ndim=2, width=self.d_model,
+                           legend="[batch, d_model]")
+        y, cache = self._forward(x_t[:, None], cache, None, decode=True)
+        return y[:, 0], cache
+
+
 @register_mixer("mamba")
-class Mamba(nnx.Module):
+class Mamba(ConvSSMMixer):
     """The Mamba mixer: [b, t, d_model] -> [b, t, d_model] (module docstring).
 
     Options: state_size N (16), expand (2), conv_width W (4), dt_rank ("auto": ceil(d/16)),
@@ -194,9 +230,6 @@ class Mamba(nnx.Module):
     def A(self):
         return -jnp.exp(self.A_log[...])
 
-    def _conv_bias(self):
-        return None if self.conv_bias is None else self.conv_bias[...]
-
     def _split_x_proj(self, x):
         """(dt [.., E] before the bias, B [.., N], C [.., N]) from the conv output."""
         dbc = self.x_proj(x)
@@ -207,35 +240,10 @@ class Mamba(nnx.Module):
         return MambaCache(jnp.zeros((batch_size, self.conv_width - 1, self.d_inner), jnp.float32),
                           jnp.zeros((batch_size, self.d_inner, self.state_size), jnp.float32))
 
-    def __call__(self, x, cache: MambaCache | None = None, *, segment_ids=None):
-        """x [b, t, d_model]; with `cache` continue from it and return (y, cache).
-        segment_ids [b, t] int: packed documents, nothing crosses a change of id."""
-        layers.check_input("Mamba", "x", x, ndim=3, width=self.d_model)
-        out, new_cache = self._forward(x, cache, segment_ids)
-        return out if cache is None else (out, new_cache)
-
-    def step(self, x_t, cache: MambaCache):
-        """One token x_t [b, d_model] -> (y_t [b, d_model], cache): the parallel path at T=1,
-        the convolution through causal_conv1d_update."""
-        layers.check_input("Mamba.step", "x_t", x_t, ndim=2, width=self.d_model,
-                           legend="[batch, d_model]")
-        y, cache = self._forward(x_t[:, None], cache, None, decode=True)
-        return y[:, 0], cache
-
     def _forward(self, x, cache, segment_ids, decode: bool = False):
         xz = self.in_proj(x)
         xs, z = xz[..., :self.d_inner], xz[..., self.d_inner:]
-        if decode:
-            xs, conv_state = causal_conv1d_update(xs[:, 0], cache.conv_state,
-                                                  self.conv_weight[...], bias=self._conv_bias(),
-                                                  activation="silu")
-            xs = xs[:, None]
-        else:
-            xs, conv_state = causal_conv1d(
-                xs, self.conv_weight[...], bias=self._conv_bias(),
-                activation="silu", segment_ids=segment_ids,
-                initial_state=None if cache is None else cache.conv_state,
-                implementation=self.implementation)
+        xs, conv_state = self._conv(xs, cache, segment_ids, decode)
         xs = xs.astype(self.dtype)
         dt, B, C = self._split_x_proj(xs)
         if has_dt_limit(self.dt_limit):

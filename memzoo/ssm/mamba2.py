@@ -34,9 +34,9 @@ from flax import nnx
 from memzoo import layers
 from memzoo.registry import register_mixer
 from memzoo.ssm.init import A_RANGE, DT_INIT_FLOOR, DT_RANGE, mamba2_decay_init
-from memzoo.ssm.mamba import (MIMETIC_A, MambaCache, check_dt_options, check_init,
+from memzoo.ssm.mamba import (MIMETIC_A, ConvSSMMixer, MambaCache, check_dt_options, check_init,
                               check_positive_int, clip_dt, conv_init, lead)
-from pallas_kernels import causal_conv1d, causal_conv1d_update, chunked_linear_attention
+from pallas_kernels import chunked_linear_attention
 
 DEFAULT_HEAD_DIM = 64
 
@@ -60,7 +60,7 @@ class GatedRMSNorm(nnx.Module):
 
 
 @register_mixer("mamba2")
-class Mamba2(nnx.Module):
+class Mamba2(ConvSSMMixer):
     """The Mamba-2 mixer: [b, t, d_model] -> [b, t, d_model] (module docstring).
 
     Options: state_size N (64), expand (2), head_dim P (default 64, or the inner width when that
@@ -141,9 +141,6 @@ class Mamba2(nnx.Module):
     def A(self):
         return -jnp.exp(self.A_log[...])
 
-    def _conv_bias(self):
-        return None if self.conv_bias is None else self.conv_bias[...]
-
     def _split_in(self, u):
         """(z [.., E], xBC [.., E + 2GN], dt [.., H]) from in_proj."""
         zxbcdt = self.in_proj(u)
@@ -174,34 +171,9 @@ class Mamba2(nnx.Module):
             jnp.zeros((batch_size, self.conv_width - 1, conv_dim), jnp.float32),
             jnp.zeros((batch_size, self.num_heads, self.state_size, self.head_dim), jnp.float32))
 
-    def __call__(self, x, cache: MambaCache | None = None, *, segment_ids=None):
-        """x [b, t, d_model]; with `cache` continue from it and return (y, cache).
-        segment_ids [b, t] int: packed documents, nothing crosses a change of id."""
-        layers.check_input("Mamba2", "x", x, ndim=3, width=self.d_model)
-        out, new_cache = self._forward(x, cache, segment_ids)
-        return out if cache is None else (out, new_cache)
-
-    def step(self, x_t, cache: MambaCache):
-        """One token x_t [b, d_model] -> (y_t [b, d_model], cache): the parallel path at T=1,
-        the convolution through causal_conv1d_update."""
-        layers.check_input("Mamba2.step", "x_t", x_t, ndim=2, width=self.d_model,
-                           legend="[batch, d_model]")
-        y, cache = self._forward(x_t[:, None], cache, None, decode=True)
-        return y[:, 0], cache
-
     def _forward(self, x, cache, segment_ids, decode: bool = False):
         z, xbc, dt = self._split_in(x)
-        if decode:
-            xbc, conv_state = causal_conv1d_update(xbc[:, 0], cache.conv_state,
-                                                   self.conv_weight[...], bias=self._conv_bias(),
-                                                   activation="silu")
-            xbc = xbc[:, None]
-        else:
-            xbc, conv_state = causal_conv1d(
-                xbc, self.conv_weight[...], bias=self._conv_bias(), activation="silu",
-                segment_ids=segment_ids,
-                initial_state=None if cache is None else cache.conv_state,
-                implementation=self.implementation)
+        xbc, conv_state = self._conv(xbc, cache, segment_ids, decode)
         xs, B, C, dt = self._heads(xbc.astype(self.dtype), dt)
         y, state = chunked_linear_attention(
             C, B, xs * dt[..., None].astype(xs.dtype), log_gate=dt * lead(self.A(), 3),

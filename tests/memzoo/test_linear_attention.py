@@ -246,7 +246,7 @@ def _share_kv(small, big):
     repeated over the key/value heads, the conv's key and value channels tiled."""
     src = params_of(small)
     state = nnx.state(big, nnx.Param)
-    H, K, V = big.num_heads, big.head_dim, big.value_dim
+    H, K = big.num_heads, big.head_dim
     for path, var in nnx.to_flat_state(state):
         name = ".".join(map(str, path))
         value, target = src[name], var[...].shape

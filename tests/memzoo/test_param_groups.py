@@ -19,7 +19,7 @@ D = 8
 # forgetting rate's offset (a dt bias in all but name). Mixers without a learned time scale have
 # none: attention, linear attention, DeltaNet, RetNet (fixed decays), the HiPPO cell (A, B are
 # buffers). The neural memories (Titans, Miras) keep their inner optimizer's rate, momentum and
-# forgetting logits in one gate_proj bias vector: untagged (default group) for now.
+# forgetting offsets in one gate_proj bias vector: the memory's time scales, tagged as a whole.
 DYNAMICS: dict[str, set[str]] = {
     "attention": set(),
     "linear_attention": set(),
@@ -33,13 +33,13 @@ DYNAMICS: dict[str, set[str]] = {
     "s5": {"core/log_step", "core/log_neg_lambda_real", "core/lambda_imag"},
     "mamba": {"A_log", "dt_bias"},
     "mamba2": {"A_log", "dt_bias"},
-    "neural_memory": set(),
-    "moneta": set(),
-    "yaad": set(),
-    "memora": set(),
-    "titans_mac": set(),
-    "titans_mag": set(),
-    "titans_mal": set(),
+    "neural_memory": {"gate_proj/bias"},
+    "moneta": {"gate_proj/bias"},
+    "yaad": {"gate_proj/bias"},
+    "memora": {"gate_proj/bias"},
+    "titans_mac": {"memory/gate_proj/bias"},
+    "titans_mag": {"memory/gate_proj/bias"},
+    "titans_mal": {"memory/gate_proj/bias"},
 }
 # Default-group parameters that must not be decayed by their own tag.
 NO_DECAY_TAGS: dict[str, set[str]] = {"mamba": {"D_skip"}, "mamba2": {"D_skip", "norm/scale"}}

@@ -322,7 +322,7 @@ def test_packing_segments_change_exactly_at_document_starts(corpus):
     docs = list(texts.values())
     rows = list(byte_lm.pack(docs, 32))
     for r in rows:
-        x, y, seg, m = r["inputs"], r["targets"], r["segment_ids"], r["mask"]
+        x, seg, m = r["inputs"], r["segment_ids"], r["mask"]
         real = x != byte_lm.PAD
         changes = np.flatnonzero(seg[1:] != seg[:-1]) + 1
         starts = np.flatnonzero(x == byte_lm.BOS)

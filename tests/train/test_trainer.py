@@ -2,7 +2,6 @@
 losses; gradient accumulation equals the doubled batch; the weight-decay mask and learning-rate
 groups hit the right parameters; bfloat16 compute keeps float32 parameters and moments."""
 import importlib
-import io
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +12,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import configs
-from tests.train.helpers import losses, tiny
+from tests.train.helpers import tiny
 from train import mesh as mesh_lib
 from train import trainer as trainer_lib
 from train.input import build
-from train.loop import run
 
 
 def _batches(config, n):
