@@ -201,8 +201,8 @@ def chunk_backward(q, k, v, s, do, ds, gate, seg, *, vector):
     cotangents of b, to_end and the chunk total (None without a gate)."""
     m = _masks(q.shape[0], seg)
     eb, ee, dec = _factors(gate, m)
-    dat = _dot_nt(v, do)                                   # dA^T: [j, i] = v_j . do_i
     if vector:
+        dat = _dot_nt(v, do)                               # dA^T: [j, i] = v_j . do_i
         at, dq_s, dk_s = _vector_rows(q, k, gate["b"], m, dat)
         ddiag = _rowsum(jnp.where(m["eye"], dat, 0.0))
         dv = _dot(at, do)
@@ -230,7 +230,14 @@ def chunk_backward(q, k, v, s, do, ds, gate, seg, *, vector):
     dq = dq + _scale(dqd, eb)
     dk = dk + _scale(dkd, ee)
     dv = dv + _dot(kd, ds)
-    ds_start = _dot_tn(qd, do) + _scale(ds, dec)
+    if eb is None:
+        # q^T do with q itself as the transposed operand (no gate, no segments: qd is q) fails
+        # in libtpu's v6e backend ("Using both transposed and non-transposed gain latches in the
+        # same sequence", or a register-allocation RET_CHECK), beside q's other two products;
+        # (do^T q)^T is the same product and compiles on every target.
+        ds_start = _dot_tn(do, qd).T + _scale(ds, dec)
+    else:
+        ds_start = _dot_tn(qd, do) + _scale(ds, dec)
     if gate is None:
         return dq, dk, dv, None, None, None, ds_start
     reduce = (lambda x: x) if vector else _rowsum
