@@ -78,6 +78,42 @@ def auto_runs_pallas(op: str, platform: str) -> bool:
     return False
 
 
+# NVIDIA device kinds (as jax reports them, "NVIDIA A100-SXM4-80GB") to compute capability, for
+# the abstract devices of a context mesh, which carry a kind but no compute capability.
+_CUDA_KINDS = (("GH200", 90), ("GB200", 100), ("A100", 80), ("A800", 80), ("A30", 80),
+               ("A40", 86), ("A10", 86), ("L40", 89), ("L4", 89), ("H100", 90), ("H800", 90),
+               ("H200", 90), ("H20", 90), ("B200", 100), ("B100", 100))
+
+
+def cuda_compute_capability() -> int | None:
+    """The compute capability (80, 90, ...) of the NVIDIA GPU a Triton kernel traced now is built
+    for: the context mesh's device (`jax.set_mesh`; deviceless compiles for a target set one,
+    and inside jit only its abstract device is visible), else the default device when it is a
+    GPU; None where neither tells (a CPU host lowering for "cuda" with no mesh, where JAX's
+    Triton lowering assumes Hopper, as the ops then do). Read at trace time, like the kernels'
+    other per-target choices."""
+    try:
+        abstract = jax.sharding.get_abstract_mesh().abstract_device
+    except Exception:   # an older JAX: no abstract devices
+        abstract = None
+    if abstract is not None and getattr(abstract, "platform", None) in ("gpu", "cuda"):
+        words = str(abstract.device_kind).upper().replace("-", " ").split()
+        for name, cc in _CUDA_KINDS:
+            if name in words:
+                return cc
+    try:
+        device = jax.devices()[0]
+    except RuntimeError:
+        return None
+    cc = getattr(device, "compute_capability", None)
+    if device.platform == "gpu" and cc:
+        try:
+            return int(str(cc).replace(".", ""))
+        except ValueError:
+            return None
+    return None
+
+
 _interpret_mode: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "memzoo_pallas_interpret", default=None)
 

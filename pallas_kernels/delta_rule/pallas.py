@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels._dispatch import cuda_compute_capability
+
 F32 = jnp.float32
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -65,6 +67,19 @@ class BlockSizes:
 # pass, from and to the same chunk states.
 GPU_FORWARD_MAX_KEY_DIM = 128
 GPU_BACKWARD_MAX_KEY_DIM = 64
+# The GPU backward kernel needs Hopper (compute capability 9.0) or newer. Before it there is no
+# wgmma: each TF32x3 chunk matmul is three passes of warp-level mma.sync, the backward body's ~25
+# of them about 4,400 mma.sync per warp, and the kernel alone took 48 s of CPU to compile for the
+# A100 (TF32 single pass: 4 s, but ~1e-3 gradients; BF16x3 14 s, BF16x6 42 s; 8 or 16 warps
+# 41 / 38 s) against 9 s for the H100: over the 30 s a kernel may take. There the backward runs
+# on the XLA path, from the forward kernel's chunk states (what "auto" picks on CUDA anyway).
+GPU_BACKWARD_MIN_COMPUTE_CAPABILITY = 90
+
+
+def gpu_backward_kernel_fits(compute_capability: int | None) -> bool:
+    """Whether the Triton backward kernel is built for this GPU (None: not known, as when lowering
+    for "cuda" on a CPU host with no mesh; JAX's Triton lowering then assumes Hopper too)."""
+    return compute_capability is None or compute_capability >= GPU_BACKWARD_MIN_COMPUTE_CAPABILITY
 
 
 def _round_up(x: int, m: int) -> int:
@@ -513,12 +528,13 @@ def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scal
     On GPU, key dims above GPU_BACKWARD_MAX_KEY_DIM take the XLA backward (the same chunks, so
     the same states): the Triton backward body keeps too many [C, K] and [C, C] tiles in shared
     memory for one SM (327,680 bytes asked at K = 128 against the H100's 232,448), whatever
-    the value block.
+    the value block. So do GPUs before Hopper (GPU_BACKWARD_MIN_COMPUTE_CAPABILITY).
     """
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas import triton as pltriton
 
-    if target == "cuda" and q.shape[-1] > GPU_BACKWARD_MAX_KEY_DIM:
+    if target == "cuda" and (q.shape[-1] > GPU_BACKWARD_MAX_KEY_DIM
+                             or not gpu_backward_kernel_fits(cuda_compute_capability())):
         from pallas_kernels.delta_rule import xla as _xla
         return _xla.delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal,
                                         scale=scale, chunk_size=chunk_size, gated=gated,
