@@ -20,8 +20,9 @@ gathered first, with a warning naming op, argument and dim; a free factor absent
 means that result is summed over it (psum). GPU kernels and interpreters: `custom_partitioning`
 (real operand shardings at compile time, any jit). TPU kernels: libtpu has no partitioner for
 custom_partitioning (jax#38196), so a `shard_map` over the context mesh (`jax.set_mesh`): Auto
-axes split the batch over the mesh axes that divide it, Explicit axes follow the operands'
-types. Without a context mesh a sharded TPU call still fails to compile. Inside a shard_map
+axes split as `kernel_axes` says (by default the batch over the mesh axes that divide it),
+Explicit axes follow the operands' types. Without a context
+mesh a sharded TPU call still fails to compile. Inside a shard_map
 (manual axes) and on one device: the plain call.
 
 `pallas_interpret(...)` is the test hook: inside it "auto" and "pallas" both run the Pallas
@@ -264,6 +265,44 @@ class Partition(NamedTuple):
     tied: tuple = ()
 
 
+# Which mesh axes each kind of free kernel dim is split over under Auto axes (`kernel_axes`), as
+# factor names of the ops' Partition rules: rows of a batch ("b"; memory_lookup's bags "n"),
+# heads ("h"), channels ("c").
+_KERNEL_KINDS = {"batch": ("b", "n"), "heads": ("h",), "channels": ("c",)}
+_kernel_axes: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "memzoo_kernel_axes", default=None)
+
+
+@contextlib.contextmanager
+def kernel_axes(*, batch=(), heads=(), channels=()):
+    """Tells the TPU kernels how activations are split over the context mesh's Auto axes.
+
+    A TPU kernel runs in a shard_map whose split is fixed while tracing, before XLA has
+    propagated any sharding, so under Auto axes it cannot see how its operands arrive. Inside
+    this context it splits batch rows, heads (the attention-like ops' head dim) and channels
+    (the scans' and convolutions' channel dim) over the mesh axes named here: the split the
+    model's own layout gives them, so nothing is resharded around the kernel. Without it the
+    batch alone is split, over the mesh axes that divide it. (train/trainer.py does not set it
+    yet: for the tensor-parallel GLA and Mamba-2 steps, whose mixers do not pin their kernel
+    operands' layout, GSPMD then moved about as many bytes as without it; RESULTS.md.) Each argument is a mesh axis name or a tuple of
+    them; axes the mesh lacks are ignored, and a dim they do not divide stays whole. Explicit
+    axes need none of this: the operands' types say how they are split.
+    """
+    table = {}
+    for kind, axes in (("batch", batch), ("heads", heads), ("channels", channels)):
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if not all(isinstance(a, str) and a for a in axes):
+            raise ValueError(f"kernel_axes: {kind} must be a mesh axis name or a tuple of them, "
+                             f"got {axes!r}")
+        for factor in _KERNEL_KINDS[kind]:
+            table[factor] = axes
+    token = _kernel_axes.set(table)
+    try:
+        yield
+    finally:
+        _kernel_axes.reset(token)
+
+
 def _manual_axes() -> frozenset:
     mesh = jax.sharding.get_abstract_mesh()
     return frozenset(getattr(mesh, "manual_axes", ()) or ())
@@ -318,8 +357,9 @@ def _shard_mapped(op, kernel, names, specs, part, present, nargs, mesh, *arrays)
 
     Operands whose types carry their sharding (Explicit mesh axes) are split as they are, by
     the same rule as the partitioner's. Under Auto axes the shardings are unknown while tracing:
-    the batch (the leading factor of the first operand that leads with a free one) is split
-    over as many mesh axes, in mesh order, as divide it, and every other factor is kept whole.
+    they are taken from `kernel_axes` where it is set; otherwise the batch (the leading factor
+    of the first operand that leads with a free one) is split over as many mesh axes, in mesh
+    order, as divide it, and every other factor is kept whole.
     """
     from jax.sharding import PartitionSpec
     whole, tied = set(part.whole.split()), dict(part.tied)
@@ -331,9 +371,16 @@ def _shard_mapped(op, kernel, names, specs, part, present, nargs, mesh, *arrays)
         pspecs.append(_spec_of(sharding, len(spec)) if sharding is not None
                       else [()] * len(spec))
     mesh_shape = dict(mesh.shape)
+    hint = _kernel_axes.get()
     if any(axes for p in pspecs for axes in p):
         chosen = _plan(op, names, specs, [x.shape for x in arrays], pspecs, mesh_shape, whole,
                        tied, warn=True)
+    elif hint is not None:
+        # The operands taken as split the way the hint says; the rule decides as for real ones.
+        assumed = [[tuple(a for a in hint.get(f, ()) if a in mesh_shape) for f in spec]
+                   for spec in specs]
+        chosen = _plan(op, names, specs, [x.shape for x in arrays], assumed, mesh_shape, whole,
+                       tied, warn=False)
     else:
         lead = next(i for i, s in enumerate(specs) if s and s[0] not in whole)
         batch, size, axes = specs[lead][0], arrays[lead].shape[0], []

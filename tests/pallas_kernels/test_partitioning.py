@@ -4,6 +4,7 @@ Interpret mode on the session's 8 host CPU devices: sharded inputs (NamedShardin
 context mesh) give what the unsharded op gives, forward and every gradient, and the compiled
 module shows the kernel ran on the per-shard shapes with no all-gather of its inputs.
 """
+import contextlib
 import os
 import re
 import warnings
@@ -320,3 +321,62 @@ def test_compiles_per_shard_for_accelerators(op, spec):
     assert rep["kernels"], f"{op}: no Pallas kernel in the {spec} module"
     gathers = [c for c in rep["collectives"] if c["op"] in ("all-gather", "all-to-all")]
     assert not gathers, f"{op} on {spec}: {gathers}"
+
+
+# The ops whose free dims include heads or channels, with the argument dims they split along.
+HEAD_OR_CHANNEL_SPLIT = {
+    "chunked_linear_attention": {"q": 2, "k": 2, "v": 2, "log_gate": 2},
+    "delta_rule": {"q": 2, "k": 2, "v": 2, "log_gate": 2, "beta": 2},
+    "linear_scan": {"a": 2, "b": 2},
+    "selective_scan": {"u": 2, "delta": 2, "A": 0},
+    "causal_conv1d": {"x": 2, "weight": 1},
+}
+
+
+@pytest.mark.parametrize("hinted", [True, False], ids=["kernel_axes", "no_hint"])
+@pytest.mark.parametrize("op", sorted(HEAD_OR_CHANNEL_SPLIT))
+def test_tpu_kernels_follow_a_tensor_parallel_layout(op, hinted):
+    """Data x tensor parallel on a v5e:2x2 under Auto axes (the training mesh's kind): rows over
+    "data", heads / channels over "tensor". With kernel_axes saying so, each chip's kernel runs
+    on its own block and the module holds no all-gather or all-to-all; without it the TPU
+    shard_map splits rows only, and the head / channel split is undone around the kernel."""
+    from pallas_kernels import _aot, kernel_axes
+    if not _aot.available("v5e:2x2"):
+        pytest.skip("no compiler plugin for v5e here")
+    mesh = Mesh(np.array(_aot.devices("v5e:2x2")).reshape(2, 2), ("data", "tensor"))
+    inputs, call = _aot_inputs(jnp.bfloat16)[op]
+    split = HEAD_OR_CHANNEL_SPLIT[op]
+
+    def spec(name, x):
+        dims = [None] * x.ndim
+        if name not in ("A", "weight"):
+            dims[0] = "data"
+        if name in split:
+            dims[split[name]] = "tensor"
+        return P(*dims)
+
+    names = list(inputs)
+    float_names = [n for n in names if jnp.issubdtype(inputs[n].dtype, jnp.floating)]
+    placed = {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec(n, x)))
+              for n, x in inputs.items()}
+    loss = _loss_fn(call, names, float_names)
+    hint = (kernel_axes(batch="data", heads="tensor", channels="tensor") if hinted
+            else contextlib.nullcontext())
+    with hint:
+        compiled, _ = _aot.compile(jax.value_and_grad(loss), [placed[n] for n in float_names],
+                                   {n: placed[n] for n in names if n not in float_names},
+                                   mesh=mesh)
+    rep = _aot.report(compiled)
+    assert rep["kernels"], f"{op}: no Pallas kernel in the module"
+    moved = [c["op"] for c in rep["collectives"] if c["op"] in ("all-gather", "all-to-all")]
+    if hinted:
+        assert not moved, f"{op}: {moved}"
+    else:
+        assert moved, f"{op}: expected the head / channel split undone without kernel_axes"
+
+
+def test_kernel_axes_errors():
+    from pallas_kernels import kernel_axes
+    with pytest.raises(ValueError, match="heads must be a mesh axis name"):
+        with kernel_axes(heads=("tensor", 3)):
+            pass
