@@ -5,6 +5,7 @@ context mesh) give what the unsharded op gives, forward and every gradient, and 
 module shows the kernel ran on the per-shard shapes with no all-gather of its inputs.
 """
 import contextlib
+import functools
 import os
 import re
 import warnings
@@ -333,6 +334,16 @@ HEAD_OR_CHANNEL_SPLIT = {
 }
 
 
+def _tensor_parallel_spec(split, name, x):
+    """Rows over "data" and the op's head / channel dim over "tensor" (weights: that dim only)."""
+    dims = [None] * x.ndim
+    if name not in ("A", "weight"):
+        dims[0] = "data"
+    if name in split:
+        dims[split[name]] = "tensor"
+    return P(*dims)
+
+
 @pytest.mark.parametrize("hinted", [True, False], ids=["kernel_axes", "no_hint"])
 @pytest.mark.parametrize("op", sorted(HEAD_OR_CHANNEL_SPLIT))
 def test_tpu_kernels_follow_a_tensor_parallel_layout(op, hinted):
@@ -345,16 +356,7 @@ def test_tpu_kernels_follow_a_tensor_parallel_layout(op, hinted):
         pytest.skip("no compiler plugin for v5e here")
     mesh = Mesh(np.array(_aot.devices("v5e:2x2")).reshape(2, 2), ("data", "tensor"))
     inputs, call = _aot_inputs(jnp.bfloat16)[op]
-    split = HEAD_OR_CHANNEL_SPLIT[op]
-
-    def spec(name, x):
-        dims = [None] * x.ndim
-        if name not in ("A", "weight"):
-            dims[0] = "data"
-        if name in split:
-            dims[split[name]] = "tensor"
-        return P(*dims)
-
+    spec = functools.partial(_tensor_parallel_spec, HEAD_OR_CHANNEL_SPLIT[op])
     names = list(inputs)
     float_names = [n for n in names if jnp.issubdtype(inputs[n].dtype, jnp.floating)]
     placed = {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec(n, x)))
@@ -373,6 +375,31 @@ def test_tpu_kernels_follow_a_tensor_parallel_layout(op, hinted):
         assert not moved, f"{op}: {moved}"
     else:
         assert moved, f"{op}: expected the head / channel split undone without kernel_axes"
+
+
+@pytest.mark.parametrize("op", sorted(HEAD_OR_CHANNEL_SPLIT))
+def test_gpu_kernels_follow_a_tensor_parallel_layout(op):
+    """The same layout on 4 H100s (data x tensor): the Triton kernels' partitioner reads the
+    operands' shardings at compile time, so no hint is needed and nothing is gathered."""
+    from pallas_kernels import _aot
+    if not _aot.available("h100x4"):
+        pytest.skip("no compiler plugin for h100 here")
+    if os.environ.get("JAX_PLATFORMS") != "cpu":
+        pytest.skip("GPU deviceless compiles of partitioned kernels need JAX_PLATFORMS=cpu")
+    mesh = Mesh(np.array(_aot.devices("h100x4")).reshape(2, 2), ("data", "tensor"))
+    inputs, call = _aot_inputs(jnp.float32)[op]
+    spec = functools.partial(_tensor_parallel_spec, HEAD_OR_CHANNEL_SPLIT[op])
+    names = list(inputs)
+    float_names = [n for n in names if jnp.issubdtype(inputs[n].dtype, jnp.floating)]
+    placed = {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec(n, x)))
+              for n, x in inputs.items()}
+    compiled, _ = _aot.compile(jax.value_and_grad(_loss_fn(call, names, float_names)),
+                               [placed[n] for n in float_names],
+                               {n: placed[n] for n in names if n not in float_names}, mesh=mesh)
+    rep = _aot.report(compiled)
+    assert rep["kernels"], f"{op}: no Pallas kernel in the module"
+    moved = [c["op"] for c in rep["collectives"] if c["op"] in ("all-gather", "all-to-all")]
+    assert not moved, f"{op}: {moved}"
 
 
 def test_kernel_axes_errors():
