@@ -107,9 +107,17 @@ class OptimConfig:
     # learning-rate multipliers per parameter group (groups: memzoo/layers.py PARAM_GROUPS,
     # tagged where each parameter is made)
     lr_multipliers: dict = dataclasses.field(default_factory=lambda: {"ssm_dynamics": 1.0})
+    # Language models: time steps per cross-entropy chunk (memzoo.losses; 0: the whole sequence
+    # at once), so [batch, time, vocab] float32 logits never exist; and PaLM's z-loss weight.
+    loss_chunk: int = 0
+    z_loss: float = 0.0
 
     def __post_init__(self):
         _positive("optim", self, "steps", "grad_accum")
+        _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= 0, "optim.loss_chunk",
+               "an integer >= 0 (0: no chunking)", self.loss_chunk)
+        _check(isinstance(self.z_loss, (int, float)) and self.z_loss >= 0, "optim.z_loss",
+               "a number >= 0", self.z_loss)
         _check(isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0,
                "optim.learning_rate", "a number > 0", self.learning_rate)
         _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,

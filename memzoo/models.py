@@ -435,16 +435,25 @@ class CausalLM(nnx.Module):
                              f"max_positions={self.max_positions}")
 
     def _logits(self, x):
-        x = self.final_norm(x)
+        return self.project(self.final_norm(x))
+
+    def project(self, h):
+        """The vocabulary projection: final hidden states [..., d_model] (after the final norm,
+        as `features` returns them) -> float32 logits [..., vocab]."""
         if self.head is None:
-            return jnp.einsum("...d,vd->...v", x,
+            return jnp.einsum("...d,vd->...v", h,
                               self.embed[...].astype(self.dtype)).astype(jnp.float32)
-        return self.head(x).astype(jnp.float32)
+        return self.head(h).astype(jnp.float32)
 
     def __call__(self, tokens, *, segment_ids=None):
         """`segment_ids` [batch, time] int marks packed documents: every mixer keeps them apart
         (no information crosses a change of id; memzoo.registry.SequenceMixer), and a mixer
         without the keyword makes Block raise a ValueError rather than let them mix."""
+        return self.project(self.features(tokens, segment_ids=segment_ids))
+
+    def features(self, tokens, *, segment_ids=None):
+        """The final hidden states [batch, time, d_model] that `project` turns into logits:
+        what memzoo.losses.cross_entropy_sums reads a chunk at a time."""
         check_tokens("CausalLM", tokens)
         if segment_ids is not None:
             check_segment_ids("CausalLM", segment_ids, tokens.shape)
@@ -453,7 +462,8 @@ class CausalLM(nnx.Module):
             self._check_length("CausalLM", tokens.shape[1])
             positions = (jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
                          if segment_ids is None else segment_positions(segment_ids))
-        return self._logits(self.stack(self._embed(tokens, positions), segment_ids=segment_ids))
+        return self.final_norm(self.stack(self._embed(tokens, positions),
+                                          segment_ids=segment_ids))
 
     def init_cache(self, batch_size: int, max_len: int | None = None) -> StackCache:
         """The state before any token; `max_len` sizes caches that grow (attention's)."""

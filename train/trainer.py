@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 import pallas_kernels
 from configs.base import ConfigError, OptimConfig, TrainConfig
 from memzoo import layers
+from memzoo import losses as losses_lib
 from memzoo.models import CausalLM, SequenceClassifier
 from train import mesh as mesh_lib
 
@@ -131,6 +132,10 @@ class Trainer:
                  num_classes: int | None = None):
         self.config, self.mesh, self.vocab_size = config, mesh, vocab_size
         self.num_classes = num_classes
+        if num_classes and config.optim.loss_chunk:
+            raise ConfigError(f"config key 'optim.loss_chunk': chunks the time axis of a language "
+                              f"model's loss; task {config.data.task!r} classifies whole rows "
+                              f"(set it to 0)")
         self.tx = make_optimizer(config.optim)
         seed = config.seed
 
@@ -195,18 +200,20 @@ class Trainer:
 
     def _loss_sums_inner(self, model, batch):
         segments = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
+        optim = self.config.optim
         if self.num_classes:
             # one example per row: the mask says which positions the pooling reads
             logits = model(batch["inputs"], mask=batch.get("mask"), **segments)
             targets = batch["label"]
             mask = jnp.ones(targets.shape, jnp.float32)
+            loss_sum, correct = losses_lib.logit_sums(logits, targets, mask, optim.z_loss)
         else:
-            logits = model(batch["inputs"], **segments)
             targets = batch["targets"]
             mask = batch.get("mask", jnp.ones(targets.shape, jnp.float32)).astype(jnp.float32)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        correct = (logits.argmax(-1) == targets).astype(jnp.float32)
-        return (losses * mask).sum(), ((correct * mask).sum(), mask.sum())
+            loss_sum, correct = losses_lib.cross_entropy_sums(
+                model.features(batch["inputs"], **segments), model.project, targets, mask,
+                chunk_size=optim.loss_chunk, z_loss=optim.z_loss)
+        return loss_sum, (correct, mask.sum())
 
     def _grads(self, params, rest, batch):
         """Merged at the current trace level and differentiated with nnx.value_and_grad, so

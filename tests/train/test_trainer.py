@@ -64,6 +64,35 @@ def test_grad_accumulation_equals_double_batch(one_device, tmp_path):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
+def test_chunked_loss_equals_the_plain_loss_on_eight_devices(one_device):
+    """optim.loss_chunk: the same losses and parameters as the whole-sequence loss, sharded
+    over data x fsdp x tensor (the vocabulary projection split over tensor)."""
+    config, (ref, plain, _) = one_device
+    got, state, _ = _steps(config.overrides({"optim.loss_chunk": 5}), jax.devices(),
+                           _batches(config, 3), configs.MeshConfig(data=2, fsdp=2, tensor=2))
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(plain["params"]), jax.tree.leaves(state["params"])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def test_z_loss_adds_palms_term(one_device):
+    config, (ref, _, _) = one_device
+    got, _, _ = _steps(config.overrides({"optim.z_loss": 1e-2, "optim.steps": 1}),
+                       jax.devices()[:1], _batches(config, 1))
+    assert got[0] > ref[0]     # lse^2 > 0 at initialisation: the first step's loss grows
+
+
+def test_loss_options_are_checked():
+    with pytest.raises(configs.ConfigError, match="optim.loss_chunk"):
+        configs.OptimConfig(loss_chunk=-1)
+    with pytest.raises(configs.ConfigError, match="optim.z_loss"):
+        configs.OptimConfig(z_loss=-0.5)
+    config = tiny("unused", "optim.loss_chunk=4")
+    with pytest.raises(configs.ConfigError, match="classifies whole rows"):
+        trainer_lib.Trainer(config, mesh_lib.make_mesh(config.mesh, jax.devices()[:1]),
+                            vocab_size=16, num_classes=4)
+
+
 def test_weight_decay_mask_and_groups():
     config = configs.resolve(preset="smoke", sets=["model.mixer=s4d,s5", "model.num_layers=2",
                                                     "optim.decay_embeddings=false"])
