@@ -59,6 +59,11 @@ class ModelConfig:
         _check(self.dtype in MIXER_DTYPES, "model.dtype", f"one of {MIXER_DTYPES}", self.dtype)
         _check(isinstance(self.mixer, str) and self.mixer.strip() != "", "model.mixer",
                "a mixer name or a comma-separated pattern", self.mixer)
+        import memzoo
+        unknown = [m for m in self.mixer.split(",") if m.strip() not in memzoo.MIXERS]
+        _check(not unknown, "model.mixer", f"names from memzoo.MIXERS "
+               f"({', '.join(sorted(memzoo.MIXERS))}); unknown: {', '.join(unknown)}",
+               self.mixer)
         from memzoo.models import POOLINGS, REMAT_POLICIES
         _check(self.remat in REMAT_POLICIES, "model.remat", f"one of {tuple(REMAT_POLICIES)}",
                self.remat)
@@ -88,6 +93,9 @@ class DataConfig:
                self.eval_seq_len)
         _check(isinstance(self.task, str) and self.task != "", "data.task", "a task name",
                self.task)
+        from train.data import KNOWN_TASKS
+        _check(self.task in KNOWN_TASKS or self.task.startswith("tfds:"), "data.task",
+               f"one of {', '.join(KNOWN_TASKS)}", self.task)
         _check(self.loader in ("auto", "synthetic", "data"), "data.loader",
                "one of 'auto', 'synthetic', 'data'", self.loader)
 
