@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 OPS = ("linear_scan", "chunked_linear_attention", "delta_rule", "selective_scan",
-       "causal_conv1d", "memory_lookup")
+       "causal_conv1d", "memory_lookup", "flash_attention")
 # (op, variant) pairs; the variant picks the op's options (gates).
 VARIANTS = {
     "linear_scan": ("",),
@@ -40,6 +40,9 @@ VARIANTS = {
     "selective_scan": ("",),
     "causal_conv1d": ("",),
     "memory_lookup": ("",),
+    # GQA (4 query heads per key/value head) and packed documents; "window": a 1024-token
+    # sliding window (splash's local mask on TPU, XLA's path on GPU).
+    "flash_attention": ("causal", "window"),
 }
 # The dim each op is swept over: head dim (key = value) of the attention-like ops, the SSM state
 # of selective_scan, the value width of memory_lookup; None: the op has none (channels fixed).
@@ -50,6 +53,7 @@ DIMS = {
     "selective_scan": (16, 64, 128, 256),
     "causal_conv1d": (None,),
     "memory_lookup": (256, 1024),
+    "flash_attention": (64, 128, 256),
 }
 DTYPES = ("float32", "bfloat16")
 MODES = ("fwd", "fwd+bwd")
@@ -76,7 +80,7 @@ class Case:
         return f"{self.op}{v}"
 
     def shape(self) -> str:
-        if self.op in ("chunked_linear_attention", "delta_rule"):
+        if self.op in ("chunked_linear_attention", "delta_rule", "flash_attention"):
             return f"B{self.batch} T{self.length} H{self.heads} d{self.dim}"
         if self.op == "selective_scan":
             return f"B{self.batch} T{self.length} C{CHANNELS} N{self.dim}"
@@ -113,6 +117,12 @@ def _build(case: Case):
             args.append(((b, t, h), f32))
         fn = lambda q, k, v, beta, *g: pk.delta_rule(
             q, k, v, beta, log_gate=g[0] if gated else None, implementation=impl)
+    elif case.op == "flash_attention":
+        args = [((b, t, h, d), dt), ((b, t, h // 4, d), dt), ((b, t, h // 4, d), dt),
+                ((b, t), jnp.int32)]
+        window = 1024 if case.variant == "window" else None
+        fn = lambda q, k, v, seg: pk.flash_attention(q, k, v, segment_ids=seg, window=window,
+                                                     implementation=impl)
     elif case.op == "selective_scan":
         c, n = CHANNELS, d
         # Mamba-1 as its block calls it: softplus(delta + bias), D skip, silu(z) gate.

@@ -61,6 +61,8 @@ PALLAS_TARGETS = ("tpu", "cuda")
 # TF32 by default (relative error ~1e-3); the Triton kernels use TF32x3 (~1e-6):
 # `implementation="pallas"` or jax_default_matmul_precision="highest" where that matters.
 AUTO_ON_CUDA: dict[str, Literal["pallas", "xla"]] = {
+    # Not measured on a GPU yet: chosen for memory (XLA's path holds [B, H, T, T] scores).
+    "flash_attention": "pallas",
     "linear_scan": "pallas",
     "selective_scan": "pallas",
     "chunked_linear_attention": "xla",
@@ -206,6 +208,7 @@ def dispatch(
     xla: Callable[..., Any],
     pallas: Callable[..., Any] | None,
     partition: "Partition | None" = None,
+    differentiable: bool = False,
 ):
     """Calls the implementation of `op` chosen by `implementation` on `args` (arrays or None).
 
@@ -214,6 +217,10 @@ def dispatch(
     `*args`. All branches must return the same pytree of shapes and dtypes
     (platform_dependent requires it, and it is what makes them interchangeable).
     `partition`: how the Pallas call splits under a mesh (`Partition`); None: not split.
+    `differentiable`: the kernels carry their own custom VJPs and the op is differentiated
+    through this call (JAX's shipped flash-attention kernels), so every target splits through
+    a shard_map over the context mesh, which autodiff passes through (custom_partitioning does
+    not); without a context mesh the call is not split.
     """
     check_implementation(implementation, op)
     if implementation == "reference":
@@ -232,11 +239,13 @@ def dispatch(
             # neither custom_partitioning nor shard_map carries: it runs unsplit (it is a
             # correctness tool; the generic interpreter is the one the partitioning tests use).
             return kernel(*args)
-        return partitioned(op, kernel, partition, *args, mosaic=target == "tpu")
+        return partitioned(op, kernel, partition, *args, mosaic=target == "tpu",
+                           shard_map_only=differentiable)
 
     def on(target, interpret=None):
         kernel = functools.partial(pallas, target=target, interpret=interpret)
-        return lambda *a: partitioned(op, kernel, partition, *a, mosaic=target == "tpu")
+        return lambda *a: partitioned(op, kernel, partition, *a, mosaic=target == "tpu",
+                                      shard_map_only=differentiable)
 
     if implementation == "pallas":
         return jax.lax.platform_dependent(*args, tpu=on("tpu"), cuda=on("cuda"),
@@ -309,7 +318,7 @@ def _manual_axes() -> frozenset:
 
 
 def partitioned(op: str, kernel: Callable[..., Any], part: Partition | None, *args,
-                mosaic: bool = False):
+                mosaic: bool = False, shard_map_only: bool = False):
     """`kernel(*args)`, run per shard wherever the compiler partitions the call.
 
     A custom_partitioning call whose partitioner reads the operands' shardings at compile time
@@ -331,7 +340,9 @@ def partitioned(op: str, kernel: Callable[..., Any], part: Partition | None, *ar
     present = [i for i, x in enumerate(args) if x is not None]
     out_specs = part.outputs
     mesh = _context_mesh()
-    if mesh is not None and (mosaic or _explicit_axes(mesh)):
+    if shard_map_only and mesh is None:
+        return kernel(*args)
+    if mesh is not None and (mosaic or shard_map_only or _explicit_axes(mesh)):
         return _shard_mapped(op, kernel, [names[i] for i in present], [specs[i] for i in present],
                              part, present, len(args), mesh, *[args[i] for i in present])
     return _partitioned_call(op, kernel, [names[i] for i in present],

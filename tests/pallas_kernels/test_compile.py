@@ -25,7 +25,8 @@ LENGTH = 512
 # The largest dim at which each op still runs its own kernel on the target (larger ones run the
 # XLA path there by the op's own rule; benchmarks/RESULTS.md, compile matrix).
 LARGEST_DIM = {"chunked_linear_attention": 256, "delta_rule": 256, "selective_scan": 256,
-               "memory_lookup": 1024, "linear_scan": None, "causal_conv1d": None}
+               "memory_lookup": 1024, "linear_scan": None, "causal_conv1d": None,
+               "flash_attention": 256}
 LARGEST_GPU_DIM = {**LARGEST_DIM, "delta_rule": 128, "chunked_linear_attention": 128}
 CASES = [(op, variant) for op in matrix.OPS for variant in matrix.VARIANTS[op]]
 # Short ids: the newest-JAX CI stage deselects tests named "bfloat16".
@@ -67,10 +68,15 @@ def _compiles(op, variant, dtype, target):
     compiled, _ = _aot.compile(fn, *(_aot.abstract(s, d, target) for s, d in args))
     rep = _aot.report(compiled)
     kinds = {k["kind"] for k in rep["kernels"]}
+    if (op, variant, _aot.platform(target)) == ("flash_attention", "window", "cuda"):
+        # The Triton kernel has no local mask: the op's rule sends a window to XLA there.
+        assert not kinds, f"kernels: {rep['kernels']}"
+        return
     # The op's own kernel, not an XLA fallback: at least the forward kernel is in the program.
     assert kinds == {KIND[_aot.platform(target)]}, f"kernels: {rep['kernels']}"
     assert rep["memory"]["arguments"] > 0
-    if _aot.platform(target) == "tpu":
+    if _aot.platform(target) == "tpu" and op != "flash_attention":
+        # (splash attention, JAX's kernel, declares no scoped VMEM configuration to read)
         assert all(k["vmem_bytes"] > 0 for k in rep["kernels"]), rep["kernels"]
 
 
