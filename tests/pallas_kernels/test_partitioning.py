@@ -407,3 +407,36 @@ def test_kernel_axes_errors():
     with pytest.raises(ValueError, match="heads must be a mesh axis name"):
         with kernel_axes(heads=("tensor", 3)):
             pass
+
+
+@pytest.mark.parametrize("target", ["cuda", "tpu"])
+def test_flash_attention_per_shard_under_a_context_mesh(target):
+    """flash_attention differentiates through JAX's kernels' own VJPs, so every target splits
+    through a shard_map over the context mesh: rows over "data" and heads (key/value heads with
+    their query groups) over "model" under kernel_axes, forward and gradients equal to the
+    unsharded op, and no all-gather or all-to-all in the module."""
+    from pallas_kernels import flash_attention, kernel_axes
+    mesh = _mesh((4, 2), ("data", "model"))
+    k = jax.random.split(jax.random.PRNGKey(9), 5)
+    b, t, h, g, d = 4, 24, 4, 2, 8
+    q = _normal(k[0], (b, t, h, d))
+    kk, v = _normal(k[1], (b, t, g, d)), _normal(k[2], (b, t, g, d))
+    seg = jnp.cumsum(jax.random.bernoulli(k[3], 0.15, (b, t)), 1).astype(jnp.int32)
+    do = _normal(k[4], (b, t, h, d))
+
+    def loss(impl):
+        return lambda q, kk, v, s: jnp.sum(
+            flash_attention(q, kk, v, segment_ids=s, implementation=impl) * do)
+
+    want = jax.jit(jax.value_and_grad(loss("reference"), argnums=(0, 1, 2)))(q, kk, v, seg)
+    heads = P("data", None, "model")
+    with pallas_interpret("generic", target=target), jax.set_mesh(mesh), \
+            kernel_axes(batch="data", heads="model"):
+        placed = [jax.device_put(x, heads) for x in (q, kk, v)] + [
+            jax.device_put(seg, P("data"))]
+        f = jax.jit(jax.value_and_grad(loss("pallas"), argnums=(0, 1, 2)))
+        text = f.lower(*placed).compile().as_text()
+        got = f(*placed)
+    kt.assert_close(got[0], want[0], F32_TOL, "loss")
+    kt.assert_tree_close(got[1], want[1], F32_TOL, "gradients")
+    assert not re.search(r"all-gather|all-to-all", text)
