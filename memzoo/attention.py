@@ -1,11 +1,12 @@
 """Causal softmax attention, the "attention" mixer: multi-head, grouped-query (GQA), optional
 sliding window, rotary position embeddings (RoPE).
 
-The score computation is `jax.nn.dot_product_attention` (present with the same keywords in
-jax 0.10 and 0.12), so the XLA path, and cuDNN on a GPU where it applies, come from JAX rather
-than a private copy. Its `is_causal` and `local_window_size` masks align query 0 with key 0, which
-is right for the parallel form only; with a cache the queries sit after the cached keys, so the
-cached form builds its mask from absolute positions and passes it as `mask`.
+The parallel form runs `pallas_kernels.flash_attention` (`implementation=`, "auto" by default):
+splash attention on TPU and Pallas' Triton flash attention on GPU, which never hold the [T, T]
+scores, and `jax.nn.dot_product_attention` on XLA elsewhere. The cached form (prefill after a
+cache, decoding) calls `jax.nn.dot_product_attention` with a mask built from absolute positions:
+its queries sit after the cached keys, which the ops' causal masks (query 0 aligned with key 0)
+do not express.
 
 `conv_size=W > 0` adds a short causal depthwise convolution over the q, k, v projections (before
 RoPE), residually: p_t + sum_i w_i p_{t-i}, with w initialised to 0 so the layer starts as plain
@@ -27,6 +28,7 @@ from flax import nnx, struct
 
 import pallas_kernels
 from memzoo import layers
+from pallas_kernels._dispatch import check_implementation
 from memzoo.registry import register_mixer
 
 DEFAULT_MAX_LEN = 2048
@@ -67,14 +69,6 @@ def segment_positions(segment_ids: jax.Array, offset: jax.Array | None = None,
     return jnp.where(last >= 0, t - last, first)
 
 
-def segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """[b, t] int -> [b, t, t] bool: query t and key s lie in the same segment. Segments are
-    counted by their starts, so an id that comes back after another (1, 2, 1) is a new
-    document, not the first one again: nothing crosses a change of id."""
-    doc = jnp.cumsum(segment_starts(segment_ids), axis=1)
-    return doc[:, :, None] == doc[:, None, :]
-
-
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     """Rotate pairs (x_i, x_{i+k/2}) by positions * base^(-2i/k); x [b, t, h, k], positions
     [b, t]. Angles and rotation in float32: bfloat16 phases drift visibly past a few hundred."""
@@ -92,7 +86,8 @@ class Attention(nnx.Module):
 
     num_kv_heads < num_heads shares each key/value head among num_heads / num_kv_heads query
     heads (GQA; 1 is multi-query). `window=W` lets each token see itself and the W - 1 before it.
-    `max_len` is the default length of a full-attention cache (`init_cache`).
+    `max_len` is the default length of a full-attention cache (`init_cache`). `implementation`:
+    the parallel form's pallas_kernels.flash_attention ("auto" | "pallas" | "xla" | "reference").
 
     >>> attn = Attention(8, num_heads=2, rngs=nnx.Rngs(0))
     >>> attn(jnp.ones((1, 5, 8))).shape
@@ -102,7 +97,7 @@ class Attention(nnx.Module):
     def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None,
                  num_kv_heads: int | None = None, window: int | None = None, rope: bool = True,
                  rope_base: float = 10_000.0, max_len: int = DEFAULT_MAX_LEN, conv_size: int = 0,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 implementation: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if head_dim is None:
             if d_model % num_heads:
@@ -124,6 +119,8 @@ class Attention(nnx.Module):
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.head_dim, self.window, self.use_rope, self.rope_base = head_dim, window, rope, rope_base
         self.max_len, self.dtype = max_len, dtype
+        check_implementation(implementation, "Attention")
+        self.implementation = implementation
 
         def init(shape, fan_in, axes):
             return layers.param(jax.random.normal(rngs.params(), shape, jnp.float32)
@@ -198,17 +195,18 @@ class Attention(nnx.Module):
                                  "a cache holds one document per batch row")
             return self._cached(x, cache)
         b, T, _ = x.shape
-        mask = None
         if segment_ids is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (b, T))
         else:
             check_segment_ids("Attention", segment_ids, (b, T))
             positions = segment_positions(segment_ids)
-            mask = segment_mask(segment_ids)[:, None]
         q, k, v, _ = self._project_conv(x, positions, segment_ids=segment_ids)
-        o = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True,
-            local_window_size=None if self.window is None else (self.window - 1, 0))
+        # The op joins equal ids; documents are counted by their starts, so an id that comes
+        # back after another (1, 2, 1) is a new document, as for every mixer.
+        docs = None if segment_ids is None else jnp.cumsum(segment_starts(segment_ids), axis=1,
+                                                           dtype=jnp.int32)
+        o = pallas_kernels.flash_attention(q, k, v, segment_ids=docs, window=self.window,
+                                           implementation=self.implementation)
         return self._out(o)
 
     def _cached(self, x, cache: KVCache):

@@ -140,6 +140,16 @@ def test_segment_ids_keep_packed_documents_apart(case):
     assert_close(y, want, 1e-5, "segments vs naive float64")
 
 
+def test_an_id_that_comes_back_is_a_new_document():
+    """Ids 0, 1, 0: the third run is its own document (counted by starts, as every mixer
+    counts them), not the first one continued."""
+    mixer, x = build(dict(num_heads=2)), inputs()
+    seg = jnp.asarray([[0] * 4 + [1] * 4 + [0] * (T - 8)] * BATCH, jnp.int32)
+    y = forward_segments(mixer, x, seg)
+    alone = mixer(x[:, 8:])
+    assert_close(y[:, 8:], alone, 1e-5, "third document vs alone")
+
+
 def test_gradients_and_bfloat16_with_window_and_convolution():
     options = dict(num_heads=4, num_kv_heads=2, window=4, conv_size=3)
     contract.check_gradients("attention", options)
