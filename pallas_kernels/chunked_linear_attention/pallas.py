@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels._dispatch import cuda_compute_capability
 from pallas_kernels.chunked_linear_attention import xla as _xla
 
 F32 = jnp.float32
@@ -77,6 +78,11 @@ _PRECISION = contextvars.ContextVar("memzoo_cla_precision", default=_HIGHEST)
 # Key dims above this run the XLA path on GPU (the same chunks and chunk states): the Triton
 # kernels ask 262,144 bytes of shared memory at K = 256 (H100 / H200: 232,448 per block).
 GPU_MAX_KEY_DIM = 128
+# Before Hopper (no wgmma: TF32x3 is three passes of warp-level mma.sync) the vector-gated
+# backward kernel above this key dim took 37 s of CPU to compile for the A100 at d128 in
+# bfloat16 (the H200: under 18 s for the whole fwd+bwd), over the 30 s a kernel may take:
+# there that backward runs on the XLA path (delta_rule has the same rule for its backward).
+GPU_PRE_HOPPER_VECTOR_BACKWARD_MAX_KEY_DIM = 64
 
 
 def _dot(a, b):
@@ -566,11 +572,13 @@ def backward(q, k, v, g, h0, runs, starts, do, dfinal, *, chunk_size=None, targe
              interpret=None, block_sizes: BlockSizes | None = None):
     """`xla.backward` in Pallas: (dq, dk, dv, dg, dh0) from the inputs and the chunk states."""
     _check_dtype(h0)
-    if target == "cuda" and q.shape[-1] > GPU_MAX_KEY_DIM:
+    vector = g is not None and g.shape[-1] > 1
+    if target == "cuda" and (q.shape[-1] > GPU_MAX_KEY_DIM or (
+            vector and q.shape[-1] > GPU_PRE_HOPPER_VECTOR_BACKWARD_MAX_KEY_DIM
+            and (cuda_compute_capability() or 90) < 90)):
         return _xla.backward(q, k, v, g, h0, runs, starts, do, dfinal, chunk_size=chunk_size)
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    vector = g is not None and g.shape[-1] > 1
     geo = geometry(length, key_dim, value_dim, vector, chunk_size, target,
                    (q.dtype, k.dtype, v.dtype, do.dtype), block_sizes)
     bh = batch * heads
