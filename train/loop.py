@@ -10,12 +10,14 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from configs.base import TrainConfig
 from train import input as input_lib
 from train import mesh as mesh_lib
 from train import metrics as metrics_lib
 from train.checkpoint import CheckpointError, Checkpointer
+from train.fs import run_path, write_json
 from train.trainer import Trainer
 
 # A test hook: seconds to sleep after every step, so a subprocess can be killed mid-run.
@@ -31,21 +33,47 @@ def _chance(info) -> float:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint after the current step and returns.
+    """When to stop for a preemption notice (SIGTERM): the loop saves a checkpoint after that
+    step and returns. Saving inside a signal handler would race the step in flight and donated
+    buffers.
 
-    Saving inside the handler would race the step in flight and donated buffers.
+    Every host of a job must stop at the same step, or their checkpoints disagree (and the
+    collectives of the hosts that go on hang). Several processes under jax.distributed use
+    JAX's preemption service: the coordination service hears SIGTERM on any host and names one
+    step (the largest any host has reached, plus one) at which `reached_preemption_sync_point`
+    turns true on all of them. Its notifier owns SIGTERM then; a Python handler would replace
+    it and the notice would never leave the host. One process (or the service switched off):
+    a Python handler sets a flag, and with several processes the flags are OR-ed across them
+    at log steps (a host collective, so not every step).
     """
 
-    def __init__(self):
-        self.requested, self.previous = False, None
+    def __init__(self, start_step: int):
+        self.requested, self.previous, self.service = False, None, False
+        if jax.process_count() > 1:
+            try:
+                multihost_utils.reached_preemption_sync_point(start_step)
+                self.service = True
+            except RuntimeError:   # jax_enable_preemption_service is off
+                pass
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if not self.service and threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def reached(self, step: int, log_step: bool) -> bool:
+        """Called by every process after every step."""
+        if self.service:
+            return multihost_utils.reached_preemption_sync_point(step)
+        if jax.process_count() == 1:
+            return self.requested
+        if not log_step:
+            return False
+        flags = multihost_utils.process_allgather(np.array(self.requested))
+        return bool(np.any(flags))
 
     def __exit__(self, *exc):
         if self.previous is not None:
@@ -62,7 +90,7 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
         if is_main:
             print(*args, file=out, flush=True)
 
-    run_dir = config.resolved_run_dir
+    run_dir = run_path(config.resolved_run_dir)
     say("memzoo train, resolved config:\n" + json.dumps(config.to_dict(), indent=2))
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     say(f"devices: {mesh.devices.size} x {mesh.devices.flat[0].platform} in "
@@ -89,9 +117,9 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
     # -- resume or start -----------------------------------------------------------------------
     ckpt_cfg = config.checkpoint
     ckpt = None
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    ckpt_dir = run_dir / "checkpoints"
     # A run dir that holds checkpoints resumes even when this run saves none (every=0).
-    if ckpt_cfg.every > 0 or ckpt_cfg.resume == "require" or os.path.isdir(ckpt_dir):
+    if ckpt_cfg.every > 0 or ckpt_cfg.resume == "require" or ckpt_dir.is_dir():
         ckpt = Checkpointer(ckpt_dir, ckpt_cfg)
     restored = None
     if ckpt is not None and ckpt_cfg.resume != "never":
@@ -105,7 +133,8 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
                               f"steps {ckpt.steps()}; choose another run_dir")
     if restored is not None:
         start_step, state, data_state, _ = restored
-        train_it.set_state(data_state)
+        if data_state is not None:
+            train_it.set_state(data_state)
         say(f"resumed from step {start_step} ({ckpt.directory})")
     else:
         start_step, state = 0, trainer.init()
@@ -155,7 +184,7 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
                                   enabled=is_main and config.logging.progress)
     profiler = metrics_lib.ProfilerWindow(config.logging.profile_start,
                                           config.logging.profile_stop,
-                                          os.path.join(run_dir, "profile"))
+                                          os.fspath(run_dir / "profile"))
     meta = {"config": config.to_dict()}
     tokens_per_step = d.batch_size * d.seq_len
     history: list[dict] = []
@@ -163,7 +192,7 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
     step = start_step
     t_last, steps_since = time.perf_counter(), 0
     try:
-        with _Preemption() as preemption:
+        with _Preemption(start_step) as preemption:
             for step in range(start_step + 1, total + 1):
                 if batch is None:
                     batch = trainer.shard_batch(next(train_it))
@@ -174,7 +203,8 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
                 steps_since += 1
                 if _STEP_SLEEP:
                     time.sleep(_STEP_SLEEP)
-                if step % config.logging.log_every == 0 or step == total:
+                log_step = step % config.logging.log_every == 0 or step == total
+                if log_step:
                     m = {k: float(v) for k, v in jax.device_get(m).items()}
                     now = time.perf_counter()
                     dt = (now - t_last) / steps_since
@@ -195,22 +225,26 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
                     loss, acc = evaluate(state)
                     writers.write(step, {"loss": loss, "accuracy": acc}, prefix="eval")
                     say(f"eval at step {step}: loss {loss:.4f}  accuracy {acc:.3f}")
-                if preemption.requested:
+                if preemption.reached(step, log_step):
                     preempted = True
                     break
                 if step == _HANG_AFTER_STEP:
                     while True:
                         time.sleep(60)
         if preempted:
+            # Every host says where it stopped: one host's log then shows the agreed step.
+            where = (f" (process {jax.process_index()} of {jax.process_count()})"
+                     if jax.process_count() > 1 else "")
             if ckpt is None:
-                say(f"SIGTERM at step {step}: checkpoints are off (checkpoint.every=0), "
-                    "nothing saved; exiting")
+                print(f"SIGTERM at step {step}{where}: checkpoints are off "
+                      "(checkpoint.every=0), nothing saved; exiting", file=out, flush=True)
             else:
                 if step not in ckpt.steps():
                     ckpt.save(step, state, train_it.get_state(), meta, force=True)
                 ckpt.wait()
-                say(f"SIGTERM at step {step}: checkpoint saved in {ckpt.directory}; exiting "
-                    "cleanly (rerun the same command to resume)")
+                print(f"SIGTERM at step {step}{where}: checkpoint saved in {ckpt.directory}; "
+                      "exiting cleanly (rerun the same command to resume)", file=out,
+                      flush=True)
             return {"step": step, "preempted": True, "history": history}
         if ckpt is not None and step > start_step and step not in ckpt.steps():
             ckpt.save(step, state, train_it.get_state(), meta, force=True)
@@ -240,7 +274,6 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
         say("final: " + "  ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")
             + f"  eval_loss {eval_loss:.4f}  eval_accuracy {eval_acc:.3f}")
     if is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "final_metrics.json"), "w") as f:
-            json.dump({k: v for k, v in result.items() if k != "history"}, f, indent=2)
+        write_json(run_dir / "final_metrics.json",
+                   {k: v for k, v in result.items() if k != "history"})
     return result

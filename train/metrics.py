@@ -2,7 +2,6 @@
 profiler window."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -10,6 +9,8 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+
+from train.fs import JsonLines, run_path
 
 
 def matmul_ceiling(n: int = 1024, repeats: int = 5) -> float:
@@ -68,21 +69,22 @@ def _fmt(key: str, value) -> str:
 
 
 class Writers:
-    """TensorBoard event files (tensorboardX, no TensorFlow) and metrics.jsonl in the run dir.
+    """TensorBoard event files (tensorboardX, no TensorFlow) and metrics.jsonl in the run dir
+    (a local or gs:// epath; tensorboardX writes to buckets itself).
 
     Only process 0 writes; the others get a no-op.
     """
 
-    def __init__(self, run_dir: str, *, tensorboard: bool, enabled: bool):
+    def __init__(self, run_dir, *, tensorboard: bool, enabled: bool):
         self.enabled, self.tb, self.jsonl = enabled, None, None
         if not enabled:
             return
-        os.makedirs(run_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        run_dir = run_path(run_dir)
+        self.jsonl = JsonLines(run_dir / "metrics.jsonl")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                self.tb = SummaryWriter(os.fspath(run_dir / "tensorboard"))
             except ImportError:
                 warnings.warn("tensorboardX is not installed: no TensorBoard logs "
                               "(pip install tensorboardX)", stacklevel=2)
@@ -90,8 +92,7 @@ class Writers:
     def write(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
-        self.jsonl.flush()
+        self.jsonl.write({"step": step, "split": prefix, **metrics})
         if self.tb is not None:
             for key, value in metrics.items():
                 self.tb.add_scalar(f"{prefix}/{key}", value, step)

@@ -1,12 +1,19 @@
-"""Two processes on localhost (jax.distributed, CPU collectives over gloo), one CPU device each,
-train the same run as one process on one device: the same losses to float32 tolerance."""
+"""Two processes on localhost (jax.distributed, CPU collectives over gloo), one CPU device each:
+they train the same run as one process on one device (the same losses to float32 tolerance);
+a preemption notice on one host stops both at one step with one checkpoint holding both hosts'
+data iterator states; the states are gathered in process order."""
 import io
 import json
+import signal
 import socket
 import subprocess
+import sys
+import textwrap
+import time
 
 import jax
 import numpy as np
+import pytest
 
 from tests.train.helpers import ROOT, losses, subprocess_env, tiny, train_command
 from train.loop import run
@@ -26,6 +33,25 @@ def _port_taken(err: str) -> bool:
     return any(m in err for m in ("ddress already in use", "Failed to add port"))
 
 
+def _start_two(directory, port, *sets, **env):
+    return [subprocess.Popen(
+        train_command(directory, *sets) + [
+            "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
+            "--process_id", str(pid)],
+        cwd=ROOT, env=subprocess_env(1, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for pid in range(2)]
+
+
+def _finish(procs, timeout=240):
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
 def _run_two(run_dir, first_port=None):
     """Both processes' (returncode, stdout, stderr). The port is picked and then bound by the
     coordinator later, so another process can take it in between: a bind failure is retried
@@ -33,12 +59,7 @@ def _run_two(run_dir, first_port=None):
     for attempt in range(ATTEMPTS):
         port = first_port if attempt == 0 and first_port else _free_port()
         directory = run_dir / f"attempt{attempt}"
-        procs = [subprocess.Popen(
-            train_command(directory, "optim.steps=4") + [
-                "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
-                "--process_id", str(pid)],
-            cwd=ROOT, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True) for pid in range(2)]
+        procs = _start_two(directory, port, "optim.steps=4")
         try:
             out0, err0 = procs[0].communicate(timeout=240)
             if procs[0].returncode != 0 and _port_taken(err0) and attempt + 1 < ATTEMPTS:
@@ -74,3 +95,79 @@ def test_two_processes_match_one(tmp_path):
                      devices=jax.devices()[:1]))
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
     np.testing.assert_allclose([two[s] for s in one], list(one.values()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("service", ["true", "false"])
+def test_preemption_notice_on_one_host_stops_both_at_one_step(tmp_path, service):
+    """SIGTERM reaches process 1 only (a scheduler evicting one host). Both stop at one step
+    (named by JAX's preemption service, or, with the service off, agreed by OR-ing the hosts'
+    flags at a log step); the checkpoint of that step holds both processes' data states, and
+    rerunning the command on two processes resumes from it."""
+    sets = ("checkpoint.every=1000", "optim.steps=1000", "logging.log_every=1")
+    for attempt in range(ATTEMPTS):
+        directory = tmp_path / f"attempt{attempt}"
+        procs = _start_two(directory, _free_port(), *sets, MEMZOO_TEST_STEP_SLEEP="0.05",
+                           JAX_ENABLE_PREEMPTION_SERVICE=service)
+        metrics = directory / "metrics.jsonl"
+        deadline = time.time() + 240
+        while not (metrics.exists() and '"split": "train"' in metrics.read_text()):
+            if procs[0].poll() is not None or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        if procs[0].poll() is None:
+            break
+        (out0, err0), _ = _finish(procs)
+        if not (_port_taken(err0) and attempt + 1 < ATTEMPTS):
+            raise AssertionError(f"process 0 ended before training:\n{err0[-4000:]}")
+    procs[1].send_signal(signal.SIGTERM)
+    (out0, err0), (out1, err1) = _finish(procs)
+    assert procs[0].returncode == 0, err0[-4000:]
+    assert procs[1].returncode == 0, err1[-4000:]
+    steps = [int(out.split("SIGTERM at step ")[1].split(" ")[0]) for out in (out0, out1)]
+    assert "(process 0 of 2)" in out0 and "(process 1 of 2)" in out1
+    assert steps[0] == steps[1] and 1 <= steps[0] < 1000, steps
+    step = steps[0]
+    ckpt = directory / "checkpoints" / str(step)
+    assert ckpt.is_dir() and sorted(p.name for p in ckpt.parent.iterdir()) == [str(step)]
+    data = json.loads(next((ckpt / "data").glob("*")).read_text())
+    assert data["num_processes"] == 2 and len(data["processes"]) == 2
+    assert all(isinstance(state, dict) and state for state in data["processes"])
+
+    procs = _start_two(directory, _free_port(), "checkpoint.every=1000",
+                       f"optim.steps={step + 2}", "logging.log_every=1")
+    (out0, err0), (_, err1) = _finish(procs)
+    assert procs[0].returncode == 0 and procs[1].returncode == 0, (err0[-3000:], err1[-3000:])
+    assert f"resumed from step {step}" in out0
+    rows = [json.loads(line) for line in open(directory / "metrics.jsonl")]
+    trained = [r["step"] for r in rows if r["split"] == "train"]
+    assert trained[-2:] == [step + 1, step + 2], trained[-5:]
+
+
+GATHER = textwrap.dedent("""
+    import sys
+    import jax
+    jax.distributed.initialize(f"localhost:{sys.argv[1]}", 2, int(sys.argv[2]))
+    from train.checkpoint import gather_data_states, local_data_state
+    me = jax.process_index()
+    # different lengths on purpose: the gather pads to the longest
+    state = {"next_index": 10 + me, "note": "x" * (7 * me)}
+    saved = gather_data_states(state)
+    assert saved == {"num_processes": 2, "processes": [
+        {"next_index": 10, "note": ""}, {"next_index": 11, "note": "x" * 7}]}, saved
+    assert local_data_state(saved) == state
+    print("ok", me)
+""")
+
+
+def test_data_states_are_gathered_in_process_order(tmp_path):
+    for attempt in range(ATTEMPTS):
+        port = _free_port()
+        procs = [subprocess.Popen([sys.executable, "-c", GATHER, str(port), str(pid)],
+                                  cwd=ROOT, env=subprocess_env(1), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for pid in range(2)]
+        results = _finish(procs, timeout=120)
+        if procs[0].returncode != 0 and _port_taken(results[0][1]) and attempt + 1 < ATTEMPTS:
+            continue
+        for pid, ((out, err), p) in enumerate(zip(results, procs)):
+            assert p.returncode == 0 and f"ok {pid}" in out, err[-3000:]
+        return
