@@ -171,3 +171,30 @@ def test_data_states_are_gathered_in_process_order(tmp_path):
         for pid, ((out, err), p) in enumerate(zip(results, procs)):
             assert p.returncode == 0 and f"ok {pid}" in out, err[-3000:]
         return
+
+
+def test_damaged_checkpoint_is_skipped_by_both_processes(tmp_path):
+    """Two processes resume from the same older step when the newest checkpoint is damaged:
+    they agree on which checkpoint restores, and process 0 alone sets the damaged one aside."""
+    sets = ("checkpoint.every=2", "optim.steps=4")
+    for attempt in range(ATTEMPTS):
+        directory = tmp_path / f"attempt{attempt}"
+        procs = _start_two(directory, _free_port(), *sets)
+        (out0, err0), (_, err1) = _finish(procs)
+        if procs[0].returncode != 0 and _port_taken(err0) and attempt + 1 < ATTEMPTS:
+            continue
+        assert procs[0].returncode == procs[1].returncode == 0, (err0[-3000:], err1[-3000:])
+        break
+    ckpts = directory / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["2", "4"]
+    for path in (ckpts / "4" / "state").rglob("*"):          # a crash mid-write of step 4
+        if path.is_file() and path.name != "commit_success.txt":
+            path.unlink()
+    procs = _start_two(directory, _free_port(), "checkpoint.every=2", "optim.steps=5")
+    (out0, err0), (out1, err1) = _finish(procs)
+    assert procs[0].returncode == procs[1].returncode == 0, (err0[-3000:], err1[-3000:])
+    assert "resumed from step 2" in out0
+    assert "checkpoints/4 does not restore" in err0 and "checkpoints/4 does not restore" in err1
+    assert sorted(p.name for p in ckpts.iterdir()) == ["2", "4", "4.damaged", "5"]
+    rows = [json.loads(line) for line in open(directory / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 3, 4, 5]
