@@ -5,10 +5,11 @@ import importlib.util
 import os
 from typing import Callable, Sequence
 
-from configs import (delayed_recall, factual_recall, induction_heads, lm, mqar, mqar_long,
-                     niah, selective_copying)
-from configs.base import (CheckpointConfig, ConfigError, DataConfig, LoggingConfig, MeshConfig,
-                          ModelConfig, OptimConfig, TrainConfig, from_dict, schema, short_keys)
+from configs import (delayed_recall, factual_recall, induction_heads, lm, lm_tokens, mqar,
+                     mqar_long, niah, selective_copying)
+from configs.base import (CheckpointConfig, ConfigError, DataConfig, EvalConfig, LoggingConfig,
+                          MeshConfig, ModelConfig, OptimConfig, TrainConfig, from_dict, schema,
+                          short_keys)
 
 
 def _variant(get_config: Callable[[], TrainConfig], name: str, **sets) -> Callable[[], TrainConfig]:
@@ -65,6 +66,12 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     # python -m train --compile_for v5e:4x4 | h100x8 here (train/compile_for.py)
     **{f"lm{size}_{mixer}": (lambda mixer=mixer, size=size: lm.get_config(mixer, size))
        for size in lm.SIZES for mixer in lm.MIXERS},
+    # subword LMs on a tokenised corpus (configs/lm_tokens.py): minutes on a CPU on the standard
+    # library, tokenised on first use; and the pod sizes above at 32k ids
+    **{lm_tokens.tiny(mixer).name: (lambda mixer=mixer: lm_tokens.tiny(mixer))
+       for mixer in lm_tokens.TINY_MIXERS},
+    **{f"lm{size}_tokens_{mixer}": (lambda mixer=mixer, size=size: lm_tokens.pod(mixer, size))
+       for size in lm_tokens.POD_SIZES for mixer in lm.MIXERS},
     # seconds, for tests and smoke checks
     "smoke": _variant(delayed_recall.get_config, "smoke", **{
         "model.d_model": 16, "model.num_layers": 1, "model.mixer_options": {"state_size": 8},
@@ -112,5 +119,6 @@ def resolve(config_file: str | None = None, preset: str | None = None,
 
 
 __all__ = ["PRESETS", "DEFAULT_PRESET", "TrainConfig", "ModelConfig", "DataConfig",
-           "OptimConfig", "MeshConfig", "CheckpointConfig", "LoggingConfig", "ConfigError",
+           "OptimConfig", "MeshConfig", "CheckpointConfig", "LoggingConfig", "EvalConfig",
+           "ConfigError",
            "resolve", "load_file", "from_dict", "schema", "short_keys"]

@@ -187,6 +187,50 @@ class LoggingConfig:
                self.profile_stop)
 
 
+EVAL_TEXT = ("auto", "on", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Language-model evaluation (train/eval.py): run by `python -m train.eval --run_dir DIR` on
+    a run's latest checkpoint, and at the end of `python -m train` when `enabled`."""
+    enabled: bool = False            # evaluate at the end of training (next-token tasks only)
+    split: str = "validation"        # the held-out split
+    batches: int = 0                 # batches per length; 0: data.eval_batches
+    # Extra lengths as multiples of data.seq_len (length extrapolation); each batch there has
+    # 1/m of the rows, so a batch holds as many tokens as at the training length.
+    length_multiples: tuple[int, ...] = (2, 4, 8)
+    position_buckets: int = 24       # loss by position: log-spaced buckets
+    # "auto": bits per byte and needle retrieval when the task is text (has a codec, see
+    # train/data/codec.py), skipped otherwise; "on": required (an error elsewhere); "off": never
+    text: str = "auto"
+    needle_lengths: tuple[int, ...] = ()   # prompt lengths in tokens; (): every evaluated length
+    needle_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    needle_trials: int = 4           # haystacks per (length, depth); 0 turns needles off
+    plot: bool = True                # loss_by_position.png, when matplotlib is installed
+
+    def __post_init__(self):
+        _check(self.split in ("validation", "test"), "eval.split", "'validation' or 'test'",
+               self.split)
+        _check(self.text in EVAL_TEXT, "eval.text", f"one of {EVAL_TEXT}", self.text)
+        for name in ("batches", "needle_trials"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                   f"eval.{name}", "an integer >= 0", value)
+        _positive("eval", self, "position_buckets")
+        _check(all(m >= 2 for m in self.length_multiples)
+               and len(set(self.length_multiples)) == len(self.length_multiples),
+               "eval.length_multiples", "distinct integers >= 2, e.g. 2,4,8 (or empty)",
+               self.length_multiples)
+        _check(all(n >= 1 for n in self.needle_lengths), "eval.needle_lengths",
+               "positive integers (token counts), or empty for every evaluated length",
+               self.needle_lengths)
+        _check(all(0.0 <= x <= 1.0 for x in self.needle_depths)
+               and (self.needle_depths or not self.needle_trials), "eval.needle_depths",
+               "numbers in [0, 1] (0: the needle first, 1: just before the question)",
+               self.needle_depths)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     name: str = "delayed_recall_s4d"
@@ -198,6 +242,7 @@ class TrainConfig:
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    eval: EvalConfig = EvalConfig()
 
     def __post_init__(self):
         _check(self.data.batch_size % self.optim.grad_accum == 0, "optim.grad_accum",
@@ -206,6 +251,8 @@ class TrainConfig:
         _check(not self.model.max_positions or self.model.max_positions >= longest,
                "model.max_positions", f"0 or at least the longest sequence ({longest}: "
                "data.seq_len / data.eval_seq_len)", self.model.max_positions)
+        if self.eval.enabled or self.eval.text == "on":
+            _check_eval_task(self)
 
     @property
     def resolved_run_dir(self) -> str:
@@ -226,6 +273,21 @@ class TrainConfig:
         for key, value in items.items():
             config = config.override(key, value)
         return config
+
+
+def _check_eval_task(config: TrainConfig) -> None:
+    """What can be told from the task's name: a classification task has no next token, and
+    eval.text=on needs a text task. Tasks known only once loaded fail when evaluated."""
+    from train.data import TASKS
+    from train.data.codec import CODECS
+    task = config.data.task
+    spec = TASKS.get(task)
+    _check(spec is None or spec.loss == "next_token", "eval.enabled",
+           f"false for task {task!r}: it classifies whole sequences, and the language-model "
+           "evaluation needs a next-token task", config.eval.enabled)
+    _check(config.eval.text != "on" or task in CODECS, "eval.text",
+           f"'auto' or 'off' for task {task!r}, which is not text (bits per byte and needle "
+           f"retrieval need one of: {', '.join(sorted(CODECS))})", config.eval.text)
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -273,7 +335,30 @@ def _parse_loose(text: str) -> Any:
         return text
 
 
+def _parse_tuple(key: str, annotation, value: Any) -> tuple:
+    """`tuple[int, ...]` keys: "2,4,8", "[2, 4, 8]" or "()" on the command line; a list from a
+    checkpoint's saved config (JSON has no tuples)."""
+    item_type = typing.get_args(annotation)[0]
+    if isinstance(value, str):
+        text = value.strip()
+        if text[:1] + text[-1:] in ("[]", "()"):
+            text = text[1:-1]
+        items = [part for part in (p.strip() for p in text.split(",")) if part]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ConfigError(f"config key '{key}': expected a comma-separated list of "
+                          f"{item_type.__name__}, got {value!r}")
+    try:
+        return tuple(_parse(key, item_type, item) for item in items)
+    except ConfigError:
+        raise ConfigError(f"config key '{key}': expected a comma-separated list of "
+                          f"{item_type.__name__}, got {value!r}") from None
+
+
 def _parse(key: str, annotation, value: Any) -> Any:
+    if typing.get_origin(annotation) is tuple:
+        return _parse_tuple(key, annotation, value)
     args = typing.get_args(annotation)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), annotation) if args else annotation
@@ -318,7 +403,9 @@ def schema(config: TrainConfig | None = None) -> list[tuple[str, str, Any]]:
             if dataclasses.is_dataclass(value):
                 walk(f"{prefix}{name}.", value)
             else:
-                type_name = getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+                type_name = (str(annotation) if typing.get_origin(annotation) is tuple else
+                             getattr(annotation, "__name__",
+                                     str(annotation).replace("typing.", "")))
                 rows.append((prefix + name, type_name, value))
     walk("", config or TrainConfig())
     return rows
@@ -333,24 +420,23 @@ def short_keys(config: TrainConfig | None = None) -> dict[str, list[str]]:
 
 
 def from_dict(data: Mapping[str, Any], base: TrainConfig | None = None) -> TrainConfig:
-    """A config from a nested dict (e.g. a checkpoint's saved config)."""
+    """A config from a nested dict (e.g. a checkpoint's saved config). Each section is built
+    whole and the sections joined once, so the checks across keys (model.max_positions against
+    data.seq_len) see the saved values together, never a half-applied mix with the defaults."""
     config = base or TrainConfig()
-    flat: dict[str, Any] = {}
-
-    def walk(prefix, d):
-        for k, v in d.items():
-            sub = getattr(_dig(config, prefix + (k,)), "__dataclass_fields__", None)
-            if isinstance(v, Mapping) and sub is not None:
-                walk(prefix + (k,), v)
-            else:
-                flat[".".join(prefix + (k,))] = v
-    walk((), data)
-    for key, value in flat.items():
-        config = config.override(key, value)
-    return config
-
-
-def _dig(obj, path):
-    for p in path:
-        obj = getattr(obj, p, None)
-    return obj
+    top: dict[str, Any] = {}
+    for name, value in data.items():
+        current = getattr(config, name, None)
+        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            for key, item in value.items():
+                current = _override(current, [key], item, f"{name}.{key}")
+            top[name] = current
+        else:
+            # top-level keys go through the same typed path (unknown ones fail there)
+            top[name] = getattr(_override(config, [name], value, name), name)
+    try:
+        return dataclasses.replace(config, **top)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None

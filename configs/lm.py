@@ -26,8 +26,8 @@ over data x fsdp too). Heads of 128 channels (64 for Mamba-2, as in the paper) s
 The hybrid is Gated DeltaNet with attention every fourth layer (pattern
 "gated_deltanet,gated_deltanet,gated_deltanet,attention").
 """
-from configs.base import (CheckpointConfig, DataConfig, LoggingConfig, MeshConfig, ModelConfig,
-                          OptimConfig, TrainConfig)
+from configs.base import (CheckpointConfig, DataConfig, EvalConfig, LoggingConfig, MeshConfig,
+                          ModelConfig, OptimConfig, TrainConfig)
 
 SEQ_LEN = 4096
 HYBRID = "gated_deltanet,gated_deltanet,gated_deltanet,attention"
@@ -77,6 +77,8 @@ def get_config(mixer: str = "attention", size: str = "350m") -> TrainConfig:
         mesh=MeshConfig(data=1, fsdp=-1),
         checkpoint=CheckpointConfig(every=1000),
         logging=LoggingConfig(log_every=50, eval_every=1000),
+        # at the end: perplexity, bits per byte, loss by position, 2x/4x/8x lengths, needles
+        eval=EvalConfig(enabled=True),
     )
 
 
@@ -94,4 +96,5 @@ def _tiny(mixer: str, d_model: int, lr: float) -> TrainConfig:
                           b2=0.95, weight_decay=0.1, decay_embeddings=False),
         checkpoint=CheckpointConfig(every=100),
         logging=LoggingConfig(log_every=10, eval_every=100),
+        eval=EvalConfig(enabled=True),
     )

@@ -19,16 +19,53 @@ import jax
 import jax.numpy as jnp
 
 
-def logit_sums(logits, targets, mask, z_loss: float = 0.0):
-    """(sum of mask * (CE + z_loss * lse^2), sum of mask * [argmax == target]) of float32
-    logits [..., V] against int targets [...]: the one home of the loss's math."""
+def token_losses(logits, targets, z_loss: float = 0.0):
+    """(CE + z_loss * lse^2, argmax) per token of float32 logits [..., V] against int targets
+    [...]: the one home of the loss's math."""
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     loss = lse - picked
     if z_loss:
         loss = loss + z_loss * jnp.square(lse)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return loss, jnp.argmax(logits, axis=-1)
+
+
+def logit_sums(logits, targets, mask, z_loss: float = 0.0):
+    """(sum of mask * (CE + z_loss * lse^2), sum of mask * [argmax == target]) of float32
+    logits [..., V] against int targets [...]."""
+    loss, prediction = token_losses(logits, targets, z_loss)
+    correct = (prediction == targets).astype(jnp.float32)
     return jnp.sum(loss * mask), jnp.sum(correct * mask)
+
+
+def cross_entropy_per_token(hidden: jax.Array, project: Callable[[jax.Array], jax.Array],
+                            targets: jax.Array, *, chunk_size: int | None = None):
+    """(CE [B, T] float32, argmax [B, T] int32) of every position, for evaluation: the same
+    math as `cross_entropy_sums` without the reduction (and without z-loss, which is a training
+    penalty, not part of a likelihood). chunk_size as there: [B, T, V] logits never exist when
+    it is set, which matters at evaluation lengths many times the training one."""
+    if hidden.ndim != 3 or targets.shape != hidden.shape[:2]:
+        raise ValueError(f"cross_entropy_per_token: hidden [batch, time, d_model] and targets "
+                         f"[batch, time], got {hidden.shape} and {targets.shape}")
+    b, t, _ = hidden.shape
+    if not chunk_size or chunk_size >= t:
+        loss, prediction = token_losses(project(hidden), targets)
+        return loss, prediction.astype(jnp.int32)
+    n = -(-t // chunk_size)
+    pad = n * chunk_size - t
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+
+    def chunks(x):   # [B, n*C, ...] -> [n, B, C, ...]
+        return jnp.swapaxes(x.reshape(b, n, chunk_size, *x.shape[2:]), 0, 1)
+
+    def one(xs):
+        loss, prediction = token_losses(project(xs[0]), xs[1])
+        return loss, prediction.astype(jnp.int32)
+
+    loss, prediction = jax.lax.map(one, (chunks(hidden), chunks(targets)))
+    unchunk = lambda x: jnp.swapaxes(x, 0, 1).reshape(b, n * chunk_size)[:, :t]
+    return unchunk(loss), unchunk(prediction)
 
 
 def cross_entropy_sums(hidden: jax.Array, project: Callable[[jax.Array], jax.Array],

@@ -273,6 +273,10 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
         last = history[-1]
         say("final: " + "  ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")
             + f"  eval_loss {eval_loss:.4f}  eval_accuracy {eval_acc:.3f}")
+    if config.eval.enabled:   # train/eval.py on the final state: eval.json + tables in run_dir
+        from train import eval as eval_lib
+        result["lm_eval"] = eval_lib.evaluate(config, trainer, state, run_dir=run_dir, out=out,
+                                              step=step)
     if is_main:
         write_json(run_dir / "final_metrics.json",
                    {k: v for k, v in result.items() if k != "history"})

@@ -260,6 +260,29 @@ class Trainer:
         loss_sum, (correct, count) = self._loss_sums(model, batch)
         return {"loss_sum": loss_sum, "correct": correct, "count": count}
 
+    def token_outputs(self, state: dict, batch: dict):
+        """(cross-entropy [B, T] float32 without z-loss, argmax [B, T] int32) of a next-token
+        batch, the model in eval mode: what train/eval.py reduces. Traceable; jit it with
+        `jit_eval` so it runs sharded as the steps do."""
+        if self.num_classes:
+            raise ConfigError(f"task {self.config.data.task!r} classifies whole sequences: "
+                              "per-token losses need a next-token task")
+        model = nnx.merge(self.graphdef, state["params"], state["rest"])
+        model.eval()
+        segments = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
+        with self._sequence_parallel(), layers.activation_sharding(self._constrain):
+            return losses_lib.cross_entropy_per_token(
+                model.features(batch["inputs"], **segments), model.project, batch["targets"],
+                chunk_size=self.config.optim.loss_chunk)
+
+    def jit_eval(self, fn, batch: dict, num_extra: int = 0):
+        """`fn(state, batch, *extra)` jitted on the mesh: the state as trained, the batch split
+        as `shard_batch` splits it, `num_extra` further arguments and every output replicated.
+        Call the result inside `jax.set_mesh(self.mesh)`."""
+        repl = mesh_lib.replicated(self.mesh)
+        return jax.jit(fn, in_shardings=(self.shardings, self.batch_shardings(batch),
+                                         *([repl] * num_extra)), out_shardings=repl)
+
     def jitted_steps(self, batch: dict):
         """(train, eval) jitted with this batch structure's shardings, not yet lowered; public so
         the benchmarks can time lowering and compiling of the very step the loop runs."""

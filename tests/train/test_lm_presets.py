@@ -31,6 +31,7 @@ def test_pod_presets_have_their_size(size):
         m = config.model
         assert (m.dtype, m.remat, m.scan_layers, config.data.seq_len) == \
             ("bfloat16", "full", True, 4096)
+        assert config.eval.enabled
 
 
 def test_tiny_variants_are_the_same_architectures():
@@ -55,7 +56,8 @@ def test_tiny_hybrid_trains_in_bfloat16(tmp_path):
     config = configs.resolve(preset="lmtiny_hybrid", sets=[
         *sets, "optim.steps=6", "optim.warmup_steps=1", "data.seq_len=64", "data.batch_size=4",
         f"data.task_options={{\"corpus\": \"{corpus}\", \"pattern\": \"*.txt\"}}",
-        f"data.data_dir={tmp_path / 'data'}", "checkpoint.every=0", "logging.eval_every=0"])
+        f"data.data_dir={tmp_path / 'data'}", "checkpoint.every=0", "logging.eval_every=0",
+        "eval.enabled=false"])
     result = run(config, out=io.StringIO(), devices=jax.devices()[:1])
     assert np.isfinite([r["loss"] for r in result["history"]]).all()
     assert result["eval_loss"] < result["initial_eval_loss"] - 0.5, result

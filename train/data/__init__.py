@@ -1,4 +1,4 @@
-"""Training data: synthetic memory tasks, byte-level LM on a text corpus, standard tfds datasets.
+"""Training data: synthetic memory tasks, byte-level and subword LMs on a text corpus, tfds data.
 
 One entry point, `build(task, *, split, batch_size, seq_len, seed, ...) -> (loader, info)`:
 
@@ -10,8 +10,10 @@ One entry point, `build(task, *, split, batch_size, seq_len, seed, ...) -> (load
 Synthetic tasks and the byte corpus are written once as array_record files by tfds builders into
 data_dir (default $MEMZOO_DATA_DIR or ~/tensorflow_datasets) and read back with
 `tfds.data_source` (no TensorFlow); standard tfds datasets are read from data_dir when prepared
-there. Layout: tasks.py (generators), byte_lm.py (corpus, packing), builders.py (tfds builders),
-standard.py (lm1b, mnist, ...), pipeline.py (grain loader).
+there. The "tokens" task reads a corpus tokenised by `python -m train.tokenize` (or tokenises
+it into data_dir on first use). Layout: tasks.py (generators), byte_lm.py (corpus, packing),
+tokens.py (tokenised corpora), builders.py (tfds builders), standard.py (lm1b, mnist, ...),
+pipeline.py (grain loader), codec.py (text <-> ids of the text tasks).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from train.data.tasks import TASKS
 __all__ = ["build", "example_layout", "DataInfo", "GeneratedSource", "KNOWN_TASKS", "Loader",
            "make_loader", "TASKS"]
 
-KNOWN_TASKS = (*TASKS, "bytes", *standard.ALIASES, "tfds:<name>")
+KNOWN_TASKS = (*TASKS, "bytes", "tokens", *standard.ALIASES, "tfds:<name>")
 DEFAULT_SIZES = {"train": 100_000, "validation": 2_000, "test": 2_000}
 
 
@@ -96,8 +98,9 @@ def build(task: str, *, split: str = "train", batch_size: int, seq_len: int | No
     shard_by "records" | "rows": how processes split the data (pipeline.make_loader); "rows"
     makes the global batches independent of the process count.
     task_options go to the task: e.g. vocab_size, num_kv_pairs for "mqar"; corpus, pattern,
-    validation_fraction, test_fraction, document_separator for "bytes"; permutation_seed for
-    "pmnist".
+    validation_fraction, test_fraction, document_separator for "bytes"; dir (a tokenised
+    corpus), or the settings to tokenise one with (tokens.TASK_OPTIONS: corpus, vocab_size,
+    tokenizer, ...) for "tokens"; permutation_seed for "pmnist".
     """
     if split not in tasks.SPLITS:
         raise ValueError(f"split must be one of {tasks.SPLITS}, got {split!r}")
@@ -130,6 +133,21 @@ def build(task: str, *, split: str = "train", batch_size: int, seq_len: int | No
                                task)
         options = {"corpus": config.corpus, "pattern": config.pattern}
         loss, transform, vocab_size, num_classes = "next_token", None, byte_lm.VOCAB_SIZE, None
+        has_segment_ids, chance = True, None
+    elif task == "tokens":
+        if seq_len is None:
+            raise ValueError("task 'tokens' needs a seq_len")
+        # Imported here: the tokenizers package is needed by this task alone.
+        from train.data import tokens
+        directory, meta = tokens.open_task(task_options, data_dir=data_dir or
+                                           builders.default_data_dir(), seed=data_seed)
+        if not meta["splits"][split]["documents"]:
+            raise ValueError(f"task 'tokens' has no {split!r} documents in {str(directory)!r} "
+                             "(a larger corpus or validation_fraction / test_fraction gives it "
+                             "some)")
+        source = tokens.PackedRows(directory, meta, split, seq_len)
+        options = {"dir": str(directory.resolve())}
+        loss, transform, vocab_size, num_classes = "next_token", None, meta["vocab_size"], None
         has_segment_ids, chance = True, None
     elif task in standard.ALIASES or task.startswith("tfds:"):
         name, permute = standard.ALIASES.get(task, (task.removeprefix("tfds:"), False))
@@ -167,6 +185,7 @@ def example_layout(task: str, *, seq_len: int | None, data_seed: int = 0,
     What an ahead-of-time compile needs to know of the batches (train/compile_for.py): the keys,
     per-example shapes and dtypes come from the very code that makes real examples (the task's
     generator in memory; byte_lm.make_row for the byte-LM layout), so they cannot drift apart.
+    "tokens" reads at most its dir's metadata (tokens.layout_vocab_size).
     """
     if task in TASKS:
         if seq_len is None:
@@ -174,16 +193,20 @@ def example_layout(task: str, *, seq_len: int | None, data_seed: int = 0,
         options = TASKS[task].options(task_options)
         example = tasks.example(task, data_seed, "train", 0, seq_len=seq_len, **options)
         return dict(example), TASKS[task].vocab_size(options), TASKS[task].num_classes
-    if task == "bytes" or standard.ALIASES.get(task, ("", False))[0] == "lm1b":
+    if task in ("bytes", "tokens") or standard.ALIASES.get(task, ("", False))[0] == "lm1b":
         if seq_len is None:
             raise ValueError(f"task {task!r} needs a seq_len")
+        vocab_size = byte_lm.VOCAB_SIZE
+        if task == "tokens":
+            from train.data import tokens
+            vocab_size = tokens.layout_vocab_size(task_options)
         row = byte_lm.make_row(np.zeros(seq_len + 1, np.int32), np.zeros(seq_len + 1, np.int64),
                                seq_len)
-        return row, byte_lm.VOCAB_SIZE, None
+        return row, vocab_size, None
     if task in KNOWN_TASKS or task.startswith("tfds:"):
         raise ValueError(f"task {task!r}: its example layout comes from the prepared dataset's "
-                         "features; only the synthetic tasks, 'bytes' and 'lm1b' are known "
-                         "without reading data")
+                         "features; only the synthetic tasks, 'bytes', 'tokens' and 'lm1b' are "
+                         "known without reading data")
     raise _unknown(task)
 
 

@@ -110,12 +110,8 @@ class BytesConfig(tfds.core.BuilderConfig):
     def make(cls, corpus: str | os.PathLike | None, *, seq_len: int, seed: int,
              pattern: str | None = None, validation_fraction: float = 0.05,
              test_fraction: float = 0.05, document_separator: str | None = None) -> "BytesConfig":
-        if corpus is None:
-            corpus, default_pattern = byte_lm.default_corpus()
-            pattern = pattern or default_pattern
-        corpus = pathlib.Path(corpus).expanduser().resolve()
-        pattern = pattern or "**/*"
-        files = byte_lm.corpus_files(corpus, pattern)   # fails early, naming a missing path
+        # fails early, naming a missing path
+        corpus, pattern, files = byte_lm.resolve_corpus(corpus, pattern)
         settings = dict(corpus=str(corpus), pattern=pattern, seq_len=seq_len,
                         validation_fraction=validation_fraction, test_fraction=test_fraction,
                         document_separator=document_separator, seed=seed)
