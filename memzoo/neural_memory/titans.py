@@ -20,6 +20,10 @@ attention independent within a segment and one memory pass per call. Persistent 
 attention as extra keys/values (projected by the attention's own W_k, W_v, no rotary phase), not as
 a prefix of the sequence the memory also reads.
 
+Memory: every attention here is local (MAG/MAL a window of W, MAC a segment of S consecutive
+positions), so the parallel forms attend block by block, each block of queries over its own and
+the previous block's keys plus the persistent ones: O(t W) scores, never [t, t] (`_local_attend`).
+
 Decoding: the memory's `NeuralMemoryCache` plus, for MAG/MAL, the attention's ring of W slots; for
 MAC a buffer of the current segment's keys and values (x and h), reused when a segment starts (slots
 after the current position are masked). All three are parallel == prefill-then-decode (tested).
@@ -81,6 +85,52 @@ class _TitansBase(nnx.Module):
         k, v = (jnp.einsum("btd,dhk->bthk", p, w[...].astype(self.dtype)) for w in (a.wk, a.wv))
         return jnp.broadcast_to(k, (b, *k.shape[1:])), jnp.broadcast_to(v, (b, *v.shape[1:]))
 
+    def _local_attend(self, q, kvs, span: int, labels):
+        """The parallel forms' attention (before the output projection) without [t, t]
+        scores: query i sees key j of each
+        (k, v) pair in `kvs` (all at the query positions) when i - span < j <= i and every
+        `labels` array ([b, t] int) agrees at i and j, plus the persistent keys always.
+
+        Such keys lie in the query's block of `span` positions or the one before, so each block
+        of queries attends over 2 x span keys per pair (+ the persistent ones): O(t span)
+        memory instead of O(t^2), the same softmax (rounding aside) as the dense mask.
+        """
+        b, T, H, d = q.shape
+        n = -(-T // span)
+        pad = n * span - T
+
+        def blocks(x):                  # [b, T, ...] -> [b * n, span, ...]
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+            return x.reshape(b * n, span, *x.shape[2:])
+
+        def with_previous(x):           # [b, T, ...] -> [b * n, 2 span, ...]: block i-1, block i
+            x = blocks(x).reshape(b, n, span, *x.shape[2:])
+            prev = jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+            both = jnp.concatenate([prev, x], axis=2)
+            return both.reshape(b * n, 2 * span, *x.shape[3:])
+
+        q_pos = jnp.arange(n * span, dtype=jnp.int32).reshape(n, span)
+        k_pos = q_pos[:, :1] + jnp.arange(-span, span, dtype=jnp.int32)[None]     # [n, 2 span]
+        ok = ((k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+              & (k_pos[:, None, :] > q_pos[:, :, None] - span))[None]
+        for label in labels:
+            ql, kl = blocks(label).reshape(b, n, span), with_previous(label).reshape(b, n, -1)
+            ok = ok & (ql[..., :, None] == kl[..., None, :])
+        ok = ok.reshape(b * n, span, 2 * span)
+        keys = jnp.concatenate([with_previous(k) for k, _ in kvs], axis=1)
+        values = jnp.concatenate([with_previous(v) for _, v in kvs], axis=1)
+        visible = jnp.concatenate([ok] * len(kvs), axis=-1)
+        pkv = self._persistent_kv(b)
+        if pkv is not None:
+            P = self.num_persistent
+            keys = jnp.concatenate([jnp.repeat(pkv[0], n, axis=0).astype(keys.dtype), keys], 1)
+            values = jnp.concatenate([jnp.repeat(pkv[1], n, axis=0).astype(values.dtype),
+                                      values], 1)
+            visible = jnp.concatenate([jnp.ones((b * n, span, P), bool), visible], -1)
+        o = jax.nn.dot_product_attention(blocks(q), keys.astype(q.dtype),
+                                         values.astype(q.dtype), mask=visible[:, None])
+        return o.reshape(b, n * span, H, d)[:, :T]
+
     def _attend(self, q, keys, values, visible):
         """Softmax attention of q [b, t, H, k] over [persistent; keys] with mask `visible`
         [t, s] or [b, t, s] for `keys` (persistent keys are always visible, to every document)."""
@@ -111,10 +161,8 @@ class _TitansBase(nnx.Module):
     def _window_parallel(self, x, segment_ids=None):
         b, T, _ = x.shape
         doc_pos, doc = self._documents(b, T, None, segment_ids)
-        pos = jnp.arange(T, dtype=jnp.int32)
         q, k, v = self.attn._project(x, doc_pos)
-        visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.window)
-        return self._attend(q, k, v, visible[None] & (doc[:, :, None] == doc[:, None, :]))
+        return self.attn._out(self._local_attend(q, [(k, v)], self.window, [doc]))
 
     def _window_cached(self, x, cache: KVCache, memory_cache, segment_ids=None):
         """The ring-cache form of the window attention (memzoo.attention's slot layout: stream
@@ -273,13 +321,13 @@ class TitansMAC(_TitansBase):
         m, h, mem = self.memory.forward(x, memory_cache, decode=decode, segment_ids=segment_ids)
         q, kx, vx, kh, vh = self._segment_kv(x, h, doc_pos)
         seg = doc_pos // S
+        if cache is None:
+            # a segment's tokens are S consecutive positions: a window of S with equal labels
+            o = self._local_attend(q, [(kh, vh), (kx, vx)], S, [doc, seg])
+            return self.attn._out(o) + m, None
         t = jnp.arange(T, dtype=jnp.int32)
         new_ok = ((doc[:, None, :] == doc[:, :, None]) & (seg[:, None, :] == seg[:, :, None])
                   & (t[None, :] <= t[:, None])[None])
-        if cache is None:
-            a = self._attend(q, jnp.concatenate([kh, kx], 1), jnp.concatenate([vh, vx], 1),
-                             jnp.concatenate([new_ok, new_ok], -1))
-            return a + m, None
         # Cached: slots [0, S) hold the current segment's x keys, [S, 2S) its h keys, by
         # position % S in the row's document; the cache's document had written `position` % S
         # of them. Attend over [old buffer; new keys].

@@ -1,5 +1,6 @@
 """`flash_attention`: causal softmax attention that never holds the [T, T] scores, for the
-`attention` mixer (and the attention inside the Titans mixers).
+`attention` mixer. (The Titans mixers' attention is local, a window or a segment, with persistent
+keys open to every document: it runs block by block in memzoo/neural_memory/titans.py.)
 
     o_i = sum_{j in V(i)} softmax_j(scale * q_i . k_j) v_j,
     V(i) = {j <= i, i - j < window (if set), segment_ids_j == segment_ids_i (if given)}

@@ -378,3 +378,55 @@ def test_mac_persistent_tokens_stay_visible_after_a_reset():
     mac.persistent[...] = mac.persistent[...] + 1.0
     y2 = helpers.forward_packed(mac, x, ids)
     assert helpers.relative_rmse(y2[0, 6:], y[0, 6:]) > 1e-3       # the third document
+
+
+@pytest.mark.parametrize("span, T", [(3, 13), (4, 8), (8, 5)])
+def test_titans_local_attention_equals_the_dense_mask(span, T):
+    """The parallel forms attend block by block (2 x span keys per block, never [t, t]): the
+    softmax of the dense mask (window span, labels equal, persistent keys open), here written
+    out in float64. (float32 compute: jax.nn.dot_product_attention's softmax is float32 even
+    for float64 inputs, so the comparison is at float32 rounding.)"""
+    from memzoo import MIXERS
+    mixer = MIXERS["titans_mag"](D, num_heads=2, num_persistent=2, window=span,
+                                 rngs=nnx.Rngs(3))
+    keys = jax.random.split(jax.random.key(0), 6)
+    q = jax.random.normal(keys[0], (2, T, 2, D // 2))
+    kvs = [(jax.random.normal(keys[1 + 2 * i], (2, T, 2, D // 2)),
+            jax.random.normal(keys[2 + 2 * i], (2, T, 2, D // 2))) for i in range(2)]
+    labels = [jnp.cumsum(jax.random.bernoulli(keys[5], 0.3, (2, T)), 1).astype(jnp.int32)]
+    got = mixer._local_attend(q, kvs, span, labels)
+
+    pk, pv = (np.asarray(a, np.float64) for a in mixer._persistent_kv(2))
+    k = np.concatenate([pk] + [np.asarray(k, np.float64) for k, _ in kvs], 1)
+    v = np.concatenate([pv] + [np.asarray(v, np.float64) for _, v in kvs], 1)
+    t, lab = np.arange(T), np.asarray(labels[0])
+    ok = ((t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - span))[None] \
+        & (lab[:, :, None] == lab[:, None, :])
+    ok = np.concatenate([np.ones((2, T, 2), bool), ok, ok], -1)
+    scores = np.einsum("bthd,bshd->bhts", np.asarray(q, np.float64), k) / np.sqrt(D // 2)
+    scores = np.where(ok[:, None], scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bhts,bshd->bthd", p, v)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+def test_titans_parallel_attention_holds_no_square_scores():
+    """At t = 256 and a window of 8 no value in MAG's traced forward is t x t or larger."""
+    from memzoo import MIXERS
+    mixer = MIXERS["titans_mag"](D, num_heads=2, window=8, chunk_size=8, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(mixer)
+    T_long = 256
+    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(
+        state, jnp.ones((1, T_long, D))).jaxpr
+
+    def sizes(jaxpr):
+        for eqn in jaxpr.eqns:
+            for v in eqn.outvars:
+                yield int(np.prod(v.aval.shape)) if hasattr(v.aval, "shape") else 0
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    yield from sizes(inner)
+    # heads x t x t scores would be 2 x 256 x 256; the blocks hold 2 x 256 x (2 x 8 + 4)
+    assert max(sizes(jaxpr)) < T_long * T_long
