@@ -49,6 +49,13 @@ class ModelConfig:
     # gated, query_norm) plus "layers" (which layers get a memory) and "shared_values"
     mlp_options: dict = dataclasses.field(default_factory=dict)
     max_positions: int = 0           # > 0: learned absolute position embeddings (CausalLM)
+    # Reference-checkpoint options (memzoo.models.CausalLM; None / off: memzoo's defaults)
+    mlp_hidden: int | None = None    # MLP hidden width (None: mlp_ratio * d_model; 0: no MLP)
+    mlp_activation: str = "silu"     # gated MLP activation: silu (SwiGLU), gelu / gelu_tanh (GeGLU)
+    norm_eps: float | None = None    # epsilon of every block norm and the final norm
+    residual_fp32: bool = False      # residual stream in float32 (mamba-ssm's residual_in_fp32)
+    embed_scale: float | None = None  # input embeddings times this (Gemma: sqrt(d_model))
+    logit_softcap: float | None = None  # logits = c * tanh(logits / c) (CausalLM only)
 
     def __post_init__(self):
         _positive("model", self, "d_model", "num_layers")
@@ -72,6 +79,20 @@ class ModelConfig:
         _check(self.mlp in MLP_KINDS, "model.mlp", f"one of {MLP_KINDS}", self.mlp)
         _check(isinstance(self.mlp_options, dict) and (self.mlp == "pkm" or not self.mlp_options),
                "model.mlp_options", "a dict, empty unless model.mlp='pkm'", self.mlp_options)
+        _check(self.mlp_hidden is None or (isinstance(self.mlp_hidden, int)
+                                            and not isinstance(self.mlp_hidden, bool)
+                                            and self.mlp_hidden >= 0),
+               "model.mlp_hidden", "an integer >= 0 or None (mlp_ratio * d_model)",
+               self.mlp_hidden)
+        from memzoo.layers import ACTIVATIONS
+        _check(self.mlp_activation in ACTIVATIONS, "model.mlp_activation",
+               f"one of {tuple(ACTIVATIONS)}", self.mlp_activation)
+        for key in ("norm_eps", "embed_scale", "logit_softcap"):
+            value = getattr(self, key)
+            _check(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                     and value > 0), f"model.{key}", "a number > 0 or None", value)
+        _check(isinstance(self.residual_fp32, bool), "model.residual_fp32", "a bool",
+               self.residual_fp32)
 
 
 @dataclasses.dataclass(frozen=True)

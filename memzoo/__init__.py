@@ -7,10 +7,10 @@ from memzoo import attention, layers, linear_attention, memory_layers, neural_me
 from memzoo.attention import Attention, KVCache
 from memzoo.registry import (MIXERS, SequenceMixer, UnknownMixerError, accepts_keyword,
                               build_mixer, register_mixer)
-from memzoo.ssm import (S4D, S5, HippoRNN, HippoRNNCache, Mamba, Mamba2, MambaCache, S4DBlock,
-                        S5Block, SSMBlock, SSMCache)
+from memzoo.ssm import (RGLRU, S4D, S5, HippoRNN, HippoRNNCache, Mamba, Mamba2, MambaCache,
+                        RGLRUCache, S4DBlock, S5Block, SSMBlock, SSMCache)
 
 __all__ = ["MIXERS", "register_mixer", "build_mixer", "SequenceMixer", "UnknownMixerError",
            "accepts_keyword",
            "attention", "Attention", "linear_attention", "memory_layers", "neural_memory", "KVCache", "layers", "ssm", "HippoRNN", "HippoRNNCache", "S4D", "S4DBlock", "S5", "S5Block",
-           "SSMBlock", "SSMCache", "Mamba", "Mamba2", "MambaCache"]
+           "SSMBlock", "SSMCache", "Mamba", "Mamba2", "MambaCache", "RGLRU", "RGLRUCache"]

@@ -8,6 +8,10 @@ cache, decoding) calls `jax.nn.dot_product_attention` with a mask built from abs
 its queries sit after the cached keys, which the ops' causal masks (query 0 aligned with key 0)
 do not express.
 
+`rope_fraction=f` rotates only the first f * head_dim dimensions of each head (recurrentgemma's
+local attention rotates half), leaving the rest position-free; `out_bias=True` adds a bias to
+the output projection (recurrentgemma's proj_final has one).
+
 `conv_size=W > 0` adds a short causal depthwise convolution over the q, k, v projections (before
 RoPE), residually: p_t + sum_i w_i p_{t-i}, with w initialised to 0 so the layer starts as plain
 attention. It hands each token its predecessors' projections, the previous-token step of the
@@ -97,6 +101,7 @@ class Attention(nnx.Module):
     def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None,
                  num_kv_heads: int | None = None, window: int | None = None, rope: bool = True,
                  rope_base: float = 10_000.0, max_len: int = DEFAULT_MAX_LEN, conv_size: int = 0,
+                 rope_fraction: float = 1.0, out_bias: bool = False,
                  implementation: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if head_dim is None:
@@ -107,8 +112,13 @@ class Attention(nnx.Module):
         if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"Attention: num_heads={num_heads} must be a positive multiple of "
                              f"num_kv_heads={num_kv_heads}")
-        if rope and head_dim % 2:
-            raise ValueError(f"Attention: rope needs an even head_dim, got {head_dim}")
+        if isinstance(rope_fraction, bool) or not isinstance(rope_fraction, (int, float)) \
+                or not 0 < rope_fraction <= 1:
+            raise ValueError(f"Attention: rope_fraction must be in (0, 1], got {rope_fraction!r}")
+        rope_dims = round(head_dim * rope_fraction)
+        if rope and (rope_dims % 2 or abs(rope_dims - head_dim * rope_fraction) > 1e-9):
+            raise ValueError(f"Attention: rope needs an even number of rotated dimensions, got "
+                             f"head_dim={head_dim} * rope_fraction={rope_fraction}")
         if window is not None and window < 1:
             raise ValueError(f"Attention: window must be a positive int or None, got {window}")
         if max_len < 1:
@@ -118,6 +128,7 @@ class Attention(nnx.Module):
                              f"{conv_size!r}")
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.head_dim, self.window, self.use_rope, self.rope_base = head_dim, window, rope, rope_base
+        self.rope_dims = rope_dims
         self.max_len, self.dtype = max_len, dtype
         check_implementation(implementation, "Attention")
         self.implementation = implementation
@@ -131,6 +142,8 @@ class Attention(nnx.Module):
         self.wv = init((d_model, num_kv_heads, head_dim), d_model, ("embed", "kv_heads", "kv"))
         self.wo = init((num_heads, head_dim, d_model), num_heads * head_dim,
                        ("heads", "kv", "embed"))
+        self.out_bias = (layers.param(jnp.zeros((d_model,), jnp.float32), ("embed",))
+                         if out_bias else None)
         self.conv_size = conv_size
         self.conv_weight = None if not conv_size else layers.param(
             jnp.zeros((conv_size, (num_heads + 2 * num_kv_heads) * head_dim), jnp.float32),
@@ -158,11 +171,20 @@ class Attention(nnx.Module):
             k = flat[..., nq:nq + nk].reshape(k.shape)
             v = flat[..., nq + nk:].reshape(v.shape)
         if self.use_rope:
-            q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+            q, k = self._rope(q, positions), self._rope(k, positions)
         return q, k, v, new_state
 
+    def _rope(self, x, positions):
+        r = self.rope_dims
+        if r == x.shape[-1]:
+            return rope(x, positions, self.rope_base)
+        return jnp.concatenate([rope(x[..., :r], positions, self.rope_base), x[..., r:]], axis=-1)
+
     def _out(self, o):
-        return jnp.einsum("bthk,hkd->btd", o.astype(self.dtype), self.wo[...].astype(self.dtype))
+        y = jnp.einsum("bthk,hkd->btd", o.astype(self.dtype), self.wo[...].astype(self.dtype))
+        if self.out_bias is not None:
+            y = y + self.out_bias[...].astype(self.dtype)[None, None]
+        return y
 
     def init_cache(self, batch_size: int, *, max_len: int | None = None) -> KVCache:
         """An empty cache. Full attention holds `max_len` tokens (default: the constructor's);

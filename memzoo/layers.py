@@ -26,7 +26,10 @@ from memzoo.typing import LogicalAxes
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    # jax.nn.gelu's default is the tanh approximation (Gemma's GeGLU); "gelu_tanh" spells it out
+    # for converters from PyTorch, where a bare "gelu" means the exact (erf) one.
     "gelu": jax.nn.gelu,
+    "gelu_tanh": jax.nn.gelu,
     "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
@@ -206,12 +209,16 @@ class LayerNorm(nnx.Module):
 NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
 
 
-def norm(kind: str, num_features: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
+def norm(kind: str, num_features: int, *, dtype=jnp.float32, rngs: nnx.Rngs,
+         epsilon: float | None = None) -> nnx.Module:
+    """A norm by name; `epsilon=None` keeps the class's default."""
     try:
         cls = NORMS[kind]
     except KeyError:
         raise ValueError(f"norm: unknown {kind!r}; known: {', '.join(NORMS)}") from None
-    return cls(num_features, dtype=dtype, rngs=rngs)
+    if epsilon is None:
+        return cls(num_features, dtype=dtype, rngs=rngs)
+    return cls(num_features, epsilon=float(epsilon), dtype=dtype, rngs=rngs)
 
 
 class GLU(nnx.Module):

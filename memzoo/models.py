@@ -22,10 +22,20 @@ The stack (`BlockStack`), shared by both models:
 
 Mixed precision: `dtype` is the compute dtype of every layer (passed to each mixer unless
 `mixer_options` says otherwise); parameters stay float32; logits are float32.
+`residual_fp32=True` keeps the residual stream (the embeddings and every block's sum) in
+float32 while the norms hand `dtype` to the mixers and MLPs (mamba-ssm's residual_in_fp32).
+
+Options that reference checkpoints need (issue 16's converters), all off by default:
+`mlp_hidden` (the MLP width itself), `mlp_activation` (the gated MLP's activation: "silu"
+SwiGLU, "gelu" / "gelu_tanh" Gemma's GeGLU, "gelu_exact"), `norm_eps` (every block norm and
+the final norm), `embed_scale` (Gemma's sqrt(d_model) on the input embeddings only; a tied
+head reads the unscaled table), `logit_softcap` (c * tanh(logits / c), in `project`, so the
+chunked losses see it too).
 """
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable
 
 import jax
@@ -150,14 +160,38 @@ class StackCache:
 MLP_KINDS = ("dense", "pkm")
 
 
+def check_block_options(owner: str, *, mlp_hidden=None, mlp_activation="silu", norm_eps=None,
+                        residual_fp32=False) -> None:
+    """Refuse bad block options by name before any layer is built."""
+    if mlp_hidden is not None and (isinstance(mlp_hidden, bool) or not isinstance(mlp_hidden, int)
+                                   or mlp_hidden < 0):
+        raise ValueError(f"{owner}: mlp_hidden must be an int >= 0 (0: no MLP) or None "
+                         f"(mlp_ratio * d_model), got {mlp_hidden!r}")
+    if mlp_activation not in layers.ACTIVATIONS:
+        raise ValueError(f"{owner}: mlp_activation must be one of {tuple(layers.ACTIVATIONS)}, "
+                         f"got {mlp_activation!r}")
+    if norm_eps is not None and (isinstance(norm_eps, bool)
+                                 or not isinstance(norm_eps, (int, float)) or not norm_eps > 0):
+        raise ValueError(f"{owner}: norm_eps must be a float > 0 or None (the norms' default), "
+                         f"got {norm_eps!r}")
+    if not isinstance(residual_fp32, bool):
+        raise ValueError(f"{owner}: residual_fp32 must be a bool, got {residual_fp32!r}")
+
+
 class Block(nnx.Module):
-    """x + mixer(norm(x)), then x + MLP(norm(x)); the MLP is a SwiGLU of width mlp_ratio * d,
-    or with mlp="pkm" a product-key memory (memzoo.memory_layers, options in mlp_options)."""
+    """x + mixer(norm(x)), then x + MLP(norm(x)); the MLP is a gated MLP (SwiGLU by default,
+    `mlp_activation`) of width `mlp_hidden` or else mlp_ratio * d, or with mlp="pkm" a
+    product-key memory (memzoo.memory_layers, options in mlp_options). `residual_fp32` keeps
+    x in float32 (each branch is computed in `dtype` from the norm's output)."""
 
     def __init__(self, d_model: int, mixer: str, *, mixer_options: dict[str, Any], mlp_ratio: int,
                  norm: str, dtype, rngs: nnx.Rngs, mlp: str = "dense",
-                 mlp_options: dict[str, Any] | None = None):
-        self.mixer_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs)
+                 mlp_options: dict[str, Any] | None = None, mlp_hidden: int | None = None,
+                 mlp_activation: str = "silu", norm_eps: float | None = None,
+                 residual_fp32: bool = False):
+        check_block_options("Block", mlp_hidden=mlp_hidden, mlp_activation=mlp_activation,
+                            norm_eps=norm_eps, residual_fp32=residual_fp32)
+        self.mixer_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs, epsilon=norm_eps)
         # mixer_options: {name: options} from route_mixer_options
         self.mixer = MIXERS.build(mixer, d_model, rngs=rngs,
                                   **{"dtype": dtype, **mixer_options.get(mixer, {})})
@@ -165,10 +199,14 @@ class Block(nnx.Module):
             from memzoo.memory_layers import ProductKeyMemory  # memory_layers imports layers
             self.mlp = ProductKeyMemory(d_model, **(mlp_options or {}), dtype=dtype, rngs=rngs)
         else:
-            self.mlp = (layers.MLP(d_model, mlp_ratio * d_model, activation="silu", gated=True,
-                                   dtype=dtype, rngs=rngs) if mlp_ratio > 0 else None)
-        self.mlp_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs) if self.mlp else None
+            hidden = mlp_ratio * d_model if mlp_hidden is None else mlp_hidden
+            self.mlp = (layers.MLP(d_model, hidden, activation=mlp_activation, gated=True,
+                                   dtype=dtype, rngs=rngs) if hidden > 0 else None)
+        self.mlp_norm = (layers.norm(norm, d_model, dtype=dtype, rngs=rngs, epsilon=norm_eps)
+                         if self.mlp else None)
         self.dtype = dtype
+        # The residual stream's dtype: each branch's output is cast to it before the sum.
+        self.residual_dtype = jnp.float32 if residual_fp32 else dtype
         # Optional protocol keywords (memzoo.registry.SequenceMixer), decided once here.
         self.mixer_name = mixer
         self.takes_segment_ids = accepts_keyword(self.mixer.__call__, "segment_ids")
@@ -176,7 +214,7 @@ class Block(nnx.Module):
 
     def _mlp(self, x):
         if self.mlp is not None:
-            x = x + self.mlp(self.mlp_norm(x))
+            x = x + self.mlp(self.mlp_norm(x)).astype(self.residual_dtype)
         return x
 
     def __call__(self, x, *, segment_ids=None, cache=None):
@@ -193,15 +231,15 @@ class Block(nnx.Module):
                     f"changes (memzoo.registry.SequenceMixer), or call without segment_ids")
             kw = {"segment_ids": segment_ids}
         if cache is None:
-            x = layers.constrain_activation(x + self.mixer(h, **kw).astype(self.dtype),
-                                            RESIDUAL_AXES)
+            x = layers.constrain_activation(
+                x + self.mixer(h, **kw).astype(self.residual_dtype), RESIDUAL_AXES)
             return self._mlp(x)
         y, cache = self.mixer(h, cache=cache)
-        return self._mlp(x + y.astype(self.dtype)), cache
+        return self._mlp(x + y.astype(self.residual_dtype)), cache
 
     def step(self, x_t, cache):
         y, cache = self.mixer.step(self.mixer_norm(x_t), cache)
-        return self._mlp(x_t + y.astype(self.dtype)), cache
+        return self._mlp(x_t + y.astype(self.residual_dtype)), cache
 
     def init_cache(self, batch_size: int, max_len: int | None = None):
         if self.cache_takes_max_len:
@@ -247,7 +285,11 @@ class BlockStack(nnx.Module):
                  mixer_options: dict[str, Any] | None = None, mlp_ratio: int = 2,
                  norm: str = "rmsnorm", scan_layers: bool = False, remat: str | bool = "none",
                  dtype=jnp.float32, mlp: str = "dense", mlp_options: dict[str, Any] | None = None,
+                 mlp_hidden: int | None = None, mlp_activation: str = "silu",
+                 norm_eps: float | None = None, residual_fp32: bool = False,
                  rngs: nnx.Rngs):
+        check_block_options("BlockStack", mlp_hidden=mlp_hidden, mlp_activation=mlp_activation,
+                            norm_eps=norm_eps, residual_fp32=residual_fp32)
         if isinstance(remat, bool):  # configs that only switch it on or off
             remat = "full" if remat else "none"
         if remat not in REMAT_POLICIES:
@@ -255,7 +297,8 @@ class BlockStack(nnx.Module):
         unit = parse_pattern(pattern)
         routed = route_mixer_options(unit, mixer_options)
         options = dict(d_model=d_model, mixer_options=routed, mlp_ratio=mlp_ratio, norm=norm,
-                       dtype=dtype)
+                       dtype=dtype, mlp_hidden=mlp_hidden, mlp_activation=mlp_activation,
+                       norm_eps=norm_eps, residual_fp32=residual_fp32)
         memory_layers, mlp_options = self._memory_options(d_model, num_layers, mlp, mlp_options,
                                                           scan_layers, rngs)
         if memory_layers is None:  # every layer the same kind: the scan can stack them
@@ -376,6 +419,22 @@ def _check_sizes(owner: str, **sizes: int) -> None:
                          + ", ".join(f"{k}={v!r}" for k, v in sizes.items()))
 
 
+def _check_scalars(owner: str, **values) -> None:
+    bad = {k: v for k, v in values.items() if v is not None and (
+        isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0)}
+    if bad:
+        raise ValueError(f"{owner}: " + ", ".join(f"{k} must be a float > 0 or None, got {v!r}"
+                                                  for k, v in bad.items()))
+
+
+def _embed_tokens(table, tokens, dtype, scale: float | None, residual_fp32: bool):
+    x = jnp.take(table, tokens, axis=0).astype(dtype)
+    if scale is not None:
+        # In the compute dtype, as Gemma rounds its normaliser to the activations' dtype.
+        x = x * jnp.asarray(scale, dtype)
+    return x.astype(jnp.float32) if residual_fp32 else x
+
+
 def _embedding(vocab_size: int, d_model: int, rngs: nnx.Rngs) -> nnx.Param:
     # d_model^-0.5 keeps tied-head logits O(1) at initialisation.
     return layers.param(
@@ -405,12 +464,21 @@ class CausalLM(nnx.Module):
                  norm: str = "rmsnorm", tie_embeddings: bool = True, scan_layers: bool = False,
                  remat: str = "none", dtype=jnp.float32, mlp: str = "dense",
                  mlp_options: dict[str, Any] | None = None, max_positions: int = 0,
+                 mlp_hidden: int | None = None, mlp_activation: str = "silu",
+                 norm_eps: float | None = None, residual_fp32: bool = False,
+                 embed_scale: float | None = None, logit_softcap: float | None = None,
                  rngs: nnx.Rngs):
         _check_sizes("CausalLM", vocab_size=vocab_size, d_model=d_model, num_layers=num_layers)
         if not isinstance(max_positions, int) or max_positions < 0:
             raise ValueError(f"CausalLM: max_positions must be an int >= 0 (0: no learned "
                              f"positions), got {max_positions!r}")
+        check_block_options("CausalLM", mlp_hidden=mlp_hidden, mlp_activation=mlp_activation,
+                            norm_eps=norm_eps, residual_fp32=residual_fp32)
+        _check_scalars("CausalLM", embed_scale=embed_scale, logit_softcap=logit_softcap)
         self.vocab_size, self.dtype, self.max_positions = vocab_size, dtype, max_positions
+        self.embed_scale = None if embed_scale is None else float(embed_scale)
+        self.logit_softcap = None if logit_softcap is None else float(logit_softcap)
+        self.residual_fp32 = residual_fp32
         self.embed = _embedding(vocab_size, d_model, rngs)
         self.positions = None if not max_positions else layers.param(
             jax.random.normal(rngs.params(), (max_positions, d_model), jnp.float32)
@@ -418,16 +486,24 @@ class CausalLM(nnx.Module):
         self.stack = BlockStack(d_model, num_layers, mixer, mixer_options=mixer_options,
                                 mlp_ratio=mlp_ratio, norm=norm, scan_layers=scan_layers,
                                 remat=remat, dtype=dtype, mlp=mlp, mlp_options=mlp_options,
-                                rngs=rngs)
-        self.final_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs)
+                                mlp_hidden=mlp_hidden, mlp_activation=mlp_activation,
+                                norm_eps=norm_eps, residual_fp32=residual_fp32, rngs=rngs)
+        self.final_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs, epsilon=norm_eps)
         self.head = None if tie_embeddings else layers.Linear(
             d_model, vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dtype, rngs=rngs)
 
     def _embed(self, tokens, positions=None):
-        x = jnp.take(self.embed[...], tokens, axis=0)
+        if self.embed_scale is None and not self.residual_fp32:
+            x = jnp.take(self.embed[...], tokens, axis=0)
+            if self.positions is not None:
+                x = x + jnp.take(self.positions[...], positions, axis=0, mode="clip")
+            return x.astype(self.dtype)
+        x = _embed_tokens(self.embed[...], tokens, self.dtype, self.embed_scale,
+                          self.residual_fp32)
         if self.positions is not None:
-            x = x + jnp.take(self.positions[...], positions, axis=0, mode="clip")
-        return x.astype(self.dtype)
+            x = x + jnp.take(self.positions[...], positions, axis=0,
+                             mode="clip").astype(x.dtype)
+        return x
 
     def _check_length(self, owner: str, length: int, offset: int = 0) -> None:
         if self.positions is not None and offset + length > self.max_positions:
@@ -441,9 +517,14 @@ class CausalLM(nnx.Module):
         """The vocabulary projection: final hidden states [..., d_model] (after the final norm,
         as `features` returns them) -> float32 logits [..., vocab]."""
         if self.head is None:
-            return jnp.einsum("...d,vd->...v", h,
-                              self.embed[...].astype(self.dtype)).astype(jnp.float32)
-        return self.head(h).astype(jnp.float32)
+            logits = jnp.einsum("...d,vd->...v", h,
+                                self.embed[...].astype(self.dtype)).astype(jnp.float32)
+        else:
+            logits = self.head(h).astype(jnp.float32)
+        if self.logit_softcap is not None:
+            c = self.logit_softcap
+            logits = c * jnp.tanh(logits / c)
+        return logits
 
     def __call__(self, tokens, *, segment_ids=None):
         """`segment_ids` [batch, time] int marks packed documents: every mixer keeps them apart
@@ -519,19 +600,28 @@ class SequenceClassifier(nnx.Module):
                  mixer_options: dict[str, Any] | None = None, mlp_ratio: int = 2,
                  norm: str = "rmsnorm", scan_layers: bool = False, remat: str = "none",
                  dtype=jnp.float32, mlp: str = "dense", mlp_options: dict[str, Any] | None = None,
-                 rngs: nnx.Rngs):
+                 mlp_hidden: int | None = None, mlp_activation: str = "silu",
+                 norm_eps: float | None = None, residual_fp32: bool = False,
+                 embed_scale: float | None = None, rngs: nnx.Rngs):
+        check_block_options("SequenceClassifier", mlp_hidden=mlp_hidden,
+                            mlp_activation=mlp_activation, norm_eps=norm_eps,
+                            residual_fp32=residual_fp32)
+        _check_scalars("SequenceClassifier", embed_scale=embed_scale)
         _check_sizes("SequenceClassifier", vocab_size=vocab_size, num_classes=num_classes,
                      d_model=d_model, num_layers=num_layers)
         if pooling not in POOLINGS:
             raise ValueError(f"SequenceClassifier: pooling must be one of {POOLINGS}, "
                              f"got {pooling!r}")
         self.pooling, self.dtype = pooling, dtype
+        self.embed_scale = None if embed_scale is None else float(embed_scale)
+        self.residual_fp32 = residual_fp32
         self.embed = _embedding(vocab_size, d_model, rngs)
         self.stack = BlockStack(d_model, num_layers, mixer, mixer_options=mixer_options,
                                 mlp_ratio=mlp_ratio, norm=norm, scan_layers=scan_layers,
                                 remat=remat, dtype=dtype, mlp=mlp, mlp_options=mlp_options,
-                                rngs=rngs)
-        self.final_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs)
+                                mlp_hidden=mlp_hidden, mlp_activation=mlp_activation,
+                                norm_eps=norm_eps, residual_fp32=residual_fp32, rngs=rngs)
+        self.final_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs, epsilon=norm_eps)
         self.head = layers.Linear(d_model, num_classes, axes=("embed", "classes"), dtype=dtype,
                                   rngs=rngs)
 
@@ -543,7 +633,8 @@ class SequenceClassifier(nnx.Module):
                              f"{tuple(tokens.shape)}, got {tuple(getattr(mask, 'shape', ()))}")
         if segment_ids is not None:
             check_segment_ids("SequenceClassifier", segment_ids, tokens.shape)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        x = _embed_tokens(self.embed[...], tokens, self.dtype, self.embed_scale,
+                          self.residual_fp32)
         x = self.final_norm(self.stack(x, segment_ids=segment_ids)).astype(jnp.float32)
         T = tokens.shape[1]
         m = jnp.ones(tokens.shape, bool) if mask is None else mask.astype(bool)
@@ -554,3 +645,42 @@ class SequenceClassifier(nnx.Module):
             last = jnp.max(jnp.where(m, jnp.arange(T)[None], 0), axis=1)
             pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
         return self.head(pooled.astype(self.dtype)).astype(jnp.float32)
+
+
+GRIFFIN_PATTERN = "rglru,rglru,attention"
+
+
+def griffin_options(*, d_model: int, num_heads: int, window: int = 2049,
+                    mlp_hidden: int | None = None, lru_width: int | None = None,
+                    pattern: str = GRIFFIN_PATTERN, logit_softcap: float | None = 30.0,
+                    embed_scale: float | None = None) -> dict[str, Any]:
+    """CausalLM keywords for Griffin (De et al., 2024; recurrentgemma): two "rglru" blocks then
+    one local-attention block, repeated; multi-query attention (one key/value head) over a
+    `window` of tokens (itself included; recurrentgemma's attention_window_size + 1) with RoPE
+    on half of each head and a biased output projection; a GeGLU MLP of width `mlp_hidden`
+    (default 3 * d_model); RMSNorm eps 1e-6; input embeddings times sqrt(d_model) (or
+    `embed_scale`); logits soft-capped at 30; a tied head. `num_heads` is shared by the
+    attention and the RG-LRU's block-diagonal gates, as in recurrentgemma."""
+    return dict(
+        d_model=d_model, mixer=pattern, tie_embeddings=True, norm="rmsnorm", norm_eps=1e-6,
+        mixer_options={
+            "rglru": {"num_heads": num_heads, "lru_width": lru_width},
+            "attention": {"num_heads": num_heads, "num_kv_heads": 1,
+                          "head_dim": d_model // num_heads, "window": window,
+                          "rope_fraction": 0.5, "out_bias": True}},
+        mlp_hidden=3 * d_model if mlp_hidden is None else mlp_hidden,
+        mlp_activation="gelu_tanh",
+        embed_scale=math.sqrt(d_model) if embed_scale is None else embed_scale,
+        logit_softcap=logit_softcap)
+
+
+def griffin(*, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
+            rngs: nnx.Rngs, window: int = 2049, mlp_hidden: int | None = None,
+            lru_width: int | None = None, logit_softcap: float | None = 30.0,
+            pattern: str = GRIFFIN_PATTERN, **options) -> CausalLM:
+    """A Griffin CausalLM (`griffin_options`); `options` go to CausalLM (dtype, scan_layers,
+    remat, ...)."""
+    return CausalLM(vocab_size=vocab_size, num_layers=num_layers, rngs=rngs,
+                    **griffin_options(d_model=d_model, num_heads=num_heads, window=window,
+                                      mlp_hidden=mlp_hidden, lru_width=lru_width,
+                                      pattern=pattern, logit_softcap=logit_softcap), **options)

@@ -98,13 +98,19 @@ def build_model(config: TrainConfig, vocab_size: int, rngs: nnx.Rngs,
                                   mixer_options=dict(m.mixer_options), mlp_ratio=m.mlp_ratio,
                                   scan_layers=m.scan_layers, remat=m.remat,
                                   dtype=jnp.dtype(m.dtype), mlp=m.mlp,
-                                  mlp_options=dict(m.mlp_options), rngs=rngs)
+                                  mlp_options=dict(m.mlp_options), mlp_hidden=m.mlp_hidden,
+                                  mlp_activation=m.mlp_activation, norm_eps=m.norm_eps,
+                                  residual_fp32=m.residual_fp32, embed_scale=m.embed_scale,
+                                  rngs=rngs)
     if num_classes:
         if m.max_positions:
             raise ConfigError("config key 'model.max_positions': learned positions are for "
                               "next-token tasks (CausalLM); this task has classes")
+        if m.logit_softcap is not None:
+            raise ConfigError("config key 'model.logit_softcap': a soft cap on vocabulary "
+                              "logits is for next-token tasks (CausalLM); this task has classes")
         return SequenceClassifier(num_classes=num_classes, pooling=m.pooling, **kwargs)
-    return CausalLM(max_positions=m.max_positions, **kwargs)
+    return CausalLM(max_positions=m.max_positions, logit_softcap=m.logit_softcap, **kwargs)
 
 
 def _opt_shardings(abstract_opt, abstract_params, param_shardings, mesh: Mesh):

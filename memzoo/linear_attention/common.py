@@ -124,6 +124,8 @@ class LinearMemory(nnx.Module):
       output_norm               per-head "none" | "rmsnorm" | "layernorm" (group norm) on o
       output_gate               o * swish(x W_g) before the output projection
       rotary                    rotary positions on q, k (memzoo.attention.rope)
+      norm_eps                  epsilon of the output norm (1e-6; checkpoints from elsewhere
+                                may carry another, e.g. fla's norm_eps)
       chunk_size, implementation  passed to the op
     """
 
@@ -133,8 +135,11 @@ class LinearMemory(nnx.Module):
                  head_dim: int | None, value_dim: int | None, qk_norm: str, feature_map: str,
                  conv_size: int, output_norm: str, output_gate: bool, rotary: bool,
                  rope_base: float = 10_000.0, chunk_size: int | None = None,
-                 implementation: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+                 implementation: str = "auto", norm_eps: float = 1e-6, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         owner = type(self).__name__
+        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or norm_eps <= 0:
+            raise ValueError(f"{owner}: `norm_eps` must be a number > 0, got {norm_eps!r}")
         check_positive_int(owner, "d_model", d_model)
         check_positive_int(owner, "num_heads", num_heads)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -186,7 +191,7 @@ class LinearMemory(nnx.Module):
             self.k_norm = layers.RMSNorm(K, dtype=dtype)
         else:
             self.q_norm = self.k_norm = None
-        self.o_norm = (layers.norm(output_norm, V, dtype=dtype, rngs=rngs)
+        self.o_norm = (layers.norm(output_norm, V, dtype=dtype, rngs=rngs, epsilon=norm_eps)
                        if output_norm != "none" else None)
 
     # ---- sizes -------------------------------------------------------------------------------

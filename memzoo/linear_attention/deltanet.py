@@ -54,12 +54,14 @@ class DeltaNet(LinearMemory):
                  head_dim: int | None = None, value_dim: int | None = None,
                  qk_norm: str = "l2", conv_size: int = 4, output_norm: str = "rmsnorm",
                  output_gate: bool = False, chunk_size: int | None = None,
-                 implementation: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+                 implementation: str = "auto", norm_eps: float = 1e-6, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         super().__init__(d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
                          head_dim=head_dim, value_dim=value_dim, qk_norm=qk_norm,
                          feature_map="identity", conv_size=conv_size, output_norm=output_norm,
                          output_gate=output_gate, rotary=False, chunk_size=chunk_size,
-                         implementation=implementation, dtype=dtype, rngs=rngs)
+                         implementation=implementation, norm_eps=norm_eps, dtype=dtype,
+                         rngs=rngs)
         self.beta_proj = layers.Linear(d_model, self.num_kv_heads, axes=("embed", "kv_heads"),
                                        use_bias=False, rngs=rngs)
 
@@ -84,12 +86,13 @@ class GatedDeltaNet(DeltaNet):
                  head_dim: int | None = None, value_dim: int | None = None,
                  qk_norm: str = "l2", conv_size: int = 4, output_norm: str = "rmsnorm",
                  output_gate: bool = True, chunk_size: int | None = None,
-                 implementation: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+                 implementation: str = "auto", norm_eps: float = 1e-6, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         super().__init__(d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
                          head_dim=head_dim, value_dim=value_dim, qk_norm=qk_norm,
                          conv_size=conv_size, output_norm=output_norm, output_gate=output_gate,
-                         chunk_size=chunk_size, implementation=implementation, dtype=dtype,
-                         rngs=rngs)
+                         chunk_size=chunk_size, implementation=implementation,
+                         norm_eps=norm_eps, dtype=dtype, rngs=rngs)
         self.log_A, self.decay_proj = mamba2_decay(rngs, d_model, (self.num_kv_heads,),
                                                    ("kv_heads",))
 

@@ -39,13 +39,13 @@ class RetNet(LinearMemory):
                  qk_norm: str = "none", conv_size: int = 0, output_norm: str = "layernorm",
                  output_gate: bool = True, rotary: bool = True, rope_base: float = 10_000.0,
                  chunk_size: int | None = None, implementation: str = "auto",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 norm_eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
                          head_dim=head_dim, value_dim=value_dim, qk_norm=qk_norm,
                          feature_map="identity", conv_size=conv_size, output_norm=output_norm,
                          output_gate=output_gate, rotary=rotary, rope_base=rope_base,
-                         chunk_size=chunk_size, implementation=implementation, dtype=dtype,
-                         rngs=rngs)
+                         chunk_size=chunk_size, implementation=implementation,
+                         norm_eps=norm_eps, dtype=dtype, rngs=rngs)
 
     def _gates(self, x):
         b, T, _ = x.shape

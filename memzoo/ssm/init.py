@@ -51,3 +51,29 @@ def mamba2_log_decay(logits, A_log):
     include the dt bias)."""
     return -jnp.broadcast_to(jnp.exp(A_log), logits.shape) * jax.nn.softplus(
         logits.astype(jnp.float32))
+
+
+RGLRU_A_RANGE = (0.9, 0.999)  # Griffin's range for the RG-LRU's decay at a fully open gate
+RGLRU_A_INITS = ("paper", "recurrentgemma")
+
+
+def rglru_lambda_init(key, shape, *, c: float = 8.0,
+                      a_range: tuple[float, float] = RGLRU_A_RANGE,
+                      kind: str = "paper") -> jax.Array:
+    """Lambda for the RG-LRU's log a_t = -c softplus(Lambda) r_t, float32.
+
+    "paper" (De et al. 2024, section 2.4): a^c = exp(-c softplus(Lambda)), the decay per step at
+    r_t = 1, uniform in `a_range`. "recurrentgemma" (its code, rnn_real_param_init): the base
+    exp(-softplus(Lambda)) in `a_range` with its square uniform (uniform on the ring), so the
+    decay at r_t = 1 is that base to the power c, much shorter memories (0.43 .. 0.992 for
+    c = 8) than the paper's text.
+    """
+    lo, hi = a_range
+    u = jax.random.uniform(key, shape, jnp.float32)
+    if kind == "paper":
+        minus_log_base = -jnp.log(lo + (hi - lo) * u) / c
+    elif kind == "recurrentgemma":
+        minus_log_base = -0.5 * jnp.log(lo ** 2 + (hi ** 2 - lo ** 2) * u)
+    else:
+        raise ValueError(f"rglru_lambda_init: kind must be one of {RGLRU_A_INITS}, got {kind!r}")
+    return inverse_softplus(minus_log_base)

@@ -23,6 +23,7 @@ MIXER_OPTIONS: dict[str, dict] = {
     "moneta": dict(num_heads=2, chunk_size=4),
     "neural_memory": dict(num_heads=2, chunk_size=4),
     "retnet": dict(num_heads=2, chunk_size=CHUNK),
+    "rglru": dict(num_heads=2),
     "s4d": dict(state_size=8),
     "s5": dict(state_size=8),
     "titans_mac": dict(num_heads=2, segment_len=8, num_persistent=2),

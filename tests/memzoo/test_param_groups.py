@@ -33,6 +33,9 @@ DYNAMICS: dict[str, set[str]] = {
     "s5": {"core/log_step", "core/log_neg_lambda_real", "core/lambda_imag"},
     "mamba": {"A_log", "dt_bias"},
     "mamba2": {"A_log", "dt_bias"},
+    # Griffin's RG-LRU: Lambda (log a = -c softplus(Lambda) r) and the gate biases, which set
+    # where the recurrence and input gates sit at initialisation.
+    "rglru": {"a_param", "a_gate/bias", "input_gate/bias"},
     "neural_memory": {"gate_proj/bias"},
     "moneta": {"gate_proj/bias"},
     "yaad": {"gate_proj/bias"},
