@@ -211,6 +211,24 @@ def zero(owner, attr: str) -> None:
         var[...] = np.zeros(var.shape, np.float32)
 
 
+def gated_mlps(model):
+    """(up, down) of every block's gated MLP: memzoo's MLP has biases that mamba-ssm's and fla's
+    GatedMLP lack."""
+    for block in model.stack.layers:
+        if block.mlp is not None:
+            yield block.mlp.up.proj, block.mlp.down
+
+
+def zero_mlp_biases(model) -> None:
+    for up, down in gated_mlps(model):
+        zero(up, "bias"), zero(down, "bias")
+
+
+def require_zero_mlp_biases(model, what: str) -> None:
+    for up, down in gated_mlps(model):
+        require_zero(up, "bias", what), require_zero(down, "bias", what)
+
+
 # ---- the public entry points -----------------------------------------------------------------
 
 def detect_format(config: dict, source: str = "config.json") -> str:

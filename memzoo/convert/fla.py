@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from memzoo.convert import (SAFETENSORS_NAME, ConversionError, Tensor, assign, extract, linear,
-                            require_zero, zero)
+                            require_zero_mlp_biases, zero_mlp_biases)
 
 WEIGHTS_NAME = SAFETENSORS_NAME
 # Fields of fla's configs that only steer kernels, training or generation, not the function.
@@ -56,6 +56,11 @@ def _proj(key, owner, attr):
     if len(shape) == 3 and attr == "wo":
         return Tensor(key, owner, attr, lambda w: heads_out(w, shape), heads_out_back)
     return Tensor(key, owner, attr, lambda w: heads_in(w, shape), heads_in_back)
+
+
+def _qkvo(p: str, m) -> list[Tensor]:
+    """The four attention-style projections every fla linear-attention layer has."""
+    return [_proj(p + f"{n}_proj.weight", m, f"w{n}") for n in "qkvo"]
 
 
 def _short_convs(keys, m):
@@ -110,8 +115,7 @@ GATED_DELTANET_FIELDS = {"expand_v", "use_gate", "use_short_conv", "allow_neg_ei
 
 
 def gated_deltanet_rows(p: str, m, c: dict) -> list[Tensor]:
-    rows = [_proj(p + "q_proj.weight", m, "wq"), _proj(p + "k_proj.weight", m, "wk"),
-            _proj(p + "v_proj.weight", m, "wv"), _proj(p + "o_proj.weight", m, "wo"),
+    rows = [*_qkvo(p, m),
             _short_convs([p + f"{n}_conv1d.weight" for n in "qkv"], m),
             Tensor(p + "b_proj.weight", m.beta_proj, "kernel", linear, linear),
             Tensor(p + "a_proj.weight", m.decay_proj, "kernel", linear, linear),
@@ -165,8 +169,7 @@ def _fused_norm_gate(m, c: dict) -> bool:
 
 
 def gla_rows(p: str, m, c: dict) -> list[Tensor]:
-    rows = [_proj(p + "q_proj.weight", m, "wq"), _proj(p + "k_proj.weight", m, "wk"),
-            _proj(p + "v_proj.weight", m, "wv"), _proj(p + "o_proj.weight", m, "wo"),
+    rows = [*_qkvo(p, m),
             Tensor(p + "gk_proj.0.weight", m, "gate_down", linear, linear),
             _proj(p + "gk_proj.1.weight", m, "gate_up"),
             Tensor(p + "gk_proj.1.bias", m, "gate_bias",
@@ -202,8 +205,7 @@ DELTANET_FIELDS = {"expand_k", "expand_v", "use_gate", "use_short_conv", "allow_
 
 
 def deltanet_rows(p: str, m, c: dict) -> list[Tensor]:
-    rows = [_proj(p + "q_proj.weight", m, "wq"), _proj(p + "k_proj.weight", m, "wk"),
-            _proj(p + "v_proj.weight", m, "wv"), _proj(p + "o_proj.weight", m, "wo"),
+    rows = [*_qkvo(p, m),
             _short_convs([p + f"{n}_conv1d.weight" for n in "qkv"], m),
             Tensor(p + "b_proj.weight", m.beta_proj, "kernel", linear, linear),
             Tensor(p + "o_norm.weight", m.o_norm, "scale")]
@@ -235,8 +237,7 @@ RETNET_FIELDS = {"expand_k", "expand_v", "num_heads", "num_kv_heads", "feature_m
 
 
 def retnet_rows(p: str, m, c: dict) -> list[Tensor]:
-    rows = [_proj(p + "q_proj.weight", m, "wq"), _proj(p + "k_proj.weight", m, "wk"),
-            _proj(p + "v_proj.weight", m, "wv"), _proj(p + "o_proj.weight", m, "wo")]
+    rows = [*_qkvo(p, m)]
     if m.wg is not None:
         rows.append(_proj(p + "g_proj.weight", m, "wg"))
     fused = _fused_norm_gate(m, c)
@@ -278,8 +279,7 @@ LINEAR_ATTN_FIELDS = {"expand_k", "expand_v", "num_heads", "num_kv_heads", "feat
 
 
 def linear_attn_rows(p: str, m, c: dict) -> list[Tensor]:
-    return [_proj(p + "q_proj.weight", m, "wq"), _proj(p + "k_proj.weight", m, "wk"),
-            _proj(p + "v_proj.weight", m, "wv"), _proj(p + "o_proj.weight", m, "wo"),
+    return [*_qkvo(p, m),
             Tensor(p + "norm.weight", m.o_norm, "scale")]
 
 
@@ -371,11 +371,6 @@ def _rows(model, config: dict) -> list[Tensor]:
     return rows
 
 
-def _mlp_biases(model):
-    for block in model.stack.layers:
-        yield block.mlp.up.proj, block.mlp.down
-
-
 def build(config: dict, tensors: dict, *, source: str = SAFETENSORS_NAME, dtype=None,
           seed: int = 0):
     """A memzoo CausalLM holding an fla checkpoint's weights."""
@@ -387,14 +382,12 @@ def build(config: dict, tensors: dict, *, source: str = SAFETENSORS_NAME, dtype=
     # A tied head may be saved beside the embedding it equals; memzoo keeps the embedding.
     ignore = ("lm_head.weight",) if options["tie_embeddings"] else ()
     assign(_rows(model, config), tensors, source, ignore=ignore)
-    for up, down in _mlp_biases(model):  # fla's GatedMLP has no biases
-        zero(up, "bias"), zero(down, "bias")
+    zero_mlp_biases(model)  # fla's GatedMLP has no biases
     return model
 
 
 def export(model, config: dict) -> dict:
     """The state dict fla's model for `config` saves, from a memzoo CausalLM."""
     model_options(config)  # the same checks as loading
-    for up, down in _mlp_biases(model):
-        require_zero(up, "bias", "fla GatedMLP"), require_zero(down, "bias", "fla GatedMLP")
+    require_zero_mlp_biases(model, "fla GatedMLP")
     return extract(_rows(model, config))

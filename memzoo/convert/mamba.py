@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from memzoo.convert import (TORCH_NAME, ConversionError, Tensor, assign, extract, linear,
-                            require_zero, zero)
+                            require_zero_mlp_biases, zero_mlp_biases)
 
 WEIGHTS_NAME = TORCH_NAME
 # MambaLMHeadModel's defaults for what config.json may leave out.
@@ -156,12 +156,6 @@ def _rows(model, c: dict, mixer: str) -> list[Tensor]:
     return rows
 
 
-def _mlp_biases(model):
-    for block in model.stack.layers:
-        if block.mlp is not None:
-            yield block.mlp.up.proj, block.mlp.down
-
-
 def model_options(config: dict) -> dict:
     """CausalLM keyword arguments for a mamba-ssm config.json."""
     c = _config(config)
@@ -194,8 +188,7 @@ def build(config: dict, tensors: dict, *, source: str = TORCH_NAME, dtype=None, 
     # A tied head is saved under both names; the embedding is the one memzoo keeps.
     ignore = ("lm_head.weight",) if c["tie_embeddings"] else ()
     assign(_rows(model, c, options["mixer"]), tensors, source, ignore=ignore)
-    for up, down in _mlp_biases(model):  # GatedMLP has no biases
-        zero(up, "bias"), zero(down, "bias")
+    zero_mlp_biases(model)  # GatedMLP has no biases
     return model
 
 
@@ -203,9 +196,7 @@ def export(model, config: dict) -> dict:
     """The state dict MambaLMHeadModel(config) saves, from a memzoo CausalLM."""
     c = _config(config)
     mixer = model_options(config)["mixer"]
-    for up, down in _mlp_biases(model):
-        require_zero(up, "bias", "mamba-ssm GatedMLP"), require_zero(down, "bias",
-                                                                     "mamba-ssm GatedMLP")
+    require_zero_mlp_biases(model, "mamba-ssm GatedMLP")
     tensors = extract(_rows(model, c, mixer))
     if c["tie_embeddings"]:
         tensors["lm_head.weight"] = tensors["backbone.embedding.weight"]

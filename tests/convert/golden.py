@@ -10,16 +10,12 @@ import subprocess
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+
+from tests.memzoo.helpers import forward, lm_prefill_then_decode, relative_rmse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PEERS_PYTHON = os.path.join(ROOT, ".peers", "torch", "bin", "python")
 TOL = 1e-4  # relative RMSE of float32 logits
-
-
-def rel_rmse(x, ref) -> float:
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return float(np.sqrt(np.mean((x - ref) ** 2) / np.mean(ref ** 2)))
 
 
 def require_peers():
@@ -40,33 +36,12 @@ def run_reference(script: str, *args) -> None:
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
 
-@nnx.jit
-def _forward(model, tokens):
-    return model(tokens)
-
-
-@nnx.jit
-def _prefill(model, tokens, cache):
-    return model.prefill(tokens, cache)
-
-
-@nnx.jit
-def _decode(model, token, cache):
-    return model.decode_step(token, cache)
-
-
 def check_logits(model, tokens, logits, split: int = 8) -> dict:
     """The converted model against the reference logits [b, t, v]: the parallel form, and a
     prefill of `split` tokens followed by token-by-token decoding from the cache."""
     tokens = jnp.asarray(tokens, jnp.int32)
-    full = rel_rmse(_forward(model, tokens), logits)
-    cache = model.init_cache(tokens.shape[0], tokens.shape[1])
-    first, cache = _prefill(model, tokens[:, :split], cache)
-    steps = [np.asarray(first)]
-    for t in range(split, tokens.shape[1]):
-        l_t, cache = _decode(model, tokens[:, t], cache)
-        steps.append(np.asarray(l_t)[:, None])
-    decoded = rel_rmse(np.concatenate(steps, axis=1), logits)
+    full = relative_rmse(forward(model, tokens), logits)
+    decoded = relative_rmse(lm_prefill_then_decode(model, tokens, split), logits)
     assert full <= TOL, f"parallel logits: relative RMSE {full:.2e} > {TOL}"
     assert decoded <= TOL, f"decoded logits: relative RMSE {decoded:.2e} > {TOL}"
     return dict(full=full, decoded=decoded)
@@ -76,3 +51,20 @@ def assert_same_tensors(a: dict, b: dict) -> None:
     assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))
     for k in a:
         assert a[k].shape == b[k].shape and np.array_equal(a[k], b[k]), k
+
+
+def assert_golden_round_trip(script: str, tmp_path, *args):
+    """The reference script builds and saves its model under tmp_path with its logits; memzoo
+    loads the checkpoint and must give those logits (parallel and decoded), write the same
+    tensors back, and the reference must load what memzoo wrote and give the same logits again.
+    Returns the directory memzoo wrote."""
+    from memzoo.convert import load_checkpoint, read_tensors, save_checkpoint
+    run_reference(script, str(tmp_path), *args)
+    ref = np.load(tmp_path / "reference.npz")
+    model, config = load_checkpoint(str(tmp_path / "checkpoint"))
+    check_logits(model, ref["tokens"], ref["logits"])
+    out = tmp_path / "written"
+    save_checkpoint(model, config, str(out))
+    assert_same_tensors(read_tensors(str(out))[0], read_tensors(str(tmp_path / "checkpoint"))[0])
+    run_reference(script, str(tmp_path), "reload", str(out))
+    return out

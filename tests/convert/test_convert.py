@@ -13,6 +13,7 @@ from memzoo.convert import (ConversionError, load_checkpoint, read_tensors, save
                             torch_zip, write_tensors)
 from memzoo.convert import fla as fla_format
 from memzoo.convert import mamba as mamba_format
+from memzoo.convert import zero_mlp_biases
 from memzoo.convert.__main__ import main as cli
 from memzoo.models import CausalLM
 
@@ -26,9 +27,7 @@ def _checkpoint(path, config, module, seed=1):
     """A checkpoint in `module`'s format from a randomly initialised memzoo model (MLP biases,
     which the references lack, left at zero)."""
     model = CausalLM(**module.model_options(config), rngs=nnx.Rngs(seed))
-    for up, down in module._mlp_biases(model):
-        up.bias[...] = jnp.zeros(up.bias.shape)
-        down.bias[...] = jnp.zeros(down.bias.shape)
+    zero_mlp_biases(model)
     save_checkpoint(model, config, str(path))
     return model
 

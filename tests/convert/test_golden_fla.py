@@ -6,11 +6,9 @@ and compares logits on the same tokens: relative RMSE <= 1e-4 in float32 for the
 and for prefill + token-by-token decoding. The model written back must hold the very tensors it
 was read from, and fla's from_pretrained must load it and give the same logits.
 """
-import numpy as np
 import pytest
 
-from memzoo.convert import load_checkpoint, read_tensors, save_checkpoint
-from tests.convert.golden import assert_same_tensors, check_logits, run_reference
+from tests.convert.golden import assert_golden_round_trip
 
 BASE = dict(hidden_size=64, num_hidden_layers=2, vocab_size=100, fuse_cross_entropy=False)
 CASES = {
@@ -45,12 +43,4 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_fla_checkpoint_matches_reference(case, tmp_path):
     model_type, fields = CASES[case]
-    run_reference("fla_reference.py", str(tmp_path), model_type, fields)
-    ref = np.load(tmp_path / "reference.npz")
-    model, config = load_checkpoint(str(tmp_path / "checkpoint"))
-    check_logits(model, ref["tokens"], ref["logits"])
-
-    out = tmp_path / "written"
-    save_checkpoint(model, config, str(out))
-    assert_same_tensors(read_tensors(str(out))[0], read_tensors(str(tmp_path / "checkpoint"))[0])
-    run_reference("fla_reference.py", str(tmp_path), "reload", str(out))
+    assert_golden_round_trip("fla_reference.py", tmp_path, model_type, fields)

@@ -8,11 +8,9 @@ very tensors it was read from, and mamba-ssm must load it (strict) and give the 
 """
 import os
 
-import numpy as np
 import pytest
 
-from memzoo.convert import load_checkpoint, read_tensors, save_checkpoint
-from tests.convert.golden import assert_same_tensors, check_logits, run_reference
+from tests.convert.golden import assert_golden_round_trip
 
 CASES = {
     # Mamba-2: grouped B/C, a gated MLP, untied head, RMSNorm.
@@ -36,14 +34,5 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_mamba_checkpoint_matches_reference(case, tmp_path):
     ssm_cfg, model_cfg = CASES[case]
-    run_reference("mamba_reference.py", str(tmp_path), ssm_cfg, model_cfg)
-    ref = np.load(tmp_path / "reference.npz")
-    model, config = load_checkpoint(str(tmp_path / "checkpoint"))
-    check_logits(model, ref["tokens"], ref["logits"])
-
-    out = tmp_path / "written"
-    save_checkpoint(model, config, str(out))
+    out = assert_golden_round_trip("mamba_reference.py", tmp_path, ssm_cfg, model_cfg)
     assert sorted(os.listdir(out)) == ["config.json", "pytorch_model.bin"]
-    assert_same_tensors(read_tensors(str(out))[0], read_tensors(str(tmp_path / "checkpoint"))[0])
-    # mamba-ssm reads memzoo's file (strict load_state_dict) and computes the same logits.
-    run_reference("mamba_reference.py", str(tmp_path), "reload", str(out))

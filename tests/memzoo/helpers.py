@@ -18,6 +18,29 @@ def step(mixer, x_t, cache):
     return mixer.step(x_t, cache)
 
 
+@nnx.jit
+def lm_prefill(model, tokens, cache):
+    return model.prefill(tokens, cache)
+
+
+@nnx.jit
+def lm_decode(model, token, cache):
+    return model.decode_step(token, cache)
+
+
+def lm_prefill_then_decode(model, tokens, t1: int):
+    """A CausalLM's logits [b, t, v] from a prefill of tokens[:, :t1] and then one decode step
+    per token, from a cache of room t: what the parallel form must equal."""
+    import jax.numpy as jnp
+    logits, cache = lm_prefill(model, tokens[:, :t1],
+                               model.init_cache(tokens.shape[0], tokens.shape[1]))
+    out = [logits]
+    for t in range(t1, tokens.shape[1]):
+        logits_t, cache = lm_decode(model, tokens[:, t], cache)
+        out.append(logits_t[:, None])
+    return jnp.concatenate(out, axis=1)
+
+
 # ---- packed documents ---------------------------------------------------------------------------
 def segment_ids_of(lengths):
     """[[len, ...] per row] -> [b, t] int32 ids, alternating 1, 2, 1, ... so an id comes back

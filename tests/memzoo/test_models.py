@@ -11,6 +11,9 @@ from flax import nnx
 from memzoo.generate import generate
 from memzoo.models import CausalLM, SequenceClassifier
 from pallas_kernels._testing import assert_close
+from tests.memzoo.helpers import lm_decode as decode
+from tests.memzoo.helpers import lm_prefill as prefill
+from tests.memzoo.helpers import lm_prefill_then_decode
 
 V, D, T, BATCH = 13, 16, 10, 2
 OPTIONS = {"state_size": 4, "attention": {"num_heads": 2}}
@@ -30,16 +33,6 @@ def forward(model, tok):
     return model(tok)
 
 
-@nnx.jit
-def prefill(model, tok, cache):
-    return model.prefill(tok, cache)
-
-
-@nnx.jit
-def decode(model, tok_t, cache):
-    return model.decode_step(tok_t, cache)
-
-
 # "s4d,attention" over 3 layers scans one repeat of the pattern and runs the third layer after.
 DECODE_CASES = [("s4d", 2, False), ("attention", 2, True), ("s4d,attention", 2, False),
                 ("s4d,attention", 3, True)]
@@ -51,13 +44,8 @@ def test_prefill_then_decode_equals_forward(mixer, num_layers, scan):
     model, tok = lm(mixer, num_layers, scan_layers=scan), tokens()
     full = forward(model, tok)
     assert full.shape == (BATCH, T, V) and full.dtype == jnp.float32
-    t1 = 6
-    logits, cache = prefill(model, tok[:, :t1], model.init_cache(BATCH, T))
-    out = [logits]
-    for t in range(t1, T):
-        logits_t, cache = decode(model, tok[:, t], cache)
-        out.append(logits_t[:, None])
-    assert_close(jnp.concatenate(out, axis=1), full, 1e-5, "prefill then decode vs forward")
+    assert_close(lm_prefill_then_decode(model, tok, 6), full, 1e-5,
+                 "prefill then decode vs forward")
 
 
 def _copy_scanned_into_unrolled(scanned, unrolled):

@@ -11,6 +11,7 @@ from flax import nnx
 
 from memzoo.models import CausalLM, SequenceClassifier
 from pallas_kernels._testing import assert_close
+from tests.memzoo.helpers import lm_prefill_then_decode
 
 V, D, T, BATCH = 13, 16, 9, 2
 OPTIONS = {"state_size": 4, "attention": {"num_heads": 2}}
@@ -140,16 +141,6 @@ def test_logit_softcap_bounds_the_logits():
     assert_close(capped.project(h), logits, 1e-7, "project applies the cap")
 
 
-@nnx.jit
-def _prefill(model, tok, cache):
-    return model.prefill(tok, cache)
-
-
-@nnx.jit
-def _decode(model, tok_t, cache):
-    return model.decode_step(tok_t, cache)
-
-
 @pytest.mark.parametrize("scan", [False, True])
 def test_every_option_on_decode_equals_forward(scan):
     model = lm(num_layers=3, scan_layers=scan, mlp_hidden=20, mlp_activation="gelu_tanh",
@@ -157,12 +148,8 @@ def test_every_option_on_decode_equals_forward(scan):
                max_positions=16)
     tok = tokens()
     full = nnx.jit(lambda m, t: m(t))(model, tok)
-    logits, cache = _prefill(model, tok[:, :5], model.init_cache(BATCH, T))
-    out = [logits]
-    for t in range(5, T):
-        logits_t, cache = _decode(model, tok[:, t], cache)
-        out.append(logits_t[:, None])
-    assert_close(jnp.concatenate(out, axis=1), full, 1e-5, "prefill then decode vs forward")
+    assert_close(lm_prefill_then_decode(model, tok, 5), full, 1e-5,
+                 "prefill then decode vs forward")
 
 
 def test_classifier_takes_the_block_options():
@@ -212,9 +199,5 @@ def test_residual_fp32_scans_and_decodes_under_bfloat16():
     tok = tokens()
     full = nnx.jit(lambda m, t: m(t))(model, tok)
     assert_close(full, reference(tok), 2e-2, "bf16 compute, f32 residual vs float32")
-    logits, cache = _prefill(model, tok[:, :5], model.init_cache(BATCH, T))
-    out = [logits]
-    for t in range(5, T):
-        logits_t, cache = _decode(model, tok[:, t], cache)
-        out.append(logits_t[:, None])
-    assert_close(jnp.concatenate(out, axis=1), full, 2e-2, "prefill then decode vs forward")
+    assert_close(lm_prefill_then_decode(model, tok, 5), full, 2e-2,
+                 "prefill then decode vs forward")

@@ -408,7 +408,7 @@ def test_titans_local_attention_equals_the_dense_mask(span, T):
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     want = np.einsum("bhts,bshd->bthd", p, v)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_titans_parallel_attention_holds_no_square_scores():
