@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -278,6 +280,51 @@ lm = CausalLM(vocab_size=VOCAB, d_model=D_MODEL, num_layers=2, mixer="s4d,attent
 print("parameters:", sum(p.size for p in jax.tree.leaves(nnx.state(lm, nnx.Param))))
 out = generate(lm, tokens[:, :4], num_tokens=8)
 print("8 tokens generated after a 4-token prompt (untrained, so noise):\n", np.asarray(out))
+
+# %% [markdown]
+# ## 7. Load a reference implementation's weights
+#
+# `memzoo.convert` builds a `CausalLM` from the checkpoints of mamba-ssm, flash-linear-attention
+# and recurrentgemma (README, "Load a checkpoint"; `python -m memzoo.convert DIR` on the command
+# line). Here recurrentgemma's own Griffin (JAX) is built in the notebook with random weights,
+# converted, and the two models' logits compared. The next cell installs recurrentgemma on colab;
+# elsewhere the comparison runs where it is importable.
+
+# %%
+import sys
+
+if importlib.util.find_spec("recurrentgemma") is None and "google.colab" in sys.modules:
+    # %pip install -q "recurrentgemma[jax]"
+    pass
+
+# %%
+from memzoo.convert.recurrentgemma import flatten, from_recurrentgemma, to_recurrentgemma
+
+if importlib.util.find_spec("recurrentgemma") is not None:
+    import recurrentgemma.jax as rg
+    from recurrentgemma import common
+
+    rg_config = common.GriffinConfig(
+        vocab_size=VOCAB, width=32, mlp_expanded_width=64, num_heads=4,
+        block_types=(common.TemporalBlockType.RECURRENT, common.TemporalBlockType.RECURRENT,
+                     common.TemporalBlockType.ATTENTION),
+        embeddings_scale_by_sqrt_dim=True, attention_window_size=8, logits_soft_cap=30.0)
+    reference = rg.Griffin(rg_config)
+    positions = jnp.broadcast_to(jnp.arange(LENGTH), tokens.shape)
+    rg_params = reference.init(jax.random.key(2), tokens, positions)
+    rg_logits, _ = reference.apply(rg_params, tokens, positions, return_cache=False)
+
+    griffin_lm = from_recurrentgemma(rg_params, rg_config)   # a memzoo CausalLM
+    ours = griffin_lm(tokens)
+    rmse = float(jnp.linalg.norm(ours - rg_logits) / jnp.linalg.norm(rg_logits))
+    print(f"memzoo's Griffin vs recurrentgemma's: logits relative RMSE {rmse:.1e}")
+    # ...and back to recurrentgemma's parameter tree, array for array.
+    back, original = flatten(to_recurrentgemma(griffin_lm, rg_config)), flatten(rg_params)
+    same = back.keys() == original.keys() and all(
+        np.array_equal(back[k], original[k]) for k in original)
+    print("round trip exact:", same)
+else:
+    print("recurrentgemma is not installed here: `pip install 'recurrentgemma[jax]'` to compare")
 
 # %% [markdown]
 # Next: `02_mqar_frontier` trains these memories on associative recall and plots what their state

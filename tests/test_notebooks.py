@@ -72,3 +72,35 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     # Every code cell ran, in order.
     counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
     assert counts == list(range(1, len(counts) + 1))
+
+
+def test_quickstart_reference_cells_match_recurrentgemma(tmp_path):
+    """The quickstart's "Load a reference implementation's weights" cells against recurrentgemma
+    itself: the notebook kernel above has no recurrentgemma, so its cells run here in the peers'
+    JAX environment (.peers/jax, where recurrentgemma is installed), the checkout on the path."""
+    import re
+    import subprocess
+
+    from tests.memzoo.helpers import peers_missing
+    python = ROOT / ".peers" / "jax" / "bin" / "python"
+    if not python.exists():
+        peers_missing(f"{python} missing (bash ../shared/peers/setup.sh .peers builds it)")
+    cells = jupytext.read(ROOT / "notebooks" / "01_quickstart.py").cells
+    start = next(i for i, c in enumerate(cells) if "## 7. Load a reference" in c.source)
+    # IPython magics (the colab-only %pip) are not Python: commented out, as jupytext stores them.
+    code = [re.sub(r"(?m)^(\s*)%", r"\1# %", c.source) for c in cells[start:]
+            if c.cell_type == "code"]
+    # The notebook's own definitions the section uses, at the quick sizes.
+    script = "\n".join(["import importlib.util", "import jax, jax.numpy as jnp, numpy as np",
+                        "BATCH, LENGTH, VOCAB = 2, 16, 32",
+                        "tokens = jax.random.randint(jax.random.key(1), (BATCH, LENGTH), 0, VOCAB)",
+                        *code])
+    (tmp_path / "cells.py").write_text(script)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([str(python), str(tmp_path / "cells.py")], capture_output=True,
+                          text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rmse = re.search(r"logits relative RMSE (\S+)", proc.stdout)
+    assert rmse and float(rmse.group(1)) <= 1e-4, proc.stdout
+    assert "round trip exact: True" in proc.stdout, proc.stdout

@@ -9,9 +9,8 @@ import subprocess
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-from tests.memzoo.helpers import forward, lm_prefill_then_decode, relative_rmse
+from tests.memzoo.helpers import forward, lm_prefill_then_decode, peers_missing, relative_rmse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PEERS_PYTHON = os.path.join(ROOT, ".peers", "torch", "bin", "python")
@@ -20,7 +19,7 @@ TOL = 1e-4  # relative RMSE of float32 logits
 
 def require_peers():
     if not os.path.isfile(PEERS_PYTHON):
-        pytest.skip(f"the reference implementations are not built ({PEERS_PYTHON} missing); "
+        peers_missing(f"the reference implementations are not built ({PEERS_PYTHON} missing); "
                     f"build them with: bash ../shared/peers/setup.sh .peers")
 
 

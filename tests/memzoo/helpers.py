@@ -1,6 +1,18 @@
 """Jitted entry points for tests: one XLA compile per module and shape costs far less CPU than
-eager op-by-op dispatch, which on the shared 2-core machine dominated the suite's time."""
+eager op-by-op dispatch, which on the shared 2-core machine dominated the suite's time.
+Also the one rule for tests that need the reference implementations (.peers)."""
+import os
+
+import pytest
 from flax import nnx
+
+
+def peers_missing(message: str):
+    """Skip a test whose reference implementation is not built, except where the run requires
+    the peers (CI builds them and sets MEMZOO_REQUIRE_PEERS=1): there a missing peer fails."""
+    if os.environ.get("MEMZOO_REQUIRE_PEERS") == "1":
+        pytest.fail(f"MEMZOO_REQUIRE_PEERS=1 but {message}")
+    pytest.skip(message)
 
 
 @nnx.jit

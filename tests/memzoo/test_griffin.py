@@ -19,7 +19,7 @@ from memzoo.convert.recurrentgemma import (embed_scale, flatten, from_recurrentg
                                            model_options, to_recurrentgemma)
 from memzoo.models import griffin
 from pallas_kernels._testing import assert_close, rel_rmse
-from tests.memzoo import test_contract
+from tests.memzoo import helpers, test_contract
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PEER_SCRIPT = os.path.join(ROOT, "tests", "memzoo", "recurrentgemma_peer.py")
@@ -90,7 +90,7 @@ def _run_peer(path):
         peer.main(path)
         return
     if not os.path.exists(PEER_PYTHON):
-        pytest.skip("recurrentgemma is not importable here and there is no .peers/jax venv "
+        helpers.peers_missing("recurrentgemma is not importable here and there is no .peers/jax venv "
                     "(bash ../shared/peers/setup.sh .peers builds it)")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # the test session's 8 host devices are not the peer's business
