@@ -5,8 +5,9 @@
 
 A checkpoint directory holds `config.json` and `model.safetensors` (read with safetensors' numpy
 API) or `pytorch_model.bin` (torch.save's zip, read and written by memzoo.convert.torch_zip with
-numpy alone): converting needs no torch. Tensors are widened to float32 (memzoo's parameters)
-and written back as float32. A format is one module listed in FORMATS with `detect(config) ->
+numpy alone), or shards of either listed by their `*.index.json`: converting needs no torch.
+Tensors are widened to float32 (memzoo's parameters) and written back as float32 (exact) or
+bfloat16. A format is one module listed in FORMATS with `detect(config) ->
 bool`, `build(config, tensors, source=...) -> CausalLM`, `export(model, config) -> tensors` and
 `WEIGHTS_NAME` (the file it writes):
 
@@ -100,45 +101,114 @@ def _read_bfloat16_safetensors(file: str) -> dict[str, np.ndarray]:
     return out
 
 
-def read_tensors(path: str) -> tuple[dict[str, np.ndarray], str]:
-    """(key -> float32 numpy array, the weights file read): model.safetensors if present, else
-    pytorch_model.bin. Half-precision tensors are widened: memzoo keeps float32 parameters."""
-    st, pt = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, TORCH_NAME)
-    if os.path.isfile(st):
+def _read_file(file: str) -> dict[str, np.ndarray]:
+    """One weights file (safetensors or torch.save's zip) -> key -> float32 array."""
+    if file.endswith(".safetensors"):
         try:
             from safetensors.numpy import load_file
         except ImportError:
-            raise ConversionError(f"reading {st} needs the safetensors package "
+            raise ConversionError(f"reading {file} needs the safetensors package "
                                   f"(pip install 'memzoo[convert]')") from None
         try:
-            raw = load_file(st)
+            raw = load_file(file)
         except Exception as e:
             try:  # numpy has no bfloat16, so safetensors.numpy refuses such files
-                raw = _read_bfloat16_safetensors(st)
+                raw = _read_bfloat16_safetensors(file)
             except Exception:
-                raise ConversionError(f"{st}: cannot read ({e})") from None
-        return {k: np.asarray(v, np.float32) for k, v in raw.items()}, st
-    if os.path.isfile(pt):
+                raise ConversionError(f"{file}: cannot read ({e})") from None
+    else:
         try:
-            state = torch_zip.load(pt)
+            raw = torch_zip.load(file)
         except Exception as e:
-            raise ConversionError(f"{pt}: cannot read ({e})") from None
-        return {k: np.asarray(v, np.float32) for k, v in state.items()}, pt
-    raise ConversionError(f"{path}: no weights file ({SAFETENSORS_NAME} or {TORCH_NAME})")
+            raise ConversionError(f"{file}: cannot read ({e})") from None
+    return {k: np.asarray(v, np.float32) for k, v in raw.items()}
 
 
-def write_tensors(tensors: dict[str, np.ndarray], path: str, name: str) -> str:
+def _read_sharded(index_file: str) -> dict[str, np.ndarray]:
+    """A checkpoint split over shards (save_pretrained's `max_shard_size`): the index's
+    weight_map names the shard of every tensor; each shard is read once, and a tensor the
+    index places in a shard that lacks it is an error, not a silent omission."""
+    try:
+        with open(index_file) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConversionError(f"{index_file}: not a shard index with a weight_map ({e!r})") from None
+    folder, out = os.path.dirname(index_file), {}
+    for shard in sorted(set(weight_map.values())):
+        file = os.path.join(folder, shard)
+        if not os.path.isfile(file):
+            raise ConversionError(f"{index_file}: shard {shard!r} is missing")
+        tensors = _read_file(file)
+        wanted = [k for k, v in weight_map.items() if v == shard]
+        absent = [k for k in wanted if k not in tensors]
+        if absent:
+            raise ConversionError(f"{file}: the index places {absent[:8]} here but the shard "
+                                  f"does not hold them")
+        out.update({k: tensors[k] for k in wanted})
+    return out
+
+
+def read_tensors(path: str) -> tuple[dict[str, np.ndarray], str]:
+    """(key -> float32 numpy array, the weights file read): model.safetensors if present, else
+    pytorch_model.bin, else either one's shard index (`*.index.json`, the shards beside it).
+    Half-precision tensors are widened: memzoo keeps float32 parameters."""
+    for name in (SAFETENSORS_NAME, TORCH_NAME):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            return _read_file(file), file
+    for name in (SAFETENSORS_NAME, TORCH_NAME):
+        index = os.path.join(path, name + ".index.json")
+        if os.path.isfile(index):
+            return _read_sharded(index), index
+    raise ConversionError(f"{path}: no weights file ({SAFETENSORS_NAME}, {TORCH_NAME} or their "
+                          f"sharded .index.json)")
+
+
+def _write_bfloat16_safetensors(tensors: dict[str, np.ndarray], file: str) -> None:
+    """The layout _read_bfloat16_safetensors reads: header size, JSON header, raw buffer (the
+    header padded with spaces to 8 bytes, as safetensors writes it)."""
+    import ml_dtypes
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for key in sorted(tensors):
+        raw = np.ascontiguousarray(tensors[key], np.float32).astype(ml_dtypes.bfloat16).tobytes()
+        header[key] = {"dtype": "BF16", "shape": list(tensors[key].shape),
+                       "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(file, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for raw in chunks:
+            f.write(raw)
+
+
+WRITE_DTYPES = ("float32", "bfloat16")
+
+
+def write_tensors(tensors: dict[str, np.ndarray], path: str, name: str,
+                  dtype: str = "float32") -> str:
+    """`dtype="bfloat16"` rounds to nearest even (the size releases ship; safetensors only)."""
+    if dtype not in WRITE_DTYPES:
+        raise ConversionError(f"dtype must be one of {WRITE_DTYPES}, got {dtype!r}")
+    if name not in (SAFETENSORS_NAME, TORCH_NAME):
+        raise ConversionError(f"unknown weights file name {name!r}; use {SAFETENSORS_NAME} or "
+                              f"{TORCH_NAME}")
+    if dtype == "bfloat16" and name != SAFETENSORS_NAME:
+        raise ConversionError(f"dtype='bfloat16' is written as {SAFETENSORS_NAME} only, "
+                              f"not {name!r}")
     os.makedirs(path, exist_ok=True)
     file = os.path.join(path, name)
+    if dtype == "bfloat16":
+        _write_bfloat16_safetensors(tensors, file)
+        return file
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
     if name == SAFETENSORS_NAME:
         from safetensors.numpy import save_file
         save_file(tensors, file, metadata={"format": "pt"})
-    elif name == TORCH_NAME:
-        torch_zip.save(tensors, file)
     else:
-        raise ConversionError(f"unknown weights file name {name!r}; use {SAFETENSORS_NAME} or "
-                              f"{TORCH_NAME}")
+        torch_zip.save(tensors, file)
     return file
 
 
@@ -252,14 +322,15 @@ def load_checkpoint(path: str, *, format: str | None = None, **build_options):
 
 
 def save_checkpoint(model, config: dict, path: str, *, format: str | None = None,
-                    weights_name: str | None = None) -> str:
+                    weights_name: str | None = None, dtype: str = "float32") -> str:
     """Write `model` in the reference format of `config` (as load_checkpoint returned it):
-    config.json and the weights file (the format's usual one unless `weights_name`)."""
+    config.json and the weights file (the format's usual one unless `weights_name`), float32
+    (exact) or `dtype="bfloat16"` (rounded, safetensors)."""
     name = format or detect_format(config)
     module = importlib.import_module(FORMATS[name])
     tensors = module.export(model, config)
     write_config(config, path)
-    return write_tensors(tensors, path, weights_name or module.WEIGHTS_NAME)
+    return write_tensors(tensors, path, weights_name or module.WEIGHTS_NAME, dtype)
 
 
 __all__ = ["ConversionError", "load_checkpoint", "save_checkpoint", "read_tensors",

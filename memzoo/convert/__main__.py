@@ -23,6 +23,8 @@ def main(argv=None) -> int:
                                                         "from config.json)")
     parser.add_argument("--out", default=None, help="write the converted model back here, in "
                                                     "the checkpoint's own format")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the dtype --out writes (bfloat16: model.safetensors, rounded)")
     parser.add_argument("--tokens", default="0,1,2,3", help="comma-separated token ids for the "
                                                             "check forward pass")
     args = parser.parse_args(argv)
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
         print(f"logits at the last of {len(tokens)} tokens: top ids {top.tolist()}, "
               f"values {np.round(logits[top], 4).tolist()}")
         if args.out:
-            file = save_checkpoint(model, config, args.out, format=name)
+            file = save_checkpoint(model, config, args.out, format=name, dtype=args.dtype)
             print(f"wrote {file}")
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
