@@ -54,6 +54,7 @@ class ModelConfig:
     mlp_activation: str = "silu"     # gated MLP activation: silu (SwiGLU), gelu / gelu_tanh (GeGLU)
     norm_eps: float | None = None    # epsilon of every block norm and the final norm
     residual_fp32: bool = False      # residual stream in float32 (mamba-ssm's residual_in_fp32)
+    mlp_bias: bool = True            # biases in the gated MLP (mamba-ssm's / fla's have none)
     embed_scale: float | None = None  # input embeddings times this (Gemma: sqrt(d_model))
     logit_softcap: float | None = None  # logits = c * tanh(logits / c) (CausalLM only)
 
@@ -93,6 +94,7 @@ class ModelConfig:
                                      and value > 0), f"model.{key}", "a number > 0 or None", value)
         _check(isinstance(self.residual_fp32, bool), "model.residual_fp32", "a bool",
                self.residual_fp32)
+        _check(isinstance(self.mlp_bias, bool), "model.mlp_bias", "a bool", self.mlp_bias)
 
 
 @dataclasses.dataclass(frozen=True)

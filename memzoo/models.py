@@ -26,7 +26,8 @@ Mixed precision: `dtype` is the compute dtype of every layer (passed to each mix
 float32 while the norms hand `dtype` to the mixers and MLPs (mamba-ssm's residual_in_fp32).
 
 Options that reference checkpoints need (issue 16's converters), all off by default:
-`mlp_hidden` (the MLP width itself), `mlp_activation` (the gated MLP's activation: "silu"
+`mlp_hidden` (the MLP width itself), `mlp_bias` (False: the gated MLP without biases, as
+mamba-ssm's and fla's GatedMLP), `mlp_activation` (the gated MLP's activation: "silu"
 SwiGLU, "gelu" / "gelu_tanh" Gemma's GeGLU, "gelu_exact"), `norm_eps` (every block norm and
 the final norm), `embed_scale` (Gemma's sqrt(d_model) on the input embeddings only; a tied
 head reads the unscaled table), `logit_softcap` (c * tanh(logits / c), in `project`, so the
@@ -161,7 +162,7 @@ MLP_KINDS = ("dense", "pkm")
 
 
 def check_block_options(owner: str, *, mlp_hidden=None, mlp_activation="silu", norm_eps=None,
-                        residual_fp32=False) -> None:
+                        residual_fp32=False, mlp_bias=True) -> None:
     """Refuse bad block options by name before any layer is built."""
     if mlp_hidden is not None and (isinstance(mlp_hidden, bool) or not isinstance(mlp_hidden, int)
                                    or mlp_hidden < 0):
@@ -176,6 +177,8 @@ def check_block_options(owner: str, *, mlp_hidden=None, mlp_activation="silu", n
                          f"got {norm_eps!r}")
     if not isinstance(residual_fp32, bool):
         raise ValueError(f"{owner}: residual_fp32 must be a bool, got {residual_fp32!r}")
+    if not isinstance(mlp_bias, bool):
+        raise ValueError(f"{owner}: mlp_bias must be a bool, got {mlp_bias!r}")
 
 
 class Block(nnx.Module):
@@ -188,9 +191,9 @@ class Block(nnx.Module):
                  norm: str, dtype, rngs: nnx.Rngs, mlp: str = "dense",
                  mlp_options: dict[str, Any] | None = None, mlp_hidden: int | None = None,
                  mlp_activation: str = "silu", norm_eps: float | None = None,
-                 residual_fp32: bool = False):
+                 residual_fp32: bool = False, mlp_bias: bool = True):
         check_block_options("Block", mlp_hidden=mlp_hidden, mlp_activation=mlp_activation,
-                            norm_eps=norm_eps, residual_fp32=residual_fp32)
+                            norm_eps=norm_eps, residual_fp32=residual_fp32, mlp_bias=mlp_bias)
         self.mixer_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs, epsilon=norm_eps)
         # mixer_options: {name: options} from route_mixer_options
         self.mixer = MIXERS.build(mixer, d_model, rngs=rngs,
@@ -201,7 +204,8 @@ class Block(nnx.Module):
         else:
             hidden = mlp_ratio * d_model if mlp_hidden is None else mlp_hidden
             self.mlp = (layers.MLP(d_model, hidden, activation=mlp_activation, gated=True,
-                                   dtype=dtype, rngs=rngs) if hidden > 0 else None)
+                                   use_bias=mlp_bias, dtype=dtype, rngs=rngs)
+                        if hidden > 0 else None)
         self.mlp_norm = (layers.norm(norm, d_model, dtype=dtype, rngs=rngs, epsilon=norm_eps)
                          if self.mlp else None)
         self.dtype = dtype
@@ -287,9 +291,9 @@ class BlockStack(nnx.Module):
                  dtype=jnp.float32, mlp: str = "dense", mlp_options: dict[str, Any] | None = None,
                  mlp_hidden: int | None = None, mlp_activation: str = "silu",
                  norm_eps: float | None = None, residual_fp32: bool = False,
-                 rngs: nnx.Rngs):
+                 mlp_bias: bool = True, rngs: nnx.Rngs):
         check_block_options("BlockStack", mlp_hidden=mlp_hidden, mlp_activation=mlp_activation,
-                            norm_eps=norm_eps, residual_fp32=residual_fp32)
+                            norm_eps=norm_eps, residual_fp32=residual_fp32, mlp_bias=mlp_bias)
         if isinstance(remat, bool):  # configs that only switch it on or off
             remat = "full" if remat else "none"
         if remat not in REMAT_POLICIES:
@@ -298,7 +302,7 @@ class BlockStack(nnx.Module):
         routed = route_mixer_options(unit, mixer_options)
         options = dict(d_model=d_model, mixer_options=routed, mlp_ratio=mlp_ratio, norm=norm,
                        dtype=dtype, mlp_hidden=mlp_hidden, mlp_activation=mlp_activation,
-                       norm_eps=norm_eps, residual_fp32=residual_fp32)
+                       norm_eps=norm_eps, residual_fp32=residual_fp32, mlp_bias=mlp_bias)
         memory_layers, mlp_options = self._memory_options(d_model, num_layers, mlp, mlp_options,
                                                           scan_layers, rngs)
         if memory_layers is None:  # every layer the same kind: the scan can stack them
@@ -467,13 +471,13 @@ class CausalLM(nnx.Module):
                  mlp_hidden: int | None = None, mlp_activation: str = "silu",
                  norm_eps: float | None = None, residual_fp32: bool = False,
                  embed_scale: float | None = None, logit_softcap: float | None = None,
-                 rngs: nnx.Rngs):
+                 mlp_bias: bool = True, rngs: nnx.Rngs):
         _check_sizes("CausalLM", vocab_size=vocab_size, d_model=d_model, num_layers=num_layers)
         if not isinstance(max_positions, int) or max_positions < 0:
             raise ValueError(f"CausalLM: max_positions must be an int >= 0 (0: no learned "
                              f"positions), got {max_positions!r}")
         check_block_options("CausalLM", mlp_hidden=mlp_hidden, mlp_activation=mlp_activation,
-                            norm_eps=norm_eps, residual_fp32=residual_fp32)
+                            norm_eps=norm_eps, residual_fp32=residual_fp32, mlp_bias=mlp_bias)
         _check_scalars("CausalLM", embed_scale=embed_scale, logit_softcap=logit_softcap)
         self.vocab_size, self.dtype, self.max_positions = vocab_size, dtype, max_positions
         self.embed_scale = None if embed_scale is None else float(embed_scale)
@@ -487,7 +491,8 @@ class CausalLM(nnx.Module):
                                 mlp_ratio=mlp_ratio, norm=norm, scan_layers=scan_layers,
                                 remat=remat, dtype=dtype, mlp=mlp, mlp_options=mlp_options,
                                 mlp_hidden=mlp_hidden, mlp_activation=mlp_activation,
-                                norm_eps=norm_eps, residual_fp32=residual_fp32, rngs=rngs)
+                                norm_eps=norm_eps, residual_fp32=residual_fp32,
+                                mlp_bias=mlp_bias, rngs=rngs)
         self.final_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs, epsilon=norm_eps)
         self.head = None if tie_embeddings else layers.Linear(
             d_model, vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dtype, rngs=rngs)
@@ -602,10 +607,10 @@ class SequenceClassifier(nnx.Module):
                  dtype=jnp.float32, mlp: str = "dense", mlp_options: dict[str, Any] | None = None,
                  mlp_hidden: int | None = None, mlp_activation: str = "silu",
                  norm_eps: float | None = None, residual_fp32: bool = False,
-                 embed_scale: float | None = None, rngs: nnx.Rngs):
+                 embed_scale: float | None = None, mlp_bias: bool = True, rngs: nnx.Rngs):
         check_block_options("SequenceClassifier", mlp_hidden=mlp_hidden,
                             mlp_activation=mlp_activation, norm_eps=norm_eps,
-                            residual_fp32=residual_fp32)
+                            residual_fp32=residual_fp32, mlp_bias=mlp_bias)
         _check_scalars("SequenceClassifier", embed_scale=embed_scale)
         _check_sizes("SequenceClassifier", vocab_size=vocab_size, num_classes=num_classes,
                      d_model=d_model, num_layers=num_layers)
@@ -620,7 +625,8 @@ class SequenceClassifier(nnx.Module):
                                 mlp_ratio=mlp_ratio, norm=norm, scan_layers=scan_layers,
                                 remat=remat, dtype=dtype, mlp=mlp, mlp_options=mlp_options,
                                 mlp_hidden=mlp_hidden, mlp_activation=mlp_activation,
-                                norm_eps=norm_eps, residual_fp32=residual_fp32, rngs=rngs)
+                                norm_eps=norm_eps, residual_fp32=residual_fp32,
+                                mlp_bias=mlp_bias, rngs=rngs)
         self.final_norm = layers.norm(norm, d_model, dtype=dtype, rngs=rngs, epsilon=norm_eps)
         self.head = layers.Linear(d_model, num_classes, axes=("embed", "classes"), dtype=dtype,
                                   rngs=rngs)

@@ -67,6 +67,8 @@ AUTO_ON_CUDA: dict[str, Literal["pallas", "xla"]] = {
     "selective_scan": "pallas",
     "chunked_linear_attention": "xla",
     "delta_rule": "xla",
+    # Not measured on a GPU yet: like delta_rule, batched matmuls XLA does well.
+    "dplr_delta_rule": "xla",
     "causal_conv1d": "xla",
     "memory_lookup": "xla",
 }
@@ -120,6 +122,55 @@ def cuda_compute_capability() -> int | None:
 _interpret_mode: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "memzoo_pallas_interpret", default=None)
 
+# Which Pallas backend the "cuda" kernels use on Hopper (see `gpu_backend`).
+_gpu_backend: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "memzoo_gpu_backend", default="triton")
+GPU_BACKENDS = ("triton", "mosaic")
+
+
+@contextlib.contextmanager
+def gpu_backend(backend: Literal["triton", "mosaic"]):
+    """Inside: ops with a Pallas Mosaic GPU kernel (chunked_linear_attention's ungated 16-bit
+    forward so far) run it instead of the Triton one where the GPU is Hopper (compute capability
+    9.x, or unknown at lowering: a CPU host lowering for "cuda", as the Triton path assumes)
+    and the installed JAX has Mosaic GPU. Read when an op is traced. The default stays "triton"
+    until the Mosaic kernels are measured on a GPU."""
+    if backend not in GPU_BACKENDS:
+        raise ValueError(f"gpu_backend: backend must be one of {GPU_BACKENDS}, got {backend!r}")
+    token = _gpu_backend.set(backend)
+    try:
+        yield
+    finally:
+        _gpu_backend.reset(token)
+
+
+def use_mosaic_gpu(interpret) -> bool:
+    """Whether a "cuda" kernel traced now with this `interpret=` setting is the Mosaic GPU one:
+    under Mosaic GPU's interpreter (`pallas_interpret("gpu")`), or compiled inside
+    `gpu_backend("mosaic")` for Hopper."""
+    if is_gpu_interpret(interpret):
+        return True
+    if interpret is not None or _gpu_backend.get() != "mosaic":
+        return False
+    return (cuda_compute_capability() or 90) // 10 == 9
+
+
+def is_gpu_interpret(interpret) -> bool:
+    return type(interpret).__name__ == "InterpretGPUParams"
+
+
+def triton_interpret(interpret):
+    """The `interpret=` a Triton kernel takes where a Mosaic GPU one was asked for but does not
+    cover the call: Mosaic GPU's interpreter runs only Mosaic GPU kernels, so the generic one."""
+    return True if is_gpu_interpret(interpret) else interpret
+
+
+def gpu_interpret_params():
+    """Mosaic GPU interpret mode as the kernel tests ask: race detection on, uninitialised
+    memory NaN."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
+
 
 def tpu_interpret_params():
     """TPU interpret mode as the contract asks: race detection on, uninitialised memory NaN."""
@@ -128,27 +179,35 @@ def tpu_interpret_params():
 
 
 @contextlib.contextmanager
-def pallas_interpret(mode: Literal["generic", "tpu"] = "generic",
+def pallas_interpret(mode: Literal["generic", "tpu", "gpu"] = "generic",
                      target: Literal["tpu", "cuda"] | None = None):
     """Runs every memzoo Pallas kernel traced inside in interpret mode.
 
     mode="generic": Pallas' generic interpreter (any backend; uninitialised outputs read as NaN).
     mode="tpu": Pallas' TPU interpreter with `detect_races=True, uninitialized_memory="nan"`, which
     also models TPU semantics (grid order, scratch persistence, DMA races).
+    mode="gpu": Pallas Mosaic GPU's interpreter (`plgpu.InterpretGPUParams`, race detection on,
+    uninitialised memory NaN) on the "cuda" kernels that have a Mosaic GPU (Hopper) variant;
+    calls those do not cover run their Triton kernel in the generic interpreter.
     target: which kernel variant to interpret, the TPU one or the GPU (Triton) one; by default
-    "tpu" for mode="tpu" and "cuda" for mode="generic".
+    "tpu" for mode="tpu" and "cuda" for mode="generic" and "gpu".
     """
     if mode == "generic":
         value: Any = True
     elif mode == "tpu":
         value = tpu_interpret_params()
+    elif mode == "gpu":
+        value = gpu_interpret_params()
     else:
-        raise ValueError(f"pallas_interpret: mode must be 'generic' or 'tpu', got {mode!r}")
+        raise ValueError(
+            f"pallas_interpret: mode must be 'generic', 'tpu' or 'gpu', got {mode!r}")
     target = target or ("tpu" if mode == "tpu" else "cuda")
     if target not in PALLAS_TARGETS:
         raise ValueError(f"pallas_interpret: target must be one of {PALLAS_TARGETS}, got {target!r}")
     if mode == "tpu" and target != "tpu":
         raise ValueError("pallas_interpret: TPU interpret mode runs only the 'tpu' kernels")
+    if mode == "gpu" and target != "cuda":
+        raise ValueError("pallas_interpret: GPU interpret mode runs only the 'cuda' kernels")
     token = _interpret_mode.set((value, target))
     try:
         yield

@@ -101,6 +101,7 @@ def build_model(config: TrainConfig, vocab_size: int, rngs: nnx.Rngs,
                                   mlp_options=dict(m.mlp_options), mlp_hidden=m.mlp_hidden,
                                   mlp_activation=m.mlp_activation, norm_eps=m.norm_eps,
                                   residual_fp32=m.residual_fp32, embed_scale=m.embed_scale,
+                                  mlp_bias=m.mlp_bias,
                                   rngs=rngs)
     if num_classes:
         if m.max_positions:

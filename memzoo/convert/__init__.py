@@ -275,23 +275,12 @@ def require_zero(owner, attr: str, what: str) -> None:
                               f"and the reference format has no place for it")
 
 
-def zero(owner, attr: str) -> None:
-    var = getattr(owner, attr, None)
-    if var is not None:
-        var[...] = np.zeros(var.shape, np.float32)
-
-
 def gated_mlps(model):
-    """(up, down) of every block's gated MLP: memzoo's MLP has biases that mamba-ssm's and fla's
-    GatedMLP lack."""
+    """(up, down) of every block's gated MLP: the converters build mlp_bias=False models, but
+    a model built otherwise (memzoo's default has MLP biases) may be exported too."""
     for block in model.stack.layers:
         if block.mlp is not None:
             yield block.mlp.up.proj, block.mlp.down
-
-
-def zero_mlp_biases(model) -> None:
-    for up, down in gated_mlps(model):
-        zero(up, "bias"), zero(down, "bias")
 
 
 def require_zero_mlp_biases(model, what: str) -> None:

@@ -11,7 +11,8 @@ memzoo's one depthwise convolution over the concatenated [q | k | v] channels.
 
 Refused, each naming the config field: hybrid attention layers (attn), attention residuals
 (attnres_block_size), an MLP activation other than swish, and per mixer the options memzoo's
-mixer does not have (e.g. Gated DeltaNet's num_v_heads > num_heads, allow_neg_eigval).
+mixer does not have (e.g. Gated DeltaNet's num_v_heads > num_heads). fla's allow_neg_eigval
+(beta = 2 sigmoid) maps to the mixers' option of the same name.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from memzoo.convert import (SAFETENSORS_NAME, ConversionError, Tensor, assign, extract, linear,
-                            require_zero_mlp_biases, zero_mlp_biases)
+                            require_zero_mlp_biases)
 
 WEIGHTS_NAME = SAFETENSORS_NAME
 # Fields of fla's configs that only steer kernels, training or generation, not the function.
@@ -101,12 +102,12 @@ def gated_deltanet_options(c: dict) -> tuple[str, dict]:
                               f"(fla's grouped value heads) is not supported by memzoo's "
                               f"gated_deltanet, whose grouping shares key/value heads instead")
     _field(c, "use_short_conv", (True,), t)
-    _field(c, "allow_neg_eigval", (False,), t)
+    neg = bool(_field(c, "allow_neg_eigval", (False, True), t))
     _field(c, "output_gate_activation", ("swish", "silu"), t)
     return t, dict(num_heads=H, head_dim=K, value_dim=int(V), qk_norm="l2",
                    conv_size=int(c.get("conv_size", 4)), output_norm="rmsnorm",
                    output_gate=bool(c.get("use_gate", True)),
-                   norm_eps=float(c.get("norm_eps", 1e-6)))
+                   norm_eps=float(c.get("norm_eps", 1e-6)), allow_neg_eigval=neg)
 
 
 GATED_DELTANET_FIELDS = {"expand_v", "use_gate", "use_short_conv", "allow_neg_eigval",
@@ -189,13 +190,13 @@ def deltanet_options(c: dict) -> tuple[str, dict]:
     H, K, V = _heads_of(c, c.get("expand_k", 1.0), c.get("expand_v", 1.0), t)
     _field(c, "use_short_conv", (True,), t)
     _field(c, "use_beta", (True,), t)
-    _field(c, "allow_neg_eigval", (False,), t)
+    neg = bool(_field(c, "allow_neg_eigval", (False, True), t))
     _field(c, "qk_norm", ("l2",), t)
     _field(c, "qk_activation", ("silu",), t)  # with the conv: its SiLU, nothing more
     return "deltanet", dict(num_heads=H, head_dim=K, value_dim=V, qk_norm="l2",
                             conv_size=int(c.get("conv_size", 4)), output_norm="rmsnorm",
                             output_gate=bool(c.get("use_gate", False)),
-                            norm_eps=float(c.get("norm_eps", 1e-6)))
+                            norm_eps=float(c.get("norm_eps", 1e-6)), allow_neg_eigval=neg)
 
 
 # fla's DeltaNet layer takes use_output_norm and always norms, so the field changes nothing.
@@ -340,7 +341,7 @@ def model_options(config: dict) -> dict:
     return dict(vocab_size=config["vocab_size"], d_model=config["hidden_size"],
                 num_layers=config["num_hidden_layers"], mixer=mixer,
                 mixer_options={mixer: options}, mlp_hidden=mlp_width(config),
-                mlp_activation="silu", norm="rmsnorm",
+                mlp_activation="silu", mlp_bias=False, norm="rmsnorm",
                 norm_eps=float(config.get("norm_eps", 1e-6)),
                 tie_embeddings=bool(config.get("tie_word_embeddings", False)))
 
@@ -382,7 +383,6 @@ def build(config: dict, tensors: dict, *, source: str = SAFETENSORS_NAME, dtype=
     # A tied head may be saved beside the embedding it equals; memzoo keeps the embedding.
     ignore = ("lm_head.weight",) if options["tie_embeddings"] else ()
     assign(_rows(model, config), tensors, source, ignore=ignore)
-    zero_mlp_biases(model)  # fla's GatedMLP has no biases
     return model
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from memzoo.convert import (TORCH_NAME, ConversionError, Tensor, assign, extract, linear,
-                            require_zero_mlp_biases, zero_mlp_biases)
+                            require_zero_mlp_biases)
 
 WEIGHTS_NAME = TORCH_NAME
 # MambaLMHeadModel's defaults for what config.json may leave out.
@@ -173,7 +173,7 @@ def model_options(config: dict) -> dict:
     return dict(vocab_size=vocab, d_model=d, num_layers=int(c["n_layer"]), mixer=mixer,
                 mixer_options={mixer: options}, mlp_hidden=hidden, mlp_activation="silu",
                 norm="rmsnorm" if c["rms_norm"] else "layernorm", norm_eps=NORM_EPS,
-                residual_fp32=bool(c["residual_in_fp32"]),
+                residual_fp32=bool(c["residual_in_fp32"]), mlp_bias=False,
                 tie_embeddings=bool(c["tie_embeddings"]))
 
 
@@ -188,7 +188,6 @@ def build(config: dict, tensors: dict, *, source: str = TORCH_NAME, dtype=None, 
     # A tied head is saved under both names; the embedding is the one memzoo keeps.
     ignore = ("lm_head.weight",) if c["tie_embeddings"] else ()
     assign(_rows(model, c, options["mixer"]), tensors, source, ignore=ignore)
-    zero_mlp_biases(model)  # GatedMLP has no biases
     return model
 
 

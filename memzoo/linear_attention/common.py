@@ -41,11 +41,87 @@ from memzoo.attention import check_segment_ids, rope, segment_positions
 RULES = ("linear", "delta")
 QK_NORMS = ("none", "l2", "rmsnorm")
 OUTPUT_NORMS = ("none", "rmsnorm", "layernorm")
+
+
+def _upper_products(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x_i x_j for i < j, x_i^2): the distinct entries of x (x) x, [..., k(k-1)/2] and [..., k]."""
+    i, j = jnp.triu_indices(x.shape[-1], 1)
+    return x[..., i] * x[..., j], x * x
+
+
+def taylor_features(x: jax.Array) -> jax.Array:
+    """Based's 2nd-order Taylor map (Arora et al., 2024): with x' = x / k^(1/4),
+    phi(x) = [1, x', x'_i^2 / sqrt 2, x'_i x'_j (i < j)], so phi(q) . phi(k) = 1 + s + s^2 / 2,
+    s = q . k / sqrt(k): exp(s) to second order, positive for every s. 1 + k + k(k+1)/2
+    features: the symmetric products once each (the full k^2 outer product would double the
+    state for nothing)."""
+    x = x * x.shape[-1] ** -0.25
+    off, diag = _upper_products(x)
+    return jnp.concatenate([jnp.ones_like(x[..., :1]), x, diag * 2.0 ** -0.5, off], axis=-1)
+
+
 FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "identity": lambda x: x,
     "elu+1": lambda x: jax.nn.elu(x) + 1.0,
     "relu": jax.nn.relu,
+    "taylor": taylor_features,
 }
+
+
+class RebasedFeatureMap(nnx.Module):
+    """ReBased's learnable quadratic kernel (Aksenov et al., 2024, "Linear Transformers with
+    Learnable Kernel Functions are Better In-Context Models"): x~ = gamma * LayerNorm(x) + beta,
+    phi(x) = [x~_i^2 / sqrt k, x~_i x~_j sqrt(2 / k) (i < j)], so phi(q) . phi(k) =
+    (q~ . k~)^2 / k. One gamma, beta [k] for queries and keys of every head (as fla's
+    RebasedFeatureMap); gamma = 1, beta = 0 at initialisation."""
+
+    def __init__(self, head_dim: int, *, eps: float = 1e-5):
+        self.eps = eps
+        self.gamma = layers.param(jnp.ones((head_dim,), jnp.float32), ("kv",))
+        self.beta = layers.param(jnp.zeros((head_dim,), jnp.float32), ("kv",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        mu = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mu), axis=-1, keepdims=True)
+        lead = (None,) * (x.ndim - 1)
+        x32 = ((x32 - mu) * jax.lax.rsqrt(var + self.eps) * self.gamma[...][lead]
+               + self.beta[...][lead])
+        off, diag = _upper_products(x32)
+        k = x.shape[-1]
+        return jnp.concatenate([diag * k ** -0.5, off * (2.0 / k) ** 0.5], -1).astype(x.dtype)
+
+
+class HedgehogFeatureMap(nnx.Module):
+    """Hedgehog's learnable map (Zhang et al., 2024, "The Hedgehog & the Porcupine: Expressive
+    Linear Attentions with Softmax Mimicry"): per head, z = x W_h + b_h and
+    phi(x) = [softmax(z), softmax(-z)] (2k features, positive, each half summing to 1). W = I,
+    b = 0 at initialisation (fla's init). The paper's two softmaxes; fla's HedgehogFeatureMap
+    takes one softmax over [2z, -2z] instead."""
+
+    def __init__(self, heads: int, head_dim: int, axes, *, rngs: nnx.Rngs):
+        del rngs  # a deterministic init; the argument keeps every layer's signature
+        self.weight = layers.param(jnp.broadcast_to(jnp.eye(head_dim, dtype=jnp.float32),
+                                                    (heads, head_dim, head_dim)),
+                                   (axes, "kv", None))
+        self.bias = layers.param(jnp.zeros((heads, head_dim), jnp.float32), (axes, None))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # The softmaxes in float32: bfloat16 exponentials of small differences are coarse.
+        z = jnp.einsum("bthk,hkj->bthj", x.astype(jnp.float32), self.weight[...]) \
+            + self.bias[...][None, None]
+        return jnp.concatenate([jax.nn.softmax(z, -1), jax.nn.softmax(-z, -1)], -1).astype(x.dtype)
+
+
+LEARNED_FEATURE_MAPS = ("rebased", "hedgehog")
+
+
+def feature_dim(feature_map: str, head_dim: int) -> int:
+    """Features per head after `feature_map`: the state's key dimension."""
+    k = head_dim
+    return {"taylor": 1 + k + k * (k + 1) // 2, "rebased": k * (k + 1) // 2,
+            "hedgehog": 2 * k}.get(feature_map, k)
+
 L2_EPS = 1e-6
 
 
@@ -77,6 +153,68 @@ def l2_normalize(x: jax.Array, eps: float = L2_EPS) -> jax.Array:
 def normal_init(rngs: nnx.Rngs, shape, fan_in: int, axes, scale: float = 1.0) -> nnx.Param:
     return layers.param(jax.random.normal(rngs.params(), shape, jnp.float32)
                         * (scale * fan_in ** -0.5), axes)
+
+
+INITS = ("default", "mimetic")
+# Trockman & Kolter (2023), "Mimetic Initialization of Self-Attention Layers": W_q W_k^T =
+# MIMETIC_QK[0] Z + MIMETIC_QK[1] I and W_v W_o = MIMETIC_VO[0] Z' + MIMETIC_VO[1] I, Z ~ N(0, 1/d).
+# Their values (0.7 / 0.7, 0.4 / 0.4); W_v W_o positive here (a token's read returns its value).
+MIMETIC_QK = (0.7, 0.7)
+MIMETIC_VO = (0.4, 0.4)
+
+
+def mimetic_factors(key, d: int, cols: int, noise: float, identity: float):
+    """A, B [d, cols] with A B^T = noise Z + identity I (Z ~ N(0, 1/d)) when cols >= d, else its
+    best rank-`cols` approximation (SVD). The singular vectors are spread over the columns by a
+    random orthogonal Q [r, cols] (r = min(d, cols), Q Q^T = I_r): A = U_r S_r^1/2 Q,
+    B = V_r S_r^1/2 Q, so no head is favoured."""
+    kz, kq = jax.random.split(key)
+    m = noise * jax.random.normal(kz, (d, d), jnp.float32) / math.sqrt(d) \
+        + identity * jnp.eye(d, dtype=jnp.float32)
+    u, sv, vt = jnp.linalg.svd(m)
+    r = min(d, cols)
+    q, _ = jnp.linalg.qr(jax.random.normal(kq, (cols, r), jnp.float32))  # [cols, r]
+    root = jnp.sqrt(sv[:r])[None, :]
+    return (u[:, :r] * root) @ q.T, (vt[:r].T * root) @ q.T
+
+
+def _spread_over_group(key, w, group: int, noise: float):
+    """Query-side weights [groups, ...] -> [groups * group, ...]: each key/value head's factor
+    shared by its `group` query heads as w / group plus noise of zero sum over the group, so the
+    heads differ but their sum (what the products over heads see) is w."""
+    if group == 1:
+        return w
+    n = noise * jax.random.normal(key, (w.shape[0], group) + w.shape[1:], jnp.float32)
+    n = n - n.mean(axis=1, keepdims=True)
+    return (w[:, None] / group + n).reshape((-1,) + w.shape[1:])
+
+
+def mimetic_projections(m, rngs: nnx.Rngs) -> None:
+    """Mimetic initialisation (Trockman et al., 2024, "Mimetic Initialization Helps State Space
+    Models Learn to Recall"; the attention form of Trockman & Kolter, 2023) of a LinearMemory
+    `m` in place: summed over query heads h (key/value head g(h)),
+
+        sum_h W_q,h W_k,g(h)^T = 0.7 Z + 0.7 I      (queries start matched to their own key)
+        sum_h W_v,g(h) W_o,h   = 0.4 Z' + 0.4 I     (a read returns the value's token)
+
+    [d, d], exact when key/value heads x head_dim (value_dim) >= d_model, else the best
+    approximation of that rank (the keys span no more); and the short convolution, if any, starts as the identity (weight 1 on the
+    current token), as Mamba's mimetic init (memzoo/ssm/mamba.py) does, so q, k and v are the
+    token's own projections."""
+    d, H, G, K, V = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.value_dim
+    group = H // G
+    kqk, kvo, kq, ko = jax.random.split(rngs.params(), 4)
+    a, b = mimetic_factors(kqk, d, G * K, *MIMETIC_QK)
+    wq = _spread_over_group(kq, a.reshape(d, G, K).transpose(1, 0, 2), group,
+                            MIMETIC_QK[0] / math.sqrt(d))
+    m.wq[...] = wq.transpose(1, 0, 2)
+    m.wk[...] = b.reshape(d, G, K)
+    a, b = mimetic_factors(kvo, d, G * V, *MIMETIC_VO)
+    m.wv[...] = a.reshape(d, G, V)
+    m.wo[...] = _spread_over_group(ko, b.reshape(d, G, V).transpose(1, 2, 0), group,
+                                   MIMETIC_VO[0] / math.sqrt(d))
+    if m.conv_weight is not None:
+        m.conv_weight[...] = jnp.zeros_like(m.conv_weight[...]).at[-1].set(1.0)
 
 
 def repeat_heads(x: jax.Array | None, group: int, axis: int = 2):
@@ -119,13 +257,17 @@ class LinearMemory(nnx.Module):
       num_heads, num_kv_heads   query heads; key/value heads (a divisor; default num_heads)
       head_dim, value_dim       k and v per head (default d_model / num_heads; value_dim = head_dim)
       qk_norm                   "none" | "l2" | "rmsnorm" (per head, over k)
-      feature_map               phi applied to q and k: "identity" | "elu+1" | "relu"
+      feature_map               phi applied to q and k: "identity" | "elu+1" | "relu" |
+                                "taylor" (Based) | "rebased" | "hedgehog" (learned); the last
+                                three change the state's key dim (`feature_dim`)
       conv_size                 width of a depthwise causal conv (SiLU) over q, k, v; 0: none
       output_norm               per-head "none" | "rmsnorm" | "layernorm" (group norm) on o
       output_gate               o * swish(x W_g) before the output projection
       rotary                    rotary positions on q, k (memzoo.attention.rope)
       norm_eps                  epsilon of the output norm (1e-6; checkpoints from elsewhere
                                 may carry another, e.g. fla's norm_eps)
+      init                      "default" | "mimetic" (Trockman et al., 2024: W_q W_k^T ~ I,
+                                W_v W_o ~ I, identity conv; `mimetic_projections`)
       chunk_size, implementation  passed to the op
     """
 
@@ -135,9 +277,10 @@ class LinearMemory(nnx.Module):
                  head_dim: int | None, value_dim: int | None, qk_norm: str, feature_map: str,
                  conv_size: int, output_norm: str, output_gate: bool, rotary: bool,
                  rope_base: float = 10_000.0, chunk_size: int | None = None,
-                 implementation: str = "auto", norm_eps: float = 1e-6, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 implementation: str = "auto", norm_eps: float = 1e-6, init: str = "default",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         owner = type(self).__name__
+        check_option(owner, "init", init, INITS)
         if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or norm_eps <= 0:
             raise ValueError(f"{owner}: `norm_eps` must be a number > 0, got {norm_eps!r}")
         check_positive_int(owner, "d_model", d_model)
@@ -156,7 +299,8 @@ class LinearMemory(nnx.Module):
         value_dim = head_dim if value_dim is None else value_dim
         check_positive_int(owner, "value_dim", value_dim)
         check_option(owner, "qk_norm", qk_norm, QK_NORMS)
-        check_option(owner, "feature_map", feature_map, FEATURE_MAPS)
+        check_option(owner, "feature_map", feature_map,
+                     tuple(FEATURE_MAPS) + LEARNED_FEATURE_MAPS)
         check_option(owner, "output_norm", output_norm, OUTPUT_NORMS)
         check_option(owner, "implementation", implementation, pallas_kernels.IMPLEMENTATIONS)
         if not (isinstance(conv_size, int) and not isinstance(conv_size, bool)
@@ -167,6 +311,10 @@ class LinearMemory(nnx.Module):
             check_positive_int(owner, "chunk_size", chunk_size)
         if rotary and head_dim % 2:
             raise ValueError(f"{owner}: `rotary` needs an even `head_dim`, got {head_dim}")
+        if (rotary or qk_norm == "rmsnorm") and feature_dim(feature_map, head_dim) != head_dim:
+            raise ValueError(f"{owner}: `rotary` and `qk_norm`='rmsnorm' act after the feature "
+                             f"map, which must then keep head_dim; got `feature_map`="
+                             f"{feature_map!r}")
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.head_dim, self.value_dim = head_dim, value_dim
         self.qk_norm, self.feature_map, self.conv_size = qk_norm, feature_map, conv_size
@@ -193,6 +341,15 @@ class LinearMemory(nnx.Module):
             self.q_norm = self.k_norm = None
         self.o_norm = (layers.norm(output_norm, V, dtype=dtype, rngs=rngs, epsilon=norm_eps)
                        if output_norm != "none" else None)
+        self.init = init
+        if init == "mimetic":  # drawn after the default init, which stays bit for bit
+            mimetic_projections(self, rngs)
+        # Learned feature maps: ReBased shares one between q and k, Hedgehog has one each.
+        if feature_map == "rebased":
+            self.phi_q = self.phi_k = RebasedFeatureMap(K)
+        elif feature_map == "hedgehog":
+            self.phi_q = HedgehogFeatureMap(H, K, "heads", rngs=rngs)
+            self.phi_k = HedgehogFeatureMap(G, K, "kv_heads", rngs=rngs)
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -206,13 +363,18 @@ class LinearMemory(nnx.Module):
         return self.num_kv_heads
 
     @property
+    def state_key_dim(self) -> int:
+        """The state's key dimension: head_dim through the feature map."""
+        return feature_dim(self.feature_map, self.head_dim)
+
+    @property
     def state_value_dim(self) -> int:
         return self.value_dim
 
     @property
     def state_size(self) -> int:
         """Numbers in the matrix memory per sequence: heads x k x v (the MQAR comparison axis)."""
-        return self.state_heads * self.head_dim * self.state_value_dim
+        return self.state_heads * self.state_key_dim * self.state_value_dim
 
     # ---- the pieces --------------------------------------------------------------------------
     def _gates(self, x):
@@ -247,8 +409,11 @@ class LinearMemory(nnx.Module):
         return tuple(out), new_state
 
     def _qk(self, q, k):
-        phi = FEATURE_MAPS[self.feature_map]
-        q, k = phi(q), phi(k)
+        if self.feature_map in LEARNED_FEATURE_MAPS:
+            q, k = self.phi_q(q), self.phi_k(k)
+        else:
+            phi = FEATURE_MAPS[self.feature_map]
+            q, k = phi(q), phi(k)
         if self.qk_norm == "l2":
             q, k = l2_normalize(q), l2_normalize(k)
         elif self.qk_norm == "rmsnorm":
@@ -298,8 +463,8 @@ class LinearMemory(nnx.Module):
         """The state before any token. `max_len` is accepted and ignored: the state does not
         grow with the sequence."""
         del max_len
-        state = jnp.zeros((batch_size, self.state_heads, self.head_dim, self.state_value_dim),
-                          jnp.float32)
+        state = jnp.zeros((batch_size, self.state_heads, self.state_key_dim,
+                           self.state_value_dim), jnp.float32)
         conv = (jnp.zeros((batch_size, self.conv_size - 1, self.conv_channels), jnp.float32)
                 if self.conv_size else None)
         return LinearAttentionCache(state, conv, jnp.zeros((), jnp.int32))
@@ -329,7 +494,7 @@ class LinearMemory(nnx.Module):
         return self._forward(x, cache, None)
 
     def _check_cache(self, cache, batch: int) -> None:
-        want = (batch, self.state_heads, self.head_dim, self.state_value_dim)
+        want = (batch, self.state_heads, self.state_key_dim, self.state_value_dim)
         if not isinstance(cache, LinearAttentionCache) or tuple(cache.state.shape) != want:
             got = tuple(cache.state.shape) if isinstance(cache, LinearAttentionCache) \
                 else type(cache).__name__

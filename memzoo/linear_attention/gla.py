@@ -39,7 +39,8 @@ class GLA(LinearMemory):
                  feature_map: str = "identity", conv_size: int = 0,
                  output_norm: str = "rmsnorm", output_gate: bool = True,
                  chunk_size: int | None = None, implementation: str = "auto",
-                 norm_eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+                 norm_eps: float = 1e-6, init: str = "default", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         check_positive_int("GLA", "gate_rank", gate_rank)
         if not isinstance(gate_temperature, (int, float)) or gate_temperature <= 0:
             raise ValueError(f"GLA: `gate_temperature` must be a number > 0, "
@@ -48,8 +49,8 @@ class GLA(LinearMemory):
                          head_dim=head_dim, value_dim=value_dim, qk_norm=qk_norm,
                          feature_map=feature_map, conv_size=conv_size, output_norm=output_norm,
                          output_gate=output_gate, rotary=False, chunk_size=chunk_size,
-                         implementation=implementation, norm_eps=norm_eps, dtype=dtype,
-                         rngs=rngs)
+                         implementation=implementation, norm_eps=norm_eps, init=init,
+                         dtype=dtype, rngs=rngs)
         self.gate_rank, self.gate_temperature = gate_rank, float(gate_temperature)
         G, K = self.num_kv_heads, self.head_dim
         self.gate_down = normal_init(rngs, (d_model, gate_rank), d_model, ("embed", None))

@@ -38,7 +38,8 @@ class LinearAttention(LinearMemory):
                  feature_map: str = "elu+1", normalize: bool = True, qk_norm: str = "none",
                  conv_size: int = 0, output_norm: str = "none", output_gate: bool = False,
                  chunk_size: int | None = None, implementation: str = "auto",
-                 norm_eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+                 norm_eps: float = 1e-6, init: str = "default", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if normalize and feature_map == "identity":
             raise ValueError("LinearAttention: `normalize`=True needs a positive `feature_map` "
                              "('elu+1' or 'relu'); with 'identity' phi(q)^T z can be 0")
@@ -51,8 +52,8 @@ class LinearAttention(LinearMemory):
                          head_dim=head_dim, value_dim=value_dim, qk_norm=qk_norm,
                          feature_map=feature_map, conv_size=conv_size, output_norm=output_norm,
                          output_gate=output_gate, rotary=False, chunk_size=chunk_size,
-                         implementation=implementation, norm_eps=norm_eps, dtype=dtype,
-                         rngs=rngs)
+                         implementation=implementation, norm_eps=norm_eps, init=init,
+                         dtype=dtype, rngs=rngs)
 
     @property
     def state_value_dim(self) -> int:

@@ -15,7 +15,28 @@ heads, and a token that is not routed to memory m leaves S^m exactly as it was, 
 key (linear rule) or its beta and log gate (gated delta rule: beta = 0, alpha = 1) are masked
 to zero there. The reads of unrouted memories are computed and weighted by 0.
 
-No auxiliary load-balancing loss is added (the mixer API returns only y).
+`dispatch` picks how the routed memories run (equal results; tested against each other and a
+float64 token loop):
+  "dense" (default)  the masked extra heads above: every memory sees every token, cost ~ M + 1.
+  "sparse"           MoE-style dispatch, cost ~ k + 1 (fla's MoM gathers per memory likewise):
+                     a memory's state moves only at the tokens routed to it, so its recurrence
+                     is the op over that subsequence alone. The T x k (token, memory) pairs of a
+                     row (plus the T tokens of the shared memory) are sorted by memory, then time,
+                     into one packed sequence of T (k + 1) tokens, with segment_ids = (memory,
+                     document) so each memory's run restarts from its own zero state; q, k, v,
+                     beta and gates are gathered to it, and each read is scattered back to its
+                     token with its router weight. Only the parallel form (no cache) is
+                     sparse: a cache holds a state per memory, which one packed row cannot start
+                     from, so prefill and decoding (T = 1, where dense costs little) stay dense.
+
+Load balancing (Switch Transformer, Fedus et al., 2022): `load_balancing_loss(x)` =
+M sum_i f_i P_i, f_i the fraction of the row's top-k assignments that go to memory i and P_i
+the mean router probability of i (1 when balanced, up to M when collapsed). With
+`sow_aux_loss=True` every parallel call also records it with nnx.sow (nnx.Intermediate,
+"aux_loss"); a training loss captures and adds it as
+    y, aux = nnx.capture(model, nnx.Intermediate)(tokens)
+    loss = loss + coefficient * sum(jax.tree.leaves(aux))
+(train/ does not do this yet).
 """
 from __future__ import annotations
 
@@ -23,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memzoo.attention import segment_starts
 from memzoo.linear_attention.common import (LinearMemory, check_option, check_positive_int,
                                             normal_init)
 from memzoo.linear_attention.deltanet import mamba2_decay
@@ -30,6 +52,7 @@ from memzoo.ssm.init import mamba2_log_decay
 from memzoo.registry import register_mixer
 
 MOM_RULES = {"gated_deltanet": "delta", "linear_attention": "linear"}
+DISPATCHES = ("dense", "sparse")
 
 
 @register_mixer("mom")
@@ -37,7 +60,8 @@ class MixtureOfMemories(LinearMemory):
     """Mixture-of-Memories: [b, t, d] -> [b, t, d].
 
     Options beyond `LinearMemory`'s: `num_memories` (M), `top_k`, `shared_memory`,
-    `memory_rule` ("gated_deltanet" | "linear_attention").
+    `memory_rule` ("gated_deltanet" | "linear_attention"), `dispatch` ("dense" | "sparse"),
+    `sow_aux_loss` (record the load-balancing loss; module docstring).
 
     >>> mom = MixtureOfMemories(8, num_heads=2, num_memories=3, top_k=1, rngs=nnx.Rngs(0))
     >>> mom(jnp.ones((1, 5, 8))).shape
@@ -50,8 +74,13 @@ class MixtureOfMemories(LinearMemory):
                  head_dim: int | None = None, value_dim: int | None = None,
                  qk_norm: str = "l2", conv_size: int = 4, output_norm: str = "rmsnorm",
                  output_gate: bool = True, chunk_size: int | None = None,
-                 implementation: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+                 implementation: str = "auto", dispatch: str = "dense",
+                 sow_aux_loss: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
         owner = "MixtureOfMemories"
+        check_option(owner, "dispatch", dispatch, DISPATCHES)
+        if not isinstance(sow_aux_loss, bool):
+            raise ValueError(f"{owner}: `sow_aux_loss` must be a bool, got {sow_aux_loss!r}")
+        self.dispatch, self.sow_aux_loss = dispatch, sow_aux_loss
         check_positive_int(owner, "num_memories", num_memories)
         check_positive_int(owner, "top_k", top_k)
         if top_k > num_memories:
@@ -93,11 +122,27 @@ class MixtureOfMemories(LinearMemory):
     def route(self, x):
         """(mask [b, t, M] bool: the token's top-k memories, weights [b, t, M] float32: the
         renormalised router probabilities there, 0 elsewhere)."""
+        mask, weights, _, _ = self._route(x)
+        return mask, weights
+
+    def _route(self, x):
+        """route(x) and (probs [b, t, M], idx [b, t, k]: the top-k memories' indices)."""
         probs = jax.nn.softmax(x.astype(jnp.float32) @ self.router[...], axis=-1)
         _, idx = jax.lax.top_k(probs, self.top_k)
         mask = jnp.sum(jax.nn.one_hot(idx, self.num_memories, dtype=jnp.float32), axis=-2) > 0
         chosen = jnp.where(mask, probs, 0.0)
-        return mask, chosen / jnp.sum(chosen, axis=-1, keepdims=True)
+        return mask, chosen / jnp.sum(chosen, axis=-1, keepdims=True), probs, idx
+
+    def load_balancing_loss(self, x):
+        """Switch's auxiliary loss M sum_i f_i P_i over the tokens of x [b, t, d] (the mixer's
+        input): f_i = the fraction of top-k assignments to memory i, P_i = its mean router
+        probability. 1 for a uniform router, M when every token picks the same memories."""
+        mask, _, probs, _ = self._route(x)
+        return self._balance(mask, probs)
+
+    def _balance(self, mask, probs):
+        f = jnp.mean(mask.astype(jnp.float32), axis=(0, 1)) / self.top_k
+        return self.num_memories * jnp.sum(f * jnp.mean(probs, axis=(0, 1)))
 
     def _project(self, x):
         b, T, _ = x.shape
@@ -109,7 +154,11 @@ class MixtureOfMemories(LinearMemory):
     def _mix(self, x, q, k, v, state, segment_ids):
         b, T, _ = x.shape
         E, G = self.num_slots, self.num_kv_heads
-        mask, weights = self.route(x)
+        mask, weights, probs, idx = self._route(x)
+        if self.sow_aux_loss and state is None:
+            self.sow(nnx.Intermediate, "aux_loss", self._balance(mask, probs))
+        if self.dispatch == "sparse" and state is None:
+            return self._mix_sparse(x, q, k, v, weights, idx, segment_ids)
         if self.shared_memory:
             mask = jnp.concatenate([mask, jnp.ones_like(mask[..., :1])], axis=-1)
             weights = jnp.concatenate([weights, jnp.ones_like(weights[..., :1])], axis=-1)
@@ -128,5 +177,48 @@ class MixtureOfMemories(LinearMemory):
         q_all = jnp.tile(q, (1, 1, E, 1))
         o, state = self._memory(q_all, k, v, log_gate, beta, state, segment_ids)
         o = o.reshape(b, T, E, self.num_heads, -1)
-        o = jnp.einsum("bte,btehv->bthv", weights.astype(jnp.float32), o.astype(jnp.float32))
+        acc = jnp.promote_types(o.dtype, jnp.float32)  # float64 runs stay float64
+        o = jnp.einsum("bte,btehv->bthv", weights.astype(acc), o.astype(acc))
         return o, state
+
+    def _gates_per_memory(self, x):
+        """(log_gate, beta) [b, t, E, G] float32 for the delta rule, else (None, None)."""
+        if self.rule != "delta":
+            return None, None
+        b, T, _ = x.shape
+        E, G = self.num_slots, self.num_kv_heads
+        x32 = x.astype(jnp.float32)
+        beta = jax.nn.sigmoid(jnp.einsum("btd,deg->bteg", x32, self.beta_proj[...]))
+        log_gate = mamba2_log_decay(self.decay_proj(x32), self.log_A[...].reshape(E * G))
+        return log_gate.reshape(b, T, E, G), beta
+
+    def _mix_sparse(self, x, q, k, v, weights, idx, segment_ids):
+        """dispatch="sparse" (module docstring): the (token, memory) pairs sorted by memory
+        then time into one packed sequence per row, T (k + 1) long with the shared memory."""
+        b, T, _ = x.shape
+        E, G, M, top = self.num_slots, self.num_kv_heads, self.num_memories, self.top_k
+        pairs_m = idx.reshape(b, T * top)                            # pair f = t * k + j
+        order = jnp.argsort(pairs_m * T + jnp.arange(T * top, dtype=jnp.int32)[None] // top,
+                            axis=-1, stable=True)
+        tok = (order // top).astype(jnp.int32)
+        mem = jnp.take_along_axis(pairs_m, order, axis=-1).astype(jnp.int32)
+        if self.shared_memory:                                       # memory M: every token
+            tok = jnp.concatenate([tok, jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))],
+                                  axis=-1)
+            mem = jnp.concatenate([mem, jnp.full((b, T), M, jnp.int32)], axis=-1)
+            weights = jnp.concatenate([weights, jnp.ones_like(weights[..., :1])], axis=-1)
+        rows = jnp.arange(b)[:, None]
+        doc = (jnp.zeros((b, T), jnp.int32) if segment_ids is None else
+               jnp.cumsum(segment_starts(segment_ids), axis=1, dtype=jnp.int32))
+        packed_ids = mem * (T + 1) + doc[rows, tok]
+        k, v = k.reshape(b, T, E, G, -1), v.reshape(b, T, E, G, -1)
+        log_gate, beta = self._gates_per_memory(x)
+        if log_gate is not None:
+            log_gate, beta = log_gate[rows, tok, mem], beta[rows, tok, mem]
+        o, _ = self._memory(q[rows, tok], k[rows, tok, mem], v[rows, tok, mem], log_gate, beta,
+                            None, packed_ids)
+        acc = jnp.promote_types(o.dtype, jnp.float32)
+        w = weights[rows, tok, mem].astype(acc)                      # [b, pairs]
+        contrib = w[:, :, None, None] * o.astype(acc)
+        out = jnp.zeros((b, T) + o.shape[2:], acc)
+        return out.at[rows, tok].add(contrib), None

@@ -9,9 +9,12 @@
 
 Both are per-token maps (Hopfield over the input is causal attention, not a recurrence), so a
 parallel call and token-by-token calls agree trivially; neither is registered as a mixer.
+`HopfieldMixer` (hopfield.py) is: the mixer "hopfield", multi-head causal Hopfield association
+over the input's past tokens with a KV cache.
 """
-from memzoo.memory_layers.hopfield import Hopfield, hopfield_energy, hopfield_retrieve
+from memzoo.memory_layers.hopfield import (Hopfield, HopfieldMixer, hopfield_energy,
+                                           hopfield_retrieve)
 from memzoo.memory_layers.product_key import (QUERY_NORMS, MemoryValues, ProductKeyMemory,
                                               product_key_topk)
 
-__all__ = ["Hopfield", "hopfield_energy", "hopfield_retrieve", "MemoryValues", "ProductKeyMemory", "QUERY_NORMS", "product_key_topk"]
+__all__ = ["Hopfield", "HopfieldMixer", "hopfield_energy", "hopfield_retrieve", "MemoryValues", "ProductKeyMemory", "QUERY_NORMS", "product_key_topk"]

@@ -16,6 +16,23 @@ well-separated patterns and large beta, retrieves the stored pattern nearest to 
     an associative attention with inverse temperature beta), causal by default so that a token
     reads only itself and earlier tokens.
 beta defaults to 1 / sqrt(pattern_dim), the attention scaling.
+
+`HopfieldMixer`, the registered mixer "hopfield": the over-the-input layer as a multi-head
+causal sequence mixer. Per head, the stored patterns at token t are the keys k_1..k_t of the
+tokens so far (Y W_k), the state pattern starts as the query xi^(0) = q_t and takes
+`update_steps` - 1 Hopfield updates in key space before the read-out through the values:
+
+    xi^(s+1) = K_<=t^T softmax(beta K_<=t xi^(s))          s = 0 .. update_steps - 2
+    o_t      = V_<=t^T softmax(beta K_<=t xi^(last))       y = concat_h(o_t) W_o
+
+(Ramsauer et al., 2020, sec. 3, the `Hopfield` layer with the keys as stored patterns and its
+"update_steps_max"). One step is causal softmax attention with inverse temperature beta
+(default 1 / sqrt(head_dim)), so every step is `pallas_kernels.flash_attention` with
+scale=beta (values = keys for the updates), and the cache is memzoo.attention's KV cache: the
+stored patterns are the past keys and values, written once per token as in attention.
+Packed documents (segment_ids): each document's tokens store and retrieve only among their own
+patterns. Projections, GQA and the KV cache come from memzoo.attention.Attention; no positions
+by default (`rope=False`: stored patterns are a set), rotary positions as an option.
 """
 from __future__ import annotations
 
@@ -25,7 +42,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import pallas_kernels
 from memzoo import layers
+from memzoo.attention import (DEFAULT_MAX_LEN, Attention, KVCache, check_segment_ids,
+                              segment_positions, segment_starts)
+from memzoo.registry import register_mixer
 
 
 def hopfield_retrieve(patterns, xi, beta, steps: int = 1):
@@ -101,3 +122,93 @@ class Hopfield(nnx.Module):
             scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -jnp.inf)
         out = jnp.einsum("bts,bsp->btp", jax.nn.softmax(scores, axis=-1), values)
         return self.out(out.astype(self.dtype))
+
+
+@register_mixer("hopfield")
+class HopfieldMixer(Attention):
+    """Multi-head causal Hopfield association: [b, t, d] -> [b, t, d] (module docstring).
+
+    Options: num_heads, num_kv_heads (GQA), head_dim, beta (inverse temperature, default
+    head_dim^-1/2), update_steps (Hopfield updates of the state pattern + the read-out, >= 1;
+    1 is softmax attention), rope (False), rope_base, max_len (the decoding cache's length),
+    implementation (pallas_kernels.flash_attention's).
+
+    >>> hop = HopfieldMixer(8, num_heads=2, update_steps=2, rngs=nnx.Rngs(0))
+    >>> hop(jnp.ones((1, 5, 8))).shape
+    (1, 5, 8)
+    """
+
+    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None,
+                 num_kv_heads: int | None = None, beta: float | None = None,
+                 update_steps: int = 1, rope: bool = False, rope_base: float = 10_000.0,
+                 max_len: int = DEFAULT_MAX_LEN, implementation: str = "auto",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        if not isinstance(update_steps, int) or isinstance(update_steps, bool) \
+                or update_steps < 1:
+            raise ValueError(f"HopfieldMixer: `update_steps` must be an integer >= 1, got "
+                             f"{update_steps!r}")
+        if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float))
+                                 or not beta > 0):
+            raise ValueError(f"HopfieldMixer: `beta` must be a number > 0, got {beta!r}")
+        super().__init__(d_model, num_heads=num_heads, head_dim=head_dim,
+                         num_kv_heads=num_kv_heads, rope=rope, rope_base=rope_base,
+                         max_len=max_len, implementation=implementation, dtype=dtype, rngs=rngs)
+        self.update_steps = update_steps
+        self.beta = float(beta) if beta is not None else self.head_dim ** -0.5
+
+    def _associate(self, q, k, v, attend):
+        """The update_steps - 1 updates in key space, then the read through the values;
+        `attend(xi, keys, values)` is one causal softmax step at inverse temperature beta."""
+        xi = q
+        for _ in range(self.update_steps - 1):
+            xi = attend(xi, k, k)
+        return attend(xi, k, v)
+
+    def __call__(self, x, cache: KVCache | None = None, *, segment_ids=None):
+        """Parallel form, or with `cache` the prefill that continues from it: (y, cache).
+        `segment_ids` [b, t]: patterns stored and retrieved within a document only (and
+        rotary positions, if any, restart); parallel form only."""
+        layers.check_input("HopfieldMixer", "x", x, ndim=3, width=self.d_model)
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("HopfieldMixer: `segment_ids` applies to the parallel form "
+                                 "only; a cache holds one document per batch row")
+            return self._cached(x, cache)
+        b, T, _ = x.shape
+        if segment_ids is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (b, T))
+            docs = None
+        else:
+            check_segment_ids("HopfieldMixer", segment_ids, (b, T))
+            positions = segment_positions(segment_ids)
+            docs = jnp.cumsum(segment_starts(segment_ids), axis=1, dtype=jnp.int32)
+        q, k, v = self._project(x, positions)
+
+        def attend(xi, keys, values):
+            return pallas_kernels.flash_attention(xi, keys, values, segment_ids=docs,
+                                                  scale=self.beta,
+                                                  implementation=self.implementation)
+        return self._out(self._associate(q, k, v, attend))
+
+    def _cached(self, x, cache: KVCache):
+        b, T, _ = x.shape
+        if cache.k.shape[0] != b:
+            raise ValueError(f"HopfieldMixer: cache is for batch {cache.k.shape[0]}, x has {b}")
+        slots = cache.k.shape[1]
+        if T > slots:
+            raise ValueError(f"HopfieldMixer: {T} tokens do not fit a cache of max_len={slots}")
+        index = cache.index
+        q_pos = index + jnp.arange(T, dtype=jnp.int32)
+        q, k, v = self._project(x, jnp.broadcast_to(q_pos[None], (b, T)))
+        keys = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, index, 0, 0))
+        values = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype),
+                                              (0, index, 0, 0))
+        visible = jnp.arange(slots, dtype=jnp.int32)[None, :] <= q_pos[:, None]
+
+        def attend(xi, kk, vv):
+            return jax.nn.dot_product_attention(xi, kk.astype(xi.dtype), vv.astype(xi.dtype),
+                                                mask=visible[None, None], scale=self.beta)
+        y = self._out(self._associate(q, keys, values, attend))
+        # As memzoo.attention: an overflowing write would be clamped silently; poison instead.
+        y = jnp.where(index + T <= slots, y, jnp.nan)
+        return y, KVCache(keys, values, index + T)

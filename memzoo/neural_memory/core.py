@@ -17,6 +17,10 @@ Miras' decomposition (Behrouz et al., 2025), one object per axis:
                     "momentum"  S_t = eta_t S_{t-1} - theta_t g_t ;  A_t = (1 - alpha_t) A_{t-1} + S_t
                                 (Titans' surprise S and forgetting alpha)
   optional          per-token clipping of g to norm `max_grad_norm` (as titans-pytorch offers)
+  inner model       the MLP's layers with biases (`layer_bias`), and TTT's residual layer norm
+                    M(x) = x + LN(mlp(x)) * gamma + beta (`residual_norm`; Sun et al., 2024),
+                    whose gamma and beta are leaves the inner loop does not train (their
+                    gradients are zero, so with alpha = 0 they keep their outer-learned values)
 
 with g_t = grad_W l(M_W(k_t), v_t). For "kl", A is the log-weights: Memora's
 W_t = c softmax((1 - alpha_t) log W_{t-1} - theta_t g_t) is, since softmax ignores a constant
@@ -83,6 +87,11 @@ class MemoryRule:
     # at most polynomially in the sequence length whatever the gates do: without it a 2-layer
     # memory at theta = 0.1 overflows float32 within 128 tokens (test_neural_memory.py).
     max_grad_norm: float | None = None
+    # The inner model's leaves: [W_1, (b_1,) W_2, (b_2,) ..., (gamma, beta)], biases and the
+    # norm's scale and shift as [1, out] rows (so every leaf is a matrix, as the scans expect).
+    layer_bias: bool = False
+    residual_norm: bool = False
+    norm_eps: float = 1e-6
 
     def __post_init__(self):
         for name, value, choices in (("attentional_bias", self.attentional_bias,
@@ -103,6 +112,12 @@ class MemoryRule:
         _require(self.max_grad_norm is None or (isinstance(self.max_grad_norm, (int, float))
                                                 and self.max_grad_norm > 0),
                  f"MemoryRule: `max_grad_norm` must be None or > 0, got {self.max_grad_norm!r}")
+        _require(self.retention == "l2" or not (self.layer_bias or self.residual_norm),
+                 f"MemoryRule: `layer_bias` / `residual_norm` need retention 'l2' (the lq and "
+                 f"kl readouts would renormalise the bias and norm rows), got "
+                 f"{self.retention!r}")
+        _require(isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0,
+                 f"MemoryRule: `norm_eps` must be > 0, got {self.norm_eps!r}")
 
     @property
     def momentum(self) -> bool:
@@ -134,20 +149,33 @@ class MemoryRule:
 
     # ---- the memory MLP ----------------------------------------------------------------------
     def apply(self, weights: Sequence[jax.Array], x: jax.Array) -> jax.Array:
-        """M_W(x) for one vector x [in]: linear layers [in, out] with the activation between
-        them (one layer: the linear memory x W)."""
+        """M_W(x) for one vector x [in]: linear layers [in, out] (+ bias rows) with the
+        activation between them (one layer: the linear memory x W), and with `residual_norm`
+        x + LN(.) * gamma + beta around them."""
         act = ACTIVATIONS[self.activation]
+        leaves = list(weights)
+        if self.residual_norm:
+            leaves, (gamma, beta) = leaves[:-2], leaves[-2:]
+        step = 2 if self.layer_bias else 1
         h = x
-        for i, w in enumerate(weights):
-            h = h @ w
-            if i + 1 < len(weights):
+        for i in range(0, len(leaves), step):
+            h = h @ leaves[i]
+            if self.layer_bias:
+                h = h + leaves[i + 1][0]
+            if i + step < len(leaves):
                 h = act(h)
+        if self.residual_norm:
+            mean = jnp.mean(h, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+            h = x + (h - mean) * jax.lax.rsqrt(var + self.norm_eps) * gamma[0] + beta[0]
         return h
 
     def token_grad(self, weights, k, v):
         """g = grad_W l(M_W(k), v): one token's gradient, a tuple like `weights`, clipped to
-        norm `max_grad_norm` when that is set."""
+        norm `max_grad_norm` when that is set (zero for the residual norm's gamma, beta)."""
         g = jax.grad(lambda w: self.loss(self.apply(w, k), v))(tuple(weights))
+        if self.residual_norm:
+            g = g[:-2] + tuple(jnp.zeros_like(x) for x in g[-2:])
         if self.max_grad_norm is None:
             return g
         sq = sum(jnp.sum(x * x) for x in g)

@@ -14,9 +14,18 @@
   "titans_mal"  Memory as a Layer: y = attn(memory(x)), the window attention reading the memory's
                 output.
 
-Departures from the paper, said plainly: MAC writes the memory with the segment's inputs (the paper
-writes it with the attention output y_t and gates y_t with M(y_t)); this keeps memory and
-attention independent within a segment and one memory pass per call. Persistent tokens enter the
+MAC has two forms (`form=`). "additive" (the default) writes the memory with the segment's inputs
+and adds its read: o = attn + M(x); this keeps memory and attention independent within a segment,
+one memory pass per call, chunk-parallel. "paper" is Titans' eq. 21-25 as written:
+
+    h_t = M*_{t-1}(q_t)                          the chunk-start read (as above)
+    y_t = Attn([persistent; h; segment])_t       M_t = M_{t-1}(y_t): written with y, not x
+    o_t = y_t (x) M*_t(y_t)                      the attention output gated by the memory's read
+
+where the write of a segment needs its attention output, which needs the memory the previous
+segments wrote: the form is sequential, run as a scan of the decoding step over tokens (the same
+step as decoding, so parallel == decoding by construction; O(t) sequential steps, two memory
+passes per token). Persistent tokens: every variant (MAC, MAG, MAL) has `num_persistent` of them. Persistent tokens enter the
 attention as extra keys/values (projected by the attention's own W_k, W_v, no rotary phase), not as
 a prefix of the sequence the memory also reads.
 
@@ -41,6 +50,7 @@ from memzoo.linear_attention.common import check_positive_int
 from memzoo.neural_memory.memory import NeuralMemory, NeuralMemoryCache, with_memory_keywords
 from memzoo.registry import register_mixer
 
+MAC_FORMS = ("additive", "paper")
 MEMORY_OPTIONS = ("memory_layers", "memory_expansion", "conv_size", "attentional_bias",
                   "retention", "learning_rule", "p", "huber_delta", "q", "kl_scale", "activation",
                   "max_lr", "max_grad_norm", "remat", "implementation")
@@ -52,6 +62,9 @@ class TitansCache:
     segment's keys/values, 2 x segment_len slots: x tokens then h tokens)."""
     memory: NeuralMemoryCache
     attn: KVCache
+    # MAC form="paper": the memory's conv window over the inputs x its reads h see (its own
+    # window, `memory.conv`, runs over the attention outputs y it is written with).
+    read_conv: jax.Array | None = None
 
 
 class _TitansBase(nnx.Module):
@@ -279,7 +292,7 @@ class TitansMAL(_TitansBase):
 @register_mixer("titans_mac")
 class TitansMAC(_TitansBase):
     """Memory as Context: [b, t, d] -> [b, t, d] (module docstring). `segment_len` is the
-    attention segment and the memory's chunk.
+    attention segment and the memory's chunk; `form` "additive" | "paper" (module docstring).
 
     >>> mac = TitansMAC(8, num_heads=2, segment_len=4, rngs=nnx.Rngs(0))
     >>> mac(jnp.ones((1, 6, 8))).shape
@@ -288,8 +301,12 @@ class TitansMAC(_TitansBase):
 
     def __init__(self, d_model: int, *, num_heads: int = 4, memory_heads: int | None = None,
                  segment_len: int = 32, num_persistent: int = 4, rope: bool = True,
-                 dtype=jnp.float32, rngs: nnx.Rngs, **memory_options):
+                 form: str = "additive", dtype=jnp.float32, rngs: nnx.Rngs,
+                 **memory_options):
         check_positive_int("TitansMAC", "segment_len", segment_len)
+        if form not in MAC_FORMS:
+            raise ValueError(f"TitansMAC: `form` must be one of {MAC_FORMS}, got {form!r}")
+        self.form = form
         # The context needs the chunk-start reads, which the delta-rule path does not produce.
         super().__init__(d_model, num_heads=num_heads, memory_heads=memory_heads,
                          window=segment_len, num_persistent=num_persistent,
@@ -301,9 +318,11 @@ class TitansMAC(_TitansBase):
         del max_len
         a = self.attn
         shape = (batch_size, 2 * self.segment_len, a.num_kv_heads, a.head_dim)
-        return TitansCache(self.memory.init_cache(batch_size),
+        memory = self.memory.init_cache(batch_size)
+        return TitansCache(memory,
                            KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype),
-                                   jnp.zeros((), jnp.int32)))
+                                   jnp.zeros((), jnp.int32)),
+                           memory.conv if self.form == "paper" else None)
 
     def _segment_kv(self, x, h, positions):
         """Keys/values of the segment tokens and of the memory reads h (same positions [b, t])."""
@@ -312,6 +331,8 @@ class TitansMAC(_TitansBase):
         return q, kx, vx, kh, vh
 
     def _forward(self, x, cache, decode: bool = False, segment_ids=None):
+        if self.form == "paper":
+            return self._paper_forward(x, cache, segment_ids)
         b, T, _ = x.shape
         S = self.segment_len
         memory_cache = None if cache is None else cache.memory
@@ -319,12 +340,42 @@ class TitansMAC(_TitansBase):
         # chunks, so a packed document is cut where it would be cut alone.
         doc_pos, doc = self._documents(b, T, memory_cache, segment_ids)
         m, h, mem = self.memory.forward(x, memory_cache, decode=decode, segment_ids=segment_ids)
+        if cache is None:
+            q, kx, vx, kh, vh = self._segment_kv(x, h, doc_pos)
+            # a segment's tokens are S consecutive positions: a window of S with equal labels
+            o = self._local_attend(q, [(kh, vh), (kx, vx)], S, [doc, doc_pos // S])
+            return self.attn._out(o) + m, None
+        a, kv = self._cached_attention(x, h, cache, doc_pos, doc)
+        return a + m, TitansCache(mem, kv)
+
+    def _paper_forward(self, x, cache, segment_ids):
+        """form="paper": the decoding step scanned over the tokens (module docstring)."""
+        b = x.shape[0]
+        carry = self.init_cache(b) if cache is None else cache
+
+        def step(c, inputs):
+            xt, ids = inputs
+            xt, ids = xt[:, None], (None if ids is None else ids[:, None])
+            doc_pos, doc = self._documents(b, 1, c.memory, ids)
+            # the read of x (through x's own conv window), then the write with y
+            _, h, read = self.memory.forward(xt, c.memory.replace(conv=c.read_conv),
+                                             decode=True, segment_ids=ids)
+            y, kv = self._cached_attention(xt, h, c, doc_pos, doc)
+            m, _, mem = self.memory.forward(y, c.memory, decode=True, segment_ids=ids)
+            return TitansCache(mem, kv, read.conv), (y * m)[:, 0]
+
+        ids = None if segment_ids is None else jnp.swapaxes(segment_ids, 0, 1)
+        carry, ys = jax.lax.scan(step, carry, (jnp.swapaxes(x, 0, 1), ids))
+        return jnp.swapaxes(ys, 0, 1), (None if cache is None else carry)
+
+    def _cached_attention(self, x, h, cache, doc_pos, doc):
+        """The cached form's segment attention (with the output projection) and the segment's
+        new key/value buffer."""
+        b, T, _ = x.shape
+        S = self.segment_len
+        memory_cache = cache.memory
         q, kx, vx, kh, vh = self._segment_kv(x, h, doc_pos)
         seg = doc_pos // S
-        if cache is None:
-            # a segment's tokens are S consecutive positions: a window of S with equal labels
-            o = self._local_attend(q, [(kh, vh), (kx, vx)], S, [doc, seg])
-            return self.attn._out(o) + m, None
         t = jnp.arange(T, dtype=jnp.int32)
         new_ok = ((doc[:, None, :] == doc[:, :, None]) & (seg[:, None, :] == seg[:, :, None])
                   & (t[None, :] <= t[:, None])[None])
@@ -352,7 +403,7 @@ class TitansMAC(_TitansBase):
 
         kb = jnp.concatenate([keep(buf.k[:, :S], kx), keep(buf.k[:, S:], kh)], 1)
         vb = jnp.concatenate([keep(buf.v[:, :S], vx), keep(buf.v[:, S:], vh)], 1)
-        return a + m, TitansCache(mem, KVCache(kb, vb, buf.index + T))
+        return a, KVCache(kb, vb, buf.index + T)
 
 
 # Name the memory's keywords in the constructors' signatures (see with_memory_keywords).

@@ -34,6 +34,10 @@ to recall") starts the layer close to linear attention, y_t ~ sum_{s<=t} (C_t . 
   of its neighbours.
 Everything else (dt, D, the projections) is as in the default init.
 
+`reparam` (StableSSM, Wang & Li 2023; memzoo/ssm/reparam.py): A = -f(A_log) with f = exp (the
+default, as published), softplus or the "best" 1 / (a w^2 + b), whose gradient scale
+|f'| / f^2 grows only linearly in |w|; the initial A is the same under every choice.
+
 Optimizer tags (memzoo.layers.param): `A_log` and `dt_bias` are in the "ssm_dynamics" group
 (no weight decay, own learning-rate multiplier) and `D_skip` (the paper's D) is not decayed, as
 mamba-ssm marks them `_no_weight_decay`.
@@ -49,6 +53,7 @@ from flax import nnx, struct
 from memzoo import layers
 from memzoo.registry import register_mixer
 from memzoo.ssm.init import DT_INIT_FLOOR, DT_RANGE, dt_bias_init
+from memzoo.ssm.reparam import check_reparam, inverse_stable_rate, stable_rate
 from pallas_kernels import causal_conv1d, causal_conv1d_update, selective_scan
 
 INITS = ("default", "mimetic")
@@ -172,7 +177,8 @@ class Mamba(ConvSSMMixer):
     Options: state_size N (16), expand (2), conv_width W (4), dt_rank ("auto": ceil(d/16)),
     dt_min, dt_max, dt_init_floor, dt_scale (dt_proj init scale), dt_limit (clip of dt after the
     softplus; (0, inf) = none), init ("default" | "mimetic"), conv_bias (True), use_bias (in/out
-    projections, False), implementation (the ops' "auto" | "xla" | "pallas" | "reference").
+    projections, False), implementation (the ops' "auto" | "xla" | "pallas" | "reference"),
+    reparam ("exp" | "softplus" | "best": A = -f(A_log), memzoo/ssm/reparam.py).
 
     >>> m = Mamba(16, state_size=4, rngs=nnx.Rngs(0))
     >>> m(jnp.ones((2, 8, 16))).shape
@@ -185,8 +191,10 @@ class Mamba(ConvSSMMixer):
                  dt_init_floor: float = DT_INIT_FLOOR, dt_scale: float = 1.0,
                  dt_limit: tuple[float, float] = (0.0, math.inf), init: str = "default",
                  conv_bias: bool = True, use_bias: bool = False, implementation: str = "auto",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 reparam: str = "exp", dtype=jnp.float32, rngs: nnx.Rngs):
         owner = "Mamba"
+        check_reparam(owner, reparam)
+        self.reparam = reparam
         if dt_rank == "auto":
             dt_rank = math.ceil(d_model / 16)
         check_positive_int(owner, d_model=d_model, state_size=state_size, expand=expand,
@@ -222,13 +230,14 @@ class Mamba(ConvSSMMixer):
         else:
             a = jnp.broadcast_to(jnp.arange(1, state_size + 1, dtype=jnp.float32),
                                  (E, state_size))
-        self.A_log = layers.param(jnp.log(a), ("mlp", "state"), group="ssm_dynamics")
+        self.A_log = layers.param(inverse_stable_rate(a, reparam), ("mlp", "state"),
+                                  group="ssm_dynamics")
         self.D_skip = layers.param(jnp.ones((E,), jnp.float32), ("mlp",), weight_decay=False)
         self.out_proj = layers.Linear(E, d_model, axes=("mlp", "embed"), use_bias=use_bias, **lin)
 
     # The pieces both forms share.
     def A(self):
-        return -jnp.exp(self.A_log[...])
+        return -stable_rate(self.A_log[...], self.reparam)
 
     def _split_x_proj(self, x):
         """(dt [.., E] before the bias, B [.., N], C [.., N]) from the conv output."""

@@ -3,7 +3,9 @@
 Each of the d_model channels has its own N/2 complex modes; the other N/2 are their conjugates,
 so the output is 2 Re(sum_n C_n x_n) and only the half is stored. Parameters are real float32:
 complex values as [..., 2] (real, imag) pairs, Re A as log(-Re A) so A stays stable, and the
-step as log dt. Two parallel forms that must agree:
+step as log dt. `reparam` ("exp" | "softplus" | "best"; StableSSM, Wang & Li 2023, see
+memzoo/ssm/reparam.py) picks f in Re A = -f(w), w the stored `log_neg_a_real` ("exp": the
+default, w = log(-Re A)); every choice keeps Re A < 0. Two parallel forms that must agree:
 
   conv       K_l = 2 Re(sum_n C_n Bbar_n Abar_n^l)   (a Vandermonde product, computed in float32)
              y = K * u by FFT (causal), + D u
@@ -28,6 +30,7 @@ from memzoo.registry import register_mixer
 from memzoo.ssm import discretization, hippo
 from memzoo.ssm.block import SSMBlock
 from memzoo.ssm.init import DT_RANGE, log_uniform
+from memzoo.ssm.reparam import check_reparam, inverse_stable_rate, stable_rate
 from pallas_kernels import linear_scan
 
 INITS = ("legs", "inv", "lin", "random")
@@ -113,9 +116,12 @@ class S4D(nnx.Module):
     def __init__(self, d_model: int, *, state_size: int = 64, init: str = "legs",
                  method: str = "zoh", mode: str = "conv", bidirectional: bool = False,
                  dt_min: float = DT_RANGE[0], dt_max: float = DT_RANGE[1],
-                 scan_implementation: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+                 reparam: str = "exp", scan_implementation: str = "auto", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if state_size < 2 or state_size % 2:
             raise ValueError(f"S4D: state_size must be even and >= 2, got {state_size}")
+        check_reparam("S4D", reparam)
+        self.reparam = reparam
         if mode not in MODES:
             raise ValueError(f"S4D: mode must be one of {MODES}, got {mode!r}")
         discretization.check_method(method, ("zoh", "bilinear"))
@@ -125,7 +131,8 @@ class S4D(nnx.Module):
         half = state_size // 2
         lam, b = s4d_init(init, state_size, key=rngs.params() if init == "random" else None)
         lam = jnp.broadcast_to(jnp.asarray(lam, jnp.complex64)[None], (d_model, half))
-        self.log_neg_a_real = layers.param(jnp.log(-lam.real), ("embed", "state"),
+        self.log_neg_a_real = layers.param(inverse_stable_rate(-lam.real, reparam),
+                                           ("embed", "state"),
                                            group="ssm_dynamics")
         self.a_imag = layers.param(lam.imag, ("embed", "state"), group="ssm_dynamics")
         self.B = complex_param(jnp.broadcast_to(jnp.asarray(b, jnp.complex64)[None],
@@ -140,7 +147,8 @@ class S4D(nnx.Module):
 
     # The SSM in continuous form, complex [d, n/2].
     def _A(self):
-        return jax.lax.complex(-jnp.exp(self.log_neg_a_real[...]), self.a_imag[...])
+        return jax.lax.complex(-stable_rate(self.log_neg_a_real[...], self.reparam),
+                               self.a_imag[...])
 
     def _C(self, direction: int):
         v = self.C[...][direction]

@@ -5,7 +5,9 @@
 Lambda is HiPPO-N's spectrum (the eigenvalues of LegS's normal part), optionally J independent
 blocks of size P/J; B and C are drawn real and projected into the eigenbasis (B~ = V^H B,
 C~ = C V). Eigenvalues come in conjugate pairs, so only P/2 are stored and read back as 2 Re.
-Each state has its own log step. The parallel form is pallas_kernels.linear_scan (complex);
+Each state has its own log step. Re Lambda = -f(w), w stored as `log_neg_lambda_real`, with f
+chosen by `reparam` ("exp", the default: w = log(-Re Lambda); "softplus"; "best": StableSSM,
+Wang & Li 2023, memzoo/ssm/reparam.py): stable for every w. The parallel form is pallas_kernels.linear_scan (complex);
 bidirectional adds a reverse scan with its own C (including lag 0, as in the paper), and, not
 being causal, has no decoding mode.
 """
@@ -24,6 +26,7 @@ from memzoo.registry import register_mixer
 from memzoo.ssm import discretization, hippo
 from memzoo.ssm.block import SSMBlock
 from memzoo.ssm.init import DT_RANGE, log_uniform
+from memzoo.ssm.reparam import check_reparam, inverse_stable_rate, stable_rate
 from memzoo.ssm.s4d import SSMCache, complex_param
 from pallas_kernels import linear_scan
 
@@ -48,14 +51,19 @@ class S5(nnx.Module):
     def __init__(self, d_model: int, *, state_size: int = 64, blocks: int = 1,
                  method: str = "zoh", bidirectional: bool = False,
                  dt_min: float = DT_RANGE[0], dt_max: float = DT_RANGE[1],
-                 scan_implementation: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+                 reparam: str = "exp", scan_implementation: str = "auto", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         discretization.check_method(method, ("zoh", "bilinear"))
+        check_reparam("S5", reparam)
         self.d_model, self.state_size, self.method = d_model, state_size, method
+        self.reparam = reparam
         self.bidirectional, self.scan_implementation, self.dtype = (bidirectional,
                                                                     scan_implementation, dtype)
         lam, V = hippo_n_init(state_size, blocks)
         V = jnp.asarray(V, jnp.complex64)
-        self.log_neg_lambda_real = layers.param(jnp.asarray(np.log(-lam.real), jnp.float32),
+        self.log_neg_lambda_real = layers.param(jnp.asarray(inverse_stable_rate(-lam.real,
+                                                                                reparam),
+                                                            jnp.float32),
                                                 ("state",), group="ssm_dynamics")
         self.lambda_imag = layers.param(jnp.asarray(lam.imag, jnp.float32), ("state",),
                                          group="ssm_dynamics")
@@ -72,7 +80,8 @@ class S5(nnx.Module):
 
     def _discrete(self):
         """(Abar [P/2], Bbar [P/2, d]) complex64."""
-        lam = jax.lax.complex(-jnp.exp(self.log_neg_lambda_real[...]), self.lambda_imag[...])
+        lam = jax.lax.complex(-stable_rate(self.log_neg_lambda_real[...], self.reparam),
+                              self.lambda_imag[...])
         abar, scale = discretization.discretize_diag(lam, jnp.exp(self.log_step[...]),
                                                      self.method)
         v = self.B[...]

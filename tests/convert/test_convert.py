@@ -13,7 +13,6 @@ from memzoo.convert import (ConversionError, load_checkpoint, read_tensors, save
                             torch_zip, write_tensors)
 from memzoo.convert import fla as fla_format
 from memzoo.convert import mamba as mamba_format
-from memzoo.convert import zero_mlp_biases
 from memzoo.convert.__main__ import main as cli
 from memzoo.models import CausalLM
 
@@ -24,10 +23,8 @@ GDN = dict(model_type="gated_deltanet", hidden_size=32, num_hidden_layers=2, voc
 
 
 def _checkpoint(path, config, module, seed=1):
-    """A checkpoint in `module`'s format from a randomly initialised memzoo model (MLP biases,
-    which the references lack, left at zero)."""
+    """A checkpoint in `module`'s format from a randomly initialised memzoo model."""
     model = CausalLM(**module.model_options(config), rngs=nnx.Rngs(seed))
-    zero_mlp_biases(model)
     save_checkpoint(model, config, str(path))
     return model
 
@@ -62,7 +59,7 @@ def test_missing_files(tmp_path):
     with pytest.raises(ConversionError, match="config.json"):
         load_checkpoint(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps(GDN))
-    with pytest.raises(ConversionError, match="model.safetensors or pytorch_model.bin"):
+    with pytest.raises(ConversionError, match="no weights file"):
         load_checkpoint(str(tmp_path))
 
 
@@ -95,7 +92,7 @@ def test_shape_mismatch_names_tensor_and_shapes(tmp_path):
     (dict(MAMBA2, attn_layer_idx=[1]), "attn_layer_idx"),
     (dict(MAMBA2, ssm_cfg=dict(layer="Mamba3")), "ssm_cfg.layer"),
     (dict(GDN, num_v_heads=4), "num_v_heads"),
-    (dict(GDN, allow_neg_eigval=True), "allow_neg_eigval"),
+    (dict(GDN, allow_neg_eigval="yes"), "allow_neg_eigval"),
     (dict(GDN, attn={"layers": [0]}), "attn"),
     ({**{k: v for k, v in GDN.items() if k != "head_dim"}, "model_type": "retnet",
       "num_kv_heads": 1}, "num_kv_heads"),
@@ -114,11 +111,15 @@ def test_unknown_format(tmp_path):
         load_checkpoint(str(tmp_path))
 
 
-def test_nonzero_mlp_bias_cannot_be_saved(tmp_path):
+def test_converted_models_have_no_mlp_biases_and_biased_ones_are_refused(tmp_path):
     model = _checkpoint(tmp_path / "a", GDN, fla_format)
-    model.stack.layers[0].mlp.down.bias[...] = jnp.ones(model.stack.layers[0].mlp.down.bias.shape)
+    assert model.stack.layers[0].mlp.down.bias is None   # nothing to train that fla lacks
+    # A memzoo model with MLP biases (the default) exports only while they are zero.
+    biased = CausalLM(**{**fla_format.model_options(GDN), "mlp_bias": True}, rngs=nnx.Rngs(0))
+    save_checkpoint(biased, GDN, str(tmp_path / "b"))
+    biased.stack.layers[0].mlp.down.bias[...] = jnp.ones(biased.stack.layers[0].mlp.down.bias.shape)
     with pytest.raises(ConversionError, match="bias"):
-        save_checkpoint(model, GDN, str(tmp_path / "b"))
+        save_checkpoint(biased, GDN, str(tmp_path / "c"))
 
 
 def test_command_line(tmp_path, capsys):

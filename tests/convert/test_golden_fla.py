@@ -19,6 +19,9 @@ CASES = {
                                                           expand_v=1.0, use_gate=False,
                                                           tie_word_embeddings=True,
                                                           intermediate_size=96)),
+    # ... with negative eigenvalues: beta = 2 sigmoid in (0, 2).
+    "gated_deltanet_neg_eigval": ("gated_deltanet", dict(BASE, head_dim=16, num_heads=2,
+                                                         allow_neg_eigval=True)),
     # GLA: key/value heads shared by two query heads each, short convs.
     "gla_gqa_conv": ("gla", dict(BASE, num_heads=4, num_kv_heads=2, use_short_conv=True,
                                  norm_eps=1e-5)),
@@ -26,6 +29,8 @@ CASES = {
     "gla": ("gla", dict(BASE, num_heads=2)),
     # DeltaNet with fla's output gate and wider values.
     "delta_net_gate": ("delta_net", dict(BASE, num_heads=4, use_gate=True, expand_v=2)),
+    # ... with negative eigenvalues.
+    "delta_net_neg_eigval": ("delta_net", dict(BASE, num_heads=2, allow_neg_eigval=True)),
     # DeltaNet as published (no gate: RMSNorm output).
     "delta_net": ("delta_net", dict(BASE, num_heads=2)),
     # RetNet: rotary q/k, fixed decays per head, RMSNorm + swish gate (fla's output norm).

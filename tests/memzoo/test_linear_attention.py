@@ -32,6 +32,9 @@ CASES = [
     ("mom_linear_gqa", "mom", dict(num_heads=2, num_kv_heads=1, num_memories=3, top_k=1,
                                    memory_rule="linear_attention", shared_memory=False,
                                    qk_norm="none", conv_size=0)),
+    ("deltanet_neg_eigval", "deltanet", dict(num_heads=2, allow_neg_eigval=True)),
+    ("gated_deltanet_neg_eigval", "gated_deltanet", dict(num_heads=2, allow_neg_eigval=True)),
+    ("gla_mimetic_conv", "gla", dict(num_heads=2, init="mimetic", conv_size=3)),
 ]
 
 
@@ -151,7 +154,7 @@ def naive(mixer, x):
         alpha = sigmoid(np.einsum("btr,rhk->bthk", x @ p["gate_down"], p["gate_up"])
                         + p["gate_bias"]) ** (1.0 / 16.0)
     if kind in ("DeltaNet", "GatedDeltaNet"):
-        beta = sigmoid(x @ p["beta_proj.kernel"])
+        beta = sigmoid(x @ p["beta_proj.kernel"]) * (2.0 if mixer.allow_neg_eigval else 1.0)
     if kind == "GatedDeltaNet":
         a = np.exp(-np.exp(p["log_A"]) * np.log1p(np.exp(
             x @ p["decay_proj.kernel"] + p["decay_proj.bias"])))
@@ -302,6 +305,160 @@ def test_mom_token_writes_only_its_routed_memories():
         cache = new
 
 
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_negative_eigenvalues_reach_the_transition(name):
+    """allow_neg_eigval: beta = 2 sigmoid in (0, 2) and the one-token transition the mixer applies
+    to its state, S -> alpha (I - beta k k^T) S (its own k, unit norm), maps k u^T to
+    alpha (1 - beta) k u^T: a negative eigenvalue wherever beta > 1. Off, beta stays in (0, 1)."""
+    x = inputs(seed=5)[:, :1]
+    off = build(name, dict(num_heads=2), seed=2)
+    mixer = build(name, dict(num_heads=2, allow_neg_eigval=True), seed=2)
+    # A beta projection aligned with the first row's token: sigmoid > 1/2 there, so beta > 1.
+    w = jnp.tile(x[0, 0, :, None] / jnp.linalg.norm(x[0, 0]), (1, 2))
+    off.beta_proj.kernel[...] = mixer.beta_proj.kernel[...] = w
+    assert float(jnp.max(off._beta(x))) < 1.0
+    beta = np.asarray(mixer._beta(x)[:, 0], np.float64)  # [b, G]
+    np.testing.assert_allclose(beta, 2 * np.asarray(off._beta(x)[:, 0]), rtol=1e-6)
+    assert beta.max() > 1.0 and beta.min() > 0.0 and beta.max() < 2.0
+    parts, _ = mixer._conv(mixer._project(x), None, None, False)
+    _, k = mixer._qk(parts[0], parts[1])
+    k = np.asarray(k[:, 0], np.float64)  # [b, G, K], unit rows
+    alpha = np.ones_like(beta) if name == "deltanet" else np.exp(
+        np.asarray(mixer._gates(x)[0][:, 0], np.float64))
+    u = np.asarray(jax.random.normal(jax.random.key(7), (BATCH, 2, mixer.value_dim)))
+    S0 = np.einsum("bgk,bgv->bgkv", k, u)
+    zero = mixer.init_cache(BATCH)
+    _, from_zero = step(mixer, x[:, 0], zero)
+    _, from_S0 = step(mixer, x[:, 0], zero.replace(state=jnp.asarray(S0, jnp.float32)))
+    moved = np.asarray(from_S0.state - from_zero.state, np.float64)
+    kk = np.sum(k * k, -1)  # 1 up to the L2 norm's epsilon
+    eig = alpha * (1.0 - beta * kk)  # the eigenvalue along k
+    assert (eig < 0).any()
+    np.testing.assert_allclose(moved, eig[..., None, None] * S0, atol=1e-5)
+    # and the full matrix's spectrum: 1 (K - 1 times) and 1 - beta.
+    for b in range(BATCH):
+        for g in range(2):
+            A = np.eye(mixer.head_dim) - beta[b, g] * np.outer(k[b, g], k[b, g])
+            ev = np.sort(np.linalg.eigvalsh(A))
+            np.testing.assert_allclose(
+                ev, [1.0 - beta[b, g] * kk[b, g]] + [1.0] * (mixer.head_dim - 1), atol=1e-12)
+
+
+def _products(mixer):
+    """sum_h W_q,h W_k,g(h)^T and sum_h W_v,g(h) W_o,h, [d, d] float64."""
+    p = params_of(mixer)
+    group = mixer.num_heads // mixer.num_kv_heads
+    wk, wv = np.repeat(p["wk"], group, axis=1), np.repeat(p["wv"], group, axis=1)
+    return np.einsum("dhk,ehk->de", p["wq"], wk), np.einsum("dhv,hve->de", wv, p["wo"])
+
+
+# key/value heads x head_dim (value_dim) >= d_model: the products can be full rank.
+MIMETIC = [("linear_attention", dict(num_heads=4)),
+           ("gla", dict(num_heads=4, num_kv_heads=2, head_dim=32)),
+           ("deltanet", dict(num_heads=4, value_dim=32)),
+           ("gated_deltanet", dict(num_heads=4, num_kv_heads=1, head_dim=64))]
+
+
+@pytest.mark.parametrize("name,options", MIMETIC, ids=[m[0] for m in MIMETIC])
+def test_mimetic_init_products_are_near_identity(name, options):
+    """init="mimetic": W_q W_k^T = 0.7 I + 0.7 Z and W_v W_o = 0.4 I + 0.4 Z' (Z ~ N(0, 1/d)),
+    summed over heads, so the diagonal's mean is the identity's weight (to O(1/d)) and the
+    off-diagonal entries have the noise's spread; the default init's products have a diagonal
+    mean of 0. Query heads sharing a key head still differ; the short conv is the identity."""
+    d = 64
+    make = lambda init: memzoo.MIXERS[name](d, rngs=nnx.Rngs(0), init=init, **options)
+    mixer, default = make("mimetic"), make("default")
+    off = ~np.eye(d, dtype=bool)
+    for (weight, noise), P, P0 in zip(((0.7, 0.7), (0.4, 0.4)), _products(mixer),
+                                      _products(default)):
+        assert abs(np.trace(P) / d - weight) < 0.05, np.trace(P) / d
+        assert abs(np.trace(P0) / d) < 0.05
+        assert abs(P[off].mean()) < 0.01
+        np.testing.assert_allclose(P[off].std(), noise / np.sqrt(d), rtol=0.1)
+        # the product is the whole d x d map, not a low-rank part of it
+        assert np.linalg.matrix_rank(P) == d
+    wq = params_of(mixer)["wq"]
+    assert np.abs(wq[:, 0] - wq[:, 1]).max() > 1e-3
+    if mixer.conv_size:
+        conv = params_of(mixer)["conv_weight"]
+        np.testing.assert_array_equal(conv[-1], 1.0)
+        np.testing.assert_array_equal(conv[:-1], 0.0)
+    # the default init is untouched by the option's existence
+    again = memzoo.MIXERS[name](d, rngs=nnx.Rngs(0), **options)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(default, nnx.Param)),
+                                 nnx.to_flat_state(nnx.state(again, nnx.Param))):
+        np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
+
+
+MOM_SPARSE = [dict(num_heads=2, num_memories=3, top_k=2),
+              dict(num_heads=2, num_kv_heads=1, num_memories=4, top_k=1,
+                   memory_rule="linear_attention", shared_memory=False, qk_norm="none",
+                   conv_size=0)]
+
+
+@pytest.mark.parametrize("options", MOM_SPARSE, ids=["gated_deltanet", "linear_gqa"])
+def test_mom_sparse_dispatch_equals_dense_float64_at_k_over_m_cost(options):
+    """dispatch="sparse" (each memory's routed tokens gathered into its own packed run) equals
+    the dense masked heads in float64, with packed documents too (values; and parameter
+    gradients for the linear rule), and hands the op
+    T (k + shared) token-heads per query head where dense hands it T (M + shared)."""
+    calls = []
+    with jax.enable_x64(True):
+        x = inputs().astype(jnp.float64)
+        ids = jnp.asarray([[0] * 10 + [1] * 14, [2] * 5 + [3] * 19], jnp.int32)
+        outs = {}
+        for dispatch in ("dense", "sparse"):
+            mixer = build("mom", options, dispatch=dispatch, dtype=jnp.float64)
+            inner = mixer._memory
+
+            def spy(q, *args, **kw):
+                calls.append((dispatch, q.shape[1] * q.shape[2]))
+                return inner(q, *args, **kw)
+            mixer._memory = spy
+            outs[dispatch] = (mixer(x), mixer(x, segment_ids=ids))
+            if options.get("memory_rule") == "linear_attention":  # (the delta rule's float64
+                cot = jax.random.normal(jax.random.key(4), x.shape, jnp.float64)  # VJP is slow)
+                grads = nnx.grad(lambda m: jnp.sum(m(x, segment_ids=ids) * cot))(mixer)
+                outs[dispatch] += tuple(jax.tree.leaves(nnx.state(grads, nnx.Param)))
+        for a, b in zip(*outs.values()):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-10, atol=1e-12)
+    shared = 1 if options.get("shared_memory", True) else 0
+    sizes = dict(calls)  # the last call of each (all calls of a dispatch have one size)
+    assert {d: {n for dd, n in calls if dd == d} for d in sizes} == {d: {n} for d, n in
+                                                                     sizes.items()}
+    H = options["num_heads"]
+    assert sizes["dense"] == T * H * (options["num_memories"] + shared)
+    assert sizes["sparse"] == T * H * (options["top_k"] + shared)
+
+
+def test_mom_sparse_dispatch_keeps_the_contract():
+    """Gradients finite and non-zero for every parameter; bfloat16 compute matches float32."""
+    options = {**MOM_SPARSE[0], "chunk_size": CHUNK, "dispatch": "sparse"}
+    contract.check_gradients("mom", options)
+    contract.check_bfloat16("mom", options, decode_too=False)
+
+
+def test_mom_load_balancing_loss():
+    """Switch's M sum_i f_i P_i: 1 for a uniform router, M when one memory takes every token;
+    recorded by nnx.sow with sow_aux_loss=True, and differentiable in the router."""
+    x = inputs()
+    mixer = build("mom", dict(num_heads=2, num_memories=4, top_k=1), sow_aux_loss=True)
+    mixer.router[...] = jnp.zeros_like(mixer.router[...])
+    assert float(mixer.load_balancing_loss(x)) == pytest.approx(1.0, rel=1e-6)
+    mixer.router[...] = jnp.zeros_like(mixer.router[...]).at[:, 0].set(50.0) * jnp.sign(
+        x[0, 0])[:, None]
+    x = jnp.broadcast_to(x[:1, :1], x.shape)  # every token alike: all routed to memory 0
+    assert float(mixer.load_balancing_loss(x)) == pytest.approx(4.0, rel=1e-3)
+    mixer.router[...] = 0.1 * jax.random.normal(jax.random.key(3), mixer.router[...].shape)
+    x = inputs()
+    _, captured = nnx.capture(mixer, nnx.Intermediate)(x)
+    sown = jax.tree.leaves(captured)
+    assert len(sown) == 1
+    np.testing.assert_allclose(sown[0], mixer.load_balancing_loss(x), rtol=1e-6)
+    grad = nnx.grad(lambda m: m.load_balancing_loss(x))(mixer)
+    assert float(jnp.abs(grad.router[...]).max()) > 0
+
+
 def test_registry_and_state_sizes():
     for name in ("linear_attention", "retnet", "gla", "deltanet", "gated_deltanet", "mom"):
         assert name in memzoo.MIXERS
@@ -326,9 +483,12 @@ BAD_OPTIONS = [
     ("gated_deltanet", dict(output_norm="batchnorm"), "output_norm"),
     ("gated_deltanet", dict(implementation="cuda"), "implementation"),
     ("gated_deltanet", dict(chunk_size=0), "chunk_size"),
+    ("deltanet", dict(allow_neg_eigval=1), "allow_neg_eigval"),
+    ("gla", dict(init="xavier"), "init"),
     ("mom", dict(num_memories=2, top_k=3), "top_k"),
     ("mom", dict(memory_rule="delta"), "memory_rule"),
     ("mom", dict(num_memories=0), "num_memories"),
+    ("mom", dict(dispatch="scatter"), "dispatch"),
 ]
 
 

@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from memzoo.memory_layers import (Hopfield, MemoryValues, ProductKeyMemory, hopfield_energy,
-                                  hopfield_retrieve, product_key_topk)
+import memzoo
+from memzoo.memory_layers import (Hopfield, HopfieldMixer, MemoryValues, ProductKeyMemory,
+                                  hopfield_energy, hopfield_retrieve, product_key_topk)
 from memzoo.models import CausalLM
 from pallas_kernels import _testing as kt
 
@@ -267,3 +268,67 @@ def test_hopfield_over_the_input_is_causal_associative_attention():
         Hopfield(6, rngs=nnx.Rngs(0))(x, memory=x)
     with pytest.raises(ValueError, match="`beta` must be > 0"):
         Hopfield(6, beta=0.0, rngs=nnx.Rngs(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The "hopfield" mixer (the contract: tests/memzoo/test_contract.py)
+
+def _naive_hopfield_mixer(mixer, x, segment_ids=None):
+    """Per token and head, float64: the stored patterns are the keys so far (of the token's own
+    document), update_steps - 1 updates xi <- K^T softmax(beta K xi), then V^T softmax(...)."""
+    p = {k: np.asarray(getattr(mixer, k)[...], np.float64) for k in ("wq", "wk", "wv", "wo")}
+    x = np.asarray(x, np.float64)
+    q, k, v = (np.einsum("btd,dhk->bthk", x, p[w]) for w in ("wq", "wk", "wv"))
+    b, T, H = q.shape[:3]
+    group = H // k.shape[2]
+    seg = np.zeros((b, T), int) if segment_ids is None else np.asarray(segment_ids)
+    o = np.zeros(q.shape)
+    for bi in range(b):
+        for t in range(T):
+            past = [s for s in range(t + 1) if seg[bi, s] == seg[bi, t]]
+            for h in range(H):
+                K, V = k[bi, past, h // group], v[bi, past, h // group]
+                xi = q[bi, t, h]
+                for step in range(mixer.update_steps):
+                    s = mixer.beta * K @ xi
+                    a = np.exp(s - s.max())
+                    a /= a.sum()
+                    xi = (K if step < mixer.update_steps - 1 else V).T @ a
+                o[bi, t, h] = xi
+    return np.einsum("bthk,hkd->btd", o, p["wo"])
+
+
+@pytest.mark.parametrize("opts", [dict(num_heads=2, update_steps=1, beta=0.9),
+                                  dict(num_heads=4, num_kv_heads=2, update_steps=3)])
+def test_hopfield_mixer_is_the_iterated_update_over_past_patterns(opts):
+    mixer = memzoo.MIXERS["hopfield"](8, rngs=nnx.Rngs(0), **opts)
+    assert isinstance(mixer, HopfieldMixer)
+    x = _x((2, 7, 8))
+    kt.assert_close(mixer(x), _naive_hopfield_mixer(mixer, x), F32_TOL, "parallel")
+    ids = jnp.asarray([[0, 0, 0, 1, 1, 1, 1], [3, 3, 5, 5, 5, 5, 5]], jnp.int32)
+    kt.assert_close(mixer(x, segment_ids=ids), _naive_hopfield_mixer(mixer, x, ids), F32_TOL,
+                    "packed documents")
+    cache = mixer.init_cache(2, max_len=7)
+    y0, cache = mixer(x[:, :4], cache)
+    y1, cache = mixer.step(x[:, 4], cache)
+    y2, cache = mixer(x[:, 5:], cache)
+    kt.assert_close(jnp.concatenate([y0, y1[:, None], y2], 1), mixer(x), F32_TOL, "cache")
+
+
+def test_hopfield_mixer_retrieves_the_stored_value_at_high_beta():
+    """With W_q = W_k and a large beta, the state pattern of a repeated token converges to its
+    own stored key and the read-out returns that token's value."""
+    mixer = HopfieldMixer(16, num_heads=1, beta=50.0, update_steps=2, rngs=nnx.Rngs(0))
+    mixer.wk[...] = mixer.wq[...]
+    mixer.wv[...] = jnp.eye(16)[:, None, :]
+    mixer.wo[...] = jnp.eye(16)[None]
+    tokens = jnp.asarray(np.random.default_rng(0).choice([-1.0, 1.0], (6, 16)), jnp.float32)
+    x = jnp.concatenate([tokens, tokens[2:3] * 1.0], 0)[None]  # token 2 again at the end
+    np.testing.assert_allclose(mixer(x)[0, -1], tokens[2], atol=1e-4)
+
+
+@pytest.mark.parametrize("options,match", [(dict(update_steps=0), "update_steps"),
+                                           (dict(beta=-1.0), "beta")])
+def test_hopfield_mixer_bad_options(options, match):
+    with pytest.raises(ValueError, match=f"`{match}`"):
+        HopfieldMixer(8, num_heads=2, rngs=nnx.Rngs(0), **options)

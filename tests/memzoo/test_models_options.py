@@ -145,7 +145,7 @@ def test_logit_softcap_bounds_the_logits():
 def test_every_option_on_decode_equals_forward(scan):
     model = lm(num_layers=3, scan_layers=scan, mlp_hidden=20, mlp_activation="gelu_tanh",
                norm_eps=1e-5, residual_fp32=True, embed_scale=D ** 0.5, logit_softcap=3.0,
-               max_positions=16)
+               max_positions=16, mlp_bias=False)
     tok = tokens()
     full = nnx.jit(lambda m, t: m(t))(model, tok)
     assert_close(lm_prefill_then_decode(model, tok, 5), full, 1e-5,
@@ -164,7 +164,7 @@ def test_classifier_takes_the_block_options():
     (dict(mlp_hidden=-1), "mlp_hidden"), (dict(mlp_hidden=2.0), "mlp_hidden"),
     (dict(mlp_activation="geglu"), "mlp_activation"), (dict(norm_eps=0.0), "norm_eps"),
     (dict(residual_fp32=1), "residual_fp32"), (dict(embed_scale=-2.0), "embed_scale"),
-    (dict(logit_softcap=0), "logit_softcap")])
+    (dict(logit_softcap=0), "logit_softcap"), (dict(mlp_bias=0), "mlp_bias")])
 def test_bad_options_name_themselves(kw, match):
     with pytest.raises(ValueError, match=match):
         lm(**kw)
@@ -176,18 +176,19 @@ def test_training_config_carries_the_options():
     from train.trainer import build_model
     m = ModelConfig(mixer="s4d", d_model=D, num_layers=1, mlp_hidden=12,
                     mlp_activation="gelu_tanh", norm_eps=1e-5, residual_fp32=True,
-                    embed_scale=4.0, logit_softcap=30.0)
+                    embed_scale=4.0, logit_softcap=30.0, mlp_bias=False)
     model = build_model(TrainConfig(model=m), V, nnx.Rngs(0))
     block = model.stack.layers[0]
     assert block.mlp.down.kernel.shape == (12, D) and block.mlp.up.act_name == "gelu_tanh"
     assert block.mixer_norm.epsilon == 1e-5 and model.final_norm.epsilon == 1e-5
     assert block.residual_dtype == jnp.float32
+    assert block.mlp.up.proj.bias is None and block.mlp.down.bias is None
     assert model.embed_scale == 4.0 and model.logit_softcap == 30.0
     with pytest.raises(ConfigError, match="model.logit_softcap"):
         build_model(TrainConfig(model=m), V, nnx.Rngs(0), num_classes=3)
     for key, value in [("mlp_hidden", -3), ("mlp_activation", "nope"), ("norm_eps", 0.0),
                        ("residual_fp32", "yes"), ("embed_scale", -1.0),
-                       ("logit_softcap", 0.0)]:
+                       ("logit_softcap", 0.0), ("mlp_bias", None)]:
         with pytest.raises(ConfigError, match=f"model.{key}"):
             ModelConfig(**{key: value})
 

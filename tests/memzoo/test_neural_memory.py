@@ -353,6 +353,7 @@ def test_chunked_memory_packed_with_no_starts_is_the_plain_form():
 
 @pytest.mark.parametrize("name, options", [
     ("titans_mac", dict(segment_len=4)),
+    ("titans_mac", dict(segment_len=4, form="paper")),
     ("titans_mag", dict(window=3, chunk_size=4)),
     ("titans_mal", dict(window=3, chunk_size=4)),
 ])
@@ -365,6 +366,30 @@ def test_titans_packed_documents_equal_each_alone(name, options):
     x = jax.random.normal(jax.random.key(7), (2, 13, D))
     helpers.assert_packed_equals_alone(mixer, x, PACKED)
     helpers.assert_packed_decoding_equals_alone(mixer, x, PACKED, t1=5)
+
+
+def test_mac_paper_form_writes_the_attention_output_and_gates_with_its_read():
+    """form="paper" on the first segment (the memory at its initial weights for every token's
+    context): o = y (x) M(y), y the attention output (the additive form's output minus its
+    memory read, same parameters) and M(y) the memory written with y; the memory the call
+    leaves is the one written with y. Later segments read that memory, so the two forms part."""
+    from memzoo import MIXERS
+    S = 6
+    make = lambda form: MIXERS["titans_mac"](D, num_heads=2, num_persistent=2, segment_len=S,
+                                             form=form, rngs=nnx.Rngs(6))
+    paper, additive = make("paper"), make("additive")
+    x = jax.random.normal(jax.random.key(7), (2, 2 * S, D))
+    y = additive(x[:, :S]) - additive.memory(x[:, :S])
+    m, _, written = paper.memory.forward(y)
+    o, cache = paper(x[:, :S], paper.init_cache(2))
+    assert helpers.relative_rmse(o, y * m) < 1e-5
+    for a, b in zip(jax.tree.leaves(cache.memory.weights), jax.tree.leaves(written.weights)):
+        assert helpers.relative_rmse(a, b) < 1e-5
+    full = paper(x)
+    assert helpers.relative_rmse(full[:, :S], o) < 1e-6
+    assert helpers.relative_rmse(full[:, S:], additive(x)[:, S:]) > 1e-2
+    with pytest.raises(ValueError, match="`form`"):
+        make("gated")
 
 
 def test_mac_persistent_tokens_stay_visible_after_a_reset():

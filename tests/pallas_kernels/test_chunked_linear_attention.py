@@ -347,3 +347,130 @@ def test_bad_input_raises_clear_value_error(kwargs, message):
     q, k, v = kwargs.pop("q", _Q), kwargs.pop("k", _Q), kwargs.pop("v", _V)
     with pytest.raises(ValueError, match=message):
         jax.jit(lambda q, k, v: chunked_linear_attention(q, k, v, **kwargs))(q, k, v)
+
+
+# ---- bonus=u: RWKV-6's read of the previous state plus the current token ----------------------
+
+def rwkv6_recurrence(q, k, v, g, u, h0, seg, scale):
+    """RWKV-6 (Eagle and Finch) token by token, written out here independently of the op:
+    o_t = scale * q_t^T (S_{t-1} + diag(u) k_t v_t^T), S_t = diag(exp g_t) S_{t-1} + k_t v_t^T,
+    S_{t-1} = 0 at a document's first token (segment ids), h0 before the first token."""
+    def step(s, xs):
+        q_t, k_t, v_t, g_t, start_t = xs
+        s = jnp.where(start_t[:, None, None, None], jnp.zeros_like(s), s)
+        kv = k_t[..., :, None] * v_t[..., None, :]
+        read = s + u[None, :, :, None] * kv
+        o_t = scale * jnp.einsum("bhk,bhkv->bhv", q_t, read)
+        decay = jnp.ones_like(k_t) if g_t is None else jnp.exp(
+            g_t if g_t.ndim == 3 else g_t[..., None] * jnp.ones_like(k_t))
+        return decay[..., None] * s + kv, o_t
+
+    B, T = q.shape[:2]
+    starts = jnp.zeros((B, T), bool) if seg is None else jnp.concatenate(
+        [jnp.zeros((B, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    tm = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)
+    s, o = jax.lax.scan(step, h0, tuple(map(tm, (q, k, v, g, starts))))
+    return jnp.swapaxes(o, 0, 1), s
+
+
+def _bonus_inputs(key, shape, gate, segments=True):
+    q, k, v, g, h0, seg = make_inputs(key, shape, gate, segments=segments, gate_range=(0.5, 1.0))
+    u = jax.random.normal(jax.random.fold_in(key, 9), shape[2:4])
+    return q, k, v, g, h0, seg, u
+
+
+def _bonus_loss_and_grads(fn, q, k, v, g, h0, u, weights):
+    w_o, w_s = weights
+
+    def loss(q, k, v, g, h0, u):
+        o, s = fn(q, k, v, g, h0, u)
+        return jnp.sum(o * w_o) + jnp.sum(s * w_s)
+    return fn(q, k, v, g, h0, u), jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))(q, k, v, g, h0, u)
+
+
+BONUS_CASES = [((2, 37, 2, 8, 5), gate, "xla") for gate in GATES] + [
+    ((2, 37, 2, 8, 5), "vector", "reference"), ((1, 1, 2, 8, 4), "scalar", "xla")]
+
+
+@pytest.mark.parametrize("shape,gate,implementation", BONUS_CASES, ids=str)
+def test_bonus_matches_rwkv6_recurrence(shape, gate, implementation):
+    """Outputs, final state and every gradient (q, k, v, log_gate, initial_state, bonus) against
+    the float64 RWKV-6 loop, with documents packed by segment ids and chunks of 16 (and T = 1,
+    the decoding step)."""
+    key = jax.random.PRNGKey(30 + shape[1])
+    q, k, v, g, h0, seg, u = _bonus_inputs(key, shape, gate, segments=shape[1] > 1)
+    weights = weights_for(jax.random.fold_in(key, 1), shape)
+    ref = kt.float64_run(jax.jit(lambda *a: _bonus_loss_and_grads(
+        lambda q, k, v, g, h0, u: rwkv6_recurrence(q, k, v, g, u, h0, seg, shape[3] ** -0.5),
+        *a)), q, k, v, g, h0, u, weights)
+    op = lambda q, k, v, g, h0, u: chunked_linear_attention(
+        q, k, v, log_gate=g, initial_state=h0, segment_ids=seg, bonus=u, chunk_size=16,
+        implementation=implementation)
+    got = jax.jit(lambda *a: _bonus_loss_and_grads(op, *a))(q, k, v, g, h0, u, weights)
+    (o, s), grads = got
+    assert o.dtype == jnp.float32 and s.dtype == jnp.float32
+    kt.assert_close(o, ref[0][0], F32_TOL, "o")
+    kt.assert_close(s, ref[0][1], F32_TOL, "final_state")
+    for name, gr, r in zip(["dq", "dk", "dv", "dlog_gate", "dinitial_state", "dbonus"],
+                           grads, ref[1]):
+        if r is None:
+            assert gr is None, name
+            continue
+        kt.assert_close(gr, r, F32_TOL, name)
+
+
+def test_bonus_split_and_continue_equals_whole(gate="vector"):
+    """The final state is S_{T-1} (the last token written), so a split call, and token-by-token
+    decoding, continue exactly; a document starting exactly at the split is cut there."""
+    q, k, v, g, h0, _, u = _bonus_inputs(jax.random.PRNGKey(40), (2, 30, 2, 8, 4), gate,
+                                         segments=False)
+    seg = jnp.array([[0] * 30, [0] * 19 + [1] * 11], jnp.int32)
+    f = jax.jit(lambda q, k, v, g, s, seg: chunked_linear_attention(
+        q, k, v, log_gate=g, initial_state=s, segment_ids=seg, bonus=u, chunk_size=8,
+        implementation="xla"))
+    whole, final = f(q, k, v, g, h0, seg)
+    first, carry = f(q[:, :19], k[:, :19], v[:, :19], g[:, :19], h0, seg[:, :19])
+    # The second row's document starts at the split: its carried state must not enter.
+    carry = carry.at[1].set(0.0)
+    second, final_split = f(q[:, 19:], k[:, 19:], v[:, 19:], g[:, 19:], carry, seg[:, 19:])
+    kt.assert_close(jnp.concatenate([first, second], 1), whole, 1e-6, "split outputs")
+    kt.assert_close(final_split, final, 1e-6, "split final state")
+    state, outs = h0[:1], []
+    for t in range(30):
+        o, state = f(q[:1, t:t + 1], k[:1, t:t + 1], v[:1, t:t + 1], g[:1, t:t + 1], state,
+                     seg[:1, t:t + 1])
+        outs.append(o)
+    kt.assert_close(jnp.concatenate(outs, 1), whole[:1], 1e-6, "step-by-step outputs")
+    kt.assert_close(state, final[:1], 1e-6, "step-by-step final state")
+
+
+@pytest.mark.parametrize("bonus,message", [
+    (np.ones((3, 5), np.float32), r"`bonus` must have shape \[heads, key_dim\]"),
+    (np.ones((2, 3, 4), np.float32), "`bonus` must have rank 2"),
+    (np.ones((3, 4), np.int32), "`bonus` must have a floating"),
+    (np.ones((3, 4), np.complex64), "`bonus` must have a real floating"),
+])
+def test_bad_bonus_raises_clear_value_error(bonus, message):
+    with pytest.raises(ValueError, match=message):
+        chunked_linear_attention(_Q, _Q, _V, bonus=bonus)
+
+
+def test_bonus_under_sequence_parallel_equals_whole():
+    """The shift happens on the whole sequence before the op's sequence-parallel split, so with
+    time over 4 shards (segments across and at shard boundaries) outputs, final state and every
+    gradient (bonus included) equal the unsplit call."""
+    from tests.pallas_kernels import test_sequence_parallel as sp_test
+    B_, T_, H_, K_, V_ = sp_test.B, sp_test.T, sp_test.H, sp_test.K, sp_test.V
+    ks = jax.random.split(jax.random.PRNGKey(42), 6)
+    q, k = (jax.random.normal(ks[i], (B_, T_, H_, K_)) for i in range(2))
+    v = jax.random.normal(ks[2], (B_, T_, H_, V_))
+    s0 = jax.random.normal(ks[3], (B_, H_, K_, V_))
+    g = -0.3 * jnp.abs(jax.random.normal(ks[4], (B_, T_, H_, K_)))
+    u = jax.random.normal(ks[5], (H_, K_))
+    seg = sp_test._segments()
+
+    def fn(q, k, v, s0, g, u):
+        return chunked_linear_attention(q, k, v, log_gate=g, initial_state=s0, segment_ids=seg,
+                                        bonus=u, chunk_size=2, implementation="xla")
+    sp_test._check_split_equals_whole(fn, (q, k, v, s0, g, u), (0, 1, 2, 3, 4, 5),
+                                      "chunked_linear_attention")

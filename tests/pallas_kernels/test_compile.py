@@ -125,3 +125,32 @@ def test_multi_device_collectives(spec, count):
     assert set(rep["collective_counts"]) <= set(_aot.COLLECTIVES)
     # Each device holds its shard of the argument: 256 * 512 * 4 bytes / count.
     assert rep["memory"]["arguments"] == 256 * 512 * 4 // count
+
+
+# dplr_delta_rule (not in benchmarks/compile.py's matrix yet): its Pallas kernel is the forward;
+# the backward is the XLA pass (as on every platform), whose TPU compile at these shapes takes
+# minutes of CPU, so the forward program is what is compiled here.
+DPLR_DIM = {"tpu": 256, "cuda": 128}
+
+
+@pytest.mark.parametrize("target,dtype", [("v5e", "bf16"), ("v5e", "f32"), ("h100", "bf16"),
+                                          ("h100", "f32"), ("v4", "f32"), ("v5p", "f32"),
+                                          ("v6e", "f32")])
+def test_dplr_delta_rule_forward_compiles(target, dtype):
+    import jax.numpy as jnp
+    import pallas_kernels as pk
+    if not _aot.available(target):
+        pytest.skip(f"no compiler plugin for {target}")
+    dim = DPLR_DIM[_aot.platform(target)]
+    dt = jnp.dtype(DTYPES[dtype])
+    shapes = [((2, LENGTH, 8, dim), dt)] * 5 + [((2, LENGTH, 8, dim), jnp.float32)]
+
+    def fn(q, k, v, a, b, w):
+        o, final = pk.dplr_delta_rule(q, k, v, a, b, log_decay=w, implementation="pallas")
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+    compiled, _ = _aot.compile(fn, *(_aot.abstract(s, d, target) for s, d in shapes))
+    rep = _aot.report(compiled)
+    assert [k["kind"] for k in rep["kernels"]] == [KIND[_aot.platform(target)]], rep["kernels"]
+    if _aot.platform(target) == "tpu":
+        assert all(k["vmem_bytes"] > 0 for k in rep["kernels"]), rep["kernels"]

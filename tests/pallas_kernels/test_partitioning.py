@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pallas_kernels import (causal_conv1d, chunked_linear_attention, delta_rule, linear_scan,
-                            memory_lookup, selective_scan)
+from pallas_kernels import (causal_conv1d, chunked_linear_attention, delta_rule, dplr_delta_rule,
+                            linear_scan, memory_lookup, selective_scan)
 from pallas_kernels import _testing as kt
 from pallas_kernels._dispatch import pallas_interpret
 
@@ -67,6 +67,18 @@ def _delta_inputs(key, heads_split):
     return x | {"k": (kn, x["k"][1]), "beta": (beta, x["log_gate"][1])}
 
 
+def _dplr_inputs(key, heads_split):
+    x = _attention_inputs(key, heads_split, t=32)
+    qkv = x["k"][1]
+    unit = lambda z: z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+    kappa = unit(_normal(jax.random.fold_in(key, 8), x["k"][0].shape))
+    eta = jax.nn.sigmoid(_normal(jax.random.fold_in(key, 9), x["k"][0].shape))
+    decay = -jax.nn.softplus(_normal(jax.random.fold_in(key, 10), x["k"][0].shape))
+    x = {n: x[n] for n in ("q", "v", "initial_state")}
+    return x | {"k": (unit(_normal(jax.random.fold_in(key, 7), kappa.shape)), qkv),
+                "a": (-kappa, qkv), "b": (kappa * eta, qkv), "log_decay": (decay, qkv)}
+
+
 def _scan_inputs(key):
     a = jax.nn.sigmoid(_normal(key, (8, 16, 16)))
     return {"a": (a, "b.m"), "b": (_normal(jax.random.fold_in(key, 1), (8, 16, 16)), "b.m"),
@@ -105,7 +117,13 @@ def _delta_call(impl):
     return lambda **x: delta_rule(**x, chunk_size=16, implementation=impl)
 
 
+def _dplr_call(impl):
+    return lambda **x: dplr_delta_rule(**x, chunk_size=16, implementation=impl)
+
+
 OPS = {
+    "dplr_delta_rule-heads": (lambda k: _dplr_inputs(k, True), _dplr_call),
+    "dplr_delta_rule-values": (lambda k: _dplr_inputs(k, False), _dplr_call),
     "chunked_linear_attention-heads": (lambda k: _attention_inputs(k, True), _attention_call),
     "chunked_linear_attention-values": (lambda k: _attention_inputs(k, False), _attention_call),
     "delta_rule-heads": (lambda k: _delta_inputs(k, True), _delta_call),
@@ -198,6 +216,32 @@ def test_sharded_call_runs_per_shard(op, mesh_name, target):
         dtype = "f32"
         assert _shape_text(dtype, local) in text, f"{n}: no per-shard {local} in the module"
         assert _shape_text(dtype, x.shape) not in text, f"{n}: global {x.shape} in the module"
+
+
+@pytest.mark.parametrize("op,mesh_name,target", [("dplr_delta_rule-heads", "tensor", "tpu"),
+                                                 ("dplr_delta_rule-values", "tensor", "cuda")])
+def test_dplr_delta_rule_forward_kernel_runs_per_shard(op, mesh_name, target):
+    """dplr_delta_rule's forward kernel is partitioned like the others (no gather of its
+    inputs); its backward is the XLA pass, partitioned by GSPMD (which may gather), so the
+    gradients are checked for values only."""
+    make_inputs, make_call = OPS[op]
+    shape, axis_names, batch_axes, tensor_axis = MESHES[mesh_name]
+    mesh = _mesh(shape, axis_names)
+    inputs = make_inputs(jax.random.PRNGKey(len(op)))
+    names = list(inputs)
+    arrays = {n: x for n, (x, _) in inputs.items()}
+    placed = {n: jax.device_put(x, NamedSharding(mesh, _spec(d, batch_axes, tensor_axis)))
+              for n, (x, d) in inputs.items()}
+    loss = _loss_fn(make_call("pallas"), names, names)
+    with pallas_interpret("generic", target=target):
+        fwd = jax.jit(lambda x: loss(x, {}))
+        text = fwd.lower([placed[n] for n in names]).compile().as_text()
+        got = jax.jit(jax.value_and_grad(loss))([placed[n] for n in names], {})
+    want = jax.jit(jax.value_and_grad(_loss_fn(make_call("reference"), names, names)))(
+        [arrays[n] for n in names], {})
+    assert not re.search(r"all-gather|all-to-all|collective-permute", text)
+    kt.assert_close(got[0], want[0], F32_TOL, f"{op} loss")
+    kt.assert_tree_close(got[1], want[1], F32_TOL, f"{op} gradients")
 
 
 def test_whole_dim_sharded_is_gathered_with_a_warning():

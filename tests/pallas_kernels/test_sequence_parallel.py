@@ -125,6 +125,23 @@ def test_delta_rule(gated):
     _check_split_equals_whole(fn, (q, k, v, beta, s0, g), wrt, "delta_rule")
 
 
+def test_dplr_delta_rule():
+    ks = jax.random.split(jax.random.PRNGKey(3), 7)
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    q, v = _rand(ks[0], (B, T, H, K)), _rand(ks[2], (B, T, H, V))
+    k, kappa = unit(_rand(ks[1], (B, T, H, K))), unit(_rand(ks[3], (B, T, H, K)))
+    b = kappa * jax.random.uniform(ks[4], (B, T, H, K))
+    s0 = _rand(ks[5], (B, H, K, V))
+    w = -0.3 * jnp.abs(_rand(ks[6], (B, T, H, K)))
+    seg = _segments()
+
+    def fn(q, k, v, a, b, s0, w):
+        return pk.dplr_delta_rule(q, k, v, a, b, log_decay=w, initial_state=s0, segment_ids=seg,
+                                  chunk_size=2, implementation=IMPL)
+    _check_split_equals_whole(fn, (q, k, v, -kappa, b, s0, w), (0, 1, 2, 3, 4, 5, 6),
+                              "dplr_delta_rule")
+
+
 def test_eight_shards_and_the_collective_in_the_jaxpr():
     """One step per shard pair at sequence=8; the traced program holds the shard_map and its
     all_gather (GSPMD alone would not introduce either)."""
