@@ -72,6 +72,35 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
        for mixer in lm_tokens.TINY_MIXERS},
     **{f"lm{size}_tokens_{mixer}": (lambda mixer=mixer, size=size: lm_tokens.pod(mixer, size))
        for size in lm_tokens.POD_SIZES for mixer in lm.MIXERS},
+    # memzoo.memories (issue 19), each on its paper's kind of task; one seed each,
+    # benchmarks/RESULTS.md. JRT: MQAR-16 beside mqar16_linear_attention at the same state
+    # (4 heads x 16 x 16; after the prompt E + S_t is one matrix), the 32 key-value tokens
+    # as the prompt
+    "mqar16_jrt": _variant(mqar.get_config, "mqar16_jrt", **{
+        "model.mixer": "jrt", "model.mixer_options": {"num_heads": 4, "head_dim": 16,
+                                                      "prefix_len": 32},
+        "data.task_options": {"vocab_size": 128, "num_kv_pairs": 16, "power_a": 1.0},
+        "optim.steps": 1500}),
+    # local linear attention against softmax attention with the same window and conv taps
+    **{f"mqar_{name}": _variant(mqar.get_config, f"mqar_{name}", **{
+        "model.mixer": mixer, "model.mixer_options": {"num_heads": 4, "window": 32,
+                                                      "conv_size": 4},
+        "optim.steps": 1000})
+       for name, mixer in (("local_linear_attention", "local_linear_attention"),
+                           ("swa", "attention"))},
+    # recall beyond a 16-token window (configs/niah.py): HCAM's local attention is its chunk,
+    # the chunks before it are read through their summaries (chunks of 8, top 4: 0.10 held-out
+    # at 1500 steps, where chunks of 16, top 2 stayed at 0.06); TTM's memory carries segments
+    "niah_hcam": _variant(niah.get_config, "niah_hcam", **{
+        "model.mixer": "hcam", "model.mixer_options": {"num_heads": 4, "chunk_len": 8,
+                                                       "top_k": 4}}),
+    "niah_ttm": _variant(niah.get_config, "niah_ttm", **{
+        "model.mixer": "ttm", "model.mixer_options": {"memory_size": 16, "num_read": 4,
+                                                      "segment_len": 16}}),
+    # Memory Mosaics' in-context prediction on induction heads (configs/induction_heads.py)
+    "induction_heads_memory_mosaic": _variant(
+        induction_heads.get_config, "induction_heads_memory_mosaic",
+        **{"model.mixer": "memory_mosaic", "model.mixer_options": {"num_heads": 4}}),
     # seconds, for tests and smoke checks
     "smoke": _variant(delayed_recall.get_config, "smoke", **{
         "model.d_model": 16, "model.num_layers": 1, "model.mixer_options": {"state_size": 8},

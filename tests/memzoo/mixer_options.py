@@ -11,10 +11,22 @@ CHUNK = 16
 
 MIXER_OPTIONS: dict[str, dict] = {
     "attention": dict(num_heads=2),
+    "based": dict(num_heads=2, feature_dim=4, window=8, chunk_size=CHUNK),
     "deltanet": dict(num_heads=2, chunk_size=CHUNK),
     "gated_deltanet": dict(num_heads=2, chunk_size=CHUNK),
     "gla": dict(num_heads=2, chunk_size=CHUNK),
+    "gsa": dict(num_heads=2, num_slots=4, chunk_size=CHUNK),
+    "hgrn": dict(lower_bound=0.1),
+    "hgrn2": dict(num_heads=2, lower_bound=0.1, output_gate=True, chunk_size=CHUNK),
     "hippo_rnn": dict(state_size=8),
+    "hopfield": dict(num_heads=2, update_steps=2),
+    # memzoo.memories: prefix_len 4 <= the contract's cuts (T0, T1); windows / chunks /
+    # segments < T, so decoding crosses their boundaries
+    "jrt": dict(num_heads=2, prefix_len=4, conv_size=4, chunk_size=CHUNK),
+    "local_linear_attention": dict(num_heads=2, window=8),
+    "hcam": dict(num_heads=2, chunk_len=3, top_k=2),
+    "ttm": dict(memory_size=4, num_read=2, segment_len=3),
+    "memory_mosaic": dict(num_heads=2),
     "linear_attention": dict(num_heads=2, chunk_size=CHUNK),
     "mamba": dict(state_size=4),
     "mamba2": dict(state_size=8, head_dim=8, chunk_size=CHUNK),
@@ -22,7 +34,13 @@ MIXER_OPTIONS: dict[str, dict] = {
     "mom": dict(num_heads=2, num_memories=3, chunk_size=CHUNK),
     "moneta": dict(num_heads=2, chunk_size=4),
     "neural_memory": dict(num_heads=2, chunk_size=4),
+    "rebased": dict(num_heads=2, feature_dim=4, chunk_size=CHUNK),
     "retnet": dict(num_heads=2, chunk_size=CHUNK),
+    "rwkv6": dict(num_heads=2, lerp_rank=4, decay_rank=8, chunk_size=CHUNK),
+    "mlstm": dict(num_heads=2, proj_factor=1.0, chunk_size=CHUNK),
+    # mini-batches of 4 < T: decoding crosses mini-batch boundaries (re-anchoring)
+    "ttt_linear": dict(num_heads=2, mini_batch=4),
+    "ttt_mlp": dict(num_heads=2, mini_batch=4, mlp_expansion=2),
     "rglru": dict(num_heads=2),
     "s4d": dict(state_size=8),
     "s5": dict(state_size=8),

@@ -106,6 +106,17 @@ def decode(mixer, xs, cache):
     return jnp.swapaxes(ys, 0, 1), cache
 
 
+def decode_from_start(mixer, xs, cache):
+    """decode() from an empty cache, after a prefill of the mixer's `noncausal_prefix` tokens
+    if it declares one (JRT: a prompt encoded non-causally has no token-by-token form)."""
+    prefix = getattr(mixer, "noncausal_prefix", 0)
+    if not prefix:
+        return decode(mixer, xs, cache)
+    y_prompt, cache = mixer(xs[:, :prefix], cache=cache)
+    y_rest, cache = decode(mixer, xs[:, prefix:], cache)
+    return jnp.concatenate([y_prompt, y_rest], 1), cache
+
+
 def leaf_name(path):
     return jax.tree_util.keystr(path)
 
@@ -125,6 +136,9 @@ def check_causal(name, options=None):
         mixer = nnx.merge(graphdef, params, rest)
         return mixer(x), mixer(x2)
 
+    # A declared non-causal prompt (JRT) is causal from its end on: the causality cut and the
+    # prefill of check_decoding must lie after it.
+    assert getattr(nnx.merge(graphdef, params, rest), "noncausal_prefix", 0) <= min(T0, T1), name
     y, y2 = run(params, x, x2)
     leak = float(jnp.max(jnp.abs(y[:, :T0] - y2[:, :T0])))
     # Exact for most; an FFT convolution (S4D) mixes all steps at float32 round-off.
@@ -141,7 +155,7 @@ def check_decoding(name, options=None):
     def run(params, x):
         mixer = nnx.merge(graphdef, params, rest)
         y = mixer(x)
-        y_steps, _ = decode(mixer, x, init_cache(mixer, BATCH))
+        y_steps, _ = decode_from_start(mixer, x, init_cache(mixer, BATCH))
         y_pre, cache = mixer(x[:, :T1], cache=init_cache(mixer, BATCH))
         y_dec, _ = decode(mixer, x[:, T1:], cache)
         y_pre2, _ = mixer(x[:, T1:], cache=cache)
@@ -244,7 +258,7 @@ def check_bfloat16(name, options=None, *, decode_too=True):
         mixer16 = nnx.merge(graphdef16, params, rest16)
         y16 = mixer16(x)
         if decode_too:
-            y16_steps, cache = decode(mixer16, x[:, :T1], init_cache(mixer16, BATCH))
+            y16_steps, cache = decode_from_start(mixer16, x[:, :T1], init_cache(mixer16, BATCH))
         else:  # a bidirectional mixer does not decode
             y16_steps, cache = y16[:, :T1], None
         y32 = nnx.merge(graphdef, params, rest)(x.astype(jnp.float32))

@@ -28,7 +28,28 @@ DYNAMICS: dict[str, set[str]] = {
     "gated_deltanet": {"log_A", "decay_proj/bias"},
     "mom": {"log_A", "decay_proj/bias"},
     "gla": {"gate_bias"},
+    # HGRN / HGRN-2: the forget gate's bias (the forgetting offset, as GLA's gate bias).
+    "hgrn": {"forget_bias"},
+    "hgrn2": {"forget_bias"},
+    "based": set(),  # no learned time scale (the window is a constant)
+    "rebased": set(),
+    "gsa": {"gate_bias"},  # the slots' forget gate bias, as GLA's
+    # RWKV-6: the decay offset d_0 (w = exp(-exp(d_0 + lora))), the forgetting time scale.
+    "rwkv6": {"decay_bias"},
+    # mLSTM: the input and forget gate biases (forget bias linspace(3, 6): the time scales).
+    "mlstm": {"igate_bias", "fgate_bias"},
+    # TTT: the inner learning rate's bias (eta = base_lr sigmoid(x w + b) / (2 head_dim)).
+    "ttt_linear": {"gate_proj/bias"},
+    "ttt_mlp": {"gate_proj/bias"},
     "hippo_rnn": set(),
+    "hopfield": set(),
+    # memzoo.memories: JRT as linear attention
+    "jrt": set(),
+    "local_linear_attention": set(),
+    "hcam": set(),
+    "ttm": set(),
+    # the leaky average of the keys sets each unit's time scale
+    "memory_mosaic": {"leak"},
     "s4d": {"core/log_dt", "core/log_neg_a_real", "core/a_imag"},
     "s5": {"core/log_step", "core/log_neg_lambda_real", "core/lambda_imag"},
     "mamba": {"A_log", "dt_bias"},
@@ -46,6 +67,8 @@ DYNAMICS: dict[str, set[str]] = {
 }
 # Default-group parameters that must not be decayed by their own tag.
 NO_DECAY_TAGS: dict[str, set[str]] = {"mamba": {"D_skip"}, "mamba2": {"D_skip", "norm/scale"}}
+# RWKV-6's official training spares its time_* parameters (lerp mu / lambda, bonus) from decay.
+NO_DECAY_TAGS["rwkv6"] = {"lerp_mu", "lerp_bias", "bonus"}
 
 
 def build(name: str):
