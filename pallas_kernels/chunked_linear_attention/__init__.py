@@ -4,6 +4,19 @@
 
 Used by linear attention, RetNet, GLA, Mamba-2 SSD, Mixture-of-Memories and Hebbian memories.
 The math lives in reference.py; xla.py and pallas.py must equal it (tests/pallas_kernels).
+
+`bonus=u` ([heads, key_dim]) gives RWKV-6's read instead (Peng et al., 2024, "Eagle and Finch"):
+the previous state plus a per-channel bonus for the current token,
+
+    o_t = scale * (S_{t-1}^T q_t + (q_t . (u * k_t)) v_t),   S_t as above.
+
+It is a composition, not a kernel: the op run on k, v and g shifted one step later in time
+(k'_t = k_{t-1}, v'_t = v_{t-1}, g'_t = g_{t-1}; k' = 0 at t = 0 and at each document start)
+has S'_t = S_{t-1} exactly (S'_0 = initial_state, then the same recurrence one step behind;
+a document's first S' is 0, as its S_{-1} is), so o'_t = scale S_{t-1}^T q_t; the bonus is
+elementwise, and the final state is one more step, S_{T-1} = diag(exp g_{T-1}) S'_{T-1} +
+k_{T-1} v_{T-1}^T. Every implementation, the VJPs, the partition rules and sequence
+parallelism (the shift happens on the whole sequence, before any split) are inherited.
 """
 from __future__ import annotations
 
@@ -24,13 +37,14 @@ __all__ = ["chunked_linear_attention", "BlockSizes"]
 _OP = "chunked_linear_attention"
 
 
-@_dispatch.sequence_parallel_op(_OP)
 def chunked_linear_attention(q, k, v, *, log_gate=None, initial_state=None, scale=None,
-                             segment_ids=None, chunk_size=None, implementation: str = "auto"):
+                             segment_ids=None, chunk_size=None, implementation: str = "auto",
+                             bonus=None):
     """Causal linear attention with an optional data-dependent decay, over [B, T, H, dim].
 
         S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T      (S_{-1} = initial_state, or 0)
-        o_t = scale * S_t^T q_t
+        o_t = scale * S_t^T q_t                        (bonus None)
+        o_t = scale * (S_{t-1}^T q_t + (q_t . (u * k_t)) v_t)   (bonus=u: RWKV-6)
 
     Args:
       q, k: queries and keys [batch, time, heads, key_dim], real floating.
@@ -46,6 +60,9 @@ def chunked_linear_attention(q, k, v, *, log_gate=None, initial_state=None, scal
       chunk_size: tokens per chunk of the chunked forms (default 64 on the XLA path); any length
         works, padding happens inside.
       implementation: "auto" | "pallas" | "xla" | "reference" (pallas_kernels._dispatch).
+      bonus: None, or u [heads, key_dim], real floating: RWKV-6's read of the previous state
+        plus the current token weighted per key channel by u (module docstring). The final
+        state is S_{T-1} either way, so calls continue one another.
 
     Returns:
       (o, final_state): o [batch, time, heads, value_dim] in the promoted dtype of q, k and v;
@@ -57,6 +74,65 @@ def chunked_linear_attention(q, k, v, *, log_gate=None, initial_state=None, scal
     >>> o[0, :, 0, 0].tolist()
     [1.0, 2.0]
     """
+    kw = dict(initial_state=initial_state, scale=scale, segment_ids=segment_ids,
+              chunk_size=chunk_size, implementation=implementation)
+    if bonus is None:
+        return _gated(q, k, v, log_gate=log_gate, **kw)
+    return _with_bonus(q, k, v, log_gate, bonus, kw)
+
+
+def _with_bonus(q, k, v, log_gate, bonus, kw):
+    """RWKV-6's read by the shifted-input composition (module docstring)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _validation.check_array(_OP, name, x, ndim=4)
+    if log_gate is not None:
+        _validation.check_array(_OP, "log_gate", log_gate)
+        if log_gate.ndim not in (3, 4):
+            raise ValueError(f"{_OP}: `log_gate` must have shape [batch, time, heads] or "
+                             f"[batch, time, heads, key_dim], got {tuple(log_gate.shape)}")
+    _validation.check_array(_OP, "bonus", bonus, ndim=2)
+    _check_real("bonus", bonus)
+    batch, length, heads, kdim = q.shape
+    _validation.check_shape(_OP, "bonus", bonus, (heads, kdim), "[heads, key_dim]")
+    if length == 0:
+        return _gated(q, k, v, log_gate=log_gate, **kw)
+
+    def later(x):
+        """x one step later in time, zero at t = 0 (and at document starts, for keys)."""
+        return jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+
+    k_prev = later(k)
+    if kw["segment_ids"] is not None:
+        _validation.check_integer(_OP, "segment_ids", kw["segment_ids"], (batch, length),
+                                  "[batch, time]")
+        # Zero keys where a document starts: the op resets its state there and adds k' v'^T,
+        # which must then be the previous document's nothing, not its last token.
+        starts = run_starts(segment_runs(kw["segment_ids"]))
+        k_prev = jnp.where(starts[:, :, None, None], jnp.zeros_like(k_prev), k_prev)
+    o, s = _gated(q, k_prev, later(v), log_gate=None if log_gate is None else later(log_gate),
+                  **kw)
+    acc = s.dtype
+    dtype = o.dtype
+    scale = kdim ** -0.5 if kw["scale"] is None else kw["scale"]
+    scale = jnp.asarray(scale, acc)
+    k_t, v_t = k.astype(acc), v.astype(acc)
+    # Elementwise, not a dot: TPU dots default to bfloat16 passes.
+    weight = jnp.sum(q.astype(acc) * bonus.astype(acc)[None, None] * k_t, axis=-1)
+    o = (o.astype(acc) + scale * weight[..., None] * v_t).astype(dtype)
+    # The last token's write: S_{T-1} = diag(exp g_{T-1}) S'_{T-1} + k_{T-1} v_{T-1}^T.
+    if log_gate is not None:
+        g_last = log_gate[:, -1].astype(acc)
+        g_last = g_last[..., None] if g_last.ndim == 2 else g_last
+        s = jnp.exp(g_last)[..., None] * s
+    s = s + k_t[:, -1, :, :, None] * v_t[:, -1, :, None, :]
+    return o, s
+
+
+@_dispatch.sequence_parallel_op(_OP)
+def _gated(q, k, v, *, log_gate=None, initial_state=None, scale=None, segment_ids=None,
+           chunk_size=None, implementation: str = "auto"):
+    """The op without the bonus (its docstring: `chunked_linear_attention`); sequence
+    parallelism hooks in here, on the whole (already shifted) sequence."""
     _dispatch.check_implementation(implementation, _OP)
     _validation.check_array(_OP, "q", q, ndim=4)
     _validation.check_array(_OP, "k", k, ndim=4)
@@ -141,7 +217,9 @@ def segment_runs(segment_ids):
     """[B, T] int32: 0 for the first segment of each row, +1 wherever the id changes. Two steps
     see each other's state exactly when their run numbers are equal."""
     change = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
-    return jnp.concatenate([jnp.zeros_like(change[:, :1]), jnp.cumsum(change, axis=1)], axis=1)
+    # The first column built from the batch size: change[:, :1] is empty when T = 1.
+    first = jnp.zeros((segment_ids.shape[0], 1), jnp.int32)
+    return jnp.concatenate([first, jnp.cumsum(change, axis=1)], axis=1)
 
 
 def run_starts(runs):
@@ -149,7 +227,7 @@ def run_starts(runs):
     if runs is None:
         return None
     change = runs[:, 1:] != runs[:, :-1]
-    return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
+    return jnp.concatenate([jnp.zeros((runs.shape[0], 1), bool), change], axis=1)
 
 
 def _pallas_for(fn, h0, chunk_size, implementation):
