@@ -16,6 +16,7 @@ state S_in; each shard then corrects its output:
     delta_rule                 prod_t exp(g_t)(I - beta k k^T)    rerun the shard from S_in
                                (K x K): the final state of the
                                op on (k, v=0) from S0 = I
+    dplr_delta_rule            prod_t (diag(e^w_t) + a_t b_t^T)   as delta_rule
 
 Cost per shard, against the unsplit op on T/n steps: linear_scan one cumprod (elementwise) more;
 linear attention one [T/n, K] x [K, V] product per head more (like one chunk of the op's own
@@ -62,6 +63,7 @@ from pallas_kernels import _dispatch, _validation
 
 __all__ = ["sequence_parallel", "sequence_parallel_linear_scan",
            "sequence_parallel_chunked_linear_attention", "sequence_parallel_delta_rule",
+           "sequence_parallel_dplr_delta_rule",
            "sharded_calls"]
 
 
@@ -205,30 +207,50 @@ def sequence_parallel_chunked_linear_attention(q, k, v, *, log_gate=None, initia
     return o, final
 
 
-def sequence_parallel_delta_rule(q, k, v, beta, *, log_gate=None, initial_state=None, scale=None,
-                                 segment_ids=None, chunk_size=None, implementation: str = "auto",
-                                 axis_name: str):
-    """`delta_rule` on this device's shard of time (see the module docstring for the cost)."""
-    op = _raw("delta_rule")
+def _matrix_state_shard(op, q, k, v, rest, *, initial_state, segment_ids, axis_name, out_dtype,
+                        kw):
+    """The delta-rule-like ops (a K x K transition of the state per token) on this device's
+    shard of time. Value columns of the state evolve independently, so one run on [v, 0] from
+    [0, I] gives final(0) in the first V columns and the transition M (= M . I) in the last K;
+    a second run from the carried-in state gives the output."""
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    kw = dict(log_gate=log_gate, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size,
-              implementation=implementation)
-    # Value columns of the state evolve independently, so one run on [v, 0] from [0, I] gives
-    # final(0) in the first V columns and the transition M (= M . I) in the last K.
-    out_dtype = _validation.result_dtype(q.dtype, k.dtype, v.dtype)
     v_ext = jnp.concatenate(
         [v.astype(out_dtype), jnp.zeros((batch, length, heads, key_dim), out_dtype)], axis=-1)
     eye = jnp.broadcast_to(jnp.eye(key_dim), (batch, heads, key_dim, key_dim))
     probe = jnp.concatenate([jnp.zeros((batch, heads, key_dim, value_dim)), eye], axis=-1)
-    _, ext = op(q, k, v_ext, beta, initial_state=probe, **kw)
+    _, ext = op(q, k, v_ext, *rest, initial_state=probe, segment_ids=segment_ids, **kw)
     final0, transition = ext[..., :value_dim], ext[..., value_dim:]
     s_in, final = _carry_in(
         transition, final0, initial_state,
         lambda m, s: jnp.einsum("bhij,bhjv->bhiv", m, s, precision=jax.lax.Precision.HIGHEST),
         axis_name=axis_name, segment_ids=segment_ids)
-    o, _ = op(q, k, v, beta, initial_state=s_in, **kw)
+    o, _ = op(q, k, v, *rest, initial_state=s_in, segment_ids=segment_ids, **kw)
     return o, final
+
+
+def sequence_parallel_delta_rule(q, k, v, beta, *, log_gate=None, initial_state=None, scale=None,
+                                 segment_ids=None, chunk_size=None, implementation: str = "auto",
+                                 axis_name: str):
+    """`delta_rule` on this device's shard of time (see the module docstring for the cost)."""
+    return _matrix_state_shard(
+        _raw("delta_rule"), q, k, v, (beta,), initial_state=initial_state,
+        segment_ids=segment_ids, axis_name=axis_name,
+        out_dtype=_validation.result_dtype(q.dtype, k.dtype, v.dtype),
+        kw=dict(log_gate=log_gate, scale=scale, chunk_size=chunk_size,
+                implementation=implementation))
+
+
+def sequence_parallel_dplr_delta_rule(q, k, v, a, b, *, log_decay=None, initial_state=None,
+                                      scale=None, segment_ids=None, chunk_size=None,
+                                      implementation: str = "auto", axis_name: str):
+    """`dplr_delta_rule` on this device's shard of time, as the delta rule."""
+    return _matrix_state_shard(
+        _raw("dplr_delta_rule"), q, k, v, (a, b), initial_state=initial_state,
+        segment_ids=segment_ids, axis_name=axis_name,
+        out_dtype=_validation.result_dtype(q.dtype, k.dtype, v.dtype, a.dtype, b.dtype),
+        kw=dict(log_decay=log_decay, scale=scale, chunk_size=chunk_size,
+                implementation=implementation))
 
 
 # --- the hook: public ops under `sequence_parallel(...)` ----------------------------------------
@@ -241,6 +263,8 @@ _OPS: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
                                  ("q", "k", "v", "log_gate", "segment_ids"), ("initial_state",)),
     "delta_rule": (sequence_parallel_delta_rule,
                    ("q", "k", "v", "beta", "log_gate", "segment_ids"), ("initial_state",)),
+    "dplr_delta_rule": (sequence_parallel_dplr_delta_rule,
+                        ("q", "k", "v", "a", "b", "log_decay", "segment_ids"), ("initial_state",)),
 }
 
 

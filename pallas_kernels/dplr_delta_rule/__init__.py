@@ -12,7 +12,6 @@ per-channel decays) and pallas.py must equal it.
 from __future__ import annotations
 
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +22,7 @@ from pallas_kernels.dplr_delta_rule import reference as _reference
 from pallas_kernels.dplr_delta_rule import xla as _xla
 from pallas_kernels.dplr_delta_rule.pallas import BlockSizes
 
-__all__ = ["dplr_delta_rule", "BlockSizes", "DEFAULT_CHUNK_SIZE",
-           "sequence_parallel_dplr_delta_rule"]
+__all__ = ["dplr_delta_rule", "BlockSizes", "DEFAULT_CHUNK_SIZE"]
 
 _OP = "dplr_delta_rule"
 
@@ -191,42 +189,3 @@ def _dplr_bwd(scale, chunk_size, segmented, implementation, residuals, cotangent
 
 
 _dplr.defvjp(_dplr_fwd, _dplr_bwd)
-
-
-def sequence_parallel_dplr_delta_rule(q, k, v, a, b, *, log_decay=None, initial_state=None,
-                                      scale=None, segment_ids=None, chunk_size=None,
-                                      implementation: str = "auto", axis_name: str):
-    """`dplr_delta_rule` on this device's shard of time, inside a shard_map over `axis_name`
-    (pallas_kernels/sequence_parallel.py). As for the delta rule, value columns of the state
-    evolve independently: one run on [v, 0] from [0, I] gives this shard's final state from
-    zero and its K x K transition; a second run from the carried-in state gives the output."""
-    sp = importlib.import_module("pallas_kernels.sequence_parallel")
-    op = dplr_delta_rule.__wrapped__
-    batch, length, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    kw = dict(log_decay=log_decay, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size,
-              implementation=implementation)
-    out_dtype = _validation.result_dtype(q.dtype, k.dtype, v.dtype, a.dtype, b.dtype)
-    v_ext = jnp.concatenate(
-        [v.astype(out_dtype), jnp.zeros((batch, length, heads, key_dim), out_dtype)], axis=-1)
-    eye = jnp.broadcast_to(jnp.eye(key_dim), (batch, heads, key_dim, key_dim))
-    probe = jnp.concatenate([jnp.zeros((batch, heads, key_dim, value_dim)), eye], axis=-1)
-    _, ext = op(q, k, v_ext, a, b, initial_state=probe, **kw)
-    final0, transition = ext[..., :value_dim], ext[..., value_dim:]
-    s_in, final = sp._carry_in(
-        transition, final0, initial_state,
-        lambda m, s: jnp.einsum("bhij,bhjv->bhiv", m, s, precision=jax.lax.Precision.HIGHEST),
-        axis_name=axis_name, segment_ids=segment_ids)
-    o, _ = op(q, k, v, a, b, initial_state=s_in, **kw)
-    return o, final
-
-
-def _register_sequence_parallel():
-    """Adds the op to sequence_parallel's table (the hook `sequence_parallel_op` reads it)."""
-    sp = importlib.import_module("pallas_kernels.sequence_parallel")
-    sp._OPS.setdefault(_OP, (sequence_parallel_dplr_delta_rule,
-                             ("q", "k", "v", "a", "b", "log_decay", "segment_ids"),
-                             ("initial_state",)))
-
-
-_register_sequence_parallel()
