@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._dispatch import cuda_compute_capability
+from pallas_kernels._dispatch import cuda_compute_capability, triton_interpret, use_mosaic_gpu
 from pallas_kernels.chunked_linear_attention import xla as _xla
 
 F32 = jnp.float32
@@ -538,6 +538,12 @@ def forward(q, k, v, g, h0, runs, *, chunk_size=None, target: str, interpret=Non
     """`xla.forward_with_states` in Pallas: (o [B,T,H,V] in v's dtype, final state [B,H,K,V],
     the state entering every chunk [B,H,N,K,V])."""
     _check_dtype(h0)
+    if target == "cuda" and use_mosaic_gpu(interpret):
+        from pallas_kernels.chunked_linear_attention import mosaic_gpu   # imports this module
+        if mosaic_gpu.supports(q, k, v, g, runs, chunk_size):
+            return mosaic_gpu.forward(q, k, v, g, h0, runs, chunk_size=chunk_size,
+                                      interpret=interpret)
+        interpret = triton_interpret(interpret)
     if target == "cuda" and q.shape[-1] > GPU_MAX_KEY_DIM:
         return _xla.forward_with_states(q, k, v, g, h0, runs, chunk_size=chunk_size)
     batch, length, heads, key_dim = q.shape
@@ -572,6 +578,7 @@ def backward(q, k, v, g, h0, runs, starts, do, dfinal, *, chunk_size=None, targe
              interpret=None, block_sizes: BlockSizes | None = None):
     """`xla.backward` in Pallas: (dq, dk, dv, dg, dh0) from the inputs and the chunk states."""
     _check_dtype(h0)
+    interpret = triton_interpret(interpret)    # no Mosaic GPU backward yet
     vector = g is not None and g.shape[-1] > 1
     if target == "cuda" and (q.shape[-1] > GPU_MAX_KEY_DIM or (
             vector and q.shape[-1] > GPU_PRE_HOPPER_VECTOR_BACKWARD_MAX_KEY_DIM
