@@ -44,7 +44,8 @@ def dplr_delta_rule(q, k, v, a, b, *, log_decay=None, initial_state=None, scale=
         o_t  = scale * S_t^T q_t                                         (the current token included)
 
     The op normalises nothing; the transition diag(exp(w)) + a b^T is stable where the caller
-    makes it so (RWKV-7: a = -kappa, b = kappa * eta with |kappa| = 1, eta in [0, 1]).
+    makes it so (RWKV-7: a = -eta * kappa, b = kappa with |kappa| = 1, eta in [0, 1]; fla's
+    kernel contracts its `a` with the state, so its a / b appear swapped against this op's).
 
     Args:
       q, k, a, b: [batch, time, heads, key_dim] (b t h k), real floating.

@@ -26,6 +26,13 @@ DYNAMICS: dict[str, set[str]] = {
     "retnet": set(),
     "deltanet": set(),
     "gated_deltanet": {"log_A", "decay_proj/bias"},
+    "gated_deltaproduct": {"log_A", "decay_proj/bias"},
+    # KDA: per-head log_A and the per-channel dt bias (the decay bottleneck's output bias).
+    "kda": {"log_A", "decay_up/bias"},
+    # Comba: Gated DeltaNet's decay (the inner decay and D are feedback gains, not time scales).
+    "comba": {"log_A", "decay_proj/bias"},
+    # RWKV-7: the decay offset w_0 (log w = -e^-1/2 sigmoid(w_0 + lora)), as RWKV-6's d_0.
+    "rwkv7": {"decay_bias"},
     "mom": {"log_A", "decay_proj/bias"},
     "gla": {"gate_bias"},
     # HGRN / HGRN-2: the forget gate's bias (the forgetting offset, as GLA's gate bias).
@@ -69,6 +76,9 @@ DYNAMICS: dict[str, set[str]] = {
 NO_DECAY_TAGS: dict[str, set[str]] = {"mamba": {"D_skip"}, "mamba2": {"D_skip", "norm/scale"}}
 # RWKV-6's official training spares its time_* parameters (lerp mu / lambda, bonus) from decay.
 NO_DECAY_TAGS["rwkv6"] = {"lerp_mu", "lerp_bias", "bonus"}
+# Comba's output correction D (fla: _no_weight_decay); RWKV-7's time_* analogues as RWKV-6's.
+NO_DECAY_TAGS["comba"] = {"correction"}
+NO_DECAY_TAGS["rwkv7"] = {"lerp_mu", "a_bias", "k_k", "k_a", "r_k"}
 
 
 def build(name: str):

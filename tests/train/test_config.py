@@ -19,7 +19,7 @@ from train.__main__ import main
     ("model.max_positions=8", "config key 'model.max_positions': expected 0 or at least the "
                               "longest sequence (64"),
     ("model.mixer=s4d,mamba9", "config key 'model.mixer': expected names from memzoo.MIXERS "
-                               "(attention, deltanet"),
+                               "(attention, "),
     ("model.mixer=s4d,mamba9", "unknown: mamba9"),
     ("data.task=mqra", "config key 'data.task': expected one of delayed_recall, mqar"),
     ("optim.loss_chunk=-2", "config key 'optim.loss_chunk': expected an integer >= 0"),
