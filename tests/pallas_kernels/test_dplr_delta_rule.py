@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.memzoo import helpers
 from pallas_kernels import _testing as kt
 from pallas_kernels import delta_rule, dplr_delta_rule
 from pallas_kernels.dplr_delta_rule import pallas as dpp
@@ -393,7 +394,7 @@ def test_reference_matches_fla_naive_dplr_recurrence(tmp_path):
     naive = glob.glob(os.path.join(root, ".peers", "torch", "lib", "python*", "site-packages",
                                    "fla", "ops", "generalized_delta_rule", "dplr", "naive.py"))
     if not os.path.isfile(python) or not naive:
-        pytest.skip("fla's naive references are not built under .peers (../shared/peers/setup.sh)")
+        helpers.peers_missing("fla's naive references are not built under .peers (../shared/peers/setup.sh)")
     inputs = make_inputs(jax.random.PRNGKey(21), (2, 20, 2, 8, 6))
     names, arrays = _split(inputs)
     np.savez(tmp_path / "in.npz", **{n: np.asarray(x, np.float32) for n, x in zip(names, arrays)})
