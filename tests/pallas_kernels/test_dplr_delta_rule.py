@@ -101,6 +101,10 @@ def check_against_reference(implementation, inputs, *, chunk_size, seed, ctx=Non
 XLA_CASES = {
     # name: (shape B T H K V, dtype, chunk, make_inputs options, x64)
     "float64-segments-T37-chunk16": ((2, 37, 2, 8, 6), jnp.float32, 16, dict(segments=True), True),
+    # Chunks of 48 = three sub-chunks: the pair matrices' across-sub-chunk factors (and their
+    # hand-written cotangents) to rounding, with resets and a padded last chunk.
+    "float64-segments-T53-chunk48": ((1, 53, 1, 8, 4), jnp.float32, 48,
+                                     dict(segments=True, decay_range=(0.0, 3.0)), True),
     "T1-decode-no-decay": ((2, 1, 2, 8, 8), jnp.float32, None, dict(decay=None), False),
     "bf16-T70-default-chunk": ((1, 70, 1, 16, 16), jnp.bfloat16, None, dict(segments=True), False),
 }
