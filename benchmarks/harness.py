@@ -29,6 +29,8 @@ FAMILIES = {
     "linear_scan": "benchmarks.linear_scan",
     "chunked_linear_attention": "benchmarks.chunked_linear_attention",
     "delta_rule": "benchmarks.delta_rule",
+    "dplr_delta_rule": "benchmarks.dplr_delta_rule",
+    "rwkv6": "benchmarks.rwkv6",
     "selective_scan": "benchmarks.selective_scan",
     "memory_lookup": "benchmarks.memory_lookup",
     "ssd": "benchmarks.ssd",

@@ -5,8 +5,11 @@ import importlib.util
 import os
 from typing import Callable, Sequence
 
+from configs import babi, ntm
 from configs import (delayed_recall, factual_recall, induction_heads, lm, lm_tokens, mqar,
                      mqar_long, niah, selective_copying)
+from configs import listops
+from configs import rmt
 from configs.base import (CheckpointConfig, ConfigError, DataConfig, EvalConfig, LoggingConfig,
                           MeshConfig, ModelConfig, OptimConfig, TrainConfig, from_dict, schema,
                           short_keys)
@@ -51,6 +54,7 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     # memory layers vs a dense MLP at no more active FLOPs (configs/factual_recall.py)
     "factual_recall_pkm": factual_recall.get_config,
     "factual_recall_dense": lambda: factual_recall.get_config("dense"),
+    "factual_recall_memory_bank": lambda: factual_recall.get_config("memory_bank"),
     # single needle in a haystack beyond a 16-token attention window (configs/niah.py)
     "niah_swa": niah.get_config,
     # max_grad_norm: per-token clipping of the inner gradient (the unclipped 2-layer memory
@@ -81,6 +85,25 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
                                                       "prefix_len": 32},
         "data.task_options": {"vocab_size": 128, "num_kv_pairs": 16, "power_a": 1.0},
         "optim.steps": 1500}),
+    # JRT-Prompt (the read-twice baseline): the 32 context tokens twice, then the same 32
+    # tokens of queries and filler (seq_len 96); the state as mqar16_linear_attention's
+    "mqar16_linear_attention_read_twice": _variant(
+        mqar.get_config, "mqar16_linear_attention_read_twice", **{
+            "model.mixer": "linear_attention",
+            "model.mixer_options": {"num_heads": 4, "head_dim": 16},
+            "data.task_options": {"vocab_size": 128, "num_kv_pairs": 16, "power_a": 1.0,
+                                  "read_twice": True},
+            "data.seq_len": 96, "optim.steps": 1500}),
+    # JRT-RNN with Based's Taylor map as in its paper, against causal linear attention on the
+    # same map: key dim 4 -> 1 + 4 + 10 = 15 features x 16 values per head, about the 16 x 16
+    # state of the elu+1 presets
+    **{f"mqar16_{name}_taylor": _variant(mqar.get_config, f"mqar16_{name}_taylor", **{
+        "model.mixer": name, "model.mixer_options": {
+            "num_heads": 4, "head_dim": 4, "value_dim": 16, "feature_map": "taylor",
+            **({"prefix_len": 32} if name == "jrt" else {})},
+        "data.task_options": {"vocab_size": 128, "num_kv_pairs": 16, "power_a": 1.0},
+        "optim.steps": 1500})
+       for name in ("jrt", "linear_attention")},
     # local linear attention against softmax attention with the same window and conv taps
     **{f"mqar_{name}": _variant(mqar.get_config, f"mqar_{name}", **{
         "model.mixer": mixer, "model.mixer_options": {"num_heads": 4, "window": 32,
@@ -101,6 +124,27 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "induction_heads_memory_mosaic": _variant(
         induction_heads.get_config, "induction_heads_memory_mosaic",
         **{"model.mixer": "memory_mosaic", "model.mixer_options": {"num_heads": 4}}),
+    # Long Range Arena's ListOps at CPU scale: S4D against attention (configs/listops.py)
+    **{f"listops_{mixer}": (lambda mixer=mixer: listops.get_config(mixer))
+       for mixer in listops.MIXER_OPTIONS},
+    # xLSTM (Beck et al. 2024): mLSTM blocks with an sLSTM block every fourth layer ([3:1] at
+    # 4 layers; the paper's xLSTM[7:1] at 8), no MLP outside the blocks (the mLSTM block is
+    # pre up-projection, the sLSTM block carries its own gated MLP); lm_tiny_tokens' data
+    "lm_tiny_tokens_xlstm": lambda: lm_tokens.tiny("attention").overrides({
+        "name": "lm_tiny_tokens_xlstm", "model.mixer": "mlstm,mlstm,mlstm,slstm",
+        "model.num_layers": 4, "model.mlp_ratio": 0,
+        "model.mixer_options": {"mlstm": {"num_heads": 4}, "slstm": {"num_heads": 4}}}),
+    # NTM copy trained at 16 tokens, evaluated at 32 (configs/ntm.py); attention beside it
+    "copy_ntm": ntm.get_config,
+    "copy_attention": lambda: ntm.get_config("attention", num_heads=4),
+    # MemN2N on two-supporting-facts stories, 1 vs 3 hops, attention beside (configs/babi.py)
+    "babi2_memn2n_3hop": babi.get_config,
+    "babi2_memn2n_1hop": lambda: babi.get_config(num_hops=1),
+    "babi2_attention": lambda: babi.get_config("attention"),
+    # RMT / HMT: copying across 3 segments, segment-local attention beside (configs/rmt.py)
+    "rmt_copy": rmt.get_config,
+    "hmt_copy": lambda: rmt.get_config("hmt"),
+    "rmt_copy_local": lambda: rmt.get_config("local"),
     # seconds, for tests and smoke checks
     "smoke": _variant(delayed_recall.get_config, "smoke", **{
         "model.d_model": 16, "model.num_layers": 1, "model.mixer_options": {"state_size": 8},

@@ -46,7 +46,9 @@ class ModelConfig:
     pooling: str = "mean"            # classification tasks: SequenceClassifier pooling
     mlp: str = "dense"               # "dense" (SwiGLU) | "pkm" (memzoo.memory_layers.ProductKeyMemory)
     # mlp="pkm": ProductKeyMemory options (n_keys, num_heads, topk, key_dim, value_dim, qk_norm,
-    # gated, query_norm) plus "layers" (which layers get a memory) and "shared_values"
+    # gated, query_norm) plus "layers" (which layers get a memory) and "shared_values";
+    # mlp="memory_bank": MemoryBank options (branching, block_width, key_dim, decay, hidden);
+    # mlp="hopfield": Hopfield options (num_patterns, pattern_dim, num_heads, beta, update_steps)
     mlp_options: dict = dataclasses.field(default_factory=dict)
     max_positions: int = 0           # > 0: learned absolute position embeddings (CausalLM)
     # Reference-checkpoint options (memzoo.models.CausalLM; None / off: memzoo's defaults)
@@ -57,6 +59,9 @@ class ModelConfig:
     mlp_bias: bool = True            # biases in the gated MLP (mamba-ssm's / fla's have none)
     embed_scale: float | None = None  # input embeddings times this (Gemma: sqrt(d_model))
     logit_softcap: float | None = None  # logits = c * tanh(logits / c) (CausalLM only)
+    # memzoo.memories.rmt.RecurrentMemoryLM around the CausalLM (empty: off): segment_len
+    # (required), num_memory, bptt_segments, hierarchical, recall_segments, summary_len
+    recurrent_memory: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         _positive("model", self, "d_model", "num_layers")
@@ -78,8 +83,8 @@ class ModelConfig:
         _check(self.pooling in POOLINGS, "model.pooling", f"one of {POOLINGS}", self.pooling)
         from memzoo.models import MLP_KINDS
         _check(self.mlp in MLP_KINDS, "model.mlp", f"one of {MLP_KINDS}", self.mlp)
-        _check(isinstance(self.mlp_options, dict) and (self.mlp == "pkm" or not self.mlp_options),
-               "model.mlp_options", "a dict, empty unless model.mlp='pkm'", self.mlp_options)
+        _check(isinstance(self.mlp_options, dict) and (self.mlp != "dense" or not self.mlp_options),
+               "model.mlp_options", "a dict, empty when model.mlp='dense'", self.mlp_options)
         _check(self.mlp_hidden is None or (isinstance(self.mlp_hidden, int)
                                             and not isinstance(self.mlp_hidden, bool)
                                             and self.mlp_hidden >= 0),
@@ -95,6 +100,16 @@ class ModelConfig:
         _check(isinstance(self.residual_fp32, bool), "model.residual_fp32", "a bool",
                self.residual_fp32)
         _check(isinstance(self.mlp_bias, bool), "model.mlp_bias", "a bool", self.mlp_bias)
+        rmt_keys = ("segment_len", "num_memory", "bptt_segments", "hierarchical",
+                    "recall_segments", "summary_len")
+        _check(isinstance(self.recurrent_memory, dict)
+               and set(self.recurrent_memory) <= set(rmt_keys)
+               and (not self.recurrent_memory or "segment_len" in self.recurrent_memory),
+               "model.recurrent_memory", f"a dict (empty: off) with segment_len and optionally "
+               f"{', '.join(rmt_keys[1:])}", self.recurrent_memory)
+        _check(not (self.recurrent_memory and self.max_positions), "model.max_positions",
+               "0 with model.recurrent_memory (each segment restarts at position 0)",
+               self.max_positions)
 
 
 @dataclasses.dataclass(frozen=True)

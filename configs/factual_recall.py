@@ -8,13 +8,21 @@ Two presets of equal width and depth, differing only in the MLP slot of each blo
     sub-key scores 4 * 2 * 64 * 12 + reads 4 * 16 * 64 + gate and output 2 * 64 * 64
     = 24.5k MACs / token (plus the top-k): no more active FLOPs than the dense MLP (XLA's
     cost analysis of the whole train step: 1.542 GFLOP against the dense model's 1.574).
-Both at base learning rate 6e-3 (the better of 3e-3 and 6e-3 for each); the value tables train
+  factual_recall_memory_bank: MemoryBank (memzoo/memory_layers/memory_bank.py): anchor SwiGLU
+    88 wide + a bank of 8 + 64 SwiGLU blocks of width 16 (branching 8 x 8, 221k bank parameters
+    per layer), one block per level fetched by a learned key of an exponential moving
+    average (decay 0.5) of the block input: 3 * 64 * (88 + 2 * 16) + key 64 * 16 + scores 16 * 16 = 24.3k MACs / token.
+All at base learning rate 6e-3 (the better of 3e-3 and 6e-3 for each); the value tables train
 at 5x that (optim.lr_multipliers.memory_values): each row sees a gradient only when it is read.
 Every run tried, including the ones that lost, is in benchmarks/RESULTS.md ("Memory layers").
 Results: benchmarks/RESULTS.md ("Memory layers").
 """
 from configs.base import DataConfig, LoggingConfig, ModelConfig, OptimConfig, TrainConfig
 
+# decay 0.5: a recency-weighted context (the best of the runs in RESULTS; the running mean and a
+# 5x table learning rate did worse)
+BANK_OPTIONS = {"hidden": 88, "branching": [8, 8], "block_width": 16, "key_dim": 16,
+                "decay": 0.5}
 PKM_OPTIONS = {"n_keys": 64, "num_heads": 4, "topk": 16, "key_dim": 24, "value_dim": 64,
                "gated": True, "qk_norm": True, "query_norm": "layernorm"}
 
@@ -24,7 +32,8 @@ def get_config(mlp: str = "pkm") -> TrainConfig:
         name=f"factual_recall_{mlp}",
         model=ModelConfig(mixer="attention", d_model=64, num_layers=2, mlp_ratio=2,
                           mixer_options={"num_heads": 4},
-                          mlp=mlp, mlp_options=dict(PKM_OPTIONS) if mlp == "pkm" else {}),
+                          mlp=mlp, mlp_options=dict({"pkm": PKM_OPTIONS,
+                                                     "memory_bank": BANK_OPTIONS}.get(mlp, {}))),
         data=DataConfig(task="factual_recall", batch_size=32, seq_len=64, eval_batches=8,
                         task_options={"num_individuals": 4096, "num_first_names": 128,
                                       "num_last_names": 128, "num_attributes": 4,

@@ -158,7 +158,7 @@ class StackCache:
     position: Any = None
 
 
-MLP_KINDS = ("dense", "pkm")
+MLP_KINDS = ("dense", "pkm", "memory_bank", "hopfield")
 
 
 def check_block_options(owner: str, *, mlp_hidden=None, mlp_activation="silu", norm_eps=None,
@@ -184,8 +184,11 @@ def check_block_options(owner: str, *, mlp_hidden=None, mlp_activation="silu", n
 class Block(nnx.Module):
     """x + mixer(norm(x)), then x + MLP(norm(x)); the MLP is a gated MLP (SwiGLU by default,
     `mlp_activation`) of width `mlp_hidden` or else mlp_ratio * d, or with mlp="pkm" a
-    product-key memory (memzoo.memory_layers, options in mlp_options). `residual_fp32` keeps
-    x in float32 (each branch is computed in `dtype` from the norm's output)."""
+    product-key memory (memzoo.memory_layers, options in mlp_options), with mlp="memory_bank"
+    a hierarchical memory bank over an anchor MLP of that width (its context summary is state:
+    the block's cache is then (mixer cache, bank cache)), with mlp="hopfield" a multi-head
+    Hopfield layer over learned patterns. `residual_fp32` keeps x in float32 (each branch is
+    computed in `dtype` from the norm's output)."""
 
     def __init__(self, d_model: int, mixer: str, *, mixer_options: dict[str, Any], mlp_ratio: int,
                  norm: str, dtype, rngs: nnx.Rngs, mlp: str = "dense",
@@ -201,6 +204,14 @@ class Block(nnx.Module):
         if mlp == "pkm":
             from memzoo.memory_layers import ProductKeyMemory  # memory_layers imports layers
             self.mlp = ProductKeyMemory(d_model, **(mlp_options or {}), dtype=dtype, rngs=rngs)
+        elif mlp == "memory_bank":
+            from memzoo.memory_layers import MemoryBank
+            options = {"hidden": mlp_ratio * d_model if mlp_hidden is None else mlp_hidden,
+                       "activation": mlp_activation, "use_bias": mlp_bias, **(mlp_options or {})}
+            self.mlp = MemoryBank(d_model, **options, dtype=dtype, rngs=rngs)
+        elif mlp == "hopfield":
+            from memzoo.memory_layers import Hopfield
+            self.mlp = Hopfield(d_model, **(mlp_options or {}), dtype=dtype, rngs=rngs)
         else:
             hidden = mlp_ratio * d_model if mlp_hidden is None else mlp_hidden
             self.mlp = (layers.MLP(d_model, hidden, activation=mlp_activation, gated=True,
@@ -209,6 +220,9 @@ class Block(nnx.Module):
         self.mlp_norm = (layers.norm(norm, d_model, dtype=dtype, rngs=rngs, epsilon=norm_eps)
                          if self.mlp else None)
         self.dtype = dtype
+        # An MLP slot with state across tokens (MemoryBank's context summary) takes segment_ids
+        # and rides in the block's cache beside the mixer's.
+        self.mlp_stateful = bool(getattr(self.mlp, "stateful", False))
         # The residual stream's dtype: each branch's output is cast to it before the sum.
         self.residual_dtype = jnp.float32 if residual_fp32 else dtype
         # Optional protocol keywords (memzoo.registry.SequenceMixer), decided once here.
@@ -216,10 +230,17 @@ class Block(nnx.Module):
         self.takes_segment_ids = accepts_keyword(self.mixer.__call__, "segment_ids")
         self.cache_takes_max_len = accepts_keyword(self.mixer.init_cache, "max_len")
 
-    def _mlp(self, x):
+    def _mlp(self, x, segment_ids=None):
         if self.mlp is not None:
-            x = x + self.mlp(self.mlp_norm(x)).astype(self.residual_dtype)
+            kw = {"segment_ids": segment_ids} if self.mlp_stateful else {}
+            x = x + self.mlp(self.mlp_norm(x), **kw).astype(self.residual_dtype)
         return x
+
+    def _mlp_cached(self, x, cache, step: bool):
+        """(x + MLP, the MLP's new cache) for a stateful MLP."""
+        h = self.mlp_norm(x)
+        y, cache = self.mlp.step(h, cache) if step else self.mlp(h, cache=cache)
+        return x + y.astype(self.residual_dtype), cache
 
     def __call__(self, x, *, segment_ids=None, cache=None):
         x = layers.constrain_activation(x, RESIDUAL_AXES)
@@ -237,18 +258,31 @@ class Block(nnx.Module):
         if cache is None:
             x = layers.constrain_activation(
                 x + self.mixer(h, **kw).astype(self.residual_dtype), RESIDUAL_AXES)
-            return self._mlp(x)
+            return self._mlp(x, segment_ids)
+        if self.mlp_stateful:
+            cache, mlp_cache = cache
+            y, cache = self.mixer(h, cache=cache)
+            x, mlp_cache = self._mlp_cached(x + y.astype(self.residual_dtype), mlp_cache, False)
+            return x, (cache, mlp_cache)
         y, cache = self.mixer(h, cache=cache)
         return self._mlp(x + y.astype(self.residual_dtype)), cache
 
     def step(self, x_t, cache):
+        if self.mlp_stateful:
+            cache, mlp_cache = cache
+            y, cache = self.mixer.step(self.mixer_norm(x_t), cache)
+            x_t, mlp_cache = self._mlp_cached(x_t + y.astype(self.residual_dtype), mlp_cache,
+                                              True)
+            return x_t, (cache, mlp_cache)
         y, cache = self.mixer.step(self.mixer_norm(x_t), cache)
         return self._mlp(x_t + y.astype(self.residual_dtype)), cache
 
     def init_cache(self, batch_size: int, max_len: int | None = None):
         if self.cache_takes_max_len:
-            return self.mixer.init_cache(batch_size, max_len=max_len)
-        return self.mixer.init_cache(batch_size)
+            cache = self.mixer.init_cache(batch_size, max_len=max_len)
+        else:
+            cache = self.mixer.init_cache(batch_size)
+        return (cache, self.mlp.init_cache(batch_size)) if self.mlp_stateful else cache
 
 
 class BlockGroup(nnx.Module):
@@ -335,10 +369,12 @@ class BlockStack(nnx.Module):
             raise ValueError(f"`mlp` must be one of {MLP_KINDS}, got {mlp!r}")
         options = dict(mlp_options or {})
         if mlp != "pkm":
-            if options:
-                raise ValueError(f"`mlp_options` are for mlp='pkm', got {sorted(options)} with "
-                                 f"mlp={mlp!r}")
             self.memory_values = None
+            if mlp != "dense":   # memory_bank, hopfield: their own options, every layer
+                return None, options
+            if options:
+                raise ValueError(f"`mlp_options` are for mlp='pkm', 'memory_bank' or "
+                                 f"'hopfield', got {sorted(options)} with mlp={mlp!r}")
             return None, None
         which = options.pop("layers", None)
         shared = bool(options.pop("shared_values", False))

@@ -31,7 +31,8 @@
 #
 # This notebook trains every memory family that memzoo has (those of the list below that are
 # registered when it runs) through the same API as `python -m train`, then plots accuracy against
-# state size (the frontier) and the learning curves. Every number comes from this run.
+# state size (the frontier) and the learning curves. Every number in those comes from this run;
+# the last section rebuilds every matrix-state mixer and shows the recorded state-size sweep.
 
 # %%
 # Install memzoo (skipped when it is already importable, e.g. in a checkout or on a second run).
@@ -197,6 +198,89 @@ ax_acc.legend(fontsize=8)
 fig.suptitle(f"learning curves at d_model {max(D_MODELS)}")
 plt.tight_layout()
 plt.show()
+
+# %% [markdown]
+# ## The matrix-state family: every mixer, its state, and the recorded sweep
+#
+# The mixers whose memory is a matrix per head (linear attention and its gated, delta-rule,
+# DPLR, slot, feature-map, mixture and test-time relatives) were swept over state size through
+# the training command, `python -m benchmarks.mqar_sweep` (benchmarks/mqar_sweep.py; settings
+# and reading in benchmarks/RESULTS.md). Retraining all of them takes an hour or more on a CPU, so
+# this section loads the recorded results (`benchmarks/mqar_sweep.jsonl`, one line per finished
+# run) instead. Each line holds the options the mixer ran with, so every mixer is rebuilt here
+# from them (shapes only, `jax.eval_shape`): its output shape, the matrix state the sweep counted
+# (`state_per_layer`, from the options) and the floats of its real decoding cache, which adds
+# short-conv windows, token-shift rows and second copies (JRT's prefix state) to the matrix.
+
+# %%
+import json
+import pathlib
+import urllib.request
+
+SWEEP_URL = "https://raw.githubusercontent.com/memzoo/memzoo/main/benchmarks/mqar_sweep.jsonl"
+sweep_path = pathlib.Path(memzoo.__file__).resolve().parents[1] / "benchmarks" / "mqar_sweep.jsonl"
+if sweep_path.exists():
+    sweep_text = sweep_path.read_text()
+else:   # an installed memzoo has no benchmarks/: fetch the recorded file
+    try:
+        sweep_text = urllib.request.urlopen(SWEEP_URL, timeout=30).read().decode()
+    except OSError as e:
+        sweep_text = ""
+        print(f"no recorded sweep here ({e}); run `python -m benchmarks.mqar_sweep` in a checkout")
+sweep = [json.loads(line) for line in sweep_text.splitlines() if line.strip()]
+sweep = [r for r in sweep if "error" not in r]
+print(f"{len(sweep)} recorded runs; setting: {sweep[0]['setting'] if sweep else None}")
+
+# %%
+def built(mixer: str, options: dict, d_model: int = 64, length: int = 32):
+    """(output shape, cache floats) of the mixer built from `options`, shapes only."""
+    def make():
+        m = memzoo.MIXERS[mixer](d_model, rngs=nnx.Rngs(0), **options)
+        return m(jax.numpy.zeros((1, length, d_model))), m.init_cache(1)
+    y, cache = jax.eval_shape(make)
+    return y.shape, sum(int(np.prod(x.shape)) for x in jax.tree.leaves(cache)
+                        if np.issubdtype(x.dtype, np.inexact))
+
+
+sizes = sorted({r["d"] for r in sweep})
+family = list(dict.fromkeys(r["mixer"] for r in sweep))
+# Quick mode rebuilds one size of every mixer; the full run every recorded (mixer, size).
+build_sizes = sizes[:1] if QUICK else sizes
+print(f"{'mixer':>19} {'d':>3} {'matrix state':>22} {'numbers':>8} {'cache':>7} {'output':>14}")
+for r in sweep:
+    if r["d"] not in build_sizes or r["mixer"] not in memzoo.MIXERS:
+        continue
+    shape, cache = built(r["mixer"], r["mixer_options"])
+    assert shape == (1, 32, 64) and cache >= r["state_per_layer"], r["mixer"]
+    print(f"{r['mixer']:>19} {r['d']:>3} {r['state_formula']:>22} {r['state_per_layer']:>8,} "
+          f"{cache:>7,} {str(shape):>14}")
+
+# %%
+found = {(r["mixer"], r["d"]): r for r in sweep}
+print("held-out accuracy by per-head width d (matrix state per layer in brackets)")
+print(f"{'mixer':>19} " + " ".join(f"{'d=' + str(d):>16}" for d in sizes))
+for mixer in family:
+    cells = [f"{found[mixer, d]['eval_accuracy']:.3f} ({found[mixer, d]['state_per_layer']:,})"
+             if (mixer, d) in found else "-" for d in sizes]
+    print(f"{mixer:>19} " + " ".join(f"{c:>16}" for c in cells))
+
+# %%
+if sweep:
+    s = sweep[0]["setting"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    cmap = plt.get_cmap("tab20")
+    for i, mixer in enumerate(family):
+        rs = sorted((r for r in sweep if r["mixer"] == mixer), key=lambda r: r["state_per_layer"])
+        ax.plot([r["state_per_layer"] for r in rs], [r["eval_accuracy"] for r in rs],
+                "os^vD<>ph"[i % 9] + "-", color=cmap(i % 20), label=mixer, ms=5)
+    ax.axhline(1 / s["pairs"], ls="--", c="gray", lw=1)
+    ax.axhline(2 / s["vocab"], ls=":", c="gray", lw=1)
+    ax.set(xscale="log", xlabel="matrix state per layer (numbers)",
+           ylabel="held-out MQAR accuracy", ylim=(-0.02, 1.02),
+           title=f"recorded sweep: {s['pairs']} pairs / {s['seq_len']} tokens, {s['steps']} steps")
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    plt.tight_layout()
+    plt.show()
 
 # %% [markdown]
 # ## Going further

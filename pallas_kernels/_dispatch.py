@@ -131,8 +131,9 @@ GPU_BACKENDS = ("triton", "mosaic")
 @contextlib.contextmanager
 def gpu_backend(backend: Literal["triton", "mosaic"]):
     """Inside: ops with a Pallas Mosaic GPU kernel (chunked_linear_attention's ungated 16-bit
-    forward so far) run it instead of the Triton one where the GPU is Hopper (compute capability
-    9.x, or unknown at lowering: a CPU host lowering for "cuda", as the Triton path assumes)
+    forward, linear_scan's real and selective_scan's float32 forwards) run it instead of the
+    Triton one where the GPU is Hopper (compute capability 9.x, or unknown at lowering: a CPU
+    host lowering for "cuda", as the Triton path assumes)
     and the installed JAX has Mosaic GPU. Read when an op is traced. The default stays "triton"
     until the Mosaic kernels are measured on a GPU."""
     if backend not in GPU_BACKENDS:

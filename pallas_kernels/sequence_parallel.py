@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels import _dispatch, _validation
+from pallas_kernels import _chunks, _dispatch, _validation
 
 __all__ = ["sequence_parallel", "sequence_parallel_linear_scan",
            "sequence_parallel_chunked_linear_attention", "sequence_parallel_delta_rule",
@@ -110,21 +110,18 @@ def _alive(segment_ids, length, batch, reverse=False):
     direction of the scan), i.e. where the carried-in state still reaches."""
     if segment_ids is None:
         return jnp.ones((batch, length), jnp.float32)
-    ref = segment_ids[:, -1:] if reverse else segment_ids[:, :1]
-    same = segment_ids == ref
-    # alive_t = all ids from the shard's first step to t equal the first id
-    alive = jax.lax.cummin(same.astype(jnp.int32), axis=1, reverse=reverse)
-    return alive.astype(jnp.float32)
+    return (_chunks.segment_runs(segment_ids, reverse=reverse) == 0).astype(jnp.float32)
 
 
 def _boundary_resets(segment_ids, axis_name, n, reverse):
     """[n, batch] bool: the state carried into shard j is cut (a new segment starts there)."""
     firsts = jax.lax.all_gather(segment_ids[:, 0], axis_name)
     lasts = jax.lax.all_gather(segment_ids[:, -1], axis_name)
-    no = jnp.zeros_like(firsts[:1], dtype=bool)
-    if reverse:   # shard j continues from shard j + 1
-        return jnp.concatenate([lasts[:-1] != firsts[1:], no], axis=0)
-    return jnp.concatenate([no, firsts[1:] != lasts[:-1]], axis=0)
+    # The shards' edge ids in time order, [batch, 2n] = f0 l0 f1 l1 ...: a shard's start (its
+    # first id; its last one for a reverse scan) is a segment start of that sequence.
+    edges = jnp.stack([firsts, lasts], axis=1).reshape(2 * n, -1).T
+    starts = _chunks.segment_starts(edges, reverse=reverse)
+    return (starts[:, 1::2] if reverse else starts[:, 0::2]).T
 
 
 def _carry_in(transition, final0, initial_state, combine, *, axis_name, segment_ids,

@@ -111,6 +111,16 @@ def build_model(config: TrainConfig, vocab_size: int, rngs: nnx.Rngs,
             raise ConfigError("config key 'model.logit_softcap': a soft cap on vocabulary "
                               "logits is for next-token tasks (CausalLM); this task has classes")
         return SequenceClassifier(num_classes=num_classes, pooling=m.pooling, **kwargs)
+    if m.recurrent_memory:
+        if num_classes:
+            raise ConfigError("config key 'model.recurrent_memory': the recurrent-memory wrapper "
+                              "is a language model; this task has classes")
+        from memzoo.memories.rmt import RecurrentMemoryLM
+        try:
+            return RecurrentMemoryLM(logit_softcap=m.logit_softcap, **dict(m.recurrent_memory),
+                                     **kwargs)
+        except ValueError as e:  # the wrapper names the bad option
+            raise ConfigError(f"config key 'model.recurrent_memory': {e}") from None
     return CausalLM(max_positions=m.max_positions, logit_softcap=m.logit_softcap, **kwargs)
 
 

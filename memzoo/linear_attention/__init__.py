@@ -19,9 +19,11 @@ from memzoo.linear_attention.linear_attention import LinearAttention
 from memzoo.linear_attention.mom import MixtureOfMemories
 from memzoo.linear_attention.retnet import RetNet, retention_decays
 from memzoo.linear_attention.mlstm import MLSTM, mlstm_memory
+from memzoo.linear_attention.slstm import SLSTM, SLSTMCache, slstm_scan, slstm_step
 from memzoo.linear_attention.rwkv6 import RWKV6
 
 __all__ = ["LinearAttentionCache", "LinearMemory", "run_memory", "LinearAttention", "RetNet",
            "retention_decays", "Based", "BasedCache", "ReBased", "GLA", "GatedSlotAttention", "HGRN", "HGRN2", "DeltaNet", "GatedDeltaNet", "MixtureOfMemories"]
 __all__ += ["RWKV6", "MLSTM", "mlstm_memory"]
+__all__ += ["SLSTM", "SLSTMCache", "slstm_scan", "slstm_step"]
 __all__ += ["GatedDeltaProduct", "Comba", "KimiDeltaAttention", "RWKV7"]

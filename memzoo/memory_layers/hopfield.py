@@ -11,6 +11,10 @@ well-separated patterns and large beta, retrieves the stored pattern nearest to 
 `Hopfield` is the layer around it, in one of two modes:
   * stored (default): learned patterns [num_patterns, pattern_dim] are the memory; the token's
     query W_q x is updated `update_steps` times and projected back, W_o xi. A per-token layer.
+    `num_heads` = H splits the pattern dimension: head h's stored patterns are the columns
+    h*dh .. (h+1)*dh - 1 of X (dh = pattern_dim / H), each head its own softmax over the N
+    patterns (beta defaults to 1 / sqrt(dh)). This mode is the MLP slot `mlp="hopfield"`
+    (memzoo.models): a per-token retrieval from learned patterns needs no decoding cache.
   * over the input (`__call__(x, memory=y)` or `associate_input=True`): the patterns are the
     projected input tokens themselves, keys Y W_k and values Y W_v (Ramsauer's Hopfield layer,
     an associative attention with inverse temperature beta), causal by default so that a token
@@ -73,16 +77,24 @@ class Hopfield(nnx.Module):
 
     def __init__(self, d_model: int, *, num_patterns: int = 64, pattern_dim: int | None = None,
                  beta: float | None = None, update_steps: int = 1, associate_input: bool = False,
-                 causal: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+                 causal: bool = True, num_heads: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
         for name, v in (("d_model", d_model), ("num_patterns", num_patterns),
-                        ("update_steps", update_steps)):
-            if not isinstance(v, int) or v < 1:
+                        ("update_steps", update_steps), ("num_heads", num_heads)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"Hopfield: `{name}` must be an integer >= 1, got {v!r}")
         pattern_dim = pattern_dim or d_model
+        if pattern_dim % num_heads:
+            raise ValueError(f"Hopfield: `pattern_dim` ({pattern_dim}) must be divisible by "
+                             f"`num_heads` ({num_heads})")
+        if num_heads > 1 and associate_input:
+            raise ValueError("Hopfield: `num_heads` > 1 is for the stored patterns; over the "
+                             "input use the mixer 'hopfield' (HopfieldMixer)")
         if beta is not None and not beta > 0:
             raise ValueError(f"Hopfield: `beta` must be > 0, got {beta!r}")
         self.d_model, self.pattern_dim, self.update_steps = d_model, pattern_dim, update_steps
-        self.beta = float(beta) if beta is not None else 1.0 / math.sqrt(pattern_dim)
+        self.num_heads = num_heads
+        self.beta = (float(beta) if beta is not None
+                     else 1.0 / math.sqrt(pattern_dim // num_heads))
         self.associate_input, self.causal, self.dtype = associate_input, causal, dtype
         lin = dict(use_bias=False, dtype=dtype, rngs=rngs)
         self.query = layers.Linear(d_model, pattern_dim, axes=("embed", "heads"), **lin)
@@ -104,8 +116,13 @@ class Hopfield(nnx.Module):
                            legend="[..., d_model]")
         xi = self.query(x).astype(jnp.float32)
         if not self.associate_input and memory is None:
-            xi = hopfield_retrieve(self.patterns[...], xi, self.beta, self.update_steps)
-            return self.out(xi.astype(self.dtype))
+            # Heads split the pattern dimension: head h retrieves from columns h*dh:(h+1)*dh
+            # of every stored pattern, its own softmax over the N patterns.
+            h, dh = self.num_heads, self.pattern_dim // self.num_heads
+            patterns = self.patterns[...].reshape(-1, h, dh).swapaxes(0, 1)   # [h, N, dh]
+            xi = xi.reshape(*xi.shape[:-1], h, dh)
+            xi = hopfield_retrieve(patterns, xi, self.beta, self.update_steps)
+            return self.out(xi.reshape(*xi.shape[:-2], self.pattern_dim).astype(self.dtype))
         y = x if memory is None else memory
         if not self.associate_input:
             raise ValueError("Hopfield: `memory=` needs associate_input=True (key and value "

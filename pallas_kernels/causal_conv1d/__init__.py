@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import _dispatch, _validation
+from pallas_kernels import _chunks, _dispatch, _validation
 from pallas_kernels.causal_conv1d import pallas as _pallas
 from pallas_kernels.causal_conv1d import reference as _reference
 from pallas_kernels.causal_conv1d import xla as _xla
@@ -87,10 +87,7 @@ def causal_conv1d(x, weight, *, bias=None, initial_state=None, activation=None, 
     if length == 0:
         return jnp.zeros((batch, 0, channels), out_dtype), state
     if implementation == "reference":
-        reset = None
-        if segment_ids is not None:
-            reset = jnp.concatenate([jnp.zeros((batch, 1), bool),
-                                     segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        reset = None if segment_ids is None else _chunks.segment_starts(segment_ids)
         return _reference.causal_conv1d_reference(x, weight, bias, state, reset,
                                                   activation=activation, out_dtype=out_dtype)
     if segment_ids is not None:

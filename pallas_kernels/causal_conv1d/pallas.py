@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels._chunks import round_up as _round_up
 from pallas_kernels.causal_conv1d.reference import apply_activation
 
 F32 = jnp.float32
@@ -39,10 +40,6 @@ class BlockSizes:
         if target == "cuda":
             return cls(block_t=0, block_c=128)
         raise ValueError(f"causal_conv1d: unknown Pallas target {target!r}")
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def _tpu_kernel(x_ref, back_ref, w_ref, bias_ref, state_ref, y_ref, ext, *, width, halo,

@@ -12,15 +12,15 @@ W-1-i positions back and is dropped where that exceeds `back`.
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._chunks import segment_starts
 from pallas_kernels.causal_conv1d.reference import apply_activation
 
 
 def visible_history(segment_ids, width):
     """[B, T] int32: positions token t may look back (>= width-1 means all of its window)."""
-    batch, length = segment_ids.shape
+    length = segment_ids.shape[1]
     t = jnp.arange(length, dtype=jnp.int32)[None, :]
-    starts = jnp.concatenate(
-        [jnp.zeros((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    starts = segment_starts(segment_ids)
     # The first segment starts "before" the state, so its tokens see their whole window.
     first = -jnp.int32(width)
     start = jnp.maximum(jnp.where(starts, t, first), first)

@@ -26,7 +26,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import _dispatch, _validation
+from pallas_kernels import _chunks, _dispatch, _validation
 from pallas_kernels.chunked_linear_attention import pallas as _pallas
 from pallas_kernels.chunked_linear_attention import reference as _reference
 from pallas_kernels.chunked_linear_attention import xla as _xla
@@ -107,7 +107,7 @@ def _with_bonus(q, k, v, log_gate, bonus, kw):
                                   "[batch, time]")
         # Zero keys where a document starts: the op resets its state there and adds k' v'^T,
         # which must then be the previous document's nothing, not its last token.
-        starts = run_starts(segment_runs(kw["segment_ids"]))
+        starts = _chunks.segment_starts(kw["segment_ids"])
         k_prev = jnp.where(starts[:, :, None, None], jnp.zeros_like(k_prev), k_prev)
     o, s = _gated(q, k_prev, later(v), log_gate=None if log_gate is None else later(log_gate),
                   **kw)
@@ -187,11 +187,11 @@ def _gated(q, k, v, *, log_gate=None, initial_state=None, scale=None, segment_id
                                    or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"{_OP}: `chunk_size` must be a positive integer, got {chunk_size!r}")
 
-    runs = None
+    starts = None
     if segment_ids is not None:
         _validation.check_integer(_OP, "segment_ids", segment_ids, (batch, length),
                                   "[batch, time]")
-        runs = segment_runs(segment_ids)
+        starts = _chunks.segment_starts(segment_ids)
 
     # The scale is folded into the queries in the accumulation dtype: every implementation then
     # computes o_t = S_t^T q_t, and a traced scale gets its gradient from this product.
@@ -202,32 +202,18 @@ def _gated(q, k, v, *, log_gate=None, initial_state=None, scale=None, segment_id
         return jnp.zeros((batch, 0, heads, vdim), dtype), h0
     if implementation == "reference":
         # The specification, differentiated by JAX's autodiff: what the custom VJP is tested against.
-        o, s = _reference.reference(q, k, v, g, h0, run_starts(runs))
+        o, s = _reference.reference(q, k, v, g, h0, starts)
         return o.astype(dtype), s
-    o, s = _attention(q, k, v, g, h0, runs, chunk_size, implementation)
+    # The fast paths take the starts as int32 (an integer operand of the custom VJP, no
+    # cotangent).
+    reset = None if starts is None else starts.astype(jnp.int32)
+    o, s = _attention(q, k, v, g, h0, reset, chunk_size, implementation)
     return o.astype(dtype), s
 
 
 def _check_real(name, x):
     if _validation.is_complex(x.dtype):
         raise ValueError(f"{_OP}: `{name}` must have a real floating dtype, got {x.dtype}")
-
-
-def segment_runs(segment_ids):
-    """[B, T] int32: 0 for the first segment of each row, +1 wherever the id changes. Two steps
-    see each other's state exactly when their run numbers are equal."""
-    change = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
-    # The first column built from the batch size: change[:, :1] is empty when T = 1.
-    first = jnp.zeros((segment_ids.shape[0], 1), jnp.int32)
-    return jnp.concatenate([first, jnp.cumsum(change, axis=1)], axis=1)
-
-
-def run_starts(runs):
-    """[B, T] bool: True where a new run begins (the state is reset before that step)."""
-    if runs is None:
-        return None
-    change = runs[:, 1:] != runs[:, :-1]
-    return jnp.concatenate([jnp.zeros((runs.shape[0], 1), bool), change], axis=1)
 
 
 def _pallas_for(fn, h0, chunk_size, implementation):
@@ -238,13 +224,13 @@ def _pallas_for(fn, h0, chunk_size, implementation):
     return functools.partial(fn, chunk_size=chunk_size)
 
 
-def _partition(g, runs, backward):
+def _partition(g, reset, backward):
     """Batch, heads and value columns split (each column of the state is its own recurrence);
     time, key_dim and the chunk axis of the saved states stay whole. The key/gate gradients
     sum over the value columns (the partitioner adds the cross-shard sum)."""
     gate = None if g is None else ("b t h k" if g.shape[-1] > 1 else "b t h one")
     inputs = [("q", "b t h k"), ("k", "b t h k"), ("v", "b t h v"), ("log_gate", gate),
-              ("initial_state", "b h k v"), ("segment_ids", None if runs is None else "b t")]
+              ("initial_state", "b h k v"), ("segment_ids", None if reset is None else "b t")]
     if not backward:
         return _dispatch.Partition(tuple(inputs), ("b t h v", "b h k v", "b h n k v"),
                                    whole="t k n one")
@@ -253,36 +239,36 @@ def _partition(g, runs, backward):
         tuple(inputs), ("b t h k", "b t h k", "b t h v", gate, "b h k v"), whole="t k n one")
 
 
-def _forward(q, k, v, g, h0, runs, chunk_size, implementation):
+def _forward(q, k, v, g, h0, reset, chunk_size, implementation):
     """(o, final_state, per-chunk start states) from the chosen fast path."""
     xla = functools.partial(_xla.forward_with_states, chunk_size=chunk_size)
-    return _dispatch.dispatch(_OP, implementation, q, k, v, g, h0, runs, reference=xla, xla=xla,
+    return _dispatch.dispatch(_OP, implementation, q, k, v, g, h0, reset, reference=xla, xla=xla,
                               pallas=_pallas_for(_pallas.forward, h0, chunk_size, implementation),
-                              partition=_partition(g, runs, backward=False))
+                              partition=_partition(g, reset, backward=False))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _attention(q, k, v, g, h0, runs, chunk_size, implementation):
-    o, final, _ = _forward(q, k, v, g, h0, runs, chunk_size, implementation)
+def _attention(q, k, v, g, h0, reset, chunk_size, implementation):
+    o, final, _ = _forward(q, k, v, g, h0, reset, chunk_size, implementation)
     return o, final
 
 
-def _attention_fwd(q, k, v, g, h0, runs, chunk_size, implementation):
-    o, final, starts = _forward(q, k, v, g, h0, runs, chunk_size, implementation)
+def _attention_fwd(q, k, v, g, h0, reset, chunk_size, implementation):
+    o, final, starts = _forward(q, k, v, g, h0, reset, chunk_size, implementation)
     # Residuals: the inputs and the state entering each chunk; the intra-chunk matrices are
     # recomputed by the backward.
-    return (o, final), (q, k, v, g, h0, runs, starts)
+    return (o, final), (q, k, v, g, h0, reset, starts)
 
 
 def _attention_bwd(chunk_size, implementation, residuals, cotangents):
-    q, k, v, g, h0, runs, starts = residuals
+    q, k, v, g, h0, reset, starts = residuals
     do, dfinal = cotangents
     xla_bwd = functools.partial(_xla.backward, chunk_size=chunk_size)
     # implementation="reference" never reaches the custom VJP (autodiff differentiates it).
     grads = _dispatch.dispatch(
-        _OP, implementation, q, k, v, g, h0, runs, starts, do, dfinal, reference=xla_bwd,
+        _OP, implementation, q, k, v, g, h0, reset, starts, do, dfinal, reference=xla_bwd,
         xla=xla_bwd, pallas=_pallas_for(_pallas.backward, h0, chunk_size, implementation),
-        partition=_partition(g, runs, backward=True))
+        partition=_partition(g, reset, backward=True))
     return (*grads, None)
 
 

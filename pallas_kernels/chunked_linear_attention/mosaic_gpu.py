@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _dispatch
+from pallas_kernels._chunks import round_up as _round_up
 from pallas_kernels.chunked_linear_attention import pallas as _pallas
 from pallas_kernels.chunked_linear_attention import xla as _xla
 
@@ -86,10 +87,6 @@ def supports(q, k, v, g, runs, chunk_size=None) -> bool:
     return (available() and runs is None and chunk <= ROWS and (g is None or ENABLE_SCALAR_GATE) and not vector
             and k.dtype == v.dtype and any(k.dtype == d for d in DTYPES)
             and q.shape[-1] <= MAX_KEY_DIM)
-
-
-def _round_up(x, m):
-    return -(-x // m) * m
 
 
 def _stages(kd):

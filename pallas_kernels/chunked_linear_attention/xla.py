@@ -15,8 +15,9 @@ cumulative gate r_I at the end of sub-chunk I-1 (q_i exp(b_i - r_I) . k_j exp(r_
 exponents <= 0, one matmul per query sub-chunk), and only the sub x sub diagonal blocks are
 formed elementwise (fused by XLA into their reduction).
 
-Segments (packed documents): a run number per token (equal numbers see each other) masks pairs
-inside a chunk, the carried state for tokens past a reset, and the chunk's decay of S_start.
+Segments (packed documents): the segment starts counted inside each chunk
+(`_chunks.chunk_resets`: equal counts see each other) mask pairs inside a chunk, the carried
+state for tokens past a reset, and the chunk's decay of S_start.
 
 The backward (custom VJP in __init__.py) keeps only the inputs and the per-chunk start states:
 the state cotangents travel back through the same chunk scan reversed (dS_start = exp(b_C) dS_end
@@ -30,6 +31,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels._chunks import chunk_resets, from_chunks, to_chunks
 
 DEFAULT_CHUNK = 64
 # Log gates are clamped here in the chunked form: exp(-30) ~ 1e-13 is below float32's resolution
@@ -179,34 +182,14 @@ def chunk_local(q, k, v, g, s_start, masks, sub):
 
 
 # ---------------------------------------------------------------------------------------------
-# Layout: [B, T, H, D] <-> chunks [B, H, N, C, D] (the Pallas kernels' tiles start from these).
-
-
+# Layout: [B, T, H, D] <-> chunks (pallas_kernels._chunks.to_chunks / from_chunks; the Pallas
+# kernels' tiles start from the head-major [B, H, N, C, D]).
 # The XLA path itself keeps chunks chunk-major, [N, B, H, C, D] (`chunk_major=True`): the chunk
 # scan then reads and writes its [N, B, H, K, V] states where the batched matmuls put them,
 # without two moveaxis copies of all chunk states (about 10% of the forward at B4 T4096 H8 d64 on
 # a CPU). `starts` leave forward_with_states in the Pallas kernels' [B, H, N, K, V] (both paths'
 # residuals agree, as lax.platform_dependent needs), and XLA drops that transpose when nothing
 # differentiates.
-_HEAD_MAJOR, _CHUNK_MAJOR = (0, 3, 1, 2, 4), (1, 0, 3, 2, 4)   # from [B, N, C, H, D]
-
-
-def to_chunks(x, chunk, padded, *, chunk_major=False):
-    if x is None:
-        return None
-    b, t, h, d = x.shape
-    if padded != t:
-        # Padded steps: zero q, k, v and gate 0 (decay 1) leave the state unchanged.
-        x = jnp.pad(x, [(0, 0), (0, padded - t), (0, 0), (0, 0)])
-    return x.reshape(b, padded // chunk, chunk, h, d).transpose(
-        _CHUNK_MAJOR if chunk_major else _HEAD_MAJOR)
-
-
-def from_chunks(x, length, *, chunk_major=False):
-    if chunk_major:
-        x = jnp.moveaxis(x, 0, 2)            # [N, B, H, C, D] -> [B, H, N, C, D]
-    b, h, n, c, d = x.shape
-    return x.transpose(0, 2, 3, 1, 4).reshape(b, n * c, h, d)[:, :length]
 
 
 def _states_out(starts):
@@ -218,34 +201,30 @@ def _states_in(starts):
     return jnp.moveaxis(starts, 2, 0)
 
 
-def segment_masks(runs, chunk, padded):
-    """Masks of the chunked form from run numbers [B, T] (see __init__.segment_runs), shaped to
+def segment_masks(reset, chunk):
+    """Masks of the chunked form from segment starts [B, T] (None: no segments), shaped to
     broadcast against the XLA path's [N, B, H, ...]."""
-    if runs is None:
+    if reset is None:
         return None
-    b, t = runs.shape
-    if padded != t:
-        runs = jnp.pad(runs, [(0, 0), (0, padded - t)], mode="edge")
-    r = runs.reshape(b, padded // chunk, chunk).transpose(1, 0, 2)[:, :, None, :]  # [N,B,1,C]
-    # The run of the state entering each chunk: that of the previous chunk's last token (0 at
-    # the start: initial_state belongs to the first run).
-    r_in = jnp.concatenate([jnp.zeros_like(r[:1, ..., -1]), r[:-1, ..., -1]], axis=0)
-    r_end = r[..., -1]
-    return {"same": r[..., :, None] == r[..., None, :],     # [N,B,1,C,C]
-            "from_start": r == r_in[..., None],              # [N,B,1,C]
-            "to_end": r == r_end[..., None],                 # [N,B,1,C]
-            "keep": r_end == r_in}                           # [N,B,1]
+    counts = chunk_resets(reset, chunk).transpose(1, 0, 2)[:, :, None, :]   # [N,B,1,C]
+    # The state entering a chunk belongs to the previous chunk's last token (initial_state to
+    # the first run): it reaches the tokens with no start before them in the chunk.
+    last = counts[..., -1]
+    return {"same": counts[..., :, None] == counts[..., None, :],     # [N,B,1,C,C]
+            "from_start": counts == 0,                                # [N,B,1,C]
+            "to_end": counts == last[..., None],                      # [N,B,1,C]
+            "keep": last == 0}                                        # [N,B,1]
 
 
-def _prepare(q, k, v, g, runs, chunk_size):
+def _prepare(q, k, v, g, reset, chunk_size):
     acc = q.dtype
     length = q.shape[1]
-    chunk, sub, padded = chunk_geometry(length, chunk_size, g is not None and g.shape[-1] > 1)
-    qc, kc, vc, gc = (to_chunks(x, chunk, padded, chunk_major=True) for x in (q, k, v, g))
+    chunk, sub, _ = chunk_geometry(length, chunk_size, g is not None and g.shape[-1] > 1)
+    qc, kc, vc, gc = (to_chunks(x, chunk, chunk_major=True) for x in (q, k, v, g))
     kc = kc.astype(acc)
     if gc is not None:
         gc = gc.astype(acc)
-    return qc, kc, vc, gc, segment_masks(runs, chunk, padded), sub
+    return qc, kc, vc, gc, segment_masks(reset, chunk), sub
 
 
 def _by_chunk(x, local):
@@ -266,10 +245,11 @@ def _scan_states(decay, keep, local, h0):
     return starts, final
 
 
-def forward(q, k, v, g, h0, runs, *, chunk_size=None):
+def forward(q, k, v, g, h0, reset, *, chunk_size=None):
     """q (scaled, accumulation dtype) [B,T,H,K]; k [B,T,H,K]; v [B,T,H,V]; g None | [B,T,H,1|K];
-    h0 [B,H,K,V]; runs None | [B,T] int. Returns (o [B,T,H,V] in v's dtype, final state)."""
-    o, final, _ = forward_with_states(q, k, v, g, h0, runs, chunk_size=chunk_size)
+    h0 [B,H,K,V]; reset None | [B,T] int (1 where a segment starts, `_chunks.segment_starts`).
+    Returns (o [B,T,H,V] in v's dtype, final state)."""
+    o, final, _ = forward_with_states(q, k, v, g, h0, reset, chunk_size=chunk_size)
     return o, final
 
 
@@ -284,9 +264,9 @@ def _broadcasting(fn):
 
 
 @_broadcasting
-def forward_with_states(q, k, v, g, h0, runs, *, chunk_size=None):
+def forward_with_states(q, k, v, g, h0, reset, *, chunk_size=None):
     length = q.shape[1]
-    qc, kc, vc, gc, masks, sub = _prepare(q, k, v, g, runs, chunk_size)
+    qc, kc, vc, gc, masks, sub = _prepare(q, k, v, g, reset, chunk_size)
     o_intra, qd, kd, decay = _chunk_pieces(qc, kc, vc, gc, masks, sub)
     keep = None if masks is None else masks["keep"]
     starts, final = _scan_states(decay, keep, _chunk_state(kd, vc), h0)
@@ -295,13 +275,13 @@ def forward_with_states(q, k, v, g, h0, runs, *, chunk_size=None):
 
 
 @_broadcasting
-def backward(q, k, v, g, h0, runs, starts, do, dfinal, *, chunk_size=None):
+def backward(q, k, v, g, h0, reset, starts, do, dfinal, *, chunk_size=None):
     """Cotangents (dq, dk, dv, dg, dh0) of `forward`, given its per-chunk start states."""
     length = q.shape[1]
     acc = q.dtype
-    qc, kc, vc, gc, masks, sub = _prepare(q, k, v, g, runs, chunk_size)
-    chunk, _, padded = chunk_geometry(length, chunk_size, g is not None and g.shape[-1] > 1)
-    doc = to_chunks(do.astype(acc), chunk, padded, chunk_major=True)
+    qc, kc, vc, gc, masks, sub = _prepare(q, k, v, g, reset, chunk_size)
+    chunk, _, _ = chunk_geometry(length, chunk_size, g is not None and g.shape[-1] > 1)
+    doc = to_chunks(do.astype(acc), chunk, chunk_major=True)
     starts = _states_in(starts)
     keep = None if masks is None else masks["keep"]
     if gc is None:

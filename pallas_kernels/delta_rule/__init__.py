@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import _dispatch, _validation
+from pallas_kernels import _chunks, _dispatch, _validation
 from pallas_kernels.delta_rule import pallas as _pallas
 from pallas_kernels.delta_rule import reference as _reference
 from pallas_kernels.delta_rule import xla as _xla
@@ -114,8 +114,7 @@ def delta_rule(q, k, v, beta, *, log_gate=None, initial_state=None, scale=None, 
     if segment_ids is not None:
         _validation.check_integer(_OP, "segment_ids", segment_ids, (batch, length),
                                   "[batch, time]")
-        starts = segment_ids[:, 1:] != segment_ids[:, :-1]
-        reset = jnp.concatenate([jnp.zeros_like(starts[:, :1]), starts], axis=1)
+        reset = _chunks.segment_starts(segment_ids)
     else:
         reset = jnp.zeros((batch, length), bool)
 

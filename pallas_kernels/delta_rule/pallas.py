@@ -1,20 +1,16 @@
-"""Pallas kernels for `delta_rule`: one chunk body (the WY / UT form of xla.py), two launches.
+"""Pallas kernels for `delta_rule`: one chunk body (the WY / UT form of xla.py) per direction,
+walked by the shared chunk launch (pallas_kernels._chunks.launch).
 
 Each program owns one (batch * head, value block) pair and walks the chunks in order, carrying
 the K x block_v state in float32. Value columns of the state evolve independently (the write
 u = beta (v - S^T k) is per column), so splitting V over programs is exact; every program
 rebuilds the chunk's triangular inverse for its own columns.
 
-* TPU (Mosaic): grid (batch * heads, value blocks, chunks); the chunk axis is sequential
-  ("arbitrary") and the state lives in a VMEM scratch between chunks.
-* GPU (Triton): grid (batch * heads, value blocks); each program walks all chunks in a fori_loop
-  with the state in registers (Triton has no cross-program scratch).
-
 Inside a chunk, T = (I + A)^-1 is built by forward substitution over the chunk's rows (a
 fori_loop of rank-1 updates on a C x C value), then everything else is a handful of MXU / tensor
 core matmuls. The kernels also write the state entering each chunk: the custom VJP's residual.
 
-The chunks are the op's (xla.effective_chunk, so the chunk states match the XLA path's); each is
+The chunks are the op's (_chunks.effective_chunk, so the chunk states match the XLA path's); each is
 padded at its end to the hardware's tile (a multiple of 8 rows on TPU, a power of two >= 16 on
 GPU) with zero rows (beta = k = g = 0), which leave the state as it is, so any chunk_size runs.
 
@@ -27,36 +23,23 @@ XLA after the call.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
+from pallas_kernels import _chunks
+from pallas_kernels._chunks import dot as _dot, dot_nt as _dot_nt, dot_tn as _dot_tn
 from pallas_kernels._dispatch import cuda_compute_capability
 
 F32 = jnp.float32
-_HIGHEST = jax.lax.Precision.HIGHEST
+_OP = "delta_rule"
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """block_v: value columns per program (the state tile is key_dim x block_v)."""
-
-    block_v: int
-
-    @classmethod
-    def get_default(cls, target: str) -> "BlockSizes":
-        if target == "tpu":
-            # 128 lanes: one full vreg width; K x 128 x 4 B of state scratch per program.
-            return cls(block_v=128)
-        if target == "cuda":
-            # 64 columns: at B4 H8 V128, 64 programs of a 64 x 64 state, about one per SM pair.
-            return cls(block_v=64)
-        raise ValueError(f"delta_rule: unknown Pallas target {target!r}")
+class BlockSizes(_chunks.BlockSizes):
+    __doc__ = _chunks.BlockSizes.__doc__
+    op = _OP
 
 
 # The largest key dims whose GPU kernels fit in one SM's shared memory, found by compiling for
@@ -80,47 +63,6 @@ def gpu_backward_kernel_fits(compute_capability: int | None) -> bool:
     """Whether the Triton backward kernel is built for this GPU (None: not known, as when lowering
     for "cuda" on a CPU host with no mesh; JAX's Triton lowering then assumes Hopper too)."""
     return compute_capability is None or compute_capability >= GPU_BACKWARD_MIN_COMPUTE_CAPABILITY
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-# The matmul algorithm of the kernel bodies, read when they are traced (`_matmuls`). Full float32
-# (HIGHEST) everywhere except compiled Triton, where HIGHEST means IEEE float32 dots that
-# Triton expands into scalar FMA loops: tens of thousands of instructions per chunk body, minutes
-# of compile time (202 s for the gated backward at head dim 64 on an H100), no tensor cores. There
-# the dots are three TF32 tensor-core products with the rounding errors fed back (TF32x3), about
-# float32 accuracy. Interpreters run on the host's XLA, which takes HIGHEST.
-_PRECISION = contextvars.ContextVar("memzoo_delta_rule_precision", default=_HIGHEST)
-
-
-@contextlib.contextmanager
-def _matmuls(target: str, interpret):
-    precision = (jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if target == "cuda" and not interpret
-                 else _HIGHEST)
-    token = _PRECISION.set(precision)
-    try:
-        yield
-    finally:
-        _PRECISION.reset(token)
-
-
-def _dot(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_PRECISION.get(),
-                               preferred_element_type=F32)
-
-
-def _dot_nt(a, b):
-    """a @ b.T"""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_PRECISION.get(),
-                               preferred_element_type=F32)
-
-
-def _dot_tn(a, b):
-    """a.T @ b"""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_PRECISION.get(),
-                               preferred_element_type=F32)
 
 
 def _chunk_masks(c, ccol, crow, segmented):
@@ -236,156 +178,93 @@ def chunk_step_vjp(q, k, v, bcol, brow, gcol, grow, ccol, crow, s, do, ds_next, 
     return dq, dk + dk_a, dv, dbcol, dbrow, dgcol + dgcol_a, dgrow + dgrow_a, ds
 
 
-_N_SEQ = 3    # q, k, v: [C, .] blocks
-_N_COL = 3    # beta, G, reset counts as columns
-_N_ROW = 3    # ... as rows
-
-
-def _tpu_kernel(q_ref, k_ref, v_ref, bc_ref, gc_ref, cc_ref, br_ref, gr_ref, cr_ref, h0_ref,
-                o_ref, final_ref, states_ref, s_scr, *, body):
-    n = pl.program_id(2)
-
-    @pl.when(n == 0)
-    def _():
-        s_scr[...] = h0_ref[...]
-
-    s = s_scr[...]
-    states_ref[...] = s
-    o, s_next = body(q_ref[...].astype(F32), k_ref[...].astype(F32), v_ref[...].astype(F32),
-                     bc_ref[...], br_ref[...], gc_ref[...], gr_ref[...], cc_ref[...], cr_ref[...],
-                     s)
-    o_ref[...] = o.astype(o_ref.dtype)
-    s_scr[...] = s_next
-
-    @pl.when(n == pl.num_programs(2) - 1)
-    def _():
-        final_ref[...] = s_next
-
-
-def _gpu_kernel(q_ref, k_ref, v_ref, bc_ref, gc_ref, cc_ref, br_ref, gr_ref, cr_ref, h0_ref,
-                o_ref, final_ref, states_ref, *, body, chunk, n_chunks, key_dim):
-    def step(n, s):
-        rows = pl.ds(n * chunk, chunk)
-        one = pl.ds(n, 1)
-        states_ref[pl.ds(n * key_dim, key_dim), :] = s
-        o, s_next = body(q_ref[rows, :].astype(F32), k_ref[rows, :].astype(F32),
-                         v_ref[rows, :].astype(F32), bc_ref[rows, :], br_ref[one, :],
-                         gc_ref[rows, :], gr_ref[one, :], cc_ref[rows, :], cr_ref[one, :], s)
-        o_ref[rows, :] = o.astype(o_ref.dtype)
-        return s_next
-
-    final_ref[...] = jax.lax.fori_loop(0, n_chunks, step, h0_ref[...])
-
-
 def pallas_chunk(length: int, chunk_size: int, target: str) -> tuple[int, int]:
-    """(chunk, rows): the op's chunk (xla.effective_chunk, so the chunk states the forward writes
-    are those the XLA backward expects) and the rows of the kernels' chunk tile, the chunk padded
-    at its end for the hardware: a multiple of 8 on TPU, a power of two >= 16 on GPU (Triton).
-    Any chunk_size works; zero rows (beta = 0, k = 0, g = 0) leave the state as it is."""
-    chunk = max(1, min(chunk_size, length))
-    rows = _round_up(chunk, 8) if target == "tpu" else max(16, pl.next_power_of_2(chunk))
-    return chunk, rows
+    """(chunk, rows): the op's chunk (_chunks.effective_chunk, so the chunk states the forward
+    writes are those the XLA backward expects) and the rows of the kernels' chunk tile, the chunk
+    padded at its end for the hardware: a multiple of 8 on TPU, a power of two >= 16 on GPU
+    (Triton). Any chunk_size works; zero rows (beta = 0, k = 0, g = 0) leave the state as it is."""
+    chunk = _chunks.effective_chunk(length, chunk_size)
+    return chunk, _chunks.tile_rows(chunk, target)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Layout:
-    """The kernels' common layout: [B*H, padded T, padded width] sequences (each of the op's
-    chunks padded at its end to `chunk` rows), per-token scalars in chunk coordinates as columns
-    [B*H, padded T, 1] and rows, and the padded sizes."""
+class Layout:
+    """The delta-rule family's [B, T, H, ...] operands in the chunk launch's tiles
+    (pallas_kernels._chunks): `geo` is the tile geometry of the op's chunks."""
     batch: int
     length: int
     heads: int
     key_dim: int
     value_dim: int
-    op_chunk: int       # the op's chunk (tokens per chunk)
-    chunk: int          # rows of the kernels' chunk tile (op_chunk padded for the hardware)
-    n_chunks: int
-    padded_t: int
-    kd: int
-    vd: int
-    block_v: int
-    seq: tuple          # q, k, v
-    cols: tuple         # beta, G, reset counts as [BH, padded T, 1]
-    rows: tuple         # the same as [BH, N, 1, C] (TPU) or [BH, N, C] (GPU)
+    geo: _chunks.Geometry
 
     @property
     def bh(self):
         return self.batch * self.heads
 
-    @property
-    def n_v(self):
-        return self.vd // self.block_v
-
-    def to_tiles(self, x):
-        """[B*H, T, D] -> [B*H, padded T, D]: every chunk zero padded at its end (a zero step
+    def seq(self, x, width):
+        """[B, T, H, D] -> [B*H, N*Cp, width], every chunk zero padded at its end (a zero step
         leaves S as it is)."""
-        n, c = self.n_chunks, self.op_chunk
-        x = jnp.pad(x, [(0, 0), (0, n * c - self.length), (0, 0)])
-        x = x.reshape(self.bh, n, c, x.shape[-1])
-        x = jnp.pad(x, [(0, 0), (0, 0), (0, self.chunk - c), (0, 0)])
-        return x.reshape(self.bh, self.padded_t, x.shape[-1])
+        return _chunks.to_tiles(_chunks.to_chunks(x, self.geo.chunk), self.geo, width)
 
-    def from_tiles(self, x):
-        """[B*H, padded T, D] -> [B*H, T, D], the chunks' padding rows dropped."""
-        x = x.reshape(self.bh, self.n_chunks, self.chunk, x.shape[-1])[:, :, :self.op_chunk]
-        return x.reshape(self.bh, self.n_chunks * self.op_chunk, x.shape[-1])[:, :self.length]
+    def scalar(self, x):
+        """[B, T, H] -> [B*H, N, Cp], zero padded."""
+        return self.seq(x[..., None], 1).reshape(self.bh, self.geo.n, self.geo.cp)
 
-    def heads_first(self, x, width):
-        """[B, T, H, D] -> [B*H, padded T, width], zero padded."""
-        x = jnp.transpose(x, (0, 2, 1, 3)).reshape(self.bh, self.length, x.shape[-1])
-        return jnp.pad(self.to_tiles(x), [(0, 0), (0, 0), (0, width - x.shape[-1])])
-
-    def state_in(self, x):
-        """[B, H, K, V] (or [B, H, N, K, V]) -> padded [B*H, (N,) kd, vd]."""
-        x = x.reshape((self.bh,) + x.shape[2:])
-        pads = [(0, 0)] * (x.ndim - 2) + [(0, self.kd - self.key_dim), (0, self.vd - self.value_dim)]
-        return jnp.pad(x, pads)
+    def counts(self, reset):
+        """Segment starts since each chunk began, [B*H, N, Cp] float32 (padding rows: the
+        chunk's last count)."""
+        counts = _chunks.chunk_resets(reset, self.geo.chunk).astype(F32)       # [B, N, C]
+        counts = jnp.broadcast_to(counts[:, None, :, :, None],
+                                  (self.batch, self.heads) + counts.shape[1:] + (1,))
+        return _chunks.to_tiles(counts, self.geo, 1, edge=True).reshape(
+            self.bh, self.geo.n, self.geo.cp)
 
     def seq_out(self, x, width):
-        """[B*H, padded T, padded width] -> [B, T, H, width]."""
-        x = self.from_tiles(x[..., :width]).reshape(self.batch, self.heads, self.length, width)
-        return jnp.transpose(x, (0, 2, 1, 3))
+        """[B*H, N*Cp, padded width] -> [B, T, H, width]."""
+        return _chunks.from_tiles(x, self.geo, (self.batch, self.length, self.heads, width))
 
     def scalar_out(self, x):
-        """[B*H, padded T] -> [B, T, H]."""
-        x = self.from_tiles(x[..., None]).reshape(self.batch, self.heads, self.length)
-        return jnp.transpose(x, (0, 2, 1))
+        """[B*H, N*Cp] -> [B, T, H]."""
+        return self.seq_out(x[..., None], 1)[..., 0]
+
+    def state_out(self, x):
+        return _chunks.state_out(x, (self.batch, self.heads, self.key_dim, self.value_dim))
+
+    def states_out(self, x):
+        return _chunks.states_out(x, self.geo, (self.batch, self.heads, self.geo.n, self.key_dim,
+                                                self.value_dim))
 
 
-def _layout(q, k, v, beta, g, reset, *, chunk_size, target, block_sizes) -> _Layout:
+def layout(op, q, v, *, chunk_size, target, block_sizes, kg=1) -> Layout:
+    """The tiles of the op's chunks of q [B, T, H, K] and v [B, T, H, V]."""
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    op_chunk, chunk = pallas_chunk(length, chunk_size, target)
-    n_chunks = -(-length // op_chunk)
-    padded_t = n_chunks * chunk
-    bs = block_sizes or BlockSizes.get_default(target)
-    if target == "tpu":
-        kd = key_dim
-        block_v = min(bs.block_v, value_dim)
-        vd = _round_up(value_dim, block_v)
-    elif target == "cuda":
-        # Triton tiles are powers of two, and its matmuls need every side >= 16.
-        kd = max(16, pl.next_power_of_2(key_dim))
-        block_v = max(16, min(bs.block_v, pl.next_power_of_2(value_dim)))
-        vd = _round_up(value_dim, block_v)
-    else:
-        raise ValueError(f"delta_rule: unknown Pallas target {target!r}")
-    bh = batch * heads
-    base = _Layout(batch, length, heads, key_dim, value_dim, op_chunk, chunk, n_chunks, padded_t,
-                   kd, vd, block_v, (), (), ())
-    seq = (base.heads_first(q, kd), base.heads_first(k, kd), base.heads_first(v, vd))
-    pad_t = lambda x: base.to_tiles(x[..., None])[..., 0]
-    # Per-token scalars, in chunk coordinates: G = cumulative log gate, counts = resets so far.
-    bt = pad_t(jnp.transpose(beta, (0, 2, 1)).reshape(bh, length))
-    gt = pad_t(jnp.transpose(g, (0, 2, 1)).reshape(bh, length))
-    rt = pad_t(jnp.broadcast_to(reset.astype(F32)[:, None], (batch, heads, length)).reshape(bh, length))
-    gcum = jnp.cumsum(gt.reshape(bh, n_chunks, chunk), axis=-1)
-    ccum = jnp.cumsum(rt.reshape(bh, n_chunks, chunk), axis=-1)
-    brs = bt.reshape(bh, n_chunks, chunk)
-    scalars = [x.astype(F32) for x in (brs, gcum, ccum)]
-    cols = tuple(x.reshape(bh, padded_t, 1) for x in scalars)
-    rows = tuple(x[:, :, None, :] if target == "tpu" else x for x in scalars)
-    return dataclasses.replace(base, seq=seq, cols=cols, rows=rows)
+    chunk = _chunks.effective_chunk(length, chunk_size)
+    geo = _chunks.geometry(op, length, key_dim, value_dim, chunk, target, block_sizes.block_v,
+                           kg=kg)
+    return Layout(batch, length, heads, key_dim, value_dim, geo)
+
+
+def _operands(lay, q, k, v, beta, g, reset, target):
+    """The kernels' inputs: [(name, kind, width, array)]. Per-token scalars in chunk coordinates,
+    as columns [C, 1] and rows [1, C]: beta, G (the cumulative log gate inside the chunk; a
+    padding row's is the chunk's last) and the segment starts since the chunk began."""
+    geo = lay.geo
+    bt = lay.scalar(beta.astype(F32))
+    gcum = jnp.cumsum(lay.scalar(g.astype(F32)), axis=-1)
+    scalars = (("b", bt), ("g", gcum), ("c", lay.counts(reset)))
+    return ([("q", "seq", geo.kd, lay.seq(q, geo.kd)), ("k", "seq", geo.kd, lay.seq(k, geo.kd)),
+             ("v", "seq", "v", lay.seq(v, geo.vd))]
+            + [(n + "col", "seq", 1, x.reshape(lay.bh, geo.n * geo.cp, 1)) for n, x in scalars]
+            + [(n + "row", "row", geo.cp, x[:, :, None, :] if target == "tpu" else x)
+               for n, x in scalars])
+
+
+def _chunk_inputs(t):
+    """chunk_step's inputs, in its order, from the launch's tiles."""
+    return (t["q"], t["k"], t["v"], t["bcol"], t["brow"], t["gcol"], t["grow"], t["ccol"],
+            t["crow"])
 
 
 def delta_rule_forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
@@ -395,9 +274,6 @@ def delta_rule_forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated,
     On GPU, key dims above GPU_FORWARD_MAX_KEY_DIM run the XLA forward (the same chunk states):
     the Triton forward would ask 262,144 bytes of shared memory at K = 256.
     """
-    from jax.experimental.pallas import tpu as pltpu
-    from jax.experimental.pallas import triton as pltriton
-
     if target == "cuda" and q.shape[-1] > GPU_FORWARD_MAX_KEY_DIM:
         from pallas_kernels.delta_rule import xla as _xla
         return _xla.delta_rule_forward(q, k, v, beta, g, h0, reset, scale=scale,
@@ -406,117 +282,19 @@ def delta_rule_forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated,
     acc = h0.dtype
     if acc != F32:
         raise ValueError(f"delta_rule: the Pallas kernels accumulate in float32, got {acc}")
-    lay = _layout(q, k, v, beta, g, reset, chunk_size=chunk_size, target=target,
-                  block_sizes=block_sizes)
-    bh, n_v, chunk, n_chunks, padded_t = lay.bh, lay.n_v, lay.chunk, lay.n_chunks, lay.padded_t
-    kd, vd, block_v = lay.kd, lay.vd, lay.block_v
-    h0f = lay.state_in(h0)
+    lay = layout(_OP, q, v, chunk_size=chunk_size, target=target,
+                 block_sizes=block_sizes or BlockSizes.get_default(target))
     body = functools.partial(chunk_step, scale=scale, gated=gated, segmented=segmented)
-    interpret = interpret if interpret is not None else False
-
-    if target == "tpu":
-        seq_k = pl.BlockSpec((None, chunk, kd), lambda b, j, n: (b, n, 0))
-        seq_v = pl.BlockSpec((None, chunk, block_v), lambda b, j, n: (b, n, j))
-        col = pl.BlockSpec((None, chunk, 1), lambda b, j, n: (b, n, 0))
-        rowspec = pl.BlockSpec((None, None, 1, chunk), lambda b, j, n: (b, n, 0, 0))
-        state = pl.BlockSpec((None, kd, block_v), lambda b, j, n: (b, 0, j))
-        states_spec = pl.BlockSpec((None, None, kd, block_v), lambda b, j, n: (b, n, 0, j))
-        out_shape = [jax.ShapeDtypeStruct((bh, padded_t, vd), v.dtype),
-                     jax.ShapeDtypeStruct((bh, kd, vd), F32),
-                     jax.ShapeDtypeStruct((bh, n_chunks, kd, vd), F32)]
-        call = pl.pallas_call(
-            functools.partial(_tpu_kernel, body=body),
-            grid=(bh, n_v, n_chunks), out_shape=out_shape,
-            in_specs=[seq_k, seq_k, seq_v] + [col] * _N_COL + [rowspec] * _N_ROW + [state],
-            out_specs=[seq_v, state, states_spec],
-            scratch_shapes=[pltpu.VMEM((kd, block_v), F32)],
-            compiler_params=pltpu.CompilerParams(
-                dimension_semantics=("parallel", "parallel", "arbitrary")),
-            interpret=interpret, name="memzoo_delta_rule_fwd")
-        with _matmuls(target, interpret):
-            o, final, states = call(*lay.seq, *lay.cols, *lay.rows, h0f)
-    else:
-        seq_k = pl.BlockSpec((None, padded_t, kd), lambda b, j: (b, 0, 0))
-        seq_v = pl.BlockSpec((None, padded_t, block_v), lambda b, j: (b, 0, j))
-        col = pl.BlockSpec((None, padded_t, 1), lambda b, j: (b, 0, 0))
-        rowspec = pl.BlockSpec((None, n_chunks, chunk), lambda b, j: (b, 0, 0))
-        state = pl.BlockSpec((None, kd, block_v), lambda b, j: (b, 0, j))
-        states_spec = pl.BlockSpec((None, n_chunks * kd, block_v), lambda b, j: (b, 0, j))
-        out_shape = [jax.ShapeDtypeStruct((bh, padded_t, vd), v.dtype),
-                     jax.ShapeDtypeStruct((bh, kd, vd), F32),
-                     jax.ShapeDtypeStruct((bh, n_chunks * kd, vd), F32)]
-        call = pl.pallas_call(
-            functools.partial(_gpu_kernel, body=body, chunk=chunk, n_chunks=n_chunks,
-                              key_dim=kd),
-            grid=(bh, n_v), out_shape=out_shape,
-            in_specs=[seq_k, seq_k, seq_v] + [col] * _N_COL + [rowspec] * _N_ROW + [state],
-            out_specs=[seq_v, state, states_spec],
-            compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-            interpret=interpret, name="memzoo_delta_rule_fwd")
-        with _matmuls(target, interpret):
-            o, final, states = call(*lay.seq, *lay.cols, *lay.rows, h0f)
-        states = states.reshape(bh, n_chunks, kd, vd)
-
-    o = lay.seq_out(o, lay.value_dim)
-    final = final[:, :lay.key_dim, :lay.value_dim].reshape(h0.shape)
-    states = states[:, :, :lay.key_dim, :lay.value_dim].reshape(
-        lay.batch, lay.heads, n_chunks, lay.key_dim, lay.value_dim)
-    return o, final, states
+    o, final, states = _chunks.forward(
+        lambda t, s: body(*_chunk_inputs(t), s), _operands(lay, q, k, v, beta, g, reset, target),
+        _chunks.state_in(h0, lay.geo), v.dtype, target=target, geo=lay.geo, bh=lay.bh,
+        interpret=interpret, name="memzoo_delta_rule_fwd", op=_OP)
+    return lay.seq_out(o, lay.value_dim), lay.state_out(final), lay.states_out(states)
 
 
 # ---------------------------------------------------------------------------------------------
 # Backward: the chunks in reverse, carrying dS; each program owns one value block, so the
 # cotangents of q, k, beta and the gates come out per value block and are summed after.
-
-def _tpu_bwd_kernel(q_ref, k_ref, v_ref, bc_ref, gc_ref, cc_ref, br_ref, gr_ref, cr_ref, s_ref,
-                    do_ref, dfinal_ref, dq_ref, dk_ref, dv_ref, dbc_ref, dgc_ref, dbr_ref, dgr_ref,
-                    dh0_ref, ds_scr, *, body):
-    n = pl.program_id(2)
-
-    @pl.when(n == 0)
-    def _():
-        ds_scr[...] = dfinal_ref[...]
-
-    dq, dk, dv, dbc, dbr, dgc, dgr, ds = body(
-        q_ref[...].astype(F32), k_ref[...].astype(F32), v_ref[...].astype(F32), bc_ref[...],
-        br_ref[...], gc_ref[...], gr_ref[...], cc_ref[...], cr_ref[...], s_ref[...],
-        do_ref[...].astype(F32), ds_scr[...])
-    dq_ref[...] = dq
-    dk_ref[...] = dk
-    dv_ref[...] = dv
-    dbc_ref[...] = dbc
-    dgc_ref[...] = dgc
-    dbr_ref[...] = dbr
-    dgr_ref[...] = dgr
-    ds_scr[...] = ds
-
-    @pl.when(n == pl.num_programs(2) - 1)
-    def _():
-        dh0_ref[...] = ds
-
-
-def _gpu_bwd_kernel(q_ref, k_ref, v_ref, bc_ref, gc_ref, cc_ref, br_ref, gr_ref, cr_ref, s_ref,
-                    do_ref, dfinal_ref, dq_ref, dk_ref, dv_ref, dbc_ref, dgc_ref, dbr_ref,
-                    dgr_ref, dh0_ref, *, body, chunk, n_chunks, key_dim):
-    def step(i, ds_next):
-        n = n_chunks - 1 - i
-        rows = pl.ds(n * chunk, chunk)
-        one = pl.ds(n, 1)
-        dq, dk, dv, dbc, dbr, dgc, dgr, ds = body(
-            q_ref[rows, :].astype(F32), k_ref[rows, :].astype(F32), v_ref[rows, :].astype(F32),
-            bc_ref[rows, :], br_ref[one, :], gc_ref[rows, :], gr_ref[one, :], cc_ref[rows, :],
-            cr_ref[one, :], s_ref[pl.ds(n * key_dim, key_dim), :], do_ref[rows, :].astype(F32),
-            ds_next)
-        dq_ref[rows, :] = dq
-        dk_ref[rows, :] = dk
-        dv_ref[rows, :] = dv
-        dbc_ref[rows, :] = dbc
-        dgc_ref[rows, :] = dgc
-        dbr_ref[one, :] = dbr
-        dgr_ref[one, :] = dgr
-        return ds
-
-    dh0_ref[...] = jax.lax.fori_loop(0, n_chunks, step, dfinal_ref[...])
 
 
 def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scale, chunk_size,
@@ -530,9 +308,6 @@ def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scal
     memory for one SM (327,680 bytes asked at K = 128 against the H100's 232,448), whatever
     the value block. So do GPUs before Hopper (GPU_BACKWARD_MIN_COMPUTE_CAPABILITY).
     """
-    from jax.experimental.pallas import tpu as pltpu
-    from jax.experimental.pallas import triton as pltriton
-
     if target == "cuda" and (q.shape[-1] > GPU_BACKWARD_MAX_KEY_DIM
                              or not gpu_backward_kernel_fits(cuda_compute_capability())):
         from pallas_kernels.delta_rule import xla as _xla
@@ -540,85 +315,44 @@ def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scal
                                         scale=scale, chunk_size=chunk_size, gated=gated,
                                         segmented=segmented)
 
-    lay = _layout(q, k, v, beta, g, reset, chunk_size=chunk_size, target=target,
-                  block_sizes=block_sizes)
-    bh, n_v, chunk, n_chunks, padded_t = lay.bh, lay.n_v, lay.chunk, lay.n_chunks, lay.padded_t
-    kd, vd, block_v = lay.kd, lay.vd, lay.block_v
-    if states.shape[2] != n_chunks:
-        raise ValueError(f"delta_rule: {states.shape[2]} chunk states for {n_chunks} chunks")
-    sf = lay.state_in(states.astype(F32))                     # [BH, N, kd, vd]
-    dof = lay.heads_first(do, vd)
-    dfin = lay.state_in(dfinal.astype(F32))
+    lay = layout(_OP, q, v, chunk_size=chunk_size, target=target,
+                 block_sizes=block_sizes or BlockSizes.get_default(target))
+    geo = lay.geo
+    if states.shape[2] != geo.n:
+        raise ValueError(f"delta_rule: {states.shape[2]} chunk states for {geo.n} chunks")
+    inputs = _operands(lay, q, k, v, beta, g, reset, target)
+    inputs += [("states", "state", "v", _chunks.states_in(states.astype(F32), geo, target)),
+               ("do", "seq", "v", lay.seq(do, geo.vd)),
+               ("dfinal", "whole", "v", _chunks.state_in(dfinal.astype(F32), geo))]
     body = functools.partial(chunk_step_vjp, scale=scale, gated=gated, segmented=segmented)
-    interpret = interpret if interpret is not None else False
-    per_block = lambda *shape: jax.ShapeDtypeStruct((n_v, bh) + shape, F32)
-    out_shape = [per_block(padded_t, kd), per_block(padded_t, kd),
-                 jax.ShapeDtypeStruct((bh, padded_t, vd), F32),
-                 per_block(padded_t, 1), per_block(padded_t, 1)]
 
-    if target == "tpu":
-        last = n_chunks - 1
-        seq_k = pl.BlockSpec((None, chunk, kd), lambda b, j, n: (b, last - n, 0))
-        seq_v = pl.BlockSpec((None, chunk, block_v), lambda b, j, n: (b, last - n, j))
-        col = pl.BlockSpec((None, chunk, 1), lambda b, j, n: (b, last - n, 0))
-        rowspec = pl.BlockSpec((None, None, 1, chunk), lambda b, j, n: (b, last - n, 0, 0))
-        states_spec = pl.BlockSpec((None, None, kd, block_v), lambda b, j, n: (b, last - n, 0, j))
-        state = pl.BlockSpec((None, kd, block_v), lambda b, j, n: (b, 0, j))
-        blk_k = pl.BlockSpec((None, None, chunk, kd), lambda b, j, n: (j, b, last - n, 0))
-        blk_col = pl.BlockSpec((None, None, chunk, 1), lambda b, j, n: (j, b, last - n, 0))
-        blk_row = pl.BlockSpec((None, None, None, 1, chunk),
-                               lambda b, j, n: (j, b, last - n, 0, 0))
-        out_shape += [per_block(n_chunks, 1, chunk), per_block(n_chunks, 1, chunk),
-                      jax.ShapeDtypeStruct((bh, kd, vd), F32)]
-        call = pl.pallas_call(
-            functools.partial(_tpu_bwd_kernel, body=body),
-            grid=(bh, n_v, n_chunks), out_shape=out_shape,
-            in_specs=[seq_k, seq_k, seq_v] + [col] * _N_COL + [rowspec] * _N_ROW
-            + [states_spec, seq_v, state],
-            out_specs=[blk_k, blk_k, seq_v, blk_col, blk_col, blk_row, blk_row, state],
-            scratch_shapes=[pltpu.VMEM((kd, block_v), F32)],
-            compiler_params=pltpu.CompilerParams(
-                dimension_semantics=("parallel", "parallel", "arbitrary")),
-            interpret=interpret, name="memzoo_delta_rule_bwd")
-        sf_in = sf
-    else:
-        seq_k = pl.BlockSpec((None, padded_t, kd), lambda b, j: (b, 0, 0))
-        seq_v = pl.BlockSpec((None, padded_t, block_v), lambda b, j: (b, 0, j))
-        col = pl.BlockSpec((None, padded_t, 1), lambda b, j: (b, 0, 0))
-        rowspec = pl.BlockSpec((None, n_chunks, chunk), lambda b, j: (b, 0, 0))
-        states_spec = pl.BlockSpec((None, n_chunks * kd, block_v), lambda b, j: (b, 0, j))
-        state = pl.BlockSpec((None, kd, block_v), lambda b, j: (b, 0, j))
-        blk_k = pl.BlockSpec((None, None, padded_t, kd), lambda b, j: (j, b, 0, 0))
-        blk_col = pl.BlockSpec((None, None, padded_t, 1), lambda b, j: (j, b, 0, 0))
-        blk_row = pl.BlockSpec((None, None, n_chunks, chunk), lambda b, j: (j, b, 0, 0))
-        out_shape += [per_block(n_chunks, chunk), per_block(n_chunks, chunk),
-                      jax.ShapeDtypeStruct((bh, kd, vd), F32)]
-        call = pl.pallas_call(
-            functools.partial(_gpu_bwd_kernel, body=body, chunk=chunk, n_chunks=n_chunks,
-                              key_dim=kd),
-            grid=(bh, n_v), out_shape=out_shape,
-            in_specs=[seq_k, seq_k, seq_v] + [col] * _N_COL + [rowspec] * _N_ROW
-            + [states_spec, seq_v, state],
-            out_specs=[blk_k, blk_k, seq_v, blk_col, blk_col, blk_row, blk_row, state],
-            compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-            interpret=interpret, name="memzoo_delta_rule_bwd")
-        sf_in = sf.reshape(bh, n_chunks * kd, vd)
-    with _matmuls(target, interpret):
-        dq, dk, dv, dbc, dgc, dbr, dgr, dh0 = call(*lay.seq, *lay.cols, *lay.rows, sf_in, dof,
-                                                   dfin)
+    def step(t, ds_next):
+        dq, dk, dv, dbc, dbr, dgc, dgr, ds = body(*_chunk_inputs(t), t["states"], t["do"],
+                                                  ds_next)
+        t["dq"], t["dk"], t["dv"] = dq, dk, dv
+        t["dbc"], t["dgc"], t["dbr"], t["dgr"] = dbc, dgc, dbr, dgr
+        return ds
+
+    outputs = [("dq", "seq", geo.kd, F32, True), ("dk", "seq", geo.kd, F32, True),
+               ("dv", "seq", "v", F32, False), ("dbc", "seq", 1, F32, True),
+               ("dgc", "seq", 1, F32, True), ("dbr", "row", geo.cp, F32, True),
+               ("dgr", "row", geo.cp, F32, True), ("dh0", "whole", "v", F32, False)]
+    dq, dk, dv, dbc, dgc, dbr, dgr, dh0 = _chunks.launch(
+        step, inputs, outputs, init="dfinal", finish="dh0", reverse=True, target=target,
+        geo=geo, bh=lay.bh, interpret=interpret, name="memzoo_delta_rule_bwd", op=_OP)
 
     # Sum over value blocks; beta and G got cotangents as columns and as rows.
+    padded_t = geo.n * geo.cp
     dq, dk, dbc, dgc = (jnp.sum(x, axis=0) for x in (dq, dk, dbc, dgc))
-    dbr, dgr = (jnp.sum(x, axis=0).reshape(bh, padded_t) for x in (dbr, dgr))
+    dbr, dgr = (jnp.sum(x, axis=0).reshape(lay.bh, padded_t) for x in (dbr, dgr))
     dbeta = dbc[..., 0] + dbr
-    d_cum = (dgc[..., 0] + dgr).reshape(bh, n_chunks, chunk)
+    d_cum = (dgc[..., 0] + dgr).reshape(lay.bh, geo.n, geo.cp)
     # G is a cumulative sum of g inside each chunk: dg is the reverse cumulative sum of dG.
-    dg = jnp.flip(jnp.cumsum(jnp.flip(d_cum, -1), axis=-1), -1).reshape(bh, padded_t)
+    dg = jnp.flip(jnp.cumsum(jnp.flip(d_cum, -1), axis=-1), -1).reshape(lay.bh, padded_t)
     if not gated:
         dg = jnp.zeros_like(dg)
-    dh0 = dh0[:, :lay.key_dim, :lay.value_dim].reshape(h0.shape)
     return (lay.seq_out(dq, lay.key_dim).astype(q.dtype),
             lay.seq_out(dk, lay.key_dim).astype(k.dtype),
             lay.seq_out(dv, lay.value_dim).astype(v.dtype),
             lay.scalar_out(dbeta).astype(beta.dtype), lay.scalar_out(dg).astype(g.dtype),
-            dh0.astype(h0.dtype))
+            lay.state_out(dh0).astype(h0.dtype))

@@ -23,41 +23,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._chunks import chunk_resets, effective_chunk, from_chunks, to_chunks
+
 # Sequences up to this length (and no longer than the chunk) run the token-by-token form:
 # decoding steps should not pay for a C x C triangular solve.
 RECURRENT_MAX_LENGTH = 16
 
 
-def effective_chunk(length: int, chunk_size: int) -> int:
-    """The chunk the forward and backward agree on: never longer than the sequence."""
-    return max(1, min(chunk_size, length))
-
-
+# dplr_delta_rule/xla.py still reads these names from here; they are pallas_kernels._chunks'.
 def _to_chunks(x, chunk, acc):
-    """[B, T, H, ...] -> [B, H, N, C, ...] in `acc`, zero-padded at the end of time."""
-    b, t, h = x.shape[:3]
-    n = -(-t // chunk)
-    x = x.astype(acc)
-    if n * chunk != t:
-        x = jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape((b, n, chunk) + x.shape[2:])
-    perm = (0, 3, 1, 2) + tuple(range(4, x.ndim))
-    return jnp.transpose(x, perm)
-
-
-def _from_chunks(x, length):
-    """[B, H, N, C, D] -> [B, T, H, D]."""
-    b, h, n, c, d = x.shape
-    x = jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(b, n * c, h, d)
-    return x[:, :length]
+    return to_chunks(x.astype(acc), chunk)
 
 
 def _chunk_resets(reset, chunk, heads, acc):
-    """Per-token reset counts inside each chunk, [B, 1, N, C] (broadcast over heads)."""
-    b, t = reset.shape
-    n = -(-t // chunk)
-    r = jnp.pad(reset.astype(jnp.int32), [(0, 0), (0, n * chunk - t)])
-    return jnp.cumsum(r.reshape(b, 1, n, chunk), axis=-1)
+    return chunk_resets(reset, chunk)[:, None]
+
+
+_from_chunks = from_chunks
 
 
 def _diagonal_blocks(a, size):
@@ -109,16 +91,15 @@ class _Chunked:
         acc = g.dtype
         self.acc, self.scale, self.chunk = acc, scale, chunk
         self.gated, self.segmented = gated, segmented
-        self.q = _to_chunks(q, chunk, acc)                       # [B,H,N,C,K]
-        self.k = _to_chunks(k, chunk, acc)
-        self.v = _to_chunks(v, chunk, acc)                       # [B,H,N,C,V]
-        self.beta = _to_chunks(beta[..., None], chunk, acc)[..., 0]   # [B,H,N,C]
+        self.q, self.k = (to_chunks(x.astype(acc), chunk) for x in (q, k))    # [B,H,N,C,K]
+        self.v = to_chunks(v.astype(acc), chunk)                               # [B,H,N,C,V]
+        self.beta = to_chunks(beta.astype(acc), chunk)                         # [B,H,N,C]
         c = chunk
         idx = jnp.arange(c)
         incl = (idx[:, None] >= idx[None, :])[None, None, None]              # [1,1,1,C,C]
         strict = (idx[:, None] > idx[None, :])[None, None, None]
         if segmented:
-            counts = _chunk_resets(reset, chunk, q.shape[2], acc)            # [B,1,N,C]
+            counts = chunk_resets(reset, chunk)[:, None]                     # [B,1,N,C]
             same = counts[..., :, None] == counts[..., None, :]
             self.incl = incl & same
             self.first = counts == 0                                          # sees S
@@ -129,7 +110,7 @@ class _Chunked:
             self.last = None
         self.strict = self.incl & strict
         if gated:
-            gc = _to_chunks(g[..., None], chunk, acc)[..., 0]
+            gc = to_chunks(g.astype(acc), chunk)
             self.G = jnp.cumsum(gc, axis=-1)                                  # [B,H,N,C]
             diff = self.G[..., :, None] - self.G[..., None, :]
             # Only differences G_i - G_j <= 0 (j <= i) are exponentiated; others are masked out.
@@ -197,7 +178,7 @@ def chunk_forward(q, k, v, beta, g, h0, reset, *, scale, chunk, gated, segmented
     states, u, final = _state_scan(ch, h0)
     o = (jnp.einsum("bhnck,bhnkv->bhncv", ch.qg, states)
          + jnp.einsum("bhnij,bhnjv->bhniv", ch.p, u))
-    return _from_chunks(o, q.shape[1]).astype(v.dtype), final, states
+    return from_chunks(o, q.shape[1]).astype(v.dtype), final, states
 
 
 def recurrent_forward(q, k, v, beta, g, h0, reset, *, scale):
@@ -240,7 +221,7 @@ def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scal
     ch = _Chunked(q, k, v, beta, g, reset, scale=scale, chunk=chunk, gated=gated,
                   segmented=segmented)
     acc = ch.acc
-    doc = _to_chunks(do, chunk, acc)                                       # [B,H,N,C,V]
+    doc = to_chunks(do.astype(acc), chunk)                                 # [B,H,N,C,V]
     u = ch.u_tilde - jnp.einsum("bhnck,bhnkv->bhncv", ch.w, states)
     pt_do = jnp.einsum("bhnij,bhniv->bhnjv", ch.p, doc)                    # P^T dO
     qgt_do = jnp.einsum("bhnck,bhncv->bhnkv", ch.qg, doc)                  # Qg^T dO
@@ -304,12 +285,10 @@ def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scal
         dgl = jnp.sum(states * ds_next, axis=(-2, -1)) * ch.gl     # gamma_last S
         dG = dG.at[..., -1].add(jnp.sum(rk, -1) + dgl)
         dgc = _reverse_cumsum(dG)
-        dg = _from_chunks(dgc[..., None], length)[..., 0]
+        dg = from_chunks(dgc[..., None], length)[..., 0]
     else:
         dg = jnp.zeros(g.shape, acc)
-    dq = _from_chunks(dq, length)
-    dk = _from_chunks(dk, length)
-    dv = _from_chunks(dv, length)
-    dbeta = _from_chunks(dbeta[..., None], length)[..., 0]
+    dq, dk, dv = (from_chunks(x, length) for x in (dq, dk, dv))
+    dbeta = from_chunks(dbeta[..., None], length)[..., 0]
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbeta.astype(beta.dtype),
             dg.astype(g.dtype), dh0.astype(h0.dtype))

@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import _dispatch, _validation
+from pallas_kernels import _chunks, _dispatch, _validation
 from pallas_kernels.dplr_delta_rule import pallas as _pallas
 from pallas_kernels.dplr_delta_rule import reference as _reference
 from pallas_kernels.dplr_delta_rule import xla as _xla
@@ -115,8 +115,7 @@ def dplr_delta_rule(q, k, v, a, b, *, log_decay=None, initial_state=None, scale=
     if segment_ids is not None:
         _validation.check_integer(_OP, "segment_ids", segment_ids, (batch, length),
                                   "[batch, time]")
-        starts = segment_ids[:, 1:] != segment_ids[:, :-1]
-        reset = jnp.concatenate([jnp.zeros_like(starts[:, :1]), starts], axis=1)
+        reset = _chunks.segment_starts(segment_ids)
     else:
         reset = jnp.zeros((batch, length), bool)
 

@@ -17,6 +17,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._chunks import round_up as _round_up
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -39,10 +41,6 @@ class BlockSizes:
 # A head row wider than this (float32 at d256: 1,024 bytes) takes 32-row blocks on GPU: at 64 rows
 # the Triton kernel asked 262,400 bytes of shared memory on the H100 (232,448 there).
 GPU_WIDE_ROW_BYTES = 512
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def _pad_time(x, length, value=0):

@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import _dispatch, _validation
+from pallas_kernels import _chunks, _dispatch, _validation
 from pallas_kernels.linear_scan import pallas as _pallas
 from pallas_kernels.linear_scan import reference as _reference
 from pallas_kernels.linear_scan import xla as _xla
@@ -72,7 +72,9 @@ def linear_scan(a, b, *, initial_state=None, reverse: bool = False, segment_ids=
     if segment_ids is not None:
         _validation.check_integer(_OP, "segment_ids", segment_ids, (batch, length),
                                   "[batch, time]")
-        a = jnp.where(_segment_starts(segment_ids, reverse)[..., None], jnp.zeros_like(a), a)
+        # A segment start in the scan's direction cuts a_t: the carry does not reach step t.
+        a = jnp.where(_chunks.segment_starts(segment_ids, reverse=reverse)[..., None],
+                      jnp.zeros_like(a), a)
     if length == 0 or width == 0:
         # Nothing to scan: an empty time axis, or no channels (e.g. a memory whose flattened
         # leaves are empty), which would give the kernels a zero-width block.
@@ -81,15 +83,6 @@ def linear_scan(a, b, *, initial_state=None, reverse: bool = False, segment_ids=
         # The specification, differentiated by JAX's autodiff: what the custom VJP is tested against.
         return _reference.linear_scan_reference(a, b, h0, reverse=reverse)
     return _scan(a, b, h0, reverse, implementation)
-
-
-def _segment_starts(segment_ids, reverse):
-    """True where step t begins a new segment in the direction of the scan (its a_t is cut)."""
-    if reverse:
-        nxt = segment_ids[:, 1:] != segment_ids[:, :-1]
-        return jnp.concatenate([nxt, jnp.zeros_like(nxt[:, :1])], axis=1)
-    prev = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return jnp.concatenate([jnp.zeros_like(prev[:, :1]), prev], axis=1)
 
 
 def _forward(a, b, h0, reverse, implementation):

@@ -25,6 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels import _dispatch
+from pallas_kernels._chunks import round_up as _round_up
+
 F32 = jnp.float32
 
 
@@ -46,10 +49,6 @@ class BlockSizes:
             # 64 channels per program: 8 x 1024 / 64 = 128 programs at B8 D1024, about one per SM.
             return cls(block_t=0, block_d=64)
         raise ValueError(f"linear_scan: unknown Pallas target {target!r}")
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +239,11 @@ def _plane_dtype(dtype):
 
 def linear_scan_forward(a, b, h0, *, reverse: bool, target: str, interpret=None,
                         block_sizes: BlockSizes | None = None):
+    if target == "cuda" and _dispatch.use_mosaic_gpu(interpret):
+        from pallas_kernels.linear_scan import mosaic_gpu   # Hopper: TMA-pipelined walk
+        if mosaic_gpu.supports(a, b, h0):
+            return mosaic_gpu.linear_scan_forward(a, b, h0, reverse=reverse, interpret=interpret)
+        interpret = _dispatch.triton_interpret(interpret)
     planes = 2 if jnp.issubdtype(b.dtype, jnp.complexfloating) else 1
     # Padded steps (a = 1, b = 0) leave the state unchanged, so the final state stays exact.
     outs, final = scan_call(
@@ -252,6 +256,8 @@ def linear_scan_forward(a, b, h0, *, reverse: bool, target: str, interpret=None,
 
 def linear_scan_backward(a, h, h0, dh, dh_final, *, reverse: bool, target: str, interpret=None,
                          block_sizes: BlockSizes | None = None):
+    if target == "cuda":
+        interpret = _dispatch.triton_interpret(interpret)   # no Mosaic GPU backward
     planes = 2 if jnp.issubdtype(h.dtype, jnp.complexfloating) else 1
     h0 = h0.astype(h.dtype)
     if reverse:

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels._chunks import round_up as _round_up
+
 F32 = jnp.float32
 
 
@@ -50,10 +52,6 @@ class BlockSizes:
             # benchmark shape keep every SM busy.
             return cls(block_b=0, indices_per_call=0, block_d=256)
         raise ValueError(f"memory_lookup: unknown Pallas target {target!r}")
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 # ---------------------------------------------------------------------------------------------

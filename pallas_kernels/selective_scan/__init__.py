@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import _dispatch, _validation
+from pallas_kernels import _chunks, _dispatch, _validation
 from pallas_kernels.selective_scan import reference as _reference
 from pallas_kernels.selective_scan import pallas as _pallas_mod
 from pallas_kernels.selective_scan import xla as _xla
@@ -118,8 +118,7 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
     if segment_ids is not None:
         _validation.check_integer(_OP, "segment_ids", segment_ids, (batch, length),
                                   "[batch, time]")
-        starts = segment_ids[:, 1:] != segment_ids[:, :-1]
-        keep = jnp.concatenate([keep[:, :1], jnp.where(starts, 0.0, 1.0).astype(acc)], axis=1)
+        keep = jnp.where(_chunks.segment_starts(segment_ids), 0.0, 1.0).astype(acc)
     if length == 0:
         return jnp.zeros((batch, 0, channels), out_dtype), h0
 
@@ -143,6 +142,11 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
 
 
 def _pallas(dt, u, b, c, a, h0, keep, *, target, interpret):
+    if target == "cuda" and _dispatch.use_mosaic_gpu(interpret):
+        from pallas_kernels.selective_scan import mosaic_gpu   # Hopper: TMA-pipelined walk
+        if mosaic_gpu.supports(u, b, h0):
+            return mosaic_gpu.selective_scan_forward(dt, u, b, c, a, h0, keep, interpret=interpret)
+        interpret = _dispatch.triton_interpret(interpret)
     if not _pallas_mod.supported(target, u.shape[2], b.shape[2]):
         # Groups too narrow for the target's channel tiling (TPU: 128 lanes per group).
         return _xla.selective_scan_forward(dt, u, b, c, a, h0, keep, save_states=True)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels._chunks import round_up as _round_up
 from pallas_kernels.selective_scan import xla as _xla
 
 F32 = jnp.float32
@@ -64,10 +65,6 @@ _TPU_STATE_TILE = 16 * 512
 def tpu_channel_cap(state: int) -> int:
     """The largest TPU channel block for state size N (a multiple of 128)."""
     return max(128, _TPU_STATE_TILE // _round_up(state, 8) // 128 * 128)
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def _channel_block(target, channels, groups, block_c):

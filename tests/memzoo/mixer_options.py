@@ -31,6 +31,9 @@ MIXER_OPTIONS: dict[str, dict] = {
     "hcam": dict(num_heads=2, chunk_len=3, top_k=2),
     "ttm": dict(memory_size=4, num_read=2, segment_len=3),
     "memory_mosaic": dict(num_heads=2),
+    # sentences of 3: the contract's cuts fall mid-sentence; memory_size 3 < the 6 sentences
+    "memn2n": dict(sentence_len=3, num_hops=2, memory_size=3, embed_dim=8),
+    "ntm": dict(memory_slots=6, memory_width=4, read_heads=2, write_heads=2),
     "linear_attention": dict(num_heads=2, chunk_size=CHUNK),
     "mamba": dict(state_size=4),
     "mamba2": dict(state_size=8, head_dim=8, chunk_size=CHUNK),
@@ -42,6 +45,7 @@ MIXER_OPTIONS: dict[str, dict] = {
     "retnet": dict(num_heads=2, chunk_size=CHUNK),
     "rwkv6": dict(num_heads=2, lerp_rank=4, decay_rank=8, chunk_size=CHUNK),
     "mlstm": dict(num_heads=2, proj_factor=1.0, chunk_size=CHUNK),
+    "slstm": dict(num_heads=2),
     # mini-batches of 4 < T: decoding crosses mini-batch boundaries (re-anchoring)
     "ttt_linear": dict(num_heads=2, mini_batch=4),
     "ttt_mlp": dict(num_heads=2, mini_batch=4, mlp_expansion=2),

@@ -45,6 +45,8 @@ DYNAMICS: dict[str, set[str]] = {
     "rwkv6": {"decay_bias"},
     # mLSTM: the input and forget gate biases (forget bias linspace(3, 6): the time scales).
     "mlstm": {"igate_bias", "fgate_bias"},
+    # sLSTM: the forget gate's bias (linspace(3, 6): the time scales; no input-gate bias).
+    "slstm": {"fgate_bias"},
     # TTT: the inner learning rate's bias (eta = base_lr sigmoid(x w + b) / (2 head_dim)).
     "ttt_linear": {"gate_proj/bias"},
     "ttt_mlp": {"gate_proj/bias"},

@@ -110,6 +110,29 @@ def test_mqar_filler_avoids_keys():
     assert stray_keys() > 0     # the default draws filler over the whole vocabulary
 
 
+def test_mqar_read_twice_repeats_the_context_before_the_queries():
+    pairs, vocab = 8, 64
+    for ex in _examples("mqar", n=10, seq_len=64, vocab_size=vocab, num_kv_pairs=pairs,
+                        read_twice=True, filler_avoids_keys=True):
+        x, m = ex["inputs"], ex["mask"]
+        _check_mqar(ex, vocab)
+        assert np.array_equal(x[2 * pairs:4 * pairs], x[:2 * pairs])
+        # scored only at the queries, all after the second copy
+        assert np.all(np.flatnonzero(m) >= 4 * pairs) and m.sum() == pairs
+        assert np.all(m[:4 * pairs] == 0)
+    # the same draws without the copy: only the layout differs
+    once = tasks.example("mqar", 0, "train", 1, seq_len=32, vocab_size=vocab, num_kv_pairs=pairs)
+    twice = tasks.example("mqar", 0, "train", 1, seq_len=48, vocab_size=vocab,
+                          num_kv_pairs=pairs, read_twice=True)
+    assert np.array_equal(once["inputs"][:2 * pairs], twice["inputs"][:2 * pairs])
+    assert np.array_equal(once["targets"][2 * pairs:], twice["targets"][4 * pairs:])
+    with pytest.raises(ValueError, match="6 \\* num_kv_pairs <= seq_len"):
+        tasks.example("mqar", 0, "train", 0, seq_len=40, vocab_size=vocab, num_kv_pairs=pairs,
+                      read_twice=True)
+    with pytest.raises(ValueError, match="read_twice to be a bool"):
+        tasks.example("mqar", 0, "train", 0, seq_len=64, vocab_size=vocab, read_twice="yes")
+
+
 def test_mqar_small_power_a_puts_queries_near_the_context():
     def mean_gap(a):
         return np.mean([np.flatnonzero(ex["mask"]).mean() for ex in
@@ -145,6 +168,47 @@ def test_niah_target_is_the_needle_value():
         (at,) = np.flatnonzero(x[:-2] == tasks.NEEDLE)
         assert x[-2] == tasks.QUERY and x[-1] == x[at + 1]
         assert np.flatnonzero(m).tolist() == [len(x) - 1] and y[-1] == x[at + 2]
+
+
+def test_variable_copying_copies_every_length_up_to_max_tokens():
+    lengths = set()
+    for ex in _examples("variable_copying", n=60, seq_len=12, vocab_size=10):
+        x, y, m = ex["inputs"], ex["targets"], ex["mask"]
+        (n,) = np.flatnonzero(x == tasks.DELIMITER)
+        lengths.add(int(n))
+        assert np.all(x[:n] >= 2) and np.all(x[n + 1:] == tasks.BLANK)
+        np.testing.assert_array_equal(np.flatnonzero(m), np.arange(n, 2 * n))
+        np.testing.assert_array_equal(y[m == 1], x[:n])
+    assert lengths == set(range(1, 7))
+
+
+@pytest.mark.parametrize("hops", [1, 2])
+def test_babi_answers_follow_the_last_supporting_facts(hops):
+    o = {"num_entities": 3, "num_locations": 4, "num_objects": 2}
+    ent0 = tasks.BABI_SPECIALS
+    loc0, obj0 = ent0 + 3, ent0 + 7
+    questions = 0
+    for ex in _examples("babi", n=20, seq_len=48, hops=hops, **o):
+        x, y, m = ex["inputs"], ex["targets"], ex["mask"]
+        _check_lm_format(ex, 48)
+        assert x.max() < tasks.babi_vocab(o)
+        where, holder = {}, {}
+        for i, (a, b, c, d) in enumerate(x.reshape(-1, 4)):   # replay the story
+            last = 4 * i + 3
+            if b == tasks.BABI_MOVE:
+                where[a] = c
+            elif b == tasks.BABI_PICK:
+                holder[c] = a
+            if a == tasks.BABI_WHERE:
+                assert (b, d) == (tasks.BABI_IS, tasks.BABI_QMARK) and m[last] == 1
+                answer = where[c] if hops == 1 else where[holder[c]]
+                assert (ent0 <= c < loc0) if hops == 1 else (obj0 <= c)
+                assert y[last] == answer and loc0 <= answer < obj0
+                questions += 1
+            else:
+                assert d == tasks.BABI_DOT and m[last] == 0
+        assert x[-4] == tasks.BABI_WHERE and m.sum() == np.sum(x == tasks.BABI_QMARK)
+    assert questions > 20
 
 
 def _evaluate_listops(tokens):

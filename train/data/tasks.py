@@ -71,7 +71,8 @@ def delayed_recall_example(rng: np.random.Generator, *, seq_len: int, vocab_size
 
 def mqar(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 8192,
          num_kv_pairs: int | Sequence[int] = 8, power_a: float = 0.01,
-         random_non_queries: bool = True, filler_avoids_keys: bool = False) -> Example:
+         random_non_queries: bool = True, filler_avoids_keys: bool = False,
+         read_twice: bool = False) -> Example:
     """Multi-query associative recall, following zoology's `multiquery_ar`.
 
     Vocabulary: 0 is never a key or value (zoology keeps it for "no query here"); keys come from
@@ -90,32 +91,39 @@ def mqar(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 8192,
     key; at a vocabulary near seq_len it does often (about once per key at vocab_size = seq_len),
     and every such stray copy, followed by a random token, is a wrong match for a recall by
     content; this option restores the large-vocabulary task at a small vocabulary's cost.
+
+    read_twice: JRT-Prompt (Arora et al., 2024, "Just read twice"): the 2 * num_kv_pairs context
+    tokens are repeated verbatim right after themselves, then the queries, so a causal recurrent
+    model reads every pair a second time knowing all the keys it will be asked about. Only the
+    queries are scored; seq_len counts the copy (6 * num_kv_pairs <= seq_len).
     """
     if not isinstance(num_kv_pairs, (int, np.integer)):
         counts = [int(n) for n in num_kv_pairs]
         _require(len(counts) > 0, "mqar needs at least one num_kv_pairs count")
         for n in counts:   # every count checked, not just the one this example draws
-            _mqar_check(seq_len, vocab_size, n)
+            _mqar_check(seq_len, vocab_size, n, read_twice)
         num_kv_pairs = counts[int(rng.integers(len(counts)))]
     num_kv_pairs = int(num_kv_pairs)
-    _mqar_check(seq_len, vocab_size, num_kv_pairs)
+    _mqar_check(seq_len, vocab_size, num_kv_pairs, read_twice)
     key_vocab = vocab_size // 2
     context = 2 * num_kv_pairs
+    prompt = 2 * context if read_twice else context
     keys = rng.choice(np.arange(1, key_vocab), size=num_kv_pairs, replace=False)
     values = rng.choice(np.arange(key_vocab, vocab_size), size=num_kv_pairs, replace=False)
-    space = (seq_len - context) // 2
+    space = (seq_len - prompt) // 2
     p = power_a * np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1)
     gaps = rng.choice(space, size=num_kv_pairs, replace=False, p=p / p.sum())
 
     inputs = np.zeros(seq_len, np.int64)
     inputs[0:context:2], inputs[1:context:2] = keys, values
-    query_at = context + 2 * gaps
+    inputs[context:prompt] = inputs[:prompt - context]
+    query_at = prompt + 2 * gaps
     if random_non_queries:
         if filler_avoids_keys:
-            inputs[context:] = rng.choice(np.setdiff1d(np.arange(vocab_size), keys),
-                                          seq_len - context)
+            inputs[prompt:] = rng.choice(np.setdiff1d(np.arange(vocab_size), keys),
+                                         seq_len - prompt)
         else:
-            inputs[context:] = rng.integers(0, vocab_size, seq_len - context)
+            inputs[prompt:] = rng.integers(0, vocab_size, seq_len - prompt)
     inputs[query_at] = keys
     targets = np.zeros(seq_len, np.int64)
     mask = np.zeros(seq_len, np.float32)
@@ -123,11 +131,16 @@ def mqar(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 8192,
     return _lm_example(inputs, targets, mask)
 
 
-def _mqar_check(seq_len: int, vocab_size: int, num_kv_pairs: int) -> None:
+def _mqar_check(seq_len: int, vocab_size: int, num_kv_pairs: int,
+                read_twice: bool = False) -> None:
     _require(seq_len % 2 == 0, f"mqar needs an even seq_len, got {seq_len}")
     _require(num_kv_pairs >= 1, f"mqar needs num_kv_pairs >= 1, got {num_kv_pairs}")
-    _require(4 * num_kv_pairs <= seq_len, f"mqar needs 4 * num_kv_pairs <= seq_len, got "
-             f"{num_kv_pairs=}, {seq_len=}")
+    _require(isinstance(read_twice, (bool, np.bool_)),
+             f"mqar needs read_twice to be a bool, got {read_twice!r}")
+    # context (twice with read_twice) + one query slot pair per key
+    need = (6 if read_twice else 4) * num_kv_pairs
+    _require(need <= seq_len, f"mqar needs {need // num_kv_pairs} * num_kv_pairs <= seq_len"
+             f"{' (read_twice)' if read_twice else ''}, got {num_kv_pairs=}, {seq_len=}")
     _require(num_kv_pairs <= vocab_size // 2 - 1, f"mqar needs num_kv_pairs <= vocab_size // 2 "
              f"- 1 distinct keys, got {num_kv_pairs=}, {vocab_size=}")
 
@@ -374,6 +387,107 @@ def listops(rng: np.random.Generator, *, seq_len: int, max_depth: int = 10, max_
 
 
 # --------------------------------------------------------------------------------------------
+# Variable-length copy (Neural Turing Machines, section 4.1)
+
+
+def variable_copying(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 16,
+                     max_tokens: int | None = None) -> Example:
+    """The NTM paper's copy task: a sequence of random length, a delimiter, then the sequence.
+
+    Vocabulary as `copying` (0 blank, 1 delimiter, [2, vocab_size) data). The length L is uniform
+    in [1, max_tokens] (default seq_len // 2, so a longer eval length, data.eval_seq_len, also
+    asks for longer copies than training saw); data at [0, L), the delimiter at L, blanks after.
+    The targets at the delimiter and the L - 1 blanks after it are the data in order. Chance
+    accuracy: 1 / (vocab_size - 2).
+    """
+    max_tokens = seq_len // 2 if max_tokens is None else max_tokens
+    _require(1 <= max_tokens and 2 * max_tokens <= seq_len, f"variable_copying needs 1 <= "
+             f"max_tokens and 2 * max_tokens <= seq_len, got {max_tokens=}, {seq_len=}")
+    _require(vocab_size > 2, f"variable_copying needs vocab_size > 2, got {vocab_size}")
+    n = int(rng.integers(1, max_tokens + 1))
+    data = rng.integers(2, vocab_size, n)
+    inputs = np.full(seq_len, BLANK, np.int64)
+    inputs[:n], inputs[n] = data, DELIMITER
+    targets = np.zeros(seq_len, np.int64)
+    mask = np.zeros(seq_len, np.float32)
+    targets[n:2 * n], mask[n:2 * n] = data, 1.0
+    return _lm_example(inputs, targets, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# bAbI-like stories (Weston et al., 2015: tasks 1 and 2, "single / two supporting facts"),
+# generated offline: fixed-length sentences for End-to-End Memory Networks.
+
+BABI_SENTENCE = 4
+# ".", "?", "moved-to", "picked-up", "where", "is"; then entities, locations, objects
+BABI_DOT, BABI_QMARK, BABI_MOVE, BABI_PICK, BABI_WHERE, BABI_IS = range(6)
+BABI_SPECIALS = 6
+
+
+def babi_vocab(o) -> int:
+    return BABI_SPECIALS + o["num_entities"] + o["num_locations"] + o["num_objects"]
+
+
+def babi(rng: np.random.Generator, *, seq_len: int, hops: int = 1, num_entities: int = 4,
+         num_locations: int = 6, num_objects: int = 4, question_prob: float = 0.25,
+         move_prob: float = 0.6) -> Example:
+    """A story of 4-token sentences with questions among them; each answer is a location.
+
+    Facts: [entity, moved-to, location, .] (probability move_prob) or [entity, picked-up,
+    object, .] (the object goes with its last picker). Questions (each sentence after the first
+    with probability question_prob, when one can be answered; the last sentence always):
+    hops=1 "where is entity ?" [where, is, entity, ?], answered by the entity's LAST move;
+    hops=2 "where is object ?", answered by the last move of the object's last picker (two
+    supporting facts). Questions state nothing. The target at a question's "?" is the answer
+    location, the only scored positions. Tokens: 0-5 as BABI_*, then entities, locations,
+    objects (babi_vocab). seq_len must be a multiple of 4. Chance accuracy: 1 / num_locations.
+    """
+    _require(hops in (1, 2), f"babi needs hops 1 or 2, got {hops!r}")
+    _require(seq_len % BABI_SENTENCE == 0 and seq_len >= 3 * BABI_SENTENCE,
+             f"babi needs seq_len a multiple of {BABI_SENTENCE} and >= {3 * BABI_SENTENCE}, "
+             f"got {seq_len}")
+    for name, value in (("num_entities", num_entities), ("num_locations", num_locations),
+                        ("num_objects", num_objects)):
+        _require(isinstance(value, (int, np.integer)) and value >= 1,
+                 f"babi needs {name} >= 1, got {value!r}")
+    _require(0 <= question_prob < 1 and 0 < move_prob < 1, f"babi needs 0 <= question_prob < 1 "
+             f"and 0 < move_prob < 1, got {question_prob=}, {move_prob=}")
+    ent0 = BABI_SPECIALS
+    loc0, obj0 = ent0 + num_entities, ent0 + num_entities + num_locations
+    n = seq_len // BABI_SENTENCE
+    while True:   # a story whose last question cannot be answered is drawn again
+        where = np.full(num_entities, -1)
+        holder = np.full(num_objects, -1)
+        inputs, targets = [], np.zeros(seq_len, np.int64)
+        for i in range(n):
+            known = np.flatnonzero(where >= 0)
+            if hops == 2:
+                askable = np.flatnonzero((holder >= 0) & (where[np.maximum(holder, 0)] >= 0))
+            else:
+                askable = known
+            ask = len(askable) > 0 and (i == n - 1 or (i > 0 and rng.random() < question_prob))
+            if ask:
+                x = int(rng.choice(askable))
+                answer = where[x] if hops == 1 else where[holder[x]]
+                inputs += [BABI_WHERE, BABI_IS, (ent0 if hops == 1 else obj0) + x, BABI_QMARK]
+                targets[BABI_SENTENCE * (i + 1) - 1] = loc0 + answer
+            elif i == n - 1:
+                break
+            else:
+                e = int(rng.integers(num_entities))
+                if rng.random() < move_prob:
+                    where[e] = int(rng.integers(num_locations))
+                    inputs += [ent0 + e, BABI_MOVE, loc0 + where[e], BABI_DOT]
+                else:
+                    o = int(rng.integers(num_objects))
+                    holder[o] = e
+                    inputs += [ent0 + e, BABI_PICK, obj0 + o, BABI_DOT]
+        if len(inputs) == seq_len:
+            mask = (targets > 0).astype(np.float32)
+            return _lm_example(inputs, targets, mask)
+
+
+# --------------------------------------------------------------------------------------------
 # The table
 
 
@@ -411,7 +525,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          lambda o: 1 / o["vocab_size"]),
     Task("mqar", mqar, {"vocab_size": 8192, "num_kv_pairs": 8, "power_a": 0.01,
                         "random_non_queries": True, "filler_avoids_keys": False,
-                        "train_num_kv_pairs": None, "train_power_a": None}, _vocab_option,
+                        "read_twice": False, "train_num_kv_pairs": None, "train_power_a": None}, _vocab_option,
          lambda o: 1 / (o["vocab_size"] - o["vocab_size"] // 2),
          train_options={"train_num_kv_pairs": "num_kv_pairs", "train_power_a": "power_a"}),
     Task("copying", copying, {"vocab_size": 16, "num_tokens": 16}, _vocab_option,
@@ -421,6 +535,11 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("induction_heads", induction_heads, {"vocab_size": 16}, _vocab_option,
          lambda o: 1 / (o["vocab_size"] - 1)),
     Task("niah", niah, {"vocab_size": 64}, _vocab_option, lambda o: 1 / (o["vocab_size"] - 2)),
+    Task("variable_copying", variable_copying, {"vocab_size": 16, "max_tokens": None},
+         _vocab_option, lambda o: 1 / (o["vocab_size"] - 2)),
+    Task("babi", babi, {"hops": 1, "num_entities": 4, "num_locations": 6, "num_objects": 4,
+                        "question_prob": 0.25, "move_prob": 0.6}, babi_vocab,
+         lambda o: 1 / o["num_locations"]),
     Task("factual_recall", factual_recall,
          {"num_individuals": 4096, "num_first_names": 128, "num_last_names": 128,
           "num_attributes": 4, "num_values": 32, "world_seed": 0}, _facts_vocab,

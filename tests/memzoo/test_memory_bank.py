@@ -1,0 +1,167 @@
+"""MemoryBank (hierarchical memory banks, the MLP slot mlp="memory_bank"): the float64 math
+with packed documents, gradients only to the fetched blocks, causality, documents kept apart,
+decoding (module step, the model's prefill + decode) equal to the parallel form, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from memzoo.memory_layers import MemoryBank
+from memzoo.models import CausalLM
+from pallas_kernels import _testing as kt
+
+F32_TOL = 1e-5
+OPTS = dict(branching=(3, 2), block_width=4, key_dim=5)
+
+
+def _x(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _naive(p, x, seg, *, branching, block_width, decay):
+    """Token by token, the tree walked explicitly; no anchor (hidden=0)."""
+    w, k = block_width, p["c"].shape[-1]
+    sizes = np.cumprod(branching)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    out = []
+    for b in range(x.shape[0]):
+        row = []
+        for t in range(x.shape[1]):
+            start = t
+            while start > 0 and seg[b, start - 1] == seg[b, t]:
+                start -= 1
+            weights = decay ** jnp.arange(t - start, -1, -1, dtype=x.dtype)
+            m = jnp.sum(weights[:, None] * x[b, start:t + 1], 0) / jnp.sum(weights)
+            r = m @ p["wk"]
+            parent, y = 0, jnp.zeros_like(x[b, t])
+            for off, nb in zip(offsets, branching):
+                children = parent * nb + np.arange(nb)
+                probs = jax.nn.softmax(p["c"][off + children] @ r / np.sqrt(k))
+                j = int(np.argmax(np.asarray(jax.lax.stop_gradient(probs))))
+                parent = int(children[j])
+                w_in = p["win"][off + parent].reshape(-1, 2 * w)
+                w_out = p["wout"][off + parent].reshape(w, -1)
+                u = x[b, t] @ w_in
+                y = y + probs[j] * (jax.nn.silu(u[:w]) * u[w:]) @ w_out
+            row.append(y)
+        out.append(jnp.stack(row))
+    return jnp.stack(out)
+
+
+def _params(bank):
+    return {"wk": bank.key.kernel[...], "c": bank.centroids[...], "win": bank.w_in[...],
+            "wout": bank.w_out[...]}
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.6])
+def test_matches_float64_tree_walk_with_packed_documents(decay):
+    bank = MemoryBank(6, hidden=0, decay=decay, rngs=nnx.Rngs(1), **OPTS)
+    x, cot = _x((1, 7, 6)), _x((1, 7, 6), seed=1)
+    seg = jnp.asarray([[4, 4, 5, 5, 5, 5, 6]], jnp.int32)
+    kw = dict(branching=OPTS["branching"], block_width=4, decay=decay)
+    ref_out, ref_grads = kt.float64_run(
+        lambda p, x: (_naive(p, x, np.asarray(seg), **kw),
+                      jax.grad(lambda p: jnp.sum(_naive(p, x, np.asarray(seg), **kw) * cot))(p)),
+        _params(bank), x)
+    graphdef, params = nnx.split(bank, nnx.Param)
+
+    def loss(params):
+        y = nnx.merge(graphdef, params)(x, segment_ids=seg)
+        return jnp.sum(y * cot), y
+    grads, out = jax.jit(jax.grad(loss, has_aux=True))(params)
+    kt.assert_close(out, ref_out, F32_TOL, "out")
+    got = nnx.to_pure_dict(grads)
+    got = {"wk": got["key"]["kernel"], "c": got["centroids"], "win": got["w_in"],
+           "wout": got["w_out"]}
+    for name, ref in ref_grads.items():
+        assert np.abs(np.asarray(got[name])).max() > 0, f"no gradient reaches {name}"
+        kt.assert_close(got[name], ref, F32_TOL, f"d {name}")
+
+
+def test_gradients_reach_only_the_fetched_blocks():
+    bank = MemoryBank(6, hidden=8, branching=(4, 4), block_width=3, key_dim=4,
+                      rngs=nnx.Rngs(2))
+    x = _x((2, 3, 6), seed=3)
+    m, _ = bank.summary(x)
+    rows, _ = bank.route(m)
+    fetched = np.zeros(bank.num_blocks, bool)
+    fetched[np.unique(np.asarray(rows))] = True
+    assert 2 <= fetched.sum() < bank.num_blocks - 4    # some of both kinds to tell apart
+    grads = nnx.grad(lambda b: jnp.sum(b(x) ** 2))(bank)
+    for name in ("w_in", "w_out"):
+        g = np.abs(np.asarray(getattr(grads, name)[...])).max(axis=-1)
+        assert np.all(g[fetched] > 0), name
+        assert np.all(g[~fetched] == 0), name
+
+
+def test_causal_and_documents_kept_apart():
+    bank = MemoryBank(6, hidden=8, rngs=nnx.Rngs(3), **OPTS)
+    x = _x((1, 8, 6))
+    y = bank(x)
+    bumped = bank(x.at[:, 5].add(3.0))
+    np.testing.assert_array_equal(y[:, :5], bumped[:, :5])
+    assert not np.allclose(y[:, 5:], bumped[:, 5:])
+    # two packed documents == each alone
+    seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1]], jnp.int32)
+    packed = bank(x, segment_ids=seg)
+    kt.assert_close(packed[:, :3], bank(x[:, :3]), F32_TOL, "first document")
+    kt.assert_close(packed[:, 3:], bank(x[:, 3:]), F32_TOL, "second document")
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.5])
+def test_step_equals_the_parallel_form(decay):
+    bank = MemoryBank(6, hidden=8, decay=decay, rngs=nnx.Rngs(4), **OPTS)
+    x = _x((2, 6, 6), seed=5)
+    y = bank(x)
+    head, cache = bank(x[:, :2], cache=bank.init_cache(2))
+    outs = [head]
+    for t in range(2, 6):
+        y_t, cache = bank.step(x[:, t], cache)
+        outs.append(y_t[:, None])
+    kt.assert_close(jnp.concatenate(outs, 1), y, F32_TOL, "module decode")
+
+
+def test_model_prefill_and_decode_equal_the_parallel_form():
+    """The block's cache carries (mixer cache, bank summary) through prefill and decode."""
+    lm = CausalLM(vocab_size=13, d_model=8, num_layers=2, mixer="attention",
+                  mixer_options={"num_heads": 2}, mlp="memory_bank",
+                  mlp_options={"branching": [2, 3], "block_width": 4, "decay": 0.8},
+                  rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 13, (2, 7)), jnp.int32)
+    full = nnx.jit(lambda m, t: m(t))(lm, tokens)
+    logits, cache = nnx.jit(lambda m, t: m.prefill(t, m.init_cache(2, 8)))(lm, tokens[:, :3])
+    decode = nnx.jit(lambda m, t, c: m.decode_step(t, c))
+    outs = [logits]
+    for t in range(3, 7):
+        logits, cache = decode(lm, tokens[:, t], cache)
+        outs.append(logits[:, None])
+    kt.assert_close(jnp.concatenate(outs, 1), full, F32_TOL, "CausalLM decode")
+
+
+def test_errors_name_the_argument():
+    cases = [(dict(branching=()), "`branching` must be a non-empty sequence"),
+             (dict(branching=(2, 0)), "`branching` must be an integer >= 1"),
+             (dict(block_width=0), "`block_width` must be an integer >= 1"),
+             (dict(key_dim=1.5), "`key_dim` must be an integer >= 1"),
+             (dict(decay=0.0), "`decay` must be a float in \\(0, 1\\]"),
+             (dict(hidden=-1), "`hidden` .* must be an integer >= 0"),
+             (dict(activation="nope"), "`activation` must be one of")]
+    for opts, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            MemoryBank(6, rngs=nnx.Rngs(0), **opts)
+    bank = MemoryBank(6, rngs=nnx.Rngs(0), **OPTS)
+    with pytest.raises(ValueError, match="`x` last dimension must be d_model=6"):
+        bank(jnp.ones((1, 3, 5)))
+    with pytest.raises(ValueError, match="`decay` must be"):
+        CausalLM(vocab_size=5, d_model=8, num_layers=1, mixer="attention", mlp="memory_bank",
+                 mlp_options={"decay": 2.0}, rngs=nnx.Rngs(0))
+
+
+def test_tables_are_memory_values_and_active_width_is_anchor_plus_levels():
+    from train import trainer
+    bank = MemoryBank(6, hidden=8, rngs=nnx.Rngs(0), **OPTS)
+    assert trainer.param_group(bank.w_in) == trainer.param_group(bank.w_out) == "memory_values"
+    assert trainer.param_group(bank.centroids) == "default"
+    assert bank.num_blocks == 3 + 6
+    assert bank.w_in.shape == (9, 6 * 2 * 4) and bank.w_out.shape == (9, 4 * 6)
