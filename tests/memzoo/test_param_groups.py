@@ -57,6 +57,10 @@ DYNAMICS: dict[str, set[str]] = {
     "local_linear_attention": set(),
     "hcam": set(),
     "ttm": set(),
+    # NTM: addressing is content plus a per-step shift/sharpen, no learned forgetting rate.
+    "ntm": set(),
+    # MemN2N: temporal encoding is a learned position table, not a decay.
+    "memn2n": set(),
     # the leaky average of the keys sets each unit's time scale
     "memory_mosaic": {"leak"},
     "s4d": {"core/log_dt", "core/log_neg_a_real", "core/a_imag"},
