@@ -30,18 +30,6 @@ from pallas_kernels._chunks import chunk_resets, effective_chunk, from_chunks, t
 RECURRENT_MAX_LENGTH = 16
 
 
-# dplr_delta_rule/xla.py still reads these names from here; they are pallas_kernels._chunks'.
-def _to_chunks(x, chunk, acc):
-    return to_chunks(x.astype(acc), chunk)
-
-
-def _chunk_resets(reset, chunk, heads, acc):
-    return chunk_resets(reset, chunk)[:, None]
-
-
-_from_chunks = from_chunks
-
-
 def _diagonal_blocks(a, size):
     """The diagonal size x size blocks of a [..., C, C]: [..., C / size, size, size]."""
     c = a.shape[-1]

@@ -41,8 +41,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.delta_rule.xla import _chunk_resets, _from_chunks, _to_chunks
-from pallas_kernels.delta_rule.xla import effective_chunk, unit_lower_inverse
+from pallas_kernels._chunks import chunk_resets, effective_chunk, from_chunks, to_chunks
+from pallas_kernels.delta_rule.xla import unit_lower_inverse
 from pallas_kernels.dplr_delta_rule.reference import dplr_reference
 
 __all__ = ["dplr_forward", "dplr_backward", "effective_chunk", "LOG_DECAY_FLOOR",
@@ -177,7 +177,7 @@ def _pair_scores_backward(f, dm):
 def _masks(reset, chunk, heads, segmented):
     if not segmented:
         return None
-    counts = _chunk_resets(reset, chunk, heads, jnp.int32)                 # [B,1,N,C]
+    counts = chunk_resets(reset, chunk)[:, None]                           # [B,1,N,C]
     return dict(same=counts[..., :, None] == counts[..., None, :],
                 first=(counts == 0)[..., None],
                 last=(counts == counts[..., -1:])[..., None],
@@ -249,7 +249,7 @@ def _step(p, s):
 
 
 def _chunked_inputs(q, k, v, a, b, w, reset, chunk, acc, segmented):
-    xs = tuple(_to_chunks(x, chunk, acc) for x in (q, k, v, a, b, w))      # [B,H,N,C,D]
+    xs = tuple(to_chunks(x.astype(acc), chunk) for x in (q, k, v, a, b, w))      # [B,H,N,C,D]
     sub = math.gcd(chunk, SUB_CHUNK)
     return xs, _masks(reset, chunk, q.shape[2], segmented), sub
 
@@ -265,7 +265,7 @@ def chunk_forward(q, k, v, a, b, w, h0, reset, *, scale, chunk, segmented):
 
     final, (states, o) = jax.lax.scan(scan_step, h0, jax.tree.map(lambda x: jnp.moveaxis(x, 2, 0), p))
     o = jnp.moveaxis(o, 0, 2)
-    return _from_chunks(o, q.shape[1]).astype(v.dtype), final, jnp.moveaxis(states, 0, 2)
+    return from_chunks(o, q.shape[1]).astype(v.dtype), final, jnp.moveaxis(states, 0, 2)
 
 
 def dplr_forward(q, k, v, a, b, w, h0, reset, *, scale, chunk_size, segmented):
@@ -294,7 +294,7 @@ def dplr_backward(q, k, v, a, b, w, h0, reset, states, do, dfinal, *, scale, chu
     xs, masks, sub = _chunked_inputs(q, k, v, a, b, w, reset, chunk, acc, segmented)
     qc, kc, vc, ac, bc, wc = xs
     z = _terms(*xs, masks, scale=scale, sub=sub)
-    doc = _to_chunks(do, chunk, acc)                                       # [B,H,N,C,V]
+    doc = to_chunks(do.astype(acc), chunk)                                       # [B,H,N,C,V]
     states = states.astype(acc)
     mm = jnp.einsum
     u = z["u_tilde"] + mm("...ck,...kv->...cv", z["w"], states)
@@ -353,7 +353,7 @@ def dplr_backward(q, k, v, a, b, w, h0, reset, states, do, dfinal, *, scale, chu
            + dtotal[..., None, :])
     # jnp.maximum's derivative (half at a tie), as the forward's clamp.
     dwc = dwc * jnp.where(wc > LOG_DECAY_FLOOR, 1.0, jnp.where(wc == LOG_DECAY_FLOOR, 0.5, 0.0))
-    grads = (_from_chunks(x, length) for x in (dq, dk, dv, da, db, dwc))
+    grads = (from_chunks(x, length) for x in (dq, dk, dv, da, db, dwc))
     dq, dk, dv, da, db, dw = grads
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), da.astype(a.dtype),
             db.astype(b.dtype), dw.astype(w.dtype), dh0.astype(h0.dtype))
