@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _chunks
 from pallas_kernels._chunks import dot as _dot, dot_nt as _dot_nt, dot_tn as _dot_tn
-from pallas_kernels._dispatch import cuda_compute_capability
+from pallas_kernels._dispatch import cuda_compute_capability, triton_interpret, use_mosaic_gpu
 
 F32 = jnp.float32
 _OP = "delta_rule"
@@ -274,6 +274,13 @@ def delta_rule_forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated,
     On GPU, key dims above GPU_FORWARD_MAX_KEY_DIM run the XLA forward (the same chunk states):
     the Triton forward would ask 262,144 bytes of shared memory at K = 256.
     """
+    if target == "cuda" and use_mosaic_gpu(interpret):
+        from pallas_kernels.delta_rule import mosaic_gpu
+        if mosaic_gpu.supports(q, k, v, h0, chunk_size):
+            return mosaic_gpu.forward(q, k, v, beta, g, h0, reset, scale=scale,
+                                      chunk_size=chunk_size, gated=gated, segmented=segmented,
+                                      interpret=interpret)
+        interpret = triton_interpret(interpret)
     if target == "cuda" and q.shape[-1] > GPU_FORWARD_MAX_KEY_DIM:
         from pallas_kernels.delta_rule import xla as _xla
         return _xla.delta_rule_forward(q, k, v, beta, g, h0, reset, scale=scale,
@@ -308,6 +315,7 @@ def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scal
     memory for one SM (327,680 bytes asked at K = 128 against the H100's 232,448), whatever
     the value block. So do GPUs before Hopper (GPU_BACKWARD_MIN_COMPUTE_CAPABILITY).
     """
+    interpret = triton_interpret(interpret)    # no Mosaic GPU backward yet
     if target == "cuda" and (q.shape[-1] > GPU_BACKWARD_MAX_KEY_DIM
                              or not gpu_backward_kernel_fits(cuda_compute_capability())):
         from pallas_kernels.delta_rule import xla as _xla

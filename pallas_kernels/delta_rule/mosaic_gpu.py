@@ -1,0 +1,261 @@
+"""The Hopper (sm_90a) forward kernel of `delta_rule` (plain, gated, segmented) in Pallas on
+Mosaic GPU.
+
+fla's split for Hopper: everything inside a chunk that does not depend on the carried state is
+batched XLA work before the kernel (xla.py's `_Chunked`: the UT transform T = (I + A)^-1 and
+
+    W  = T diag(beta gamma) K      U~ = T diag(beta) V          [C, K], [C, V]
+    P  = scale (Q K^T) * Gam       Qg = scale diag(gamma) Q     [C, C], [C, K]
+    Kd = diag(Gam_last,:) K        gl = gamma_last              [C, K], scalar
+
+with gates and segment resets already folded in), so the kernel is only the sequential state
+recurrence, a chain of WGMMAs per chunk:
+
+    u  = U~ - W S                   [64, 64]   (W: head + remainder, S: head + remainder)
+    o  = Qg S + P u                 [64, 64]
+    S' = gl S + Kd^T u              [Kd, 64]   (u: head + remainder)
+
+One program (one warpgroup, 128 threads) per (batch * head, block of 64 value columns) walks the
+chunks (padded with zero rows to 64, WGMMA's M; a zero row leaves S as it is) in order.
+`plgpu.emit_pipeline` TMA-loads each chunk's W (head, remainder), Qg, Kd (and its remainder
+where it is not exact in 16 bits), P [64, 64] in the input dtype (128-byte swizzle) and U~
+[64, 64] float32; 2 chunks in flight at key dim 64, 1 at 128. S [Kd, 64] float32 stays in
+registers (WGMMA accumulator layout) between chunks and goes through SMEM as a 16-bit head +
+remainder where it is a WGMMA operand, as u does: the state keeps ~16 bits of mantissa in every
+product and float32 sums. Outputs (o [64, 64] in v's dtype, the chunk's start state [Kd, 64]
+float32 in xla.py's layout, which the custom VJP's Triton / XLA backward reads) leave by TMA
+from one SMEM buffer each, waited on before the next chunk writes them.
+
+Precision: the products that reach the state (W S, Kd^T u) use head + remainder on both sides
+(the remainder x remainder term dropped); Qg and P, which reach only o (rounded to 16 bits on
+the way out), are single 16-bit operands.
+
+The restrictions of GPU interpret mode in JAX 0.12.0.1 (SMEM-only WGMMA operands, no
+`run_state` accumulator initialised from registers, no predicated pipeline outputs) are
+handled as in chunked_linear_attention/mosaic_gpu.py. Not here: key dims above 128 (SMEM),
+float32 inputs, chunks longer than 64, and a backward kernel.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _chunks, _dispatch
+from pallas_kernels.delta_rule import xla as _xla
+
+F32 = jnp.float32
+ROWS = 64          # chunk rows: the WGMMA tile's M
+BLOCK_V = 64       # value columns per program: one 128-byte swizzle row of 16-bit values
+MAX_KEY_DIM = 128  # at 256 the scratch and one stage of tiles ask > 227 KiB of SMEM
+DTYPES = (jnp.bfloat16, jnp.float16)
+GL_WIDTH = 16
+
+
+def available() -> bool:
+    """Whether the installed JAX has Pallas Mosaic GPU with what this kernel uses."""
+    try:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+    except ImportError:
+        return False
+    return all(hasattr(plgpu, n) for n in ("emit_pipeline", "wgmma", "kernel", "ACC"))
+
+
+def interpret_params():
+    return _dispatch.gpu_interpret_params()
+
+
+def supports(q, k, v, h0, chunk_size) -> bool:
+    """Whether this kernel computes the call (else the op runs the Triton kernel)."""
+    chunk = _chunks.effective_chunk(q.shape[1], chunk_size)
+    return (available() and chunk <= ROWS and h0.dtype == F32
+            and q.dtype == k.dtype == v.dtype and any(k.dtype == d for d in DTYPES)
+            and q.shape[-1] <= MAX_KEY_DIM)
+
+
+def _stages(kd):
+    return 2 if kd <= 64 else 1
+
+
+def _split(x, dt):
+    """x ~= head + remainder, both in the 16-bit dtype dt (~16 bits of x's mantissa for bf16)."""
+    head = x.astype(dt)
+    return head, (x - head.astype(F32)).astype(dt)
+
+
+def forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
+            interpret=None):
+    """`xla.delta_rule_forward` on Mosaic GPU: (o [B,T,H,V] in v's dtype, final state [B,H,K,V]
+    float32, the state entering every chunk [B,H,N,K,V] float32). Only calls in `supports`."""
+    if not supports(q, k, v, h0, chunk_size):
+        raise ValueError("delta_rule: the Mosaic GPU kernel takes 16-bit q, k, v of one dtype, "
+                         f"key_dim <= {MAX_KEY_DIM} and chunks <= {ROWS}; got q {q.dtype} "
+                         f"{q.shape}, v {v.dtype}, chunk_size {chunk_size}")
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    chunk = _chunks.effective_chunk(length, chunk_size)
+    dt = k.dtype
+    # XLA's GPU float32 matmuls may run in TF32: the state-independent work keeps float32.
+    with jax.default_matmul_precision("highest"):
+        ch = _xla._Chunked(q, k, v, beta, g, reset, scale=scale, chunk=chunk, gated=gated,
+                           segmented=segmented)
+        (u_t, w, kdec, gl), n = ch.chunk_inputs()           # chunk major [N, B, H, C, ...]
+        qg, p = ch.qg, ch.p                                   # [B, H, N, C, ...]
+    kd = _chunks.round_up(key_dim, 64)
+    vd = _chunks.round_up(value_dim, BLOCK_V)
+    bh = batch * heads
+
+    def tiles(x, width, chunk_major=False):
+        """[.., C, D] per chunk -> [B*H, N*64, width]: each chunk zero padded to 64 rows."""
+        if chunk_major:
+            x = jnp.moveaxis(x, 0, 2)
+        x = jnp.pad(x, [(0, 0)] * 3 + [(0, ROWS - chunk), (0, width - x.shape[-1])])
+        return x.reshape(bh, n * ROWS, width)
+
+    # Kd (k scaled by in-chunk decays) is exact in k's dtype when nothing decays it.
+    split_kd = gated
+    w_hi, w_lo = _split(tiles(w, kd, True), dt)
+    args = [w_hi, w_lo, tiles(qg, kd).astype(dt), tiles(p, ROWS).astype(dt)]
+    if split_kd:
+        args += list(_split(tiles(kdec, kd, True), dt))
+    else:
+        args.append(tiles(kdec, kd, True).astype(dt))
+    args.append(tiles(u_t, vd, True).astype(F32))
+    decays = gated or segmented
+    if decays:
+        # The chunk's decay of S, repeated to GL_WIDTH: a TMA box is at least 16 bytes.
+        gl = jnp.moveaxis(gl, 0, 2).reshape(bh, n, 1).astype(F32)
+        args.append(jnp.broadcast_to(gl, (bh, n, GL_WIDTH)).reshape(bh, n * GL_WIDTH))
+    h0p = jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, kd - key_dim), (0, vd - value_dim)])
+    args.append(h0p.reshape(bh, kd, vd))
+    o, final, states = _call(args, kd=kd, vd=vd, n=n, dt=dt, split_kd=split_kd, decays=decays,
+                             interpret=interpret, plgpu=plgpu)
+    o = o.reshape(batch, heads, n, ROWS, vd)[:, :, :, :chunk, :value_dim]
+    o = _chunks.from_chunks(o, length)
+    final = final[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
+    states = states.reshape(batch, heads, n, kd, vd)[..., :key_dim, :value_dim]
+    return o, final, states
+
+
+def _call(args, *, kd, vd, n, dt, split_kd, decays, interpret, plgpu):
+    bh = args[0].shape[0]
+    c, vb = ROWS, BLOCK_V
+    # 128-byte swizzle, tiles of 8 rows x 64 16-bit elements: what WGMMA reads from SMEM.
+    tf16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    n_in = len(args)
+
+    def kernel(*refs):
+        in_refs, (o_ref, fin_ref, st_ref) = refs[:n_in], refs[n_in:n_in + 3]
+        h0_ref = in_refs[-1]
+        i, j = jax.lax.axis_index("bh"), jax.lax.axis_index("v")
+        cols = pl.ds(j * vb, vb)
+
+        def load_state(smem, bar):
+            plgpu.copy_gmem_to_smem(h0_ref.at[i, :, cols], smem, bar.at[0])
+            plgpu.barrier_wait(bar.at[0])
+            return plgpu.load(smem, layout=plgpu.Layout.WGMMA)
+
+        s0 = pl.run_scoped(load_state, plgpu.SMEM((kd, vb), F32), plgpu.Barrier(num_barriers=1))
+
+        def chunk_body(scratch, idx, *tiles):
+            o_s, st_s, s_hi, s_lo, u_hi, u_lo = scratch
+            tiles = list(tiles)
+            s = tiles.pop()
+            w_hi, w_lo, qg_s, p_s = tiles[:4]
+            kd_hi, kd_lo = (tiles[4], tiles[5]) if split_kd else (tiles[4], None)
+            ut_s = tiles[5 + split_kd]
+            gl = tiles[6 + split_kd][0] if decays else None
+            t = idx[0]
+            hi = s.astype(dt)
+            s_hi[...] = hi
+            s_lo[...] = (s - hi.astype(F32)).astype(dt)
+            plgpu.commit_smem()
+
+            def ws(acc):
+                plgpu.wgmma(acc, w_hi, s_hi)
+                plgpu.wgmma(acc, w_hi, s_lo)
+                plgpu.wgmma(acc, w_lo, s_hi)
+                return acc[...]
+
+            u = plgpu.load(ut_s, layout=plgpu.Layout.WGMMA) - pl.run_scoped(
+                ws, plgpu.ACC((c, vb), F32))
+            # Through SMEM, not as a register operand: GPU interpret mode takes only SMEM refs
+            # as WGMMA operands (JAX 0.12.0.1).
+            uh = u.astype(dt)
+            u_hi[...] = uh
+            u_lo[...] = (u - uh.astype(F32)).astype(dt)
+            plgpu.commit_smem()
+
+            def out(acc):
+                plgpu.wgmma(acc, qg_s, s_hi)
+                plgpu.wgmma(acc, qg_s, s_lo)
+                plgpu.wgmma(acc, p_s, u_hi)
+                plgpu.wgmma(acc, p_s, u_lo)
+                return acc[...]
+
+            o = pl.run_scoped(out, plgpu.ACC((c, vb), F32))
+            # The outputs leave by TMA from one buffer each, written once the previous chunk's
+            # copies have read it (GPU interpret mode does not model emit_pipeline's
+            # predicated output copies).
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            o_s[...] = o.astype(o_s.dtype)
+            st_s[...] = s
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_s, o_ref.at[i, pl.ds(t * c, c), cols])
+            plgpu.copy_smem_to_gmem(st_s, st_ref.at[i, pl.ds(t * kd, kd), cols])
+
+            def update(acc):
+                plgpu.wgmma(acc, kd_hi.T, u_hi)
+                plgpu.wgmma(acc, kd_hi.T, u_lo)
+                if split_kd:
+                    plgpu.wgmma(acc, kd_lo.T, u_hi)
+                return acc[...]
+
+            # A fresh accumulator plus the (decayed) state rather than one initialised with it:
+            # GPU interpret mode has no rule for the discharged WGMMA `run_state` produces.
+            if decays:
+                s = s * gl
+            return s + pl.run_scoped(update, plgpu.ACC((kd, vb), F32))
+
+        seq = lambda w: plgpu.BlockSpec((c, w), lambda t: (t, 0), transforms=tf16)
+        in_specs = [seq(kd), seq(kd), seq(kd), seq(c), seq(kd)]
+        ins = [r.at[i] for r in in_refs[:5]]
+        if split_kd:
+            in_specs.append(seq(kd))
+            ins.append(in_refs[5].at[i])
+        in_specs.append(plgpu.BlockSpec((c, vb), lambda t: (t, 0)))
+        ins.append(in_refs[5 + split_kd].at[i, :, cols])
+        if decays:
+            in_specs.append(plgpu.BlockSpec((GL_WIDTH,), lambda t: (t,)))
+            ins.append(in_refs[6 + split_kd].at[i])
+
+        def walk(*scratch):
+            last = plgpu.emit_pipeline(
+                functools.partial(chunk_body, scratch), grid=(n,), in_specs=in_specs,
+                max_concurrent_steps=_stages(kd), init_carry=s0)(*ins)
+            plgpu.wait_smem_to_gmem(0)      # before the output buffers are released
+            return last
+
+        scratch = [plgpu.SMEM((c, vb), dt, transforms=tf16), plgpu.SMEM((kd, vb), F32)]
+        scratch += [plgpu.SMEM((kd, vb), dt, transforms=tf16)] * 2
+        scratch += [plgpu.SMEM((c, vb), dt, transforms=tf16)] * 2
+        s = pl.run_scoped(walk, *scratch)
+
+        def store_final(smem):
+            smem[...] = s
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(smem, fin_ref.at[i, :, cols])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(store_final, plgpu.SMEM((kd, vb), F32))
+
+    out_type = (jax.ShapeDtypeStruct((bh, n * c, vd), dt),
+                jax.ShapeDtypeStruct((bh, kd, vd), F32),
+                jax.ShapeDtypeStruct((bh, n * kd, vd), F32))
+    call = plgpu.kernel(kernel, out_type=out_type, grid=(bh, vd // vb), grid_names=("bh", "v"),
+                        interpret=interpret if interpret is not None else False)
+    return call(*args)
