@@ -85,11 +85,13 @@ def test_op_runs_mosaic_kernel_under_gpu_interpret_mode():
 
 
 def test_uncovered_calls_run_triton_under_gpu_interpret_mode():
-    """Scalar gates are not on the Mosaic kernel yet: the op still runs, through the Triton
-    kernel in the generic interpreter, and matches the reference."""
+    """Float32 inputs are not on the Mosaic kernel (its tf32 WGMMA takes only K-major
+    operands): the op still runs, through the Triton kernel in the generic interpreter, and
+    matches the reference."""
     shape = (1, 40, 1, 16, 16)
-    q, k, v, h0 = _inputs(shape, seed=5)
+    q, k, v, h0 = (x.astype(jnp.float32) for x in _inputs(shape, seed=5))
     g = jnp.log(jax.random.uniform(jax.random.PRNGKey(7), shape[:3], minval=0.8, maxval=1.0))
+    assert not cla_mgpu.supports(q, k, v, g[..., None], None)
     fn = lambda impl: jax.jit(lambda *a: chunked_linear_attention(
         *a[:3], log_gate=a[3], initial_state=a[4], implementation=impl))
     ref = kt.float64_run(fn("reference"), q, k, v, g, h0)
@@ -150,6 +152,125 @@ def test_dispatch_picks_triton_off_hopper_and_by_default():
     _cpu_host()
     assert _kernels("a100", 64, "mosaic") == ["triton"]
     assert _kernels("h100", 64, "triton") == ["triton"]
+
+
+# Gates and segment_ids on the Mosaic kernel: their arithmetic runs in XLA
+# (mosaic_gpu._gate_tiles), the kernel multiplies q k^T by a decay tile (scalar gates,
+# segments) or takes the vector-gated scores whole, and decays its state by a row vector.
+
+
+def _gate(shape, kind, seed):
+    """Log gates [B, T, H] (scalar) or [B, T, H, K] (vector), one of them past GATE_FLOOR."""
+    gshape = shape[:3] if kind == "scalar" else shape[:4]
+    g = jnp.log(jax.random.uniform(jax.random.PRNGKey(seed), gshape, minval=0.7, maxval=1.0))
+    return g.at[:, shape[1] // 2 - 3].set(-50.0)
+
+
+# Starts mid-chunk, on a chunk's first token (64) and two in one chunk; t = 0 is no start (the
+# initial state reaches the first segment).
+_STARTS = (20, 30, 64, 90)
+
+
+@pytest.mark.parametrize("shape,kind,segmented", [
+    ((1, 100, 1, 64, 80), "scalar", True), ((1, 70, 1, 128, 64), "vector", False),
+    ((1, 100, 1, 64, 64), "vector", True), ((1, 100, 1, 64, 64), None, True)],
+    ids=["scalar-segments-K64-V80", "vector-K128", "vector-segments", "segments"])
+def test_gated_forward_kernel_in_gpu_interpret_mode(shape, kind, segmented):
+    """The kernel with gates and/or segment starts: outputs, final state and every chunk's
+    start state against xla.py's float64 chunked form (T not a multiple of the chunk, V not
+    of the value block; K128 is the one-stage pipeline)."""
+    q, k, v, h0 = _inputs(shape, seed=11)
+    qs = q.astype(jnp.float32) * shape[3] ** -0.5
+    g = None if kind is None else _gate(shape, kind, 12)
+    g = g[..., None] if kind == "scalar" else g
+    runs = None
+    if segmented:
+        runs = jnp.zeros(shape[:2], jnp.int32).at[:, jnp.array(_STARTS)].set(1)
+    assert cla_mgpu.supports(qs, k, v, g, runs)
+    o, final, starts = jax.jit(lambda *a: cla_mgpu.forward(
+        *a, interpret=cla_mgpu.interpret_params()))(qs, k, v, g, h0, runs)
+    ref = kt.float64_run(cla_xla.forward_with_states, qs, k, v, g, h0, runs)
+    assert o.dtype == jnp.bfloat16
+    kt.assert_close(o, ref[0], BF16_TOL, "o")
+    kt.assert_close(final, ref[1], STATE_TOL, "final_state")
+    kt.assert_close(starts, ref[2], STATE_TOL, "chunk start states")
+
+
+@pytest.mark.parametrize("kind", ["scalar", "vector"])
+def test_gated_op_runs_mosaic_kernel_with_gradients(kind):
+    """The public op inside pallas_interpret("gpu") with a gate, segment_ids and an initial
+    state: the Mosaic GPU forward, and every gradient through the custom VJP (the Triton
+    backward in the generic interpreter reads the chunk states the kernel wrote), against
+    float64 autodiff of the reference. The loss reads the bf16 output, hence BF16_TOL."""
+    shape = (1, 40, 1, 16, 16)
+    q, k, v, h0 = _inputs(shape, seed=13)
+    g = _gate(shape, kind, 14)
+    seg = jnp.repeat(jnp.arange(2), 20)[None]
+
+    def loss(impl):
+        def f(q, k, v, g, h0):
+            o, s = chunked_linear_attention(q, k, v, log_gate=g, initial_state=h0,
+                                            segment_ids=seg, implementation=impl)
+            return jnp.sum(jnp.sin(o.astype(jnp.float32))) + jnp.sum(s ** 2), (o, s)
+        return jax.jit(jax.value_and_grad(f, argnums=tuple(range(5)), has_aux=True))
+
+    ref = kt.float64_run(loss("reference"), q, k, v, g, h0)
+    with _dispatch.pallas_interpret("gpu"):
+        jaxpr = str(jax.make_jaxpr(loss("pallas"))(q, k, v, g, h0))
+        (_, (o, s)), grads = loss("pallas")(q, k, v, g, h0)
+    assert "mpmd_map" in jaxpr or "core_map" in jaxpr, "no Mosaic GPU kernel in the program"
+    kt.assert_close(o, ref[0][1][0], BF16_TOL, "o")
+    kt.assert_close(s, ref[0][1][1], STATE_TOL, "final_state")
+    kt.assert_tree_close(grads, ref[1], BF16_TOL, "grads")
+
+
+def test_gated_calls_above_key_dim_128_run_triton():
+    """The gated tiles (q~, k~ in three pieces, the decay or score tile) do not fit SMEM at
+    key_dim 256 even with one stage: those calls take the Triton kernel."""
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    q, q128, v = spec(1, 64, 1, 256), spec(1, 64, 1, 128), spec(1, 64, 1, 64)
+    g = spec(1, 64, 1, 1)
+    runs = jax.ShapeDtypeStruct((1, 64), jnp.int32)
+    assert cla_mgpu.supports(q, q, v, None, None)
+    assert not cla_mgpu.supports(q, q, v, g, None)
+    assert not cla_mgpu.supports(q, q, v, None, runs)
+    assert cla_mgpu.supports(q128, q128, v, g, runs)
+
+
+def _gated_kernels(target, key_dim, kind, backend="mosaic"):
+    """The kernels of the compiled forward with a `kind` ("scalar" or "vector") gate and
+    segment_ids."""
+    if not _aot.available(target):
+        pytest.skip(f"no compiler plugin for {target}")
+    shape = (2, 512, 4, key_dim)
+    q = _aot.abstract(shape, jnp.bfloat16, target)
+    v = _aot.abstract(shape[:3] + (128,), jnp.bfloat16, target)
+    g = _aot.abstract(shape[:3] if kind == "scalar" else shape, jnp.float32, target)
+    seg = _aot.abstract(shape[:2], jnp.int32, target)
+
+    def fwd(q, k, v, g, seg):
+        return chunked_linear_attention(q, k, v, log_gate=g, segment_ids=seg,
+                                        implementation="pallas")
+
+    with _dispatch.gpu_backend(backend):
+        compiled, _ = _aot.compile(fwd, q, q, v, g, seg)
+    return [k["kind"] for k in _aot.report(compiled)["kernels"]]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("target,key_dim", [("h100", 64), ("h100", 128), ("h200", 128)])
+@pytest.mark.parametrize("kind", ["scalar", "vector"])
+def test_gated_forward_compiles_for_hopper(target, key_dim, kind):
+    """Gates with segment_ids, lowered by Mosaic GPU and compiled by ptxas for sm_90a (two
+    stages at key_dim 64, one at 128: the SMEM limit)."""
+    _cpu_host()
+    assert _gated_kernels(target, key_dim, kind) == ["mosaic_gpu"]
+
+
+@pytest.mark.compile
+def test_gated_dispatch_picks_triton_off_hopper():
+    _cpu_host()
+    assert _gated_kernels("a100", 64, "scalar") == ["triton"]
 
 
 
@@ -363,3 +484,138 @@ def test_selective_scan_dispatch_picks_triton_off_hopper_and_by_default():
     _cpu_host()
     assert _s6_kernels("a100", 1, "mosaic") == ["triton"]
     assert _s6_kernels("h100", 1, "triton") == ["triton"]
+
+
+# ---------------------------------------------------------------------------------------------
+# delta_rule: the chunk's triangular work in XLA, the state recurrence in the kernel.
+
+from pallas_kernels import delta_rule  # noqa: E402
+from pallas_kernels._chunks import segment_starts  # noqa: E402
+from pallas_kernels.delta_rule import mosaic_gpu as delta_mgpu  # noqa: E402
+from pallas_kernels.delta_rule import xla as delta_xla  # noqa: E402
+
+# The state goes through W S and Kd^T u every chunk, each operand a 16-bit head + remainder
+# (~16 bits of mantissa, the remainder x remainder term dropped): ~2^-17 relative per product.
+DELTA_STATE_TOL = 2e-5
+
+
+def _delta_inputs(shape, dtype, seed=0):
+    batch, length, heads, kdim, vdim = shape
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = jax.random.normal(ks[0], (batch, length, heads, kdim)).astype(dtype)
+    k = jax.random.normal(ks[1], (batch, length, heads, kdim))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)   # as the modules do
+    v = jax.random.normal(ks[2], (batch, length, heads, vdim)).astype(dtype)
+    beta = jax.random.uniform(ks[3], (batch, length, heads), minval=0.0, maxval=2.0)
+    g = jnp.log(jax.random.uniform(ks[4], (batch, length, heads), minval=0.8, maxval=1.0))
+    h0 = jax.random.normal(ks[5], (batch, heads, kdim, vdim))
+    return q, k, v, beta, g, h0
+
+
+@pytest.mark.parametrize("shape,dtype,gated,segmented", [
+    ((1, 100, 1, 64, 80), jnp.bfloat16, False, False),
+    ((1, 70, 1, 128, 64), jnp.float16, True, True)], ids=["T100-K64-V80-bf16", "T70-K128-f16-gated-segments"])
+def test_delta_rule_kernel_in_gpu_interpret_mode(shape, dtype, gated, segmented):
+    """The kernel itself: outputs, final state and every chunk's start state (what the XLA /
+    Triton backward reads) against xla.py's chunked form in float64. T is not a multiple of
+    the chunk, V=80 not of the value block; the second case has a reset inside a chunk."""
+    q, k, v, beta, g, h0 = _delta_inputs(shape, dtype)
+    if not gated:
+        g = jnp.zeros_like(g)
+    seg = jnp.repeat(jnp.arange(3), 40)[None, :shape[1]]
+    reset = (segment_starts(seg) if segmented else jnp.zeros(seg.shape, bool)).astype(jnp.float32)
+    static = dict(scale=shape[3] ** -0.5, gated=gated, segmented=segmented)
+    assert delta_mgpu.supports(q, k, v, h0, 64)
+    got = jax.jit(lambda *a: delta_mgpu.forward(
+        *a, chunk_size=64, interpret=delta_mgpu.interpret_params(), **static))(
+        q, k, v, beta, g, h0, reset)
+    ref = kt.float64_run(lambda *a: delta_xla.chunk_forward(*a, chunk=64, **static),
+                         q, k, v, beta, g, h0, reset)
+    assert got[0].dtype == dtype and got[2].shape == ref[2].shape
+    kt.assert_close(got[0], ref[0], BF16_TOL, "o")
+    kt.assert_close(got[1], ref[1], DELTA_STATE_TOL, "final_state")
+    kt.assert_close(got[2], ref[2], DELTA_STATE_TOL, "chunk start states")
+
+
+def test_delta_rule_op_runs_mosaic_kernel_with_gradients():
+    """The public op inside pallas_interpret("gpu") with a gate, segment_ids, an initial state
+    and chunk_size=16 (chunks padded to the kernel's 64 rows), two batch rows with different
+    segments and two heads (one program each): the Mosaic GPU forward, and every
+    gradient through the custom VJP's Triton backward (generic interpreter), which reads the
+    chunk states the kernel wrote, against float64 autodiff of the reference."""
+    q, k, v, beta, g, h0 = _delta_inputs((2, 40, 2, 16, 16), jnp.bfloat16, seed=1)
+    seg = jnp.stack([jnp.repeat(jnp.arange(2), 20), jnp.repeat(jnp.arange(4), 10)])
+
+    def loss(impl):
+        def f(q, k, v, beta, g, h0):
+            o, s = delta_rule(q, k, v, beta, log_gate=g, initial_state=h0, segment_ids=seg,
+                              chunk_size=16, implementation=impl)
+            return jnp.sum(jnp.sin(o.astype(jnp.float32))) + jnp.sum(s ** 2), (o, s)
+        return jax.jit(jax.value_and_grad(f, argnums=tuple(range(6)), has_aux=True))
+
+    ref = kt.float64_run(loss("reference"), q, k, v, beta, g, h0)
+    with _dispatch.pallas_interpret("gpu"):
+        jaxpr = str(jax.make_jaxpr(loss("pallas"))(q, k, v, beta, g, h0))
+        (_, (o, s)), grads = loss("pallas")(q, k, v, beta, g, h0)
+    assert "mpmd_map" in jaxpr or "core_map" in jaxpr, "no Mosaic GPU kernel in the program"
+    kt.assert_close(o, ref[0][1][0], BF16_TOL, "o")
+    kt.assert_close(s, ref[0][1][1], DELTA_STATE_TOL, "final_state")
+    kt.assert_tree_close(grads, ref[1], BF16_TOL, "grads")
+
+
+def test_delta_rule_uncovered_calls():
+    """float32 inputs, mixed dtypes, key dims above 128 and chunks over 64 rows are outside the
+    kernel (the op runs Triton / XLA); a direct call says so."""
+    q, k, v, _, _, h0 = _delta_inputs((1, 8, 1, 16, 16), jnp.bfloat16)
+    assert delta_mgpu.supports(q, k, v, h0, 64)
+    assert not delta_mgpu.supports(q.astype(jnp.float32), k.astype(jnp.float32),
+                                   v.astype(jnp.float32), h0, 64)
+    assert not delta_mgpu.supports(q, k, v.astype(jnp.float16), h0, 64)
+    wide = jnp.zeros((1, 8, 1, 256), jnp.bfloat16)
+    assert not delta_mgpu.supports(wide, wide, v, jnp.zeros((1, 1, 256, 16)), 64)
+    long = jnp.zeros((1, 256, 1, 16), jnp.bfloat16)
+    assert not delta_mgpu.supports(long, long, long, h0, 128)
+    with pytest.raises(ValueError, match="Mosaic GPU kernel"):
+        delta_mgpu.forward(q, k, v.astype(jnp.float16), None, None, h0, None, scale=1.0,
+                           chunk_size=64, gated=False, segmented=False)
+
+
+def _delta_kernels(target, key_dim, gated, backend, compile_=True):
+    """The kinds of the Pallas kernels in delta_rule's forward for `target`: compiled (ptxas
+    for sm_90a, shared memory checked) or only lowered (the dispatch choice)."""
+    if not _aot.available(target):
+        pytest.skip(f"no compiler plugin for {target}")
+    shape = (2, 512, 4, key_dim)
+    q = _aot.abstract(shape, jnp.bfloat16, target)
+    v = _aot.abstract(shape[:3] + (128,), jnp.bfloat16, target)
+    b = _aot.abstract(shape[:3], jnp.float32, target)
+
+    def fwd(q, k, v, beta, g):
+        return delta_rule(q, k, v, beta, log_gate=g if gated else None, implementation="pallas")
+
+    with _dispatch.gpu_backend(backend):
+        if compile_:
+            compiled, _ = _aot.compile(fwd, q, q, v, b, b)
+            return [k["kind"] for k in _aot.report(compiled)["kernels"]]
+        with _aot.lowering(_aot.devices(target)):
+            text = jax.jit(fwd).lower(q, q, v, b, b).as_text()
+    return sorted({kind for name, kind in (("mosaic_gpu", "mosaic_gpu"),
+                                           ("__gpu$xla.gpu.triton", "triton")) if name in text})
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("target,key_dim,gated", [
+    ("h100", 64, False), ("h100", 128, True), ("h200", 128, True)])
+def test_delta_rule_forward_compiles_for_hopper(target, key_dim, gated):
+    """Lowered by Mosaic GPU and compiled by ptxas for sm_90a (shared memory checked against
+    the 227 KiB a block may use): two pipeline stages at key dim 64, one at 128."""
+    _cpu_host()
+    assert _delta_kernels(target, key_dim, gated, "mosaic") == ["mosaic_gpu"]
+
+
+@pytest.mark.compile
+def test_delta_rule_dispatch_picks_triton_off_hopper_and_by_default():
+    _cpu_host()
+    assert _delta_kernels("a100", 64, True, "mosaic", compile_=False) == ["triton"]
+    assert _delta_kernels("h100", 64, True, "triton", compile_=False) == ["triton"]
+    assert _delta_kernels("h100", 64, True, "mosaic", compile_=False) == ["mosaic_gpu"]
