@@ -11,6 +11,17 @@ sight. Sized for a few minutes on 2 shared CPU cores:
   niah_titans_mal         2 x Titans MAL: the neural memory as a layer before the window attention
 1500 steps: with 600 (a shorter cosine) neither the window attention nor MAG-linear left chance.
 Numbers and commands: benchmarks/RESULTS.md (section "Titans / Miras").
+
+The reading list's later memories on the same task (presets in configs/__init__.py):
+  niah_hcam               2 x HCAM, chunks of 8, top 4 chunks, no window (it reads every
+                          completed chunk through its summary), short conv 4 over q/k/v
+  niah_ttm                2 x Token Turing Machine, 16 memory tokens, 4 read, segments of 16,
+                          short conv 4 over its inputs
+  niah_swa_conv           niah_swa with the same short conv 4 over q/k/v (the fair baseline)
+Both memories read sets of tokens (summaries, means, softmax-weighted sums) and see no order
+without the conv; with it a token carries its predecessors, the "value after NEEDLE, key"
+binding. The conv stretches the window model's reach by 3 tokens a layer: values at >= 91
+(needles starting at >= 89, 35 of 124), a bound of 0.28 + 0.72/30 = 0.31 for niah_swa_conv.
 """
 from configs.base import DataConfig, LoggingConfig, ModelConfig, OptimConfig, TrainConfig
 

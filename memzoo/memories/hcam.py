@@ -24,6 +24,13 @@ every past token in a buffer of `max_len` slots (position p in slot p, chunks on
 L), and the index; the completed chunks' summaries are recomputed from it at each call (its
 partial chunk is the last, unfinished row of the grid). The cache, like full attention's, grows
 with the sequence: `init_cache(b, max_len=n)`.
+
+`conv_size=W >= 2` adds the short causal depthwise convolution over the q, k, v projections of
+memzoo.attention (residual, initialised to 0, per document; the cache carries its last W-1
+inputs): a token's key and value then hold its predecessors', the previous-token step of
+recall. Without it (or positions) nothing in the layer knows token order inside a chunk: the
+local read, the summaries and the detailed reads are all sums over sets of tokens, so a
+key -> value binding (NIAH, associative recall) has to come from elsewhere in the model.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import pallas_kernels
 from memzoo import layers
 from memzoo.attention import KVCache, check_segment_ids, segment_positions, segment_starts
 from memzoo.linear_attention.common import check_positive_int, normal_init
@@ -88,7 +96,8 @@ class HCAM(nnx.Module):
     """Hierarchical chunk attention: [b, t, d] -> [b, t, d].
 
     Options: num_heads, head_dim (default d_model / num_heads), chunk_len (L >= 1), top_k
-    (chunks read in detail, >= 1), max_len (default cache length).
+    (chunks read in detail, >= 1), max_len (default cache length), conv_size (0: none, or
+    W >= 2: the short convolution over q, k, v).
 
     >>> hcam = HCAM(8, num_heads=2, chunk_len=2, rngs=nnx.Rngs(0))
     >>> hcam(jnp.ones((1, 5, 8))).shape
@@ -97,7 +106,7 @@ class HCAM(nnx.Module):
 
     def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None,
                  chunk_len: int = 16, top_k: int = 2, max_len: int = DEFAULT_MAX_LEN,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 conv_size: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
         check_positive_int("HCAM", "d_model", d_model)
         check_positive_int("HCAM", "num_heads", num_heads)
         if head_dim is None:
@@ -109,6 +118,9 @@ class HCAM(nnx.Module):
         check_positive_int("HCAM", "chunk_len", chunk_len)
         check_positive_int("HCAM", "top_k", top_k)
         check_positive_int("HCAM", "max_len", max_len)
+        if not isinstance(conv_size, int) or conv_size < 0 or conv_size == 1:
+            raise ValueError(f"HCAM: `conv_size` must be 0 (none) or an int >= 2, got "
+                             f"{conv_size!r}")
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
         self.chunk_len, self.top_k, self.max_len, self.dtype = chunk_len, top_k, max_len, dtype
         H, K = num_heads, head_dim
@@ -116,11 +128,24 @@ class HCAM(nnx.Module):
         self.wk = normal_init(rngs, (d_model, H, K), d_model, ("embed", "heads", "kv"))
         self.wv = normal_init(rngs, (d_model, H, K), d_model, ("embed", "heads", "kv"))
         self.wo = normal_init(rngs, (H, K, d_model), H * K, ("heads", "kv", "embed"))
+        self.conv_size = conv_size
+        self.conv_weight = None if not conv_size else layers.param(
+            jnp.zeros((conv_size, 3 * H * K), jnp.float32), (None, None))
 
-    def _project(self, x):
+    def _project(self, x, conv_state=None, segment_ids=None):
+        """(q, k, v, new conv state or None), the convolution continuing from `conv_state`."""
         x = x.astype(self.dtype)
-        return tuple(jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))
-                     for w in (self.wq, self.wk, self.wv))
+        q, k, v = (jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))
+                   for w in (self.wq, self.wk, self.wv))
+        if self.conv_weight is None:
+            return q, k, v, None
+        flat = jnp.concatenate([p.reshape(p.shape[:2] + (-1,)) for p in (q, k, v)], -1)
+        mixed, conv_state = pallas_kernels.causal_conv1d(
+            flat, self.conv_weight[...].astype(self.dtype), initial_state=conv_state,
+            segment_ids=segment_ids)
+        heads = q.shape
+        q, k, v = (p.reshape(heads) for p in jnp.split(flat + mixed.astype(self.dtype), 3, -1))
+        return q, k, v, conv_state
 
     def _out(self, o):
         return jnp.einsum("bthk,hkd->btd", o.astype(self.dtype), self.wo[...].astype(self.dtype))
@@ -130,8 +155,11 @@ class HCAM(nnx.Module):
         n = max_len or self.max_len
         slots = math.ceil(n / self.chunk_len) * self.chunk_len
         shape = (batch_size, slots, self.num_heads, self.head_dim)
+        conv = None if self.conv_weight is None else jnp.zeros(
+            (batch_size, self.conv_size - 1, self.conv_weight.shape[1]),
+            jnp.promote_types(self.dtype, jnp.float32))
         return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype),
-                       jnp.zeros((), jnp.int32))
+                       jnp.zeros((), jnp.int32), conv)
 
     def step(self, x_t, cache: KVCache):
         layers.check_input("HCAM.step", "x_t", x_t, ndim=2, width=self.d_model,
@@ -161,7 +189,7 @@ class HCAM(nnx.Module):
             N = T   # each document starts a chunk: at most one per token
         chunk = jnp.cumsum(pos % L == 0, axis=1, dtype=jnp.int32) - 1   # token 0 starts one
         offset = pos % L
-        q, k, v = self._project(x)
+        q, k, v, _ = self._project(x, segment_ids=segment_ids)
         rows = jnp.arange(b)[:, None]
         grid = lambda a: jnp.zeros((b, N, L) + a.shape[2:], a.dtype).at[rows, chunk, offset].set(a)
         filled = jnp.zeros((b, N, L), bool).at[rows, chunk, offset].set(True)
@@ -176,7 +204,10 @@ class HCAM(nnx.Module):
         L, slots, index = self.chunk_len, cache.k.shape[1], cache.index
         if T > slots:
             raise ValueError(f"HCAM: {T} tokens do not fit a cache of max_len={slots}")
-        q, k, v = self._project(x)
+        if (cache.conv is None) != (self.conv_weight is None):
+            raise ValueError("HCAM: the cache's conv state does not match conv_size="
+                             f"{self.conv_size}; make it with this layer's init_cache")
+        q, k, v, conv = self._project(x, cache.conv)
         keys = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, index, 0, 0))
         values = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, index, 0, 0))
         N = slots // L
@@ -188,4 +219,4 @@ class HCAM(nnx.Module):
                       jnp.zeros((b, N), jnp.int32), self.top_k)
         # dynamic_update_slice clamps an overflowing write onto the last slots: poison instead.
         y = jnp.where(index + T <= slots, self._out(o), jnp.nan)
-        return y, KVCache(keys, values, index + T)
+        return y, KVCache(keys, values, index + T, conv)

@@ -2,7 +2,8 @@
 the paper's two-level read written out per token in float64 numpy from its own parameters
 (completed chunks only, top-k by summary, relevance-weighted detail, local attention in the
 current chunk), per document when packed; a token reads its chunk's future never; a top_k
-covering every chunk reads all of them; bad options name the option."""
+covering every chunk reads all of them; the short conv (conv_size) against its definition and
+through decoding; bad options name the option."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +40,12 @@ def naive(mixer, x, lengths=None):
         for n in row:
             q, k, v = (np.einsum("td,dhk->thk", x[r, start:start + n], p[w])
                        for w in ("wq", "wk", "wv"))
+            if mixer.conv_weight is not None:   # residual short conv, within the document
+                cw = np.asarray(mixer.conv_weight[...], np.float64).reshape(
+                    mixer.conv_size, 3, mixer.num_heads, K)
+                q, k, v = (a + sum(cw[-1 - i, j] * np.pad(a, ((i, 0), (0, 0), (0, 0)))[:n]
+                                   for i in range(mixer.conv_size))
+                           for j, a in enumerate((q, k, v)))
             for t in range(n):
                 o = np.zeros((mixer.num_heads, K))
                 c0 = (t // L) * L
@@ -72,6 +79,31 @@ def test_packed_documents_chunk_from_their_own_start():
     assert_close(y, naive(mixer, x, lengths), 1e-5, "hcam packed vs naive")
 
 
+def with_random_conv(mixer):
+    # The conv starts at 0 (plain HCAM): random weights make the test see it.
+    mixer.conv_weight[...] = 0.5 * jax.random.normal(jax.random.key(7), mixer.conv_weight.shape)
+    return mixer
+
+
+def test_short_conv_equals_its_definition_float64():
+    mixer, x = with_random_conv(build(conv_size=3)), inputs(4)
+    assert_close(forward(mixer, x), naive(mixer, x), 1e-5, "hcam conv vs naive")
+    lengths = [[5, 12], [10, 2, 5]]
+    y = forward_packed(mixer, x, segment_ids_of(lengths))
+    assert_close(y, naive(mixer, x, lengths), 1e-5, "hcam conv packed vs naive")
+
+
+def test_short_conv_decodes_as_the_parallel_form():
+    mixer, x = with_random_conv(build(conv_size=3)), inputs(5)
+    cache = mixer.init_cache(BATCH, max_len=T)
+    y_pre, cache = mixer(x[:, :7], cache)
+    ys = [y_pre]
+    for t in range(7, T):
+        y_t, cache = mixer.step(x[:, t], cache)
+        ys.append(y_t[:, None])
+    assert_close(jnp.concatenate(ys, 1), mixer(x), 1e-5, "hcam conv prefill + steps vs parallel")
+
+
 def test_top_k_beyond_the_chunk_count_reads_every_chunk():
     # top_k = 100 > chunks: the gather takes what exists and the rest weighs nothing.
     mixer, x = build(top_k=100), inputs(3)
@@ -91,6 +123,8 @@ def test_cache_overflow_is_nan_not_a_silent_overwrite():
 def test_bad_options_name_the_option(option):
     with pytest.raises(ValueError, match=option):
         memzoo.MIXERS["hcam"](D, rngs=nnx.Rngs(0), **{option: 0})
+    with pytest.raises(ValueError, match="conv_size"):
+        memzoo.MIXERS["hcam"](D, rngs=nnx.Rngs(0), conv_size=1)
 
 
 def test_relevance_weights_survive_very_negative_chunk_scores():
