@@ -1,4 +1,5 @@
-"""The Hopper (sm_90a) forward kernel of `chunked_linear_attention` in Pallas on Mosaic GPU.
+"""The Hopper (sm_90a) kernels of `chunked_linear_attention` in Pallas on Mosaic GPU: the
+forward, and the backward's reverse chunk scan (`state_cotangents`, the end of this file).
 
 One program (one warpgroup, 128 threads) per (batch * head, block of 64 value columns) walks
 the chunks (64 tokens, WGMMA's M) in order. `plgpu.emit_pipeline` streams each chunk's input
@@ -49,8 +50,8 @@ the predicated output copies of emit_pipeline (so the outputs are copied out by 
 
 Not here (the op runs the Triton kernel for them): gated or segmented calls above key_dim 128
 (their tiles do not fit SMEM even with one stage), any call above 256, chunks longer than 64,
-float32 inputs, and the backward (the custom VJP's backward reads the chunk start states this
-kernel writes, in xla.py's layout, and runs the Triton backward unchanged).
+float32 inputs. The backward covers the same calls (with the output's cotangent in the inputs'
+dtype): its kernel walks dS back through the chunks, xla.py's per-chunk VJP does the rest.
 
 An earlier version computed the decays inside the kernel (row/column broadcasts of b, iota
 masks and exp on the scores); Mosaic GPU's layout inference did not finish on it in 10+
@@ -141,7 +142,7 @@ def _square_tiles(x, geo):
 
 
 @_xla._broadcasting
-def _gate_tiles(q, k, g, runs, geo, chunk, sub, padded, mode, dt):
+def _gate_tiles(q, k, g, runs, geo, chunk, sub, padded, mode, dt, query_pieces=1):
     """The gate and segment arithmetic, in XLA (xla.py's chunked form), as the kernel's tiles:
 
         q~_i = q_i exp(b_i)       k~_j = k_j exp(b_C - b_j)       gamma = exp(b_C)
@@ -151,7 +152,7 @@ def _gate_tiles(q, k, g, runs, geo, chunk, sub, padded, mode, dt):
     with q~ zero for tokens after a segment start in the chunk (the carried state does not
     reach them), k~ zero for tokens before the chunk's last start, gamma zero past a start.
     All exponents are <= 0. Returns the extra kernel inputs after q, k, v: [q~, k~ pieces...,
-    D or A, gamma [B*H, N*Kd]]."""
+    D or A, gamma [B*H, N*Kd]], q~ as `query_pieces` 16-bit pieces."""
     chunked = lambda x: _xla.to_chunks(x, chunk, padded)      # [B, H, N, C, D]
     qc, kc = chunked(q), chunked(k).astype(F32)
     batch, heads, n = qc.shape[:3]
@@ -183,7 +184,7 @@ def _gate_tiles(q, k, g, runs, geo, chunk, sub, padded, mode, dt):
     pieces = KEY_PIECES if g is not None else 1
     gamma = jnp.broadcast_to(gamma, (batch, heads, n, q.shape[-1]))
     gamma = jnp.pad(gamma, [(0, 0)] * 3 + [(0, geo.kd - q.shape[-1])])
-    tiles = [_pallas._to_tiles(qd, geo, geo.kd).astype(dt)]
+    tiles = _split(_pallas._to_tiles(qd, geo, geo.kd), dt, query_pieces)
     tiles += _split(_pallas._to_tiles(kd, geo, geo.kd), dt, pieces)
     tiles += [_square_tiles(scores, geo), gamma.reshape(batch * heads, n * geo.kd)]
     return tiles
@@ -357,6 +358,155 @@ def _call(args, geo, mode, pieces, dt, interpret, plgpu):
     out_type = (jax.ShapeDtypeStruct((bh, n * c, vd), dt),
                 jax.ShapeDtypeStruct((bh, kd, vd), F32),
                 jax.ShapeDtypeStruct((bh, n * kd, vd), F32))
+    call = plgpu.kernel(kernel, out_type=out_type, grid=(bh, vd // vb), grid_names=("bh", "v"),
+                        interpret=interpret if interpret is not None else False)
+    return call(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward: the reverse chunk scan of the state cotangent,
+#
+#     dS_start = gamma * dS_end + q~^T do          [Kd, 64] float32 in registers,
+#
+# walked from the last chunk with dS = d final_state, writing every chunk's dS_end (and
+# d initial_state at the end) in xla.py's layout; everything else (the intra-chunk VJP, the
+# inter-chunk terms do S_start^T, v dS_end^T, k~ dS_end, and the gate gradients) is xla.py's
+# per-chunk VJP, batched over chunks, from those dS_end and the forward's chunk start states.
+
+
+def supports_backward(q, k, v, g, runs, do, chunk_size=None) -> bool:
+    """The calls whose forward ran this module's kernel (`supports`), with the output's
+    cotangent in the inputs' 16-bit dtype (it meets the tensor cores unsplit)."""
+    return supports(q, k, v, g, runs, chunk_size) and do.dtype == k.dtype
+
+
+def _backward_stages(kd):
+    """Chunks in flight: q~ in 3 pieces [64, Kd] + do [64, 64] per stage, plus the [Kd, 64]
+    float32 output buffer, within 227 KiB (Kd 256: 104 KiB a stage + 64 KiB)."""
+    return 2 if kd <= 128 else 1
+
+
+def backward(q, k, v, g, h0, runs, starts, do, dfinal, *, chunk_size=None, interpret=None):
+    """`pallas.backward` (target "cuda") with the reverse chunk scan on Mosaic GPU: (dq, dk,
+    dv, dg, dh0), as `xla.backward`. Calls outside `supports_backward` run the Triton
+    kernel."""
+    if not supports_backward(q, k, v, g, runs, do, chunk_size):
+        return _pallas.backward(q, k, v, g, h0, runs, starts, do, dfinal,
+                                chunk_size=chunk_size, target="cuda",
+                                interpret=_dispatch.triton_interpret(interpret))
+    _pallas._check_dtype(h0)
+    ends = state_cotangents(q, k, g, runs, do, dfinal, chunk_size=chunk_size,
+                            interpret=interpret)
+    return _xla.backward(q, k, v, g, h0, runs, starts, do, dfinal, chunk_size=chunk_size,
+                         ends=ends)
+
+
+def state_cotangents(q, k, g, runs, do, dfinal, *, chunk_size=None, interpret=None):
+    """`xla.state_cotangents` on Mosaic GPU (a call `supports_backward` covers; k gives the
+    16-bit dtype): (dS at every chunk's end [B,H,N,K,V], d initial_state [B,H,K,V])."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    batch, length, heads, key_dim = q.shape
+    value_dim = do.shape[-1]
+    mode = _mode(g, runs)
+    chunk, sub, padded = _xla.chunk_geometry(length, chunk_size, mode == "vector")
+    n = padded // chunk
+    kd = _round_up(key_dim, 64)
+    vd = _round_up(value_dim, BLOCK_V)
+    geo = _pallas._Geometry(chunk=chunk, cp=ROWS, n=n, kd=kd, kg=1, block_v=BLOCK_V, vd=vd)
+    dt = k.dtype
+    chunked = lambda x: _xla.to_chunks(x, chunk, padded)
+    # q~ (q itself without gate or segments) is float32 (the scale is folded in): 3 pieces,
+    # so the state cotangents keep float32 accuracy. Of _gate_tiles' tiles only q~ and gamma
+    # are read; XLA drops the rest (k~, D or A) under jit.
+    if mode == "plain":
+        args = _split(_pallas._to_tiles(chunked(q).astype(F32), geo, kd), dt, KEY_PIECES)
+    else:
+        extra = _gate_tiles(q, k, g, runs, geo, chunk, sub, padded, mode, dt,
+                            query_pieces=KEY_PIECES)
+        args = extra[:KEY_PIECES]
+    args.append(_pallas._to_tiles(chunked(do), geo, vd))
+    if mode != "plain":
+        args.append(extra[-1])
+    args.append(_pallas._state_in(dfinal.astype(F32), geo))
+    ends, dh0 = _reverse_call(args, geo, mode, interpret, plgpu)
+    bh = batch * heads
+    ends = ends.reshape(bh, n, kd, vd)[:, :, :key_dim, :value_dim]
+    ends = ends.reshape(batch, heads, n, key_dim, value_dim)
+    dh0 = dh0[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
+    return ends, dh0
+
+
+def _reverse_call(args, geo, mode, interpret, plgpu):
+    bh, kd, vd, n = args[0].shape[0], geo.kd, geo.vd, geo.n
+    c, vb = ROWS, BLOCK_V
+    tf16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    n_in = len(args)
+    wgmma_layout = plgpu.Layout.WGMMA
+
+    def kernel(*refs):
+        in_refs, (dfin_ref, ends_ref, dh0_ref) = refs[:n_in - 1], refs[n_in - 1:n_in + 2]
+        i, j = jax.lax.axis_index("bh"), jax.lax.axis_index("v")
+        cols = pl.ds(j * vb, vb)
+
+        def load_state(smem, bar):
+            plgpu.copy_gmem_to_smem(dfin_ref.at[i, :, cols], smem, bar.at[0])
+            plgpu.barrier_wait(bar.at[0])
+            return plgpu.load(smem, layout=wgmma_layout)
+
+        ds0 = pl.run_scoped(load_state, plgpu.SMEM((kd, vb), F32), plgpu.Barrier(num_barriers=1))
+
+        def chunk_body(end_s, idx, *tiles):
+            *tiles, ds = tiles
+            if mode == "plain":
+                *query, do_s = tiles
+            else:
+                *query, do_s, gam_s = tiles
+            t = n - 1 - idx[0]
+            # One output buffer, rewritten once the previous chunk's copy has read it.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            end_s[...] = ds
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(end_s, ends_ref.at[i, pl.ds(t * kd, kd), cols])
+            if mode != "plain":
+                gamma = plgpu.load(gam_s, layout=wgmma_layout.reduce(1))
+                ds = ds * jax.lax.broadcast_in_dim(gamma, (kd, vb), [0])
+
+            def local(acc):
+                for piece in query:
+                    plgpu.wgmma(acc, piece.T, do_s)
+                return acc[...]
+
+            return ds + pl.run_scoped(local, plgpu.ACC((kd, vb), F32))
+
+        rev = lambda t: (n - 1 - t, 0)
+        in_specs = [plgpu.BlockSpec((c, kd), rev, transforms=tf16)] * KEY_PIECES
+        in_specs.append(plgpu.BlockSpec((c, vb), rev, transforms=tf16))
+        refs_in = [r.at[i] for r in in_refs[:KEY_PIECES]]
+        refs_in.append(in_refs[KEY_PIECES].at[i, :, cols])
+        if mode != "plain":
+            in_specs.append(plgpu.BlockSpec((kd,), lambda t: (n - 1 - t,)))
+            refs_in.append(in_refs[KEY_PIECES + 1].at[i])
+
+        def walk(end_s):
+            last = plgpu.emit_pipeline(
+                functools.partial(chunk_body, end_s), grid=(n,), in_specs=in_specs,
+                max_concurrent_steps=_backward_stages(kd), init_carry=ds0)(*refs_in)
+            plgpu.wait_smem_to_gmem(0)
+            return last
+
+        ds = pl.run_scoped(walk, plgpu.SMEM((kd, vb), F32))
+
+        def store_dh0(smem):
+            smem[...] = ds
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(smem, dh0_ref.at[i, :, cols])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(store_dh0, plgpu.SMEM((kd, vb), F32))
+
+    out_type = (jax.ShapeDtypeStruct((bh, n * kd, vd), F32),
+                jax.ShapeDtypeStruct((bh, kd, vd), F32))
     call = plgpu.kernel(kernel, out_type=out_type, grid=(bh, vd // vb), grid_names=("bh", "v"),
                         interpret=interpret if interpret is not None else False)
     return call(*args)

@@ -306,7 +306,12 @@ def backward(q, k, v, g, h0, reset, starts, do, dfinal, *, chunk_size=None, targ
              interpret=None, block_sizes: BlockSizes | None = None):
     """`xla.backward` in Pallas: (dq, dk, dv, dg, dh0) from the inputs and the chunk states."""
     _check_dtype(h0)
-    interpret = triton_interpret(interpret)    # no Mosaic GPU backward yet
+    if target == "cuda" and use_mosaic_gpu(interpret):
+        from pallas_kernels.chunked_linear_attention import mosaic_gpu   # imports this module
+        if mosaic_gpu.supports_backward(q, k, v, g, reset, do, chunk_size):
+            return mosaic_gpu.backward(q, k, v, g, h0, reset, starts, do, dfinal,
+                                       chunk_size=chunk_size, interpret=interpret)
+    interpret = triton_interpret(interpret)
     vector = g is not None and g.shape[-1] > 1
     if target == "cuda" and (q.shape[-1] > GPU_MAX_KEY_DIM or (
             vector and q.shape[-1] > GPU_PRE_HOPPER_VECTOR_BACKWARD_MAX_KEY_DIM

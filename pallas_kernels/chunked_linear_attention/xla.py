@@ -275,14 +275,47 @@ def forward_with_states(q, k, v, g, h0, reset, *, chunk_size=None):
 
 
 @_broadcasting
-def backward(q, k, v, g, h0, reset, starts, do, dfinal, *, chunk_size=None):
-    """Cotangents (dq, dk, dv, dg, dh0) of `forward`, given its per-chunk start states."""
+def backward(q, k, v, g, h0, reset, starts, do, dfinal, *, chunk_size=None, ends=None):
+    """Cotangents (dq, dk, dv, dg, dh0) of `forward`, given its per-chunk start states.
+    `ends`: (the state cotangent at every chunk's end [B,H,N,K,V], dh0) from another walk of
+    the reverse chunk scan (the Mosaic GPU kernel); None runs the scan here."""
     length = q.shape[1]
     acc = q.dtype
     qc, kc, vc, gc, masks, sub = _prepare(q, k, v, g, reset, chunk_size)
     chunk, _, _ = chunk_geometry(length, chunk_size, g is not None and g.shape[-1] > 1)
     doc = to_chunks(do.astype(acc), chunk, chunk_major=True)
     starts = _states_in(starts)
+    if ends is None:
+        d_ends, dh0 = _reverse_scan_from(qc, gc, masks, doc, dfinal.astype(acc))
+    else:
+        d_ends, dh0 = _states_in(ends[0]).astype(acc), ends[1].astype(acc)
+
+    def chunk_fn(q, k, v, g):
+        return chunk_local(q, k, v, g, starts, masks, sub)
+
+    primals = (qc, kc, vc.astype(acc)) + ((gc,) if gc is not None else ())
+    _, vjp = jax.vjp(lambda *p: chunk_fn(*p[:3], p[3] if len(p) > 3 else None), *primals)
+    grads = vjp((doc, d_ends))
+    dq, dk, dv = (from_chunks(x, length, chunk_major=True) for x in grads[:3])
+    dg = from_chunks(grads[3], length, chunk_major=True) if gc is not None else None
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), dg, dh0
+
+
+@_broadcasting
+def state_cotangents(q, g, reset, do, dfinal, *, chunk_size=None):
+    """The reverse chunk scan alone (what mosaic_gpu.py's backward kernel walks): the state
+    cotangent at every chunk's end [B,H,N,K,V] and d initial_state."""
+    acc = q.dtype
+    chunk, _, _ = chunk_geometry(q.shape[1], chunk_size, g is not None and g.shape[-1] > 1)
+    qc, gc, doc = (to_chunks(x, chunk, chunk_major=True) for x in (q, g, do.astype(acc)))
+    gc = None if gc is None else gc.astype(acc)
+    d_ends, dh0 = _reverse_scan_from(qc, gc, segment_masks(reset, chunk), doc,
+                                     dfinal.astype(acc))
+    return _states_out(d_ends), dh0
+
+
+def _reverse_scan_from(qc, gc, masks, doc, dfinal):
+    """The reverse chunk scan from the chunked inputs: (dS_end per chunk, dh0)."""
     keep = None if masks is None else masks["keep"]
     if gc is None:
         qd, decay = qc, None
@@ -296,17 +329,7 @@ def backward(q, k, v, g, h0, reset, starts, do, dfinal, *, chunk_size=None):
         decay = jnp.exp(total)
     # The state cotangent entering each chunk from its own outputs; then the reverse chunk scan.
     local = _dot("...ik,...iv->...kv", qd, doc)
-    d_ends, dh0 = _reverse_scan(decay, keep, local, dfinal.astype(acc))
-
-    def chunk_fn(q, k, v, g):
-        return chunk_local(q, k, v, g, starts, masks, sub)
-
-    primals = (qc, kc, vc.astype(acc)) + ((gc,) if gc is not None else ())
-    _, vjp = jax.vjp(lambda *p: chunk_fn(*p[:3], p[3] if len(p) > 3 else None), *primals)
-    grads = vjp((doc, d_ends))
-    dq, dk, dv = (from_chunks(x, length, chunk_major=True) for x in grads[:3])
-    dg = from_chunks(grads[3], length, chunk_major=True) if gc is not None else None
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), dg, dh0
+    return _reverse_scan(decay, keep, local, dfinal)
 
 
 def _reverse_scan(decay, keep, local, dfinal):
