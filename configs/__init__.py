@@ -104,6 +104,19 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
         "data.task_options": {"vocab_size": 128, "num_kv_pairs": 16, "power_a": 1.0},
         "optim.steps": 1500})
        for name in ("jrt", "linear_attention")},
+    # JRT's ordering lever: 16 pairs, then a list of the 4 keys that will be queried, then the
+    # queries (mqar num_queries / list_queries); a causal state reads the pairs before the list.
+    # Short conv 4 for all three, the state as mqar16_linear_attention's; jrt's prompt = pairs +
+    # list (36 tokens); read_twice repeats pairs + list (seq_len 80)
+    **{f"mqar16q4_{name}": _variant(mqar.get_config, f"mqar16q4_{name}", **{
+        "model.mixer": "jrt" if name == "jrt" else "linear_attention",
+        "model.mixer_options": {"num_heads": 4, "head_dim": 16, "conv_size": 4,
+                                **({"prefix_len": 36} if name == "jrt" else {})},
+        "data.task_options": {"vocab_size": 128, "num_kv_pairs": 16, "power_a": 1.0,
+                              "num_queries": 4, "list_queries": True,
+                              "read_twice": name.endswith("read_twice")},
+        "data.seq_len": 80 if name.endswith("read_twice") else 64, "optim.steps": 1500})
+       for name in ("linear_attention", "jrt", "linear_attention_read_twice")},
     # local linear attention against softmax attention with the same window and conv taps
     **{f"mqar_{name}": _variant(mqar.get_config, f"mqar_{name}", **{
         "model.mixer": mixer, "model.mixer_options": {"num_heads": 4, "window": 32,
@@ -112,14 +125,17 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
        for name, mixer in (("local_linear_attention", "local_linear_attention"),
                            ("swa", "attention"))},
     # recall beyond a 16-token window (configs/niah.py): HCAM's local attention is its chunk,
-    # the chunks before it are read through their summaries (chunks of 8, top 4: 0.10 held-out
-    # at 1500 steps, where chunks of 16, top 2 stayed at 0.06); TTM's memory carries segments
+    # the chunks before it are read through their summaries; TTM's memory carries segments.
+    # conv_size 4: both read sets of tokens, blind to order without it (0.08-0.10 held-out
+    # at 1500 steps, positions or not); niah_swa_conv: the window model with the same conv
     "niah_hcam": _variant(niah.get_config, "niah_hcam", **{
         "model.mixer": "hcam", "model.mixer_options": {"num_heads": 4, "chunk_len": 8,
-                                                       "top_k": 4}}),
+                                                       "top_k": 4, "conv_size": 4}}),
     "niah_ttm": _variant(niah.get_config, "niah_ttm", **{
         "model.mixer": "ttm", "model.mixer_options": {"memory_size": 16, "num_read": 4,
-                                                      "segment_len": 16}}),
+                                                      "segment_len": 16, "conv_size": 4}}),
+    "niah_swa_conv": _variant(niah.get_config, "niah_swa_conv", **{
+        "model.mixer_options": {"num_heads": 4, "window": niah.WINDOW, "conv_size": 4}}),
     # Memory Mosaics' in-context prediction on induction heads (configs/induction_heads.py)
     "induction_heads_memory_mosaic": _variant(
         induction_heads.get_config, "induction_heads_memory_mosaic",

@@ -259,3 +259,160 @@ def _call(args, *, kd, vd, n, dt, split_kd, decays, interpret, plgpu):
     call = plgpu.kernel(kernel, out_type=out_type, grid=(bh, vd // vb), grid_names=("bh", "v"),
                         interpret=interpret if interpret is not None else False)
     return call(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: xla.delta_rule_backward with its reverse scan over chunks on Mosaic GPU.
+#
+#     dU = P^T dO + Kd dS_next          [64, 64]   (Kd: head [+ remainder], dS: head + remainder)
+#     dS = Qg^T dO + gl dS_next - W^T dU  [Kd, 64]  (W: head + remainder, dU: head + remainder)
+#
+# Same program grid and precision scheme as the forward: one warpgroup per (batch * head, 64
+# value columns) walking the chunks last to first, dS [Kd, 64] float32 in registers; P^T dO and
+# Qg^T dO come in float32 (batched XLA einsums), W and Kd as 16-bit tiles. Out go dS_next and
+# dU per chunk (float32), in xla.py's layout, and dh0.
+
+
+def reverse_scan(pt_do, qgt_do, kdec, w, gl, ds_final, *, dtype, split_kd, interpret=None):
+    """`xla.reverse_state_scan` on Mosaic GPU (the same arguments and results); `dtype` is the
+    16-bit dtype of the WGMMA operands, `split_kd` whether Kd needs a remainder (gated)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    batch, heads, n, chunk, value_dim = pt_do.shape
+    key_dim = qgt_do.shape[-2]
+    if chunk > ROWS or key_dim > MAX_KEY_DIM:
+        raise ValueError(f"delta_rule: the Mosaic GPU backward takes chunks <= {ROWS} and key_dim "
+                         f"<= {MAX_KEY_DIM}; got chunk {chunk}, key_dim {key_dim}")
+    kd = _chunks.round_up(key_dim, 64)
+    vd = _chunks.round_up(value_dim, BLOCK_V)
+    bh = batch * heads
+    dt = dtype
+
+    def tiles(x, rows, width):
+        """[B, H, N, R, D] -> [B*H, N*rows, width], each chunk's tile zero padded."""
+        x = jnp.pad(x.astype(F32), [(0, 0)] * 3 + [(0, rows - x.shape[3]),
+                                                   (0, width - x.shape[-1])])
+        return x.reshape(bh, n * rows, width)
+
+    w_hi, w_lo = _split(tiles(w, ROWS, kd), dt)
+    args = [w_hi, w_lo]
+    kdt = tiles(kdec, ROWS, kd)
+    args += list(_split(kdt, dt)) if split_kd else [kdt.astype(dt)]
+    args += [tiles(pt_do, ROWS, vd), tiles(qgt_do, kd, vd)]
+    decays = gl is not None
+    if decays:
+        gl = gl.reshape(bh, n, 1).astype(F32)
+        args.append(jnp.broadcast_to(gl, (bh, n, GL_WIDTH)).reshape(bh, n * GL_WIDTH))
+    dsf = jnp.pad(ds_final.astype(F32), [(0, 0), (0, 0), (0, kd - key_dim), (0, vd - value_dim)])
+    args.append(dsf.reshape(bh, kd, vd))
+    ds_next, du, dh0 = _bwd_call(args, kd=kd, vd=vd, n=n, dt=dt, split_kd=split_kd,
+                                 decays=decays, interpret=interpret, plgpu=plgpu)
+    ds_next = ds_next.reshape(batch, heads, n, kd, vd)[..., :key_dim, :value_dim]
+    du = du.reshape(batch, heads, n, ROWS, vd)[..., :chunk, :value_dim]
+    dh0 = dh0[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
+    return ds_next, du, dh0
+
+
+def _bwd_call(args, *, kd, vd, n, dt, split_kd, decays, interpret, plgpu):
+    bh = args[0].shape[0]
+    c, vb = ROWS, BLOCK_V
+    tf16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    n_in = len(args)
+
+    def delta_rule_bwd_kernel(*refs):
+        in_refs, (dsn_ref, du_ref, dh0_ref) = refs[:n_in], refs[n_in:n_in + 3]
+        dsf_ref = in_refs[-1]
+        i, j = jax.lax.axis_index("bh"), jax.lax.axis_index("v")
+        cols = pl.ds(j * vb, vb)
+
+        def load_state(smem, bar):
+            plgpu.copy_gmem_to_smem(dsf_ref.at[i, :, cols], smem, bar.at[0])
+            plgpu.barrier_wait(bar.at[0])
+            return plgpu.load(smem, layout=plgpu.Layout.WGMMA)
+
+        ds0 = pl.run_scoped(load_state, plgpu.SMEM((kd, vb), F32), plgpu.Barrier(num_barriers=1))
+
+        def chunk_body(scratch, idx, *tiles):
+            dsn_s, du_s, ds_hi, ds_lo, du_hi, du_lo = scratch
+            tiles = list(tiles)
+            ds = tiles.pop()
+            w_hi, w_lo, kd_hi = tiles[:3]
+            kd_lo = tiles[3] if split_kd else None
+            ptdo_s, qgtdo_s = tiles[3 + split_kd:5 + split_kd]
+            gl = tiles[5 + split_kd][0] if decays else None
+            t = n - 1 - idx[0]
+            hi = ds.astype(dt)
+            ds_hi[...] = hi
+            ds_lo[...] = (ds - hi.astype(F32)).astype(dt)
+            plgpu.commit_smem()
+
+            def kds(acc):
+                plgpu.wgmma(acc, kd_hi, ds_hi)
+                plgpu.wgmma(acc, kd_hi, ds_lo)
+                if split_kd:
+                    plgpu.wgmma(acc, kd_lo, ds_hi)
+                return acc[...]
+
+            du = plgpu.load(ptdo_s, layout=plgpu.Layout.WGMMA) + pl.run_scoped(
+                kds, plgpu.ACC((c, vb), F32))
+            # dU meets W^T as an SMEM operand (GPU interpret mode: SMEM-only WGMMA operands).
+            duh = du.astype(dt)
+            du_hi[...] = duh
+            du_lo[...] = (du - duh.astype(F32)).astype(dt)
+            # The outputs leave by TMA from one buffer each, written once the previous chunk's
+            # copies have read it.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            dsn_s[...] = ds
+            du_s[...] = du
+            # Qg^T dO is read before the fence: with one stage its buffer is the next TMA
+            # load's target once the body returns (a race in GPU interpret mode otherwise).
+            base = plgpu.load(qgtdo_s, layout=plgpu.Layout.WGMMA) + (ds * gl if decays else ds)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dsn_s, dsn_ref.at[i, pl.ds(t * kd, kd), cols])
+            plgpu.copy_smem_to_gmem(du_s, du_ref.at[i, pl.ds(t * c, c), cols])
+
+            def wdu(acc):
+                plgpu.wgmma(acc, w_hi.T, du_hi)
+                plgpu.wgmma(acc, w_hi.T, du_lo)
+                plgpu.wgmma(acc, w_lo.T, du_hi)
+                return acc[...]
+
+            return base - pl.run_scoped(wdu, plgpu.ACC((kd, vb), F32))
+
+        rev = lambda t: (n - 1 - t, 0)
+        seq = lambda w: plgpu.BlockSpec((c, w), rev, transforms=tf16)
+        in_specs = [seq(kd), seq(kd), seq(kd)] + [seq(kd)] * split_kd
+        ins = [r.at[i] for r in in_refs[:3 + split_kd]]
+        in_specs += [plgpu.BlockSpec((c, vb), rev), plgpu.BlockSpec((kd, vb), rev)]
+        ins += [r.at[i, :, cols] for r in in_refs[3 + split_kd:5 + split_kd]]
+        if decays:
+            in_specs.append(plgpu.BlockSpec((GL_WIDTH,), lambda t: (n - 1 - t,)))
+            ins.append(in_refs[5 + split_kd].at[i])
+
+        def walk(*scratch):
+            last = plgpu.emit_pipeline(
+                functools.partial(chunk_body, scratch), grid=(n,), in_specs=in_specs,
+                max_concurrent_steps=_stages(kd), init_carry=ds0)(*ins)
+            plgpu.wait_smem_to_gmem(0)      # before the output buffers are released
+            return last
+
+        scratch = [plgpu.SMEM((kd, vb), F32), plgpu.SMEM((c, vb), F32)]
+        scratch += [plgpu.SMEM((kd, vb), dt, transforms=tf16)] * 2
+        scratch += [plgpu.SMEM((c, vb), dt, transforms=tf16)] * 2
+        ds = pl.run_scoped(walk, *scratch)
+
+        def store_dh0(smem):
+            smem[...] = ds
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(smem, dh0_ref.at[i, :, cols])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(store_dh0, plgpu.SMEM((kd, vb), F32))
+
+    out_type = (jax.ShapeDtypeStruct((bh, n * kd, vd), F32),
+                jax.ShapeDtypeStruct((bh, n * c, vd), F32),
+                jax.ShapeDtypeStruct((bh, kd, vd), F32))
+    call = plgpu.kernel(delta_rule_bwd_kernel, out_type=out_type, grid=(bh, vd // vb),
+                        grid_names=("bh", "v"),
+                        interpret=interpret if interpret is not None else False)
+    return call(*args)

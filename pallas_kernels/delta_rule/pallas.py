@@ -315,7 +315,19 @@ def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scal
     memory for one SM (327,680 bytes asked at K = 128 against the H100's 232,448), whatever
     the value block. So do GPUs before Hopper (GPU_BACKWARD_MIN_COMPUTE_CAPABILITY).
     """
-    interpret = triton_interpret(interpret)    # no Mosaic GPU backward yet
+    if target == "cuda" and use_mosaic_gpu(interpret):
+        from pallas_kernels.delta_rule import mosaic_gpu
+        from pallas_kernels.delta_rule import xla as _xla
+        # The forward's predicate: the chunk states then come from the Mosaic forward's chunks.
+        if mosaic_gpu.supports(q, k, v, h0, chunk_size):
+            scan = functools.partial(mosaic_gpu.reverse_scan, dtype=k.dtype, split_kd=gated,
+                                     interpret=interpret)
+            # XLA's GPU float32 matmuls may run in TF32: the batched work keeps float32.
+            with jax.default_matmul_precision("highest"):
+                return _xla.delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal,
+                                                scale=scale, chunk_size=chunk_size, gated=gated,
+                                                segmented=segmented, reverse_scan=scan)
+    interpret = triton_interpret(interpret)
     if target == "cuda" and (q.shape[-1] > GPU_BACKWARD_MAX_KEY_DIM
                              or not gpu_backward_kernel_fits(cuda_compute_capability())):
         from pallas_kernels.delta_rule import xla as _xla

@@ -201,9 +201,33 @@ def _reverse_cumsum(x):
     return jnp.flip(jnp.cumsum(jnp.flip(x, -1), axis=-1), -1)
 
 
+def reverse_state_scan(pt_do, qgt_do, kd, w, gl, ds_final):
+    """The backward's only sequential part: over chunks in reverse, dS_next -> dU -> dS,
+
+        dU = P^T dO + Kd dS_next        dS = Qg^T dO + gl dS_next - W^T dU
+
+    from pt_do [B,H,N,C,V], qgt_do [B,H,N,K,V], kd, w [B,H,N,C,K], gl [B,H,N] (None: 1) and the
+    final state's cotangent. Returns (dS leaving every chunk [B,H,N,K,V], dU [B,H,N,C,V], dh0).
+    `delta_rule_backward(reverse_scan=)` takes a replacement with this signature (the Mosaic GPU
+    kernel)."""
+    if gl is None:
+        gl = jnp.ones(pt_do.shape[:3], pt_do.dtype)
+
+    def step(ds_next, x):
+        pt_do_n, qgt_do_n, kd_n, w_n, gl_n = x
+        du = pt_do_n + jnp.einsum("bhck,bhkv->bhcv", kd_n, ds_next)
+        ds = qgt_do_n + gl_n[..., None, None] * ds_next - jnp.einsum("bhck,bhcv->bhkv", w_n, du)
+        return ds, (ds_next, du)
+
+    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (pt_do, qgt_do, kd, w, gl))
+    dh0, (ds_next, du) = jax.lax.scan(step, ds_final, xs, reverse=True)
+    return jnp.moveaxis(ds_next, 0, 2), jnp.moveaxis(du, 0, 2), dh0
+
+
 def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scale, chunk_size,
-                        gated, segmented):
-    """Cotangents (dq, dk, dv, dbeta, dg, dh0) of the chunked form, recomputing T, W, U~."""
+                        gated, segmented, reverse_scan=None):
+    """Cotangents (dq, dk, dv, dbeta, dg, dh0) of the chunked form, recomputing T, W, U~.
+    `reverse_scan` replaces `reverse_state_scan` (same signature and layouts)."""
     length = q.shape[1]
     chunk = effective_chunk(length, chunk_size)
     ch = _Chunked(q, k, v, beta, g, reset, scale=scale, chunk=chunk, gated=gated,
@@ -213,19 +237,8 @@ def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scal
     u = ch.u_tilde - jnp.einsum("bhnck,bhnkv->bhncv", ch.w, states)
     pt_do = jnp.einsum("bhnij,bhniv->bhnjv", ch.p, doc)                    # P^T dO
     qgt_do = jnp.einsum("bhnck,bhncv->bhnkv", ch.qg, doc)                  # Qg^T dO
-    gl = ch.gl if ch.gl is not None else jnp.ones(u.shape[:3], acc)
-
-    # Reverse over chunks: dS_next -> dU -> dS (the only sequential part).
-    def step(ds_next, x):
-        pt_do_n, qgt_do_n, kd, w, gl_n = x
-        du = pt_do_n + jnp.einsum("bhck,bhkv->bhcv", kd, ds_next)
-        ds = qgt_do_n + gl_n[..., None, None] * ds_next - jnp.einsum("bhck,bhcv->bhkv", w, du)
-        return ds, (ds_next, du)
-
-    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (pt_do, qgt_do, ch.kd, ch.w, gl))
-    dh0, (ds_next, du) = jax.lax.scan(step, dfinal.astype(acc), xs, reverse=True)
-    ds_next = jnp.moveaxis(ds_next, 0, 2)                                  # [B,H,N,K,V]
-    du = jnp.moveaxis(du, 0, 2)                                            # [B,H,N,C,V]
+    ds_next, du, dh0 = (reverse_scan or reverse_state_scan)(pt_do, qgt_do, ch.kd, ch.w, ch.gl,
+                                                            dfinal.astype(acc))
 
     # Everything else is batched over chunks.
     dp = jnp.einsum("bhniv,bhnjv->bhnij", doc, u)

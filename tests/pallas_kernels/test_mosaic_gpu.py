@@ -199,8 +199,8 @@ def test_gated_forward_kernel_in_gpu_interpret_mode(shape, kind, segmented):
 @pytest.mark.parametrize("kind", ["scalar", "vector"])
 def test_gated_op_runs_mosaic_kernel_with_gradients(kind):
     """The public op inside pallas_interpret("gpu") with a gate, segment_ids and an initial
-    state: the Mosaic GPU forward, and every gradient through the custom VJP (the Triton
-    backward in the generic interpreter reads the chunk states the kernel wrote), against
+    state: the Mosaic GPU forward, and every gradient through the custom VJP (the Mosaic GPU
+    backward reads the chunk states the forward kernel wrote), against
     float64 autodiff of the reference. The loss reads the bf16 output, hence BF16_TOL."""
     shape = (1, 40, 1, 16, 16)
     q, k, v, h0 = _inputs(shape, seed=13)
@@ -271,6 +271,109 @@ def test_gated_forward_compiles_for_hopper(target, key_dim, kind):
 def test_gated_dispatch_picks_triton_off_hopper():
     _cpu_host()
     assert _gated_kernels("a100", 64, "scalar") == ["triton"]
+
+
+# The backward: the reverse chunk scan of dS on Mosaic GPU (mosaic_gpu.state_cotangents), the
+# per-chunk VJP in XLA (xla.backward with those dS): its float32 gradients at the float32 path's
+# tolerance (test_chunked_linear_attention's F32_TOL).
+F32_GRAD_TOL = 1e-5
+
+
+@pytest.mark.parametrize("shape,kind,segmented", [
+    ((1, 100, 1, 64, 80), None, False), ((1, 100, 1, 64, 64), "scalar", True),
+    ((1, 70, 1, 128, 64), "vector", True)],
+    ids=["plain-T100-K64-V80", "scalar-segments", "vector-segments-K128"])
+def test_backward_kernel_in_gpu_interpret_mode(shape, kind, segmented):
+    """The reverse scan's dS at every chunk end and d initial_state against xla.py's float64
+    scan, and every gradient of the backward built on it against xla.py's float64 backward
+    (dk, dv come out in the inputs' bf16)."""
+    q, k, v, h0 = _inputs(shape, seed=21)
+    qs = q.astype(jnp.float32) * shape[3] ** -0.5
+    g = None if kind is None else _gate(shape, kind, 22)
+    g = g[..., None] if kind == "scalar" else g
+    runs = None
+    if segmented:
+        runs = jnp.zeros(shape[:2], jnp.int32).at[:, jnp.array(_STARTS)].set(1)
+    ks = jax.random.split(jax.random.PRNGKey(23), 2)
+    do = jax.random.normal(ks[0], v.shape).astype(jnp.bfloat16)
+    dfinal = jax.random.normal(ks[1], h0.shape)
+    assert cla_mgpu.supports_backward(qs, k, v, g, runs, do)
+    starts = kt.float64_run(cla_xla.forward_with_states, qs, k, v, g, h0, runs)[2]
+    params = cla_mgpu.interpret_params()
+    ends, dh0 = jax.jit(lambda *a: cla_mgpu.state_cotangents(*a, interpret=params))(
+        qs, k, g, runs, do, dfinal)
+    ref = kt.float64_run(cla_xla.state_cotangents, qs, g, runs, do, dfinal)
+    kt.assert_close(ends, ref[0], STATE_TOL, "chunk end cotangents")
+    kt.assert_close(dh0, ref[1], STATE_TOL, "d initial_state")
+    args = (qs, k, v, g, h0, runs, starts.astype(jnp.float32), do, dfinal)
+    grads = jax.jit(lambda *a: cla_mgpu.backward(*a, interpret=params))(*args)
+    ref = kt.float64_run(cla_xla.backward, *args[:6], starts, *args[7:])
+    for name, x, r in zip(["dq", "dk", "dv", "dg", "dh0"], grads, ref):
+        if r is None:
+            assert x is None, name
+            continue
+        tol = {"dk": BF16_TOL, "dv": BF16_TOL, "dh0": STATE_TOL}.get(name, F32_GRAD_TOL)
+        kt.assert_close(x, r, tol, name)
+
+
+def test_op_runs_mosaic_backward_under_gpu_interpret_mode():
+    """The public op's gradients inside pallas_interpret("gpu"): both kernels Mosaic GPU
+    (no Triton backward in the program), against float64 autodiff of the reference. A loss
+    linear in o and the final state, so the bf16 gradients differ by their rounding alone and
+    d initial_state is at float32 accuracy."""
+    shape = (1, 70, 1, 64, 64)
+    q, k, v, h0 = _inputs(shape, seed=24)
+    ks = jax.random.split(jax.random.PRNGKey(25), 2)
+    # w_o in bf16: the cotangent of the bf16 o is then exact on both sides.
+    w_o = jax.random.normal(ks[0], v.shape).astype(jnp.bfloat16)
+    w_s = jax.random.normal(ks[1], h0.shape)
+
+    def loss(impl):
+        def f(q, k, v, h0):
+            o, s = chunked_linear_attention(q, k, v, initial_state=h0, implementation=impl)
+            return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(s * w_s)
+        return jax.jit(jax.grad(f, argnums=tuple(range(4))))
+
+    ref = kt.float64_run(loss("reference"), q, k, v, h0)
+    with _dispatch.pallas_interpret("gpu"):
+        jaxpr = str(jax.make_jaxpr(loss("pallas"))(q, k, v, h0))
+        grads = loss("pallas")(q, k, v, h0)
+    assert jaxpr.count("mpmd_map") + jaxpr.count("core_map") == 2, "not two Mosaic GPU kernels"
+    assert "pallas_call" not in jaxpr, "a Triton kernel in the program"
+    kt.assert_tree_close(grads[:3], ref[:3], BF16_TOL, "dq, dk, dv")
+    kt.assert_close(grads[3], ref[3], STATE_TOL, "d initial_state")
+
+
+def _backward_kernels(target, key_dim, kind):
+    """The kernels of the compiled forward + backward (bf16, segment_ids with a gate)."""
+    if not _aot.available(target):
+        pytest.skip(f"no compiler plugin for {target}")
+    shape = (2, 512, 4, key_dim)
+    q = _aot.abstract(shape, jnp.bfloat16, target)
+    v = _aot.abstract(shape[:3] + (128,), jnp.bfloat16, target)
+    g = None
+    if kind is not None:
+        g = _aot.abstract(shape[:3] if kind == "scalar" else shape, jnp.float32, target)
+    seg = _aot.abstract(shape[:2], jnp.int32, target)
+
+    def loss(q, k, v, g, seg):
+        o, _ = chunked_linear_attention(q, k, v, log_gate=g, implementation="pallas",
+                                        segment_ids=None if g is None else seg)
+        return jnp.sum(o.astype(jnp.float32))
+
+    with _dispatch.gpu_backend("mosaic"):
+        compiled, _ = _aot.compile(jax.grad(loss, argnums=(0, 1, 2)), q, q, v, g, seg)
+    return [k["kind"] for k in _aot.report(compiled)["kernels"]]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("target,key_dim,kind", [
+    ("h100", 256, None), ("h200", 64, "scalar"), ("h100", 128, "vector")])
+def test_backward_compiles_for_hopper(target, key_dim, kind):
+    """Forward and backward kernels lowered by Mosaic GPU and compiled by ptxas for sm_90a
+    (key dim 256: one stage; 128: two)."""
+    _cpu_host()
+    assert _backward_kernels(target, key_dim, kind) == ["mosaic_gpu"] * 2
 
 
 
@@ -541,8 +644,8 @@ def test_delta_rule_op_runs_mosaic_kernel_with_gradients():
     """The public op inside pallas_interpret("gpu") with a gate, segment_ids, an initial state
     and chunk_size=16 (chunks padded to the kernel's 64 rows), two batch rows with different
     segments and two heads (one program each): the Mosaic GPU forward, and every
-    gradient through the custom VJP's Triton backward (generic interpreter), which reads the
-    chunk states the kernel wrote, against float64 autodiff of the reference."""
+    gradient through the custom VJP's backward (its reverse scan the Mosaic GPU kernel), which
+    reads the chunk states the forward kernel wrote, against float64 autodiff of the reference."""
     q, k, v, beta, g, h0 = _delta_inputs((2, 40, 2, 16, 16), jnp.bfloat16, seed=1)
     seg = jnp.stack([jnp.repeat(jnp.arange(2), 20), jnp.repeat(jnp.arange(4), 10)])
 
@@ -619,3 +722,97 @@ def test_delta_rule_dispatch_picks_triton_off_hopper_and_by_default():
     assert _delta_kernels("a100", 64, True, "mosaic", compile_=False) == ["triton"]
     assert _delta_kernels("h100", 64, True, "triton", compile_=False) == ["triton"]
     assert _delta_kernels("h100", 64, True, "mosaic", compile_=False) == ["mosaic_gpu"]
+
+
+# delta_rule's backward: xla.delta_rule_backward with its reverse scan over chunks (dS -> dU -> dS)
+# as the Mosaic GPU kernel (mosaic_gpu.reverse_scan).
+
+import functools  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def _delta_bwd_scan(dtype, gated, interpret):
+    return functools.partial(delta_mgpu.reverse_scan, dtype=dtype, split_kd=gated,
+                             interpret=interpret)
+
+
+@pytest.mark.parametrize("shape,dtype,gated,segmented", [
+    ((1, 100, 1, 64, 64), jnp.bfloat16, False, False),
+    ((1, 70, 1, 128, 48), jnp.float16, True, True)],
+    ids=["T100-K64-bf16", "T70-K128-V48-f16-gated-segments"])
+def test_delta_rule_backward_kernel_in_gpu_interpret_mode(shape, dtype, gated, segmented):
+    """Every cotangent (dq, dk, dv, dbeta, dg, dh0) of the backward with the Mosaic reverse scan
+    against xla.py's backward in float64 (the same chunk states in): T not a multiple of the
+    chunk; the second case with V=48 (a padded value block), a gate and a reset in a chunk."""
+    q, k, v, beta, g, h0 = _delta_inputs(shape, dtype, seed=2)
+    if not gated:
+        g = jnp.zeros_like(g)
+    seg = jnp.repeat(jnp.arange(3), 40)[None, :shape[1]]
+    reset = (segment_starts(seg) if segmented else jnp.zeros(seg.shape, bool)).astype(jnp.float32)
+    static = dict(scale=shape[3] ** -0.5, gated=gated, segmented=segmented)
+    states = jnp.asarray(kt.float64_run(lambda *a: delta_xla.chunk_forward(*a, chunk=64, **static),
+                                        q, k, v, beta, g, h0, reset)[2], jnp.float32)
+    ks = jax.random.split(jax.random.PRNGKey(3), 2)
+    do = jax.random.normal(ks[0], v.shape).astype(dtype)
+    dfinal = jax.random.normal(ks[1], h0.shape)
+    scan = _delta_bwd_scan(dtype, gated, delta_mgpu.interpret_params())
+    got = jax.jit(lambda *a: delta_xla.delta_rule_backward(
+        *a, chunk_size=64, reverse_scan=scan, **static))(
+        q, k, v, beta, g, h0, reset, states, do, dfinal)
+    ref = kt.float64_run(lambda *a: delta_xla.delta_rule_backward(*a, chunk_size=64, **static),
+                         q, k, v, beta, g, h0, reset, states, do, dfinal)
+    names = ["dq", "dk", "dv", "dbeta", "dg", "dh0"]
+    for name, x, r in zip(names[:3], got, ref):
+        assert x.dtype == dtype
+        kt.assert_close(x, r, BF16_TOL, name)
+    for name, x, r in zip(names[3:], got[3:], ref[3:]):
+        kt.assert_close(x, r, DELTA_STATE_TOL, name)
+    if not gated:
+        assert not np.any(np.asarray(got[4])), "dg of an ungated call"
+
+
+def test_delta_rule_op_backward_is_the_mosaic_kernel():
+    """The op's custom VJP inside pallas_interpret("gpu") runs the Mosaic reverse scan; a call
+    outside the kernel's cover (float32 inputs) keeps the Triton backward."""
+    def grad_jaxpr(dtype):
+        q, k, v, beta, g, h0 = _delta_inputs((1, 24, 1, 16, 16), dtype)
+        f = jax.grad(lambda q: jnp.sum(delta_rule(
+            q, k, v, beta, log_gate=g, initial_state=h0, implementation="pallas")[0]
+            .astype(jnp.float32)))
+        with _dispatch.pallas_interpret("gpu"):
+            return str(jax.make_jaxpr(f)(q))
+
+    assert "delta_rule_bwd_kernel" in grad_jaxpr(jnp.bfloat16)
+    assert "delta_rule_bwd_kernel" not in grad_jaxpr(jnp.float32)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("target,key_dim,gated", [("h100", 64, True), ("h200", 128, True)])
+def test_delta_rule_backward_kernel_compiles_for_hopper(target, key_dim, gated):
+    """The reverse-scan kernel lowered by Mosaic GPU and compiled by ptxas for sm_90a (shared
+    memory checked against the 227 KiB a block may use); the op's gradient lowered for
+    Hopper inside gpu_backend("mosaic") holds it, and not inside "triton"."""
+    _cpu_host()
+    if not _aot.available(target):
+        pytest.skip(f"no compiler plugin for {target}")
+    b, h, n, c, vd = 1, 2, 3, 64, 128
+    f32 = lambda s: _aot.abstract(s, jnp.float32, target)
+    scan = _delta_bwd_scan(jnp.bfloat16, gated, None)
+    compiled, _ = _aot.compile(scan, f32((b, h, n, c, vd)), f32((b, h, n, key_dim, vd)),
+                               f32((b, h, n, c, key_dim)), f32((b, h, n, c, key_dim)),
+                               f32((b, h, n)), f32((b, h, key_dim, vd)))
+    assert [k["kind"] for k in _aot.report(compiled)["kernels"]] == ["mosaic_gpu"]
+
+    q = _aot.abstract((1, 128, 2, key_dim), jnp.bfloat16, target)
+    beta = _aot.abstract((1, 128, 2), jnp.float32, target)
+
+    for backend, has in (("mosaic", True), ("triton", False)):
+        def grad(q, beta):    # a fresh function per backend: jit's trace cache ignores it
+            return jax.grad(lambda q: jnp.sum(delta_rule(
+                q, q, q, beta, log_gate=-beta, implementation="pallas")[0]
+                .astype(jnp.float32)))(q)
+
+        with _dispatch.gpu_backend(backend), _aot.lowering(_aot.devices(target)):
+            text = jax.jit(grad).lower(q, beta).as_text()
+        assert ("delta_rule_bwd_kernel" in text) == has, backend

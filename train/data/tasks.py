@@ -72,7 +72,8 @@ def delayed_recall_example(rng: np.random.Generator, *, seq_len: int, vocab_size
 def mqar(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 8192,
          num_kv_pairs: int | Sequence[int] = 8, power_a: float = 0.01,
          random_non_queries: bool = True, filler_avoids_keys: bool = False,
-         read_twice: bool = False) -> Example:
+         read_twice: bool = False, num_queries: int | None = None,
+         list_queries: bool = False) -> Example:
     """Multi-query associative recall, following zoology's `multiquery_ar`.
 
     Vocabulary: 0 is never a key or value (zoology keeps it for "no query here"); keys come from
@@ -96,27 +97,43 @@ def mqar(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 8192,
     tokens are repeated verbatim right after themselves, then the queries, so a causal recurrent
     model reads every pair a second time knowing all the keys it will be asked about. Only the
     queries are scored; seq_len counts the copy (6 * num_kv_pairs <= seq_len).
+
+    num_queries: how many of the keys are queried (a random subset, each once; None: all).
+    list_queries: the queried keys are listed (unscored, in the order drawn) right after the pairs,
+    so the prompt names the bindings it will ask for, after them. This is JRT's ordering lever
+    (Arora et al., 2024): a causal fixed-size state reads the pairs before it knows which matter
+    and must keep all of them, while a non-causal prompt encoder (the "jrt" mixer with prefix_len
+    covering pairs and list) or a second read (read_twice repeats pairs and list) can keep only
+    the queried ones. seq_len >= (2 if read_twice else 1) * (2 * num_kv_pairs + listed) +
+    2 * num_queries. With both options at their defaults the examples are unchanged.
     """
     if not isinstance(num_kv_pairs, (int, np.integer)):
         counts = [int(n) for n in num_kv_pairs]
         _require(len(counts) > 0, "mqar needs at least one num_kv_pairs count")
         for n in counts:   # every count checked, not just the one this example draws
-            _mqar_check(seq_len, vocab_size, n, read_twice)
+            _mqar_check(seq_len, vocab_size, n, read_twice, num_queries, list_queries)
         num_kv_pairs = counts[int(rng.integers(len(counts)))]
     num_kv_pairs = int(num_kv_pairs)
-    _mqar_check(seq_len, vocab_size, num_kv_pairs, read_twice)
+    _mqar_check(seq_len, vocab_size, num_kv_pairs, read_twice, num_queries, list_queries)
+    asked_count = num_kv_pairs if num_queries is None else int(num_queries)
     key_vocab = vocab_size // 2
     context = 2 * num_kv_pairs
-    prompt = 2 * context if read_twice else context
+    block = context + (asked_count if list_queries else 0)    # the pairs, then the list
+    prompt = 2 * block if read_twice else block
     keys = rng.choice(np.arange(1, key_vocab), size=num_kv_pairs, replace=False)
     values = rng.choice(np.arange(key_vocab, vocab_size), size=num_kv_pairs, replace=False)
     space = (seq_len - prompt) // 2
     p = power_a * np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1)
-    gaps = rng.choice(space, size=num_kv_pairs, replace=False, p=p / p.sum())
+    gaps = rng.choice(space, size=asked_count, replace=False, p=p / p.sum())
+    # drawn only for a subset, so the default examples keep their random stream
+    pick = (np.arange(num_kv_pairs) if asked_count == num_kv_pairs
+            else rng.choice(num_kv_pairs, size=asked_count, replace=False))
+    keys_asked, values_asked = keys[pick], values[pick]
 
     inputs = np.zeros(seq_len, np.int64)
     inputs[0:context:2], inputs[1:context:2] = keys, values
-    inputs[context:prompt] = inputs[:prompt - context]
+    inputs[context:block] = keys_asked[:block - context]
+    inputs[block:prompt] = inputs[:prompt - block]
     query_at = prompt + 2 * gaps
     if random_non_queries:
         if filler_avoids_keys:
@@ -124,23 +141,38 @@ def mqar(rng: np.random.Generator, *, seq_len: int, vocab_size: int = 8192,
                                          seq_len - prompt)
         else:
             inputs[prompt:] = rng.integers(0, vocab_size, seq_len - prompt)
-    inputs[query_at] = keys
+    inputs[query_at] = keys_asked
     targets = np.zeros(seq_len, np.int64)
     mask = np.zeros(seq_len, np.float32)
-    targets[query_at], mask[query_at] = values, 1.0
+    targets[query_at], mask[query_at] = values_asked, 1.0
     return _lm_example(inputs, targets, mask)
 
 
 def _mqar_check(seq_len: int, vocab_size: int, num_kv_pairs: int,
-                read_twice: bool = False) -> None:
+                read_twice: bool = False, num_queries: int | None = None,
+                list_queries: bool = False) -> None:
     _require(seq_len % 2 == 0, f"mqar needs an even seq_len, got {seq_len}")
     _require(num_kv_pairs >= 1, f"mqar needs num_kv_pairs >= 1, got {num_kv_pairs}")
     _require(isinstance(read_twice, (bool, np.bool_)),
              f"mqar needs read_twice to be a bool, got {read_twice!r}")
-    # context (twice with read_twice) + one query slot pair per key
-    need = (6 if read_twice else 4) * num_kv_pairs
-    _require(need <= seq_len, f"mqar needs {need // num_kv_pairs} * num_kv_pairs <= seq_len"
-             f"{' (read_twice)' if read_twice else ''}, got {num_kv_pairs=}, {seq_len=}")
+    _require(isinstance(list_queries, (bool, np.bool_)),
+             f"mqar needs list_queries to be a bool, got {list_queries!r}")
+    _require(num_queries is None or (isinstance(num_queries, (int, np.integer))
+                                     and not isinstance(num_queries, bool)
+                                     and 1 <= num_queries <= num_kv_pairs),
+             f"mqar needs num_queries to be None or an int in [1, num_kv_pairs], got "
+             f"{num_queries!r} with {num_kv_pairs=}")
+    if num_queries is None and not list_queries:
+        # context (twice with read_twice) + one query slot pair per key
+        need = (6 if read_twice else 4) * num_kv_pairs
+        _require(need <= seq_len, f"mqar needs {need // num_kv_pairs} * num_kv_pairs <= "
+                 f"seq_len{' (read_twice)' if read_twice else ''}, got {num_kv_pairs=}, "
+                 f"{seq_len=}")
+    asked = num_kv_pairs if num_queries is None else int(num_queries)
+    prompt = (2 if read_twice else 1) * (2 * num_kv_pairs + (asked if list_queries else 0))
+    _require(prompt + 2 * asked <= seq_len,
+             f"mqar needs the prompt ({prompt} tokens) + 2 * num_queries ({asked}) <= seq_len, "
+             f"got {seq_len=}")
     _require(num_kv_pairs <= vocab_size // 2 - 1, f"mqar needs num_kv_pairs <= vocab_size // 2 "
              f"- 1 distinct keys, got {num_kv_pairs=}, {vocab_size=}")
 
@@ -525,7 +557,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          lambda o: 1 / o["vocab_size"]),
     Task("mqar", mqar, {"vocab_size": 8192, "num_kv_pairs": 8, "power_a": 0.01,
                         "random_non_queries": True, "filler_avoids_keys": False,
-                        "read_twice": False, "train_num_kv_pairs": None, "train_power_a": None}, _vocab_option,
+                        "read_twice": False, "num_queries": None, "list_queries": False,
+                        "train_num_kv_pairs": None, "train_power_a": None}, _vocab_option,
          lambda o: 1 / (o["vocab_size"] - o["vocab_size"] // 2),
          train_options={"train_num_kv_pairs": "num_kv_pairs", "train_power_a": "power_a"}),
     Task("copying", copying, {"vocab_size": 16, "num_tokens": 16}, _vocab_option,
