@@ -131,7 +131,8 @@ GPU_BACKENDS = ("triton", "mosaic")
 @contextlib.contextmanager
 def gpu_backend(backend: Literal["triton", "mosaic"]):
     """Inside: ops with a Pallas Mosaic GPU kernel (chunked_linear_attention's ungated 16-bit
-    forward, linear_scan's real and selective_scan's float32 forwards) run it instead of the
+    forward, linear_scan's real and selective_scan's float32 forwards, delta_rule's 16-bit
+    forward and backward reverse scan) run it instead of the
     Triton one where the GPU is Hopper (compute capability 9.x, or unknown at lowering: a CPU
     host lowering for "cuda", as the Triton path assumes)
     and the installed JAX has Mosaic GPU. Read when an op is traced. The default stays "triton"

@@ -33,7 +33,11 @@ the way out), are single 16-bit operands.
 The restrictions of GPU interpret mode in JAX 0.12.0.1 (SMEM-only WGMMA operands, no
 `run_state` accumulator initialised from registers, no predicated pipeline outputs) are
 handled as in chunked_linear_attention/mosaic_gpu.py. Not here: key dims above 128 (SMEM),
-float32 inputs, chunks longer than 64, and a backward kernel.
+float32 inputs, chunks longer than 64.
+
+The backward (`reverse_scan`, below) is the same split: xla.delta_rule_backward does the
+batched work and hands its reverse scan over chunks (dS -> dU -> dS) to a kernel of the same
+shape as this one.
 """
 from __future__ import annotations
 

@@ -314,6 +314,8 @@ def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scal
     the same states): the Triton backward body keeps too many [C, K] and [C, C] tiles in shared
     memory for one SM (327,680 bytes asked at K = 128 against the H100's 232,448), whatever
     the value block. So do GPUs before Hopper (GPU_BACKWARD_MIN_COMPUTE_CAPABILITY).
+    Where the Mosaic GPU forward ran (the same `supports` predicate), the XLA backward runs
+    with its reverse scan over chunks as the Mosaic GPU kernel (`mosaic_gpu.reverse_scan`).
     """
     if target == "cuda" and use_mosaic_gpu(interpret):
         from pallas_kernels.delta_rule import mosaic_gpu
