@@ -9,8 +9,12 @@ each platform, and lowering for "tpu" or "cuda" on a CPU-only machine picks the 
     platform | "auto"                        | "pallas"
     ---------+-------------------------------+------------------------------------------
     tpu      | Pallas, Mosaic TPU            | Pallas, Mosaic TPU
-    cuda     | per op, `AUTO_ON_CUDA`        | Pallas, Triton
+    cuda     | per op, `AUTO_ON_CUDA`        | Pallas: Mosaic GPU on Hopper, else Triton
     other    | XLA path                      | Pallas (GPU variant), generic interpret mode (slow)
+
+Where a "cuda" Pallas kernel runs, `gpu_backend` ("auto" by default) picks its Pallas backend:
+the Mosaic GPU kernel on a GPU known to be Hopper (compute capability 9.x) with a JAX that has
+Mosaic GPU, for the calls that kernel covers; Triton elsewhere.
 
 Partitioning: every Pallas call goes through `partitioned(op, kernel, Partition(...), *args)`,
 so that under a mesh the kernel runs on each shard's local arrays. The op's `Partition` names the
@@ -95,8 +99,8 @@ def cuda_compute_capability() -> int | None:
     for: the context mesh's device (`jax.set_mesh`; deviceless compiles for a target set one,
     and inside jit only its abstract device is visible), else the default device when it is a
     GPU; None where neither tells (a CPU host lowering for "cuda" with no mesh, where JAX's
-    Triton lowering assumes Hopper, as the ops then do). Read at trace time, like the kernels'
-    other per-target choices."""
+    Triton lowering assumes Hopper, as the ops' Triton choices then do; `gpu_backend("auto")`
+    keeps Triton there). Read at trace time, like the kernels' other per-target choices."""
     try:
         abstract = jax.sharding.get_abstract_mesh().abstract_device
     except Exception:   # an older JAX: no abstract devices
@@ -122,21 +126,32 @@ def cuda_compute_capability() -> int | None:
 _interpret_mode: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "memzoo_pallas_interpret", default=None)
 
-# Which Pallas backend the "cuda" kernels use on Hopper (see `gpu_backend`).
+# Which Pallas backend the "cuda" kernels use (see `gpu_backend`).
 _gpu_backend: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "memzoo_gpu_backend", default="triton")
-GPU_BACKENDS = ("triton", "mosaic")
+    "memzoo_gpu_backend", default="auto")
+GPU_BACKENDS = ("auto", "triton", "mosaic")
 
 
 @contextlib.contextmanager
-def gpu_backend(backend: Literal["triton", "mosaic"]):
-    """Inside: ops with a Pallas Mosaic GPU kernel (chunked_linear_attention's ungated 16-bit
-    forward, linear_scan's real and selective_scan's float32 forwards, delta_rule's 16-bit
-    forward and backward reverse scan) run it instead of the
-    Triton one where the GPU is Hopper (compute capability 9.x, or unknown at lowering: a CPU
-    host lowering for "cuda", as the Triton path assumes)
-    and the installed JAX has Mosaic GPU. Read when an op is traced. The default stays "triton"
-    until the Mosaic kernels are measured on a GPU."""
+def gpu_backend(backend: Literal["auto", "triton", "mosaic"]):
+    """Which Pallas backend runs the "cuda" kernels of ops that have a Mosaic GPU (Hopper)
+    kernel: chunked_linear_attention's forward and backward (16-bit), linear_scan's real and
+    selective_scan's float32 forwards, delta_rule's forward and backward reverse scan (16-bit
+    and float32). Read when an op is traced.
+
+    "auto" (the default): the Mosaic GPU kernel where the GPU is known to be Hopper (compute
+    capability 9.x, from `cuda_compute_capability`: the context mesh's device or the default
+    GPU), the installed JAX has Mosaic GPU and the kernel covers the call (its `supports`);
+    the Triton kernel elsewhere: A100 and other GPUs before Hopper (Mosaic GPU emits sm_90a
+    code), an older JAX, uncovered calls, and lowerings whose GPU is unknown (a CPU host
+    lowering or exporting for "cuda" with no mesh): such a module may run on any NVIDIA GPU,
+    and Triton kernels are compiled for the GPU they land on, a Mosaic GPU kernel only runs
+    on Hopper.
+    "mosaic": the Mosaic GPU kernel where it covers the call and the JAX has Mosaic GPU, on
+    Hopper or where the GPU is unknown at lowering (the Triton path assumes Hopper there too).
+    "triton": always the Triton kernels.
+    The forward and the backward of an op decide alike (the same context, the same
+    predicate), so a backward reads the chunk states its own kernel family wrote."""
     if backend not in GPU_BACKENDS:
         raise ValueError(f"gpu_backend: backend must be one of {GPU_BACKENDS}, got {backend!r}")
     token = _gpu_backend.set(backend)
@@ -146,15 +161,32 @@ def gpu_backend(backend: Literal["triton", "mosaic"]):
         _gpu_backend.reset(token)
 
 
+@functools.lru_cache(maxsize=None)
+def mosaic_gpu_available() -> bool:
+    """Whether the installed JAX has Pallas Mosaic GPU as memzoo's kernels are written for it
+    (JAX 0.12: older ones have the module with other signatures, e.g. `plgpu.load`)."""
+    try:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+    except ImportError:
+        return False
+    version = tuple(int(p) for p in jax.__version_info__[:2])
+    return version >= (0, 12) and all(
+        hasattr(plgpu, n) for n in ("emit_pipeline", "wgmma", "kernel", "ACC"))
+
+
 def use_mosaic_gpu(interpret) -> bool:
-    """Whether a "cuda" kernel traced now with this `interpret=` setting is the Mosaic GPU one:
-    under Mosaic GPU's interpreter (`pallas_interpret("gpu")`), or compiled inside
-    `gpu_backend("mosaic")` for Hopper."""
+    """Whether a "cuda" kernel traced now with this `interpret=` setting is the Mosaic GPU one
+    (where its `supports` covers the call): under Mosaic GPU's interpreter
+    (`pallas_interpret("gpu")`), or compiled for Hopper as `gpu_backend` says."""
     if is_gpu_interpret(interpret):
         return True
-    if interpret is not None or _gpu_backend.get() != "mosaic":
+    backend = _gpu_backend.get()
+    if interpret is not None or backend == "triton" or not mosaic_gpu_available():
         return False
-    return (cuda_compute_capability() or 90) // 10 == 9
+    cc = cuda_compute_capability()
+    if backend == "mosaic":
+        return (cc or 90) // 10 == 9
+    return cc is not None and cc // 10 == 9
 
 
 def is_gpu_interpret(interpret) -> bool:

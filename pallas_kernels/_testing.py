@@ -14,7 +14,8 @@
   (no interpreter). `PALLAS_RUNNERS` names the Pallas ones of these.
 * `lower_for(fn, *args, platform)` and `assert_lowers_to(...)`: lower for "tpu" or "cuda" on a
   CPU-only machine and assert the expected custom call (Mosaic: `tpu_custom_call`; Triton:
-  `__gpu$xla.gpu.triton`) is in the module.
+  `__gpu$xla.gpu.triton`, or Mosaic GPU's `mosaic_gpu_v2` where `gpu_backend` picks it) is in
+  the module.
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ import numpy as np
 from pallas_kernels._dispatch import pallas_interpret
 
 CUSTOM_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+# A "cuda" Pallas kernel is Triton's or, on Hopper under `gpu_backend("auto")` for the calls a
+# Mosaic GPU kernel covers, Mosaic GPU's (the kind is tested in tests/pallas_kernels/
+# test_mosaic_gpu.py); the lowering tests count either.
+KERNEL_CALLS = {"tpu": ("tpu_custom_call",), "cuda": ("__gpu$xla.gpu.triton", "mosaic_gpu_v2")}
 
 # The GPU that cuda lowering targets when no GPU is present (Triton needs a compute capability).
 ABSTRACT_GPU = "NVIDIA H100"
@@ -115,13 +120,13 @@ def custom_calls(hlo_text: str) -> list[str]:
 
 def assert_lowers_to(fn: Callable, *args, platform: str, count: int | None = None) -> str:
     text = lower_for(fn, *args, platform=platform)
-    calls = [c for c in custom_calls(text) if c == CUSTOM_CALLS[platform]]
+    calls = [c for c in custom_calls(text) if c in KERNEL_CALLS[platform]]
     if count == 0:
-        assert not calls, f"expected no {CUSTOM_CALLS[platform]}, got {len(calls)}"
+        assert not calls, f"expected no {KERNEL_CALLS[platform]}, got {len(calls)}"
         return text
-    assert calls, f"no {CUSTOM_CALLS[platform]} in the {platform} lowering"
+    assert calls, f"no {KERNEL_CALLS[platform]} in the {platform} lowering"
     if count is not None:
-        assert len(calls) == count, f"expected {count} {CUSTOM_CALLS[platform]}, got {len(calls)}"
+        assert len(calls) == count, f"expected {count} {KERNEL_CALLS[platform]}, got {len(calls)}"
     return text
 
 
@@ -135,3 +140,68 @@ def assert_auto_lowers(make_fn: Callable, *args, op: str, platform: str, count: 
     else:
         assert_lowers_to(make_fn("pallas"), *args, platform=platform, count=count)
         assert_lowers_to(make_fn("auto"), *args, platform=platform, count=0)
+
+
+# ---- the matrix-state ops' gradient harness (delta_rule, dplr_delta_rule) ---------------------
+F32_TOL = 1e-5
+BF16_TOL = 1e-2
+
+
+def given_inputs(inputs: dict, names) -> tuple[tuple[str, ...], list]:
+    """(the names in `names` whose input is not None, their arrays), in that order."""
+    given = tuple(n for n in names if inputs[n] is not None)
+    return given, [inputs[n] for n in given]
+
+
+def forward_and_grads(op: Callable, implementation, chunk_size, names, seg, weights, *arrays):
+    """(op's (o, final state), the gradient of every array) for the loss
+    sum(o * weights[0]) + sum(final * weights[1])."""
+    def call(*xs):
+        return op(**dict(zip(names, xs)), segment_ids=seg, chunk_size=chunk_size,
+                  implementation=implementation)
+
+    def loss(*xs):
+        o, final = call(*xs)
+        return (jnp.sum(o.astype(weights[0].dtype) * weights[0])
+                + jnp.sum(final.astype(weights[1].dtype) * weights[1]))
+
+    return call(*arrays), jax.grad(loss, argnums=tuple(range(len(arrays))))(*arrays)
+
+
+def close_per_row(x, ref, tol: float, what: str):
+    """Relative RMSE per batch row: a badly conditioned row cannot hide behind a large one."""
+    for i in range(ref.shape[0]):
+        assert_close(x[i], ref[i], tol, f"{what}[batch {i}]")
+
+
+def check_matrix_state_op(op: Callable, implementation: str, inputs: dict, names, *,
+                          chunk_size, seed: int, ctx=None, tol=None, x64: bool = False):
+    """Outputs, final state and the gradient of every input of a matrix-state op (keywords
+    `names`, q and v among them, plus segment_ids / chunk_size / implementation) against its
+    float64 reference (`x64`: the implementation itself runs in float64 too, and must match to
+    rounding)."""
+    import functools
+    names, arrays = given_inputs(inputs, names)
+    q, v = inputs["q"], inputs["v"]
+    key = jax.random.PRNGKey(seed)
+    weights = (jax.random.normal(key, v.shape),
+               jax.random.normal(jax.random.fold_in(key, 1),
+                                 (q.shape[0], q.shape[2], q.shape[3], v.shape[3])))
+    seg = inputs["segment_ids"]
+    run = lambda impl: jax.jit(functools.partial(forward_and_grads, op, impl, chunk_size, names))
+    ref_out, ref_grads = float64_run(run("reference"), seg, weights, *arrays)
+    if x64:
+        out, grads = float64_run(run(implementation), seg, weights, *arrays)
+        tol = 1e-10
+    else:
+        with (ctx or IMPLEMENTATION_RUNNERS["xla"][0]()):
+            out, grads = run(implementation)(seg, weights, *arrays)
+        assert out[0].dtype == q.dtype and out[1].dtype == jnp.float32
+    if tol is None:
+        tol = BF16_TOL if q.dtype == jnp.bfloat16 else F32_TOL
+    assert out[0].shape == v.shape
+    close_per_row(out[0], ref_out[0], tol, "o")
+    close_per_row(out[1], ref_out[1], tol, "final_state")
+    for name, g, r in zip(names, grads, ref_grads):
+        assert g.shape == inputs[name].shape
+        close_per_row(g, r, tol, f"d{name}")

@@ -19,7 +19,7 @@ One program (one warpgroup, 128 threads) per (batch * head, block of 64 value co
 chunks (padded with zero rows to 64, WGMMA's M; a zero row leaves S as it is) in order.
 `plgpu.emit_pipeline` TMA-loads each chunk's W (head, remainder), Qg, Kd (and its remainder
 where it is not exact in 16 bits), P [64, 64] in the input dtype (128-byte swizzle) and U~
-[64, 64] float32; 2 chunks in flight at key dim 64, 1 at 128. S [Kd, 64] float32 stays in
+[64, 64] float32; 2 chunks in flight at key dim 64, 1 at 128 (and for float32 inputs). S [Kd, 64] float32 stays in
 registers (WGMMA accumulator layout) between chunks and goes through SMEM as a 16-bit head +
 remainder where it is a WGMMA operand, as u does: the state keeps ~16 bits of mantissa in every
 product and float32 sums. Outputs (o [64, 64] in v's dtype, the chunk's start state [Kd, 64]
@@ -30,10 +30,17 @@ Precision: the products that reach the state (W S, Kd^T u) use head + remainder 
 (the remainder x remainder term dropped); Qg and P, which reach only o (rounded to 16 bits on
 the way out), are single 16-bit operands.
 
+float32 inputs: WGMMA takes no float32 operands, so every float32 operand (W, Qg, P, Kd, S,
+u) meets it as 3 bf16 pieces x = x0 + x1 + x2 (each the rounding of what the previous leave:
+24 bits of mantissa, float32's), and a product keeps the 6 piece pairs of order i + j < 3
+(the dropped ones are below float32's rounding); o comes out float32 through a plain f32 SMEM
+buffer. Three pieces of every tile fill the SMEM at key dim 64 with one pipeline stage, so
+float32 calls are covered up to key dim 64 (forward and backward); above it, Triton / XLA.
+
 The restrictions of GPU interpret mode in JAX 0.12.0.1 (SMEM-only WGMMA operands, no
 `run_state` accumulator initialised from registers, no predicated pipeline outputs) are
-handled as in chunked_linear_attention/mosaic_gpu.py. Not here: key dims above 128 (SMEM),
-float32 inputs, chunks longer than 64.
+handled as in chunked_linear_attention/mosaic_gpu.py. Not here: key dims above 128 (SMEM; 64
+for float32), chunks longer than 64.
 
 The backward (`reverse_scan`, below) is the same split: xla.delta_rule_backward does the
 batched work and hands its reverse scan over chunks (dS -> dU -> dS) to a kernel of the same
@@ -54,21 +61,24 @@ F32 = jnp.float32
 ROWS = 64          # chunk rows: the WGMMA tile's M
 BLOCK_V = 64       # value columns per program: one 128-byte swizzle row of 16-bit values
 MAX_KEY_DIM = 128  # at 256 the scratch and one stage of tiles ask > 227 KiB of SMEM
-DTYPES = (jnp.bfloat16, jnp.float16)
+# float32 inputs: every operand in 3 pieces; at key dim 128 one stage of tiles and the scratch
+# ask ~300 KiB of SMEM (forward and backward alike).
+F32_MAX_KEY_DIM = 64
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 GL_WIDTH = 16
 
 
 def available() -> bool:
-    """Whether the installed JAX has Pallas Mosaic GPU with what this kernel uses."""
-    try:
-        from jax.experimental.pallas import mosaic_gpu as plgpu
-    except ImportError:
-        return False
-    return all(hasattr(plgpu, n) for n in ("emit_pipeline", "wgmma", "kernel", "ACC"))
+    """Whether the installed JAX has Pallas Mosaic GPU as this kernel is written for it."""
+    return _dispatch.mosaic_gpu_available()
 
 
 def interpret_params():
     return _dispatch.gpu_interpret_params()
+
+
+def max_key_dim(dtype) -> int:
+    return F32_MAX_KEY_DIM if dtype == F32 else MAX_KEY_DIM
 
 
 def supports(q, k, v, h0, chunk_size) -> bool:
@@ -76,17 +86,55 @@ def supports(q, k, v, h0, chunk_size) -> bool:
     chunk = _chunks.effective_chunk(q.shape[1], chunk_size)
     return (available() and chunk <= ROWS and h0.dtype == F32
             and q.dtype == k.dtype == v.dtype and any(k.dtype == d for d in DTYPES)
-            and q.shape[-1] <= MAX_KEY_DIM)
+            and q.shape[-1] <= max_key_dim(k.dtype))
 
 
-def _stages(kd):
-    return 2 if kd <= 64 else 1
+def _operands(dtype):
+    """(the 16-bit dtype the tensor cores take, pieces per float32 operand): a 16-bit input's
+    own dtype with head + remainder (~16 bits of mantissa), or bf16 in 3 pieces for float32
+    inputs (24 bits: float32's)."""
+    return (jnp.bfloat16, 3) if dtype == F32 else (dtype, 2)
 
 
-def _split(x, dt):
-    """x ~= head + remainder, both in the 16-bit dtype dt (~16 bits of x's mantissa for bf16)."""
-    head = x.astype(dt)
-    return head, (x - head.astype(F32)).astype(dt)
+def _stages(kd, pieces):
+    return 2 if kd <= 64 and pieces == 2 else 1
+
+
+def _split(x, dt, pieces):
+    """float32 x as `pieces` terms in the 16-bit dtype dt, head first: each the rounding of
+    what the previous ones leave (8 bits of mantissa each for bf16, 11 for f16)."""
+    out = []
+    for _ in range(pieces):
+        head = x.astype(dt)
+        out.append(head)
+        x = x - head.astype(F32)
+    return out
+
+
+def _split_to(x, refs, dt):
+    """`_split` inside the kernel, each piece stored to its SMEM ref."""
+    for n, ref in enumerate(refs):
+        head = x.astype(dt)
+        ref[...] = head
+        if n + 1 < len(refs):
+            x = x - head.astype(F32)
+
+
+def _products(plgpu, acc, lhs, rhs, pieces, transpose=False):
+    """acc += (sum lhs) @ (sum rhs) over the piece pairs whose order is below `pieces` (the
+    dropped pairs are below float32's, or the 16-bit remainder's, rounding)."""
+    for i, a in enumerate(lhs):
+        for j, b in enumerate(rhs):
+            if i + j < pieces:
+                plgpu.wgmma(acc, a.T if transpose else a, b)
+
+
+def _product(plgpu, shape, *operands, **kw):
+    """`_products` into a fresh float32 WGMMA accumulator of `shape`, its value."""
+    def body(acc):
+        _products(plgpu, acc, *operands, **kw)
+        return acc[...]
+    return pl.run_scoped(body, plgpu.ACC(shape, F32))
 
 
 def forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
@@ -94,15 +142,16 @@ def forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
     """`xla.delta_rule_forward` on Mosaic GPU: (o [B,T,H,V] in v's dtype, final state [B,H,K,V]
     float32, the state entering every chunk [B,H,N,K,V] float32). Only calls in `supports`."""
     if not supports(q, k, v, h0, chunk_size):
-        raise ValueError("delta_rule: the Mosaic GPU kernel takes 16-bit q, k, v of one dtype, "
-                         f"key_dim <= {MAX_KEY_DIM} and chunks <= {ROWS}; got q {q.dtype} "
-                         f"{q.shape}, v {v.dtype}, chunk_size {chunk_size}")
+        raise ValueError("delta_rule: the Mosaic GPU kernel takes q, k, v of one dtype (16-bit, "
+                         f"key_dim <= {MAX_KEY_DIM}; float32, key_dim <= {F32_MAX_KEY_DIM}) "
+                         f"and chunks <= {ROWS}; got q {q.dtype} {q.shape}, v {v.dtype}, "
+                         f"chunk_size {chunk_size}")
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     chunk = _chunks.effective_chunk(length, chunk_size)
-    dt = k.dtype
+    dt, pieces = _operands(k.dtype)
     # XLA's GPU float32 matmuls may run in TF32: the state-independent work keeps float32.
     with jax.default_matmul_precision("highest"):
         ch = _xla._Chunked(q, k, v, beta, g, reset, scale=scale, chunk=chunk, gated=gated,
@@ -120,14 +169,13 @@ def forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
         x = jnp.pad(x, [(0, 0)] * 3 + [(0, ROWS - chunk), (0, width - x.shape[-1])])
         return x.reshape(bh, n * ROWS, width)
 
-    # Kd (k scaled by in-chunk decays) is exact in k's dtype when nothing decays it.
-    split_kd = gated
-    w_hi, w_lo = _split(tiles(w, kd, True), dt)
-    args = [w_hi, w_lo, tiles(qg, kd).astype(dt), tiles(p, ROWS).astype(dt)]
-    if split_kd:
-        args += list(_split(tiles(kdec, kd, True), dt))
-    else:
-        args.append(tiles(kdec, kd, True).astype(dt))
+    # Qg and P reach only o: one 16-bit operand where o is rounded to 16 bits, all the pieces
+    # for a float32 o. Kd (k scaled by in-chunk decays) is exact in k's dtype when nothing
+    # decays it and k is 16-bit.
+    n_qp = 1 if pieces == 2 else pieces
+    n_kd = 1 if not gated and pieces == 2 else pieces
+    args = (_split(tiles(w, kd, True), dt, pieces) + _split(tiles(qg, kd), dt, n_qp)
+            + _split(tiles(p, ROWS), dt, n_qp) + _split(tiles(kdec, kd, True), dt, n_kd))
     args.append(tiles(u_t, vd, True).astype(F32))
     decays = gated or segmented
     if decays:
@@ -136,8 +184,9 @@ def forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
         args.append(jnp.broadcast_to(gl, (bh, n, GL_WIDTH)).reshape(bh, n * GL_WIDTH))
     h0p = jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, kd - key_dim), (0, vd - value_dim)])
     args.append(h0p.reshape(bh, kd, vd))
-    o, final, states = _call(args, kd=kd, vd=vd, n=n, dt=dt, split_kd=split_kd, decays=decays,
-                             interpret=interpret, plgpu=plgpu)
+    o, final, states = _call(args, kd=kd, vd=vd, n=n, dt=dt, out_dt=v.dtype, pieces=pieces,
+                             n_qp=n_qp, n_kd=n_kd, decays=decays, interpret=interpret,
+                             plgpu=plgpu)
     o = o.reshape(batch, heads, n, ROWS, vd)[:, :, :, :chunk, :value_dim]
     o = _chunks.from_chunks(o, length)
     final = final[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
@@ -145,14 +194,18 @@ def forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
     return o, final, states
 
 
-def _call(args, *, kd, vd, n, dt, split_kd, decays, interpret, plgpu):
+def _call(args, *, kd, vd, n, dt, out_dt, pieces, n_qp, n_kd, decays, interpret, plgpu):
     bh = args[0].shape[0]
     c, vb = ROWS, BLOCK_V
     # 128-byte swizzle, tiles of 8 rows x 64 16-bit elements: what WGMMA reads from SMEM.
     tf16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     n_in = len(args)
+    # Where each operand's pieces sit in the tiles a chunk step gets.
+    counts = (pieces, n_qp, n_qp, n_kd)
+    bounds = [sum(counts[:m]) for m in range(5)]
+    n_tiles = bounds[-1]
 
-    def kernel(*refs):
+    def delta_rule_fwd_kernel(*refs):
         in_refs, (o_ref, fin_ref, st_ref) = refs[:n_in], refs[n_in:n_in + 3]
         h0_ref = in_refs[-1]
         i, j = jax.lax.axis_index("bh"), jax.lax.axis_index("v")
@@ -166,39 +219,27 @@ def _call(args, *, kd, vd, n, dt, split_kd, decays, interpret, plgpu):
         s0 = pl.run_scoped(load_state, plgpu.SMEM((kd, vb), F32), plgpu.Barrier(num_barriers=1))
 
         def chunk_body(scratch, idx, *tiles):
-            o_s, st_s, s_hi, s_lo, u_hi, u_lo = scratch
+            o_s, st_s = scratch[:2]
+            s_p, u_p = scratch[2:2 + pieces], scratch[2 + pieces:]
             tiles = list(tiles)
             s = tiles.pop()
-            w_hi, w_lo, qg_s, p_s = tiles[:4]
-            kd_hi, kd_lo = (tiles[4], tiles[5]) if split_kd else (tiles[4], None)
-            ut_s = tiles[5 + split_kd]
-            gl = tiles[6 + split_kd][0] if decays else None
+            w_p, qg_p, p_p, kd_p = (tiles[bounds[m]:bounds[m + 1]] for m in range(4))
+            ut_s = tiles[n_tiles]
+            gl = tiles[n_tiles + 1][0] if decays else None
             t = idx[0]
-            hi = s.astype(dt)
-            s_hi[...] = hi
-            s_lo[...] = (s - hi.astype(F32)).astype(dt)
+            _split_to(s, s_p, dt)
             plgpu.commit_smem()
 
-            def ws(acc):
-                plgpu.wgmma(acc, w_hi, s_hi)
-                plgpu.wgmma(acc, w_hi, s_lo)
-                plgpu.wgmma(acc, w_lo, s_hi)
-                return acc[...]
-
-            u = plgpu.load(ut_s, layout=plgpu.Layout.WGMMA) - pl.run_scoped(
-                ws, plgpu.ACC((c, vb), F32))
+            u = plgpu.load(ut_s, layout=plgpu.Layout.WGMMA) - _product(
+                plgpu, (c, vb), w_p, s_p, pieces)
             # Through SMEM, not as a register operand: GPU interpret mode takes only SMEM refs
             # as WGMMA operands (JAX 0.12.0.1).
-            uh = u.astype(dt)
-            u_hi[...] = uh
-            u_lo[...] = (u - uh.astype(F32)).astype(dt)
+            _split_to(u, u_p, dt)
             plgpu.commit_smem()
 
             def out(acc):
-                plgpu.wgmma(acc, qg_s, s_hi)
-                plgpu.wgmma(acc, qg_s, s_lo)
-                plgpu.wgmma(acc, p_s, u_hi)
-                plgpu.wgmma(acc, p_s, u_lo)
+                _products(plgpu, acc, qg_p, s_p, pieces)
+                _products(plgpu, acc, p_p, u_p, pieces)
                 return acc[...]
 
             o = pl.run_scoped(out, plgpu.ACC((c, vb), F32))
@@ -212,41 +253,35 @@ def _call(args, *, kd, vd, n, dt, split_kd, decays, interpret, plgpu):
             plgpu.copy_smem_to_gmem(o_s, o_ref.at[i, pl.ds(t * c, c), cols])
             plgpu.copy_smem_to_gmem(st_s, st_ref.at[i, pl.ds(t * kd, kd), cols])
 
-            def update(acc):
-                plgpu.wgmma(acc, kd_hi.T, u_hi)
-                plgpu.wgmma(acc, kd_hi.T, u_lo)
-                if split_kd:
-                    plgpu.wgmma(acc, kd_lo.T, u_hi)
-                return acc[...]
-
             # A fresh accumulator plus the (decayed) state rather than one initialised with it:
             # GPU interpret mode has no rule for the discharged WGMMA `run_state` produces.
             if decays:
                 s = s * gl
-            return s + pl.run_scoped(update, plgpu.ACC((kd, vb), F32))
+            return s + _product(plgpu, (kd, vb), kd_p, u_p, pieces, transpose=True)
 
         seq = lambda w: plgpu.BlockSpec((c, w), lambda t: (t, 0), transforms=tf16)
-        in_specs = [seq(kd), seq(kd), seq(kd), seq(c), seq(kd)]
-        ins = [r.at[i] for r in in_refs[:5]]
-        if split_kd:
-            in_specs.append(seq(kd))
-            ins.append(in_refs[5].at[i])
+        widths = [kd] * pieces + [kd] * n_qp + [c] * n_qp + [kd] * n_kd
+        in_specs = [seq(w) for w in widths]
+        ins = [r.at[i] for r in in_refs[:n_tiles]]
         in_specs.append(plgpu.BlockSpec((c, vb), lambda t: (t, 0)))
-        ins.append(in_refs[5 + split_kd].at[i, :, cols])
+        ins.append(in_refs[n_tiles].at[i, :, cols])
         if decays:
             in_specs.append(plgpu.BlockSpec((GL_WIDTH,), lambda t: (t,)))
-            ins.append(in_refs[6 + split_kd].at[i])
+            ins.append(in_refs[n_tiles + 1].at[i])
 
         def walk(*scratch):
             last = plgpu.emit_pipeline(
                 functools.partial(chunk_body, scratch), grid=(n,), in_specs=in_specs,
-                max_concurrent_steps=_stages(kd), init_carry=s0)(*ins)
+                max_concurrent_steps=_stages(kd, pieces), init_carry=s0)(*ins)
             plgpu.wait_smem_to_gmem(0)      # before the output buffers are released
             return last
 
-        scratch = [plgpu.SMEM((c, vb), dt, transforms=tf16), plgpu.SMEM((kd, vb), F32)]
-        scratch += [plgpu.SMEM((kd, vb), dt, transforms=tf16)] * 2
-        scratch += [plgpu.SMEM((c, vb), dt, transforms=tf16)] * 2
+        # o's buffer: WGMMA-tiled 16-bit, or plain float32 (TMA copies it out either way).
+        o_buf = (plgpu.SMEM((c, vb), F32) if out_dt == F32
+                 else plgpu.SMEM((c, vb), out_dt, transforms=tf16))
+        scratch = [o_buf, plgpu.SMEM((kd, vb), F32)]
+        scratch += [plgpu.SMEM((kd, vb), dt, transforms=tf16)] * pieces
+        scratch += [plgpu.SMEM((c, vb), dt, transforms=tf16)] * pieces
         s = pl.run_scoped(walk, *scratch)
 
         def store_final(smem):
@@ -257,10 +292,11 @@ def _call(args, *, kd, vd, n, dt, split_kd, decays, interpret, plgpu):
 
         pl.run_scoped(store_final, plgpu.SMEM((kd, vb), F32))
 
-    out_type = (jax.ShapeDtypeStruct((bh, n * c, vd), dt),
+    out_type = (jax.ShapeDtypeStruct((bh, n * c, vd), out_dt),
                 jax.ShapeDtypeStruct((bh, kd, vd), F32),
                 jax.ShapeDtypeStruct((bh, n * kd, vd), F32))
-    call = plgpu.kernel(kernel, out_type=out_type, grid=(bh, vd // vb), grid_names=("bh", "v"),
+    call = plgpu.kernel(delta_rule_fwd_kernel, out_type=out_type, grid=(bh, vd // vb),
+                        grid_names=("bh", "v"),
                         interpret=interpret if interpret is not None else False)
     return call(*args)
 
@@ -279,18 +315,21 @@ def _call(args, *, kd, vd, n, dt, split_kd, decays, interpret, plgpu):
 
 def reverse_scan(pt_do, qgt_do, kdec, w, gl, ds_final, *, dtype, split_kd, interpret=None):
     """`xla.reverse_state_scan` on Mosaic GPU (the same arguments and results); `dtype` is the
-    16-bit dtype of the WGMMA operands, `split_kd` whether Kd needs a remainder (gated)."""
+    inputs' dtype (16-bit, or float32: bf16 pieces), `split_kd` whether Kd is decayed (gated)
+    and so not exact in a 16-bit k's dtype."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     batch, heads, n, chunk, value_dim = pt_do.shape
     key_dim = qgt_do.shape[-2]
-    if chunk > ROWS or key_dim > MAX_KEY_DIM:
+    if chunk > ROWS or key_dim > max_key_dim(dtype):
         raise ValueError(f"delta_rule: the Mosaic GPU backward takes chunks <= {ROWS} and key_dim "
-                         f"<= {MAX_KEY_DIM}; got chunk {chunk}, key_dim {key_dim}")
+                         f"<= {max_key_dim(dtype)} ({jnp.dtype(dtype).name}); got chunk "
+                         f"{chunk}, key_dim {key_dim}")
     kd = _chunks.round_up(key_dim, 64)
     vd = _chunks.round_up(value_dim, BLOCK_V)
     bh = batch * heads
-    dt = dtype
+    dt, pieces = _operands(dtype)
+    n_kd = 1 if not split_kd and pieces == 2 else pieces
 
     def tiles(x, rows, width):
         """[B, H, N, R, D] -> [B*H, N*rows, width], each chunk's tile zero padded."""
@@ -298,10 +337,7 @@ def reverse_scan(pt_do, qgt_do, kdec, w, gl, ds_final, *, dtype, split_kd, inter
                                                    (0, width - x.shape[-1])])
         return x.reshape(bh, n * rows, width)
 
-    w_hi, w_lo = _split(tiles(w, ROWS, kd), dt)
-    args = [w_hi, w_lo]
-    kdt = tiles(kdec, ROWS, kd)
-    args += list(_split(kdt, dt)) if split_kd else [kdt.astype(dt)]
+    args = _split(tiles(w, ROWS, kd), dt, pieces) + _split(tiles(kdec, ROWS, kd), dt, n_kd)
     args += [tiles(pt_do, ROWS, vd), tiles(qgt_do, kd, vd)]
     decays = gl is not None
     if decays:
@@ -309,7 +345,7 @@ def reverse_scan(pt_do, qgt_do, kdec, w, gl, ds_final, *, dtype, split_kd, inter
         args.append(jnp.broadcast_to(gl, (bh, n, GL_WIDTH)).reshape(bh, n * GL_WIDTH))
     dsf = jnp.pad(ds_final.astype(F32), [(0, 0), (0, 0), (0, kd - key_dim), (0, vd - value_dim)])
     args.append(dsf.reshape(bh, kd, vd))
-    ds_next, du, dh0 = _bwd_call(args, kd=kd, vd=vd, n=n, dt=dt, split_kd=split_kd,
+    ds_next, du, dh0 = _bwd_call(args, kd=kd, vd=vd, n=n, dt=dt, pieces=pieces, n_kd=n_kd,
                                  decays=decays, interpret=interpret, plgpu=plgpu)
     ds_next = ds_next.reshape(batch, heads, n, kd, vd)[..., :key_dim, :value_dim]
     du = du.reshape(batch, heads, n, ROWS, vd)[..., :chunk, :value_dim]
@@ -317,11 +353,12 @@ def reverse_scan(pt_do, qgt_do, kdec, w, gl, ds_final, *, dtype, split_kd, inter
     return ds_next, du, dh0
 
 
-def _bwd_call(args, *, kd, vd, n, dt, split_kd, decays, interpret, plgpu):
+def _bwd_call(args, *, kd, vd, n, dt, pieces, n_kd, decays, interpret, plgpu):
     bh = args[0].shape[0]
     c, vb = ROWS, BLOCK_V
     tf16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     n_in = len(args)
+    n_tiles = pieces + n_kd
 
     def delta_rule_bwd_kernel(*refs):
         in_refs, (dsn_ref, du_ref, dh0_ref) = refs[:n_in], refs[n_in:n_in + 3]
@@ -337,32 +374,21 @@ def _bwd_call(args, *, kd, vd, n, dt, split_kd, decays, interpret, plgpu):
         ds0 = pl.run_scoped(load_state, plgpu.SMEM((kd, vb), F32), plgpu.Barrier(num_barriers=1))
 
         def chunk_body(scratch, idx, *tiles):
-            dsn_s, du_s, ds_hi, ds_lo, du_hi, du_lo = scratch
+            dsn_s, du_s = scratch[:2]
+            ds_p, du_p = scratch[2:2 + pieces], scratch[2 + pieces:]
             tiles = list(tiles)
             ds = tiles.pop()
-            w_hi, w_lo, kd_hi = tiles[:3]
-            kd_lo = tiles[3] if split_kd else None
-            ptdo_s, qgtdo_s = tiles[3 + split_kd:5 + split_kd]
-            gl = tiles[5 + split_kd][0] if decays else None
+            w_p, kd_p = tiles[:pieces], tiles[pieces:n_tiles]
+            ptdo_s, qgtdo_s = tiles[n_tiles:n_tiles + 2]
+            gl = tiles[n_tiles + 2][0] if decays else None
             t = n - 1 - idx[0]
-            hi = ds.astype(dt)
-            ds_hi[...] = hi
-            ds_lo[...] = (ds - hi.astype(F32)).astype(dt)
+            _split_to(ds, ds_p, dt)
             plgpu.commit_smem()
 
-            def kds(acc):
-                plgpu.wgmma(acc, kd_hi, ds_hi)
-                plgpu.wgmma(acc, kd_hi, ds_lo)
-                if split_kd:
-                    plgpu.wgmma(acc, kd_lo, ds_hi)
-                return acc[...]
-
-            du = plgpu.load(ptdo_s, layout=plgpu.Layout.WGMMA) + pl.run_scoped(
-                kds, plgpu.ACC((c, vb), F32))
+            du = plgpu.load(ptdo_s, layout=plgpu.Layout.WGMMA) + _product(
+                plgpu, (c, vb), kd_p, ds_p, pieces)
             # dU meets W^T as an SMEM operand (GPU interpret mode: SMEM-only WGMMA operands).
-            duh = du.astype(dt)
-            du_hi[...] = duh
-            du_lo[...] = (du - duh.astype(F32)).astype(dt)
+            _split_to(du, du_p, dt)
             # The outputs leave by TMA from one buffer each, written once the previous chunk's
             # copies have read it.
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -374,35 +400,28 @@ def _bwd_call(args, *, kd, vd, n, dt, split_kd, decays, interpret, plgpu):
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(dsn_s, dsn_ref.at[i, pl.ds(t * kd, kd), cols])
             plgpu.copy_smem_to_gmem(du_s, du_ref.at[i, pl.ds(t * c, c), cols])
-
-            def wdu(acc):
-                plgpu.wgmma(acc, w_hi.T, du_hi)
-                plgpu.wgmma(acc, w_hi.T, du_lo)
-                plgpu.wgmma(acc, w_lo.T, du_hi)
-                return acc[...]
-
-            return base - pl.run_scoped(wdu, plgpu.ACC((kd, vb), F32))
+            return base - _product(plgpu, (kd, vb), w_p, du_p, pieces, transpose=True)
 
         rev = lambda t: (n - 1 - t, 0)
         seq = lambda w: plgpu.BlockSpec((c, w), rev, transforms=tf16)
-        in_specs = [seq(kd), seq(kd), seq(kd)] + [seq(kd)] * split_kd
-        ins = [r.at[i] for r in in_refs[:3 + split_kd]]
+        in_specs = [seq(kd)] * n_tiles
+        ins = [r.at[i] for r in in_refs[:n_tiles]]
         in_specs += [plgpu.BlockSpec((c, vb), rev), plgpu.BlockSpec((kd, vb), rev)]
-        ins += [r.at[i, :, cols] for r in in_refs[3 + split_kd:5 + split_kd]]
+        ins += [r.at[i, :, cols] for r in in_refs[n_tiles:n_tiles + 2]]
         if decays:
             in_specs.append(plgpu.BlockSpec((GL_WIDTH,), lambda t: (n - 1 - t,)))
-            ins.append(in_refs[5 + split_kd].at[i])
+            ins.append(in_refs[n_tiles + 2].at[i])
 
         def walk(*scratch):
             last = plgpu.emit_pipeline(
                 functools.partial(chunk_body, scratch), grid=(n,), in_specs=in_specs,
-                max_concurrent_steps=_stages(kd), init_carry=ds0)(*ins)
+                max_concurrent_steps=_stages(kd, pieces), init_carry=ds0)(*ins)
             plgpu.wait_smem_to_gmem(0)      # before the output buffers are released
             return last
 
         scratch = [plgpu.SMEM((kd, vb), F32), plgpu.SMEM((c, vb), F32)]
-        scratch += [plgpu.SMEM((kd, vb), dt, transforms=tf16)] * 2
-        scratch += [plgpu.SMEM((c, vb), dt, transforms=tf16)] * 2
+        scratch += [plgpu.SMEM((kd, vb), dt, transforms=tf16)] * pieces
+        scratch += [plgpu.SMEM((c, vb), dt, transforms=tf16)] * pieces
         ds = pl.run_scoped(walk, *scratch)
 
         def store_dh0(smem):

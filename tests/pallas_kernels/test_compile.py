@@ -9,6 +9,7 @@ whole matrix.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 pytest.importorskip("jax.experimental.topologies")
 
 from benchmarks import compile as matrix  # noqa: E402
-from pallas_kernels import _aot  # noqa: E402
+from pallas_kernels import _aot, _dispatch  # noqa: E402
 
 pytestmark = [pytest.mark.kernel, pytest.mark.compile]
 
@@ -32,6 +33,19 @@ CASES = [(op, variant) for op in matrix.OPS for variant in matrix.VARIANTS[op]]
 # Short ids: the newest-JAX CI stage deselects tests named "bfloat16".
 DTYPES = {"bf16": "bfloat16", "f32": "float32"}
 KIND = {"tpu": "mosaic", "cuda": "triton"}
+
+
+def _triton_on_gpus(target):
+    """The GPU cases compile the Triton kernels (the A100's, and Hopper's inside
+    gpu_backend("triton") or for calls no Mosaic GPU kernel covers): on an H100 the default
+    backend picks the Mosaic GPU kernels where they cover a call, and those compile in
+    test_mosaic_gpu.py (which also checks that choice)."""
+    return _dispatch.gpu_backend("triton") if _aot.platform(target) == "cuda" else _nothing()
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,7 +79,8 @@ def _compiles(op, variant, dtype, target):
     dim = (LARGEST_DIM if _aot.platform(target) == "tpu" else LARGEST_GPU_DIM)[op]
     case = matrix.Case(op, variant, dim, dtype, "fwd+bwd", LENGTH, target)
     fn, args = matrix._program(case)
-    compiled, _ = _aot.compile(fn, *(_aot.abstract(s, d, target) for s, d in args))
+    with _triton_on_gpus(target):
+        compiled, _ = _aot.compile(fn, *(_aot.abstract(s, d, target) for s, d in args))
     rep = _aot.report(compiled)
     kinds = {k["kind"] for k in rep["kernels"]}
     if (op, variant, _aot.platform(target)) == ("flash_attention", "window", "cuda"):
@@ -94,7 +109,8 @@ def test_slow_backward_kernels_are_built_from_hopper_on(op, variant, dim, target
         pytest.skip(f"no compiler plugin for {target}")
     case = matrix.Case(op, variant, dim, "float32", "fwd+bwd", LENGTH, target)
     fn, args = matrix._program(case)
-    compiled, _ = _aot.compile(fn, *(_aot.abstract(s, d, target) for s, d in args))
+    with _triton_on_gpus(target):
+        compiled, _ = _aot.compile(fn, *(_aot.abstract(s, d, target) for s, d in args))
     found = [k["kind"] for k in _aot.report(compiled)["kernels"]]
     assert found == ["triton"] * kernels, found
 

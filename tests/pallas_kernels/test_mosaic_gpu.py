@@ -85,11 +85,12 @@ def test_op_runs_mosaic_kernel_under_gpu_interpret_mode():
 
 
 def test_uncovered_calls_run_triton_under_gpu_interpret_mode():
-    """Float32 inputs are not on the Mosaic kernel (its tf32 WGMMA takes only K-major
-    operands): the op still runs, through the Triton kernel in the generic interpreter, and
-    matches the reference."""
+    """Keys and values of different dtypes (float32 k, bf16 v) are not on the Mosaic kernel:
+    the op still runs, through the Triton kernel in the generic interpreter, and matches the
+    reference."""
     shape = (1, 40, 1, 16, 16)
-    q, k, v, h0 = (x.astype(jnp.float32) for x in _inputs(shape, seed=5))
+    q, k, v, h0 = _inputs(shape, seed=5)
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     g = jnp.log(jax.random.uniform(jax.random.PRNGKey(7), shape[:3], minval=0.8, maxval=1.0))
     assert not cla_mgpu.supports(q, k, v, g[..., None], None)
     fn = lambda impl: jax.jit(lambda *a: chunked_linear_attention(
@@ -224,17 +225,21 @@ def test_gated_op_runs_mosaic_kernel_with_gradients(kind):
     kt.assert_tree_close(grads, ref[1], BF16_TOL, "grads")
 
 
-def test_gated_calls_above_key_dim_128_run_triton():
+def test_gated_calls_above_key_dim_128_split_the_key_dim():
     """The gated tiles (q~, k~ in three pieces, the decay or score tile) do not fit SMEM at
-    key_dim 256 even with one stage: those calls take the Triton kernel."""
+    key_dim 256 even with one stage: those calls run two programs of 128 key rows each (the
+    ungated one keeps all 256 rows); above 256 the Triton kernel runs."""
     spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     q, q128, v = spec(1, 64, 1, 256), spec(1, 64, 1, 128), spec(1, 64, 1, 64)
     g = spec(1, 64, 1, 1)
     runs = jax.ShapeDtypeStruct((1, 64), jnp.int32)
     assert cla_mgpu.supports(q, q, v, None, None)
-    assert not cla_mgpu.supports(q, q, v, g, None)
-    assert not cla_mgpu.supports(q, q, v, None, runs)
+    assert cla_mgpu.supports(q, q, v, g, None) and cla_mgpu.supports(q, q, v, None, runs)
     assert cla_mgpu.supports(q128, q128, v, g, runs)
+    assert cla_mgpu._plan("plain", 256, jnp.bfloat16, False) == (256, 1)
+    assert cla_mgpu._plan("scalar", 256, jnp.bfloat16, True) == (128, 1)
+    assert cla_mgpu._plan("scalar", 128, jnp.bfloat16, True) == (128, 1)
+    assert not cla_mgpu.supports(spec(1, 64, 1, 320), spec(1, 64, 1, 320), v, None, None)
 
 
 def _gated_kernels(target, key_dim, kind, backend="mosaic"):
@@ -376,6 +381,129 @@ def test_backward_compiles_for_hopper(target, key_dim, kind):
     assert _backward_kernels(target, key_dim, kind) == ["mosaic_gpu"] * 2
 
 
+# float32 inputs (q, k, v as 3 bf16 pieces, 6 piece products per float32 product, o in float32)
+# and gated key dims above 128 (the key dim split over programs, partial outputs summed in XLA):
+# mosaic_gpu._plan picks the key block and stages that fit SMEM. float32 results at the float32
+# Triton path's tolerance (test_chunked_linear_attention's F32_TOL), states at STATE_TOL.
+F32_TOL = 1e-5
+
+
+def _f32_case(shape, kind, seed, dtype=jnp.float32):
+    """q (float32, scaled), k, v in `dtype`, h0, and with a `kind` gate its segment starts
+    (kind None: neither, the plain kernel)."""
+    batch, length, heads, kdim, vdim = shape
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(ks[0], (batch, length, heads, kdim)) * kdim ** -0.5
+    k = jax.random.normal(ks[1], q.shape).astype(dtype)
+    v = jax.random.normal(ks[2], (batch, length, heads, vdim)).astype(dtype)
+    h0 = jax.random.normal(ks[3], (batch, heads, kdim, vdim))
+    g = None if kind is None else _gate(shape, kind, seed + 1)
+    g = g[..., None] if kind == "scalar" else g
+    runs = None
+    if kind is not None:
+        runs = jnp.zeros(shape[:2], jnp.int32).at[:, jnp.array(_STARTS)].set(1)
+    return q, k, v, g, h0, runs
+
+
+@pytest.mark.parametrize("shape,kind,dtype,key_block", [
+    ((1, 70, 1, 64, 64), None, jnp.float32, 64),
+    ((1, 70, 1, 128, 64), "vector", jnp.float32, 64),
+    ((1, 70, 1, 256, 64), "scalar", jnp.bfloat16, 128)],
+    ids=["f32-K64", "f32-vector-segments-K128-split", "bf16-scalar-segments-K256-split"])
+def test_f32_and_split_key_forward_kernel_in_gpu_interpret_mode(shape, kind, dtype, key_block):
+    """The forward kernel (plain: two pipeline stages; gated with segment starts: one):
+    outputs, final state and every chunk's start state against xla.py's float64 chunked
+    form. The split cases run two programs per (head, value block), each on its key rows."""
+    q, k, v, g, h0, runs = _f32_case(shape, kind, 31, dtype)
+    assert cla_mgpu.supports(q, k, v, g, runs)
+    assert cla_mgpu._plan(cla_mgpu._mode(g, runs), shape[3], dtype, g is not None)[0] == key_block
+    o, final, starts = jax.jit(lambda *a: cla_mgpu.forward(
+        *a, interpret=cla_mgpu.interpret_params()))(q, k, v, g, h0, runs)
+    ref = kt.float64_run(cla_xla.forward_with_states, q, k, v, g, h0, runs)
+    assert o.dtype == dtype
+    kt.assert_close(o, ref[0], F32_TOL if dtype == jnp.float32 else BF16_TOL, "o")
+    kt.assert_close(final, ref[1], STATE_TOL, "final_state")
+    kt.assert_close(starts, ref[2], STATE_TOL, "chunk start states")
+
+
+def test_f32_backward_kernel_in_gpu_interpret_mode():
+    """float32 do as 3 bf16 pieces in the reverse scan (one pipeline stage at K256): dS at
+    every chunk end, d initial_state and every gradient against xla.py's float64 backward."""
+    q, k, v, g, h0, runs = _f32_case((1, 70, 1, 256, 64), "scalar", 41)
+    ks = jax.random.split(jax.random.PRNGKey(42), 2)
+    do, dfinal = jax.random.normal(ks[0], v.shape), jax.random.normal(ks[1], h0.shape)
+    assert cla_mgpu.supports_backward(q, k, v, g, runs, do)
+    starts = kt.float64_run(cla_xla.forward_with_states, q, k, v, g, h0, runs)[2]
+    params = cla_mgpu.interpret_params()
+    ends, dh0 = jax.jit(lambda *a: cla_mgpu.state_cotangents(*a, interpret=params))(
+        q, k, g, runs, do, dfinal)
+    ref = kt.float64_run(cla_xla.state_cotangents, q, g, runs, do, dfinal)
+    kt.assert_close(ends, ref[0], STATE_TOL, "chunk end cotangents")
+    kt.assert_close(dh0, ref[1], STATE_TOL, "d initial_state")
+    args = (q, k, v, g, h0, runs, starts.astype(jnp.float32), do, dfinal)
+    grads = jax.jit(lambda *a: cla_mgpu.backward(*a, interpret=params))(*args)
+    ref = kt.float64_run(cla_xla.backward, *args[:6], starts, *args[7:])
+    for name, x, r in zip(["dq", "dk", "dv", "dg", "dh0"], grads, ref):
+        assert x.dtype == jnp.float32, name
+        kt.assert_close(x, r, F32_TOL, name)
+
+
+def test_f32_op_runs_mosaic_kernels_with_gradients():
+    """The public op with float32 inputs inside pallas_interpret("gpu"), with a scalar gate,
+    segment_ids and an initial state: both kernels are Mosaic GPU (no Triton kernel in the
+    program), and o, the final state and every gradient match float64 autodiff of the
+    reference."""
+    shape = (1, 40, 1, 16, 16)
+    q, k, v, h0 = (x.astype(jnp.float32) for x in _inputs(shape, seed=43))
+    g = _gate(shape, "scalar", 44)
+    seg = jnp.repeat(jnp.arange(2), 20)[None]
+
+    def loss(impl):
+        def f(q, k, v, g, h0):
+            o, s = chunked_linear_attention(q, k, v, log_gate=g, initial_state=h0,
+                                            segment_ids=seg, implementation=impl)
+            return jnp.sum(jnp.sin(o)) + jnp.sum(s ** 2), (o, s)
+        return jax.jit(jax.value_and_grad(f, argnums=tuple(range(5)), has_aux=True))
+
+    ref = kt.float64_run(loss("reference"), q, k, v, g, h0)
+    with _dispatch.pallas_interpret("gpu"):
+        jaxpr = str(jax.make_jaxpr(loss("pallas"))(q, k, v, g, h0))
+        (_, (o, s)), grads = loss("pallas")(q, k, v, g, h0)
+    assert jaxpr.count("mpmd_map") + jaxpr.count("core_map") == 2, "not two Mosaic GPU kernels"
+    assert "pallas_call" not in jaxpr, "a Triton kernel in the program"
+    assert o.dtype == jnp.float32
+    kt.assert_close(o, ref[0][1][0], F32_TOL, "o")
+    kt.assert_close(s, ref[0][1][1], STATE_TOL, "final_state")
+    kt.assert_tree_close(grads, ref[1], F32_TOL, "grads")
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("target,key_dim,kind,dtype", [
+    ("h100", 128, "scalar", jnp.float32), ("h200", 256, "vector", jnp.bfloat16)],
+    ids=["h100-f32-scalar-K128", "h200-bf16-vector-K256"])
+def test_f32_and_split_key_compile_for_hopper(target, key_dim, kind, dtype):
+    """Forward (key dim split over programs of 64 / 128 key rows) and backward kernels lowered
+    by Mosaic GPU and compiled by ptxas for sm_90a, shared memory within the 227 KiB a block
+    may use: float32 inputs, and a gated key dim 256 that used to run Triton."""
+    _cpu_host()
+    if not _aot.available(target):
+        pytest.skip(f"no compiler plugin for {target}")
+    shape = (2, 512, 4, key_dim)
+    q = _aot.abstract(shape, dtype, target)
+    v = _aot.abstract(shape[:3] + (128,), dtype, target)
+    g = _aot.abstract(shape[:3] if kind == "scalar" else shape, jnp.float32, target)
+    seg = _aot.abstract(shape[:2], jnp.int32, target)
+
+    def loss(q, k, v, g, seg):
+        o, _ = chunked_linear_attention(q, k, v, log_gate=g, segment_ids=seg,
+                                        implementation="pallas")
+        return jnp.sum(o.astype(jnp.float32))
+
+    with _dispatch.gpu_backend("mosaic"):
+        compiled, _ = _aot.compile(jax.grad(loss, argnums=(0, 1, 2)), q, q, v, g, seg)
+    assert [k["kind"] for k in _aot.report(compiled)["kernels"]] == ["mosaic_gpu"] * 2
+
+
 
 # ---------------------------------------------------------------------------------------------
 # linear_scan: the TMA-pipelined walk (state in registers).
@@ -477,7 +605,7 @@ def test_linear_scan_compiles_for_hopper(target, dtype):
 
 
 @pytest.mark.compile
-def test_linear_scan_dispatch_picks_triton_off_hopper_and_by_default():
+def test_linear_scan_dispatch_picks_triton_off_hopper_and_when_asked():
     _cpu_host()
     assert _scan_kernels("a100", jnp.float32, "mosaic") == ["triton"]
     assert _scan_kernels("h100", jnp.float32, "triton") == ["triton"]
@@ -583,7 +711,7 @@ def test_selective_scan_compiles_for_hopper(target):
 
 
 @pytest.mark.compile
-def test_selective_scan_dispatch_picks_triton_off_hopper_and_by_default():
+def test_selective_scan_dispatch_picks_triton_off_hopper_and_when_asked():
     _cpu_host()
     assert _s6_kernels("a100", 1, "mosaic") == ["triton"]
     assert _s6_kernels("h100", 1, "triton") == ["triton"]
@@ -667,12 +795,15 @@ def test_delta_rule_op_runs_mosaic_kernel_with_gradients():
 
 
 def test_delta_rule_uncovered_calls():
-    """float32 inputs, mixed dtypes, key dims above 128 and chunks over 64 rows are outside the
-    kernel (the op runs Triton / XLA); a direct call says so."""
+    """float32 inputs above key dim 64, mixed dtypes, key dims above 128 and chunks over 64
+    rows are outside the kernel (the op runs Triton / XLA); a direct call says so."""
     q, k, v, _, _, h0 = _delta_inputs((1, 8, 1, 16, 16), jnp.bfloat16)
     assert delta_mgpu.supports(q, k, v, h0, 64)
-    assert not delta_mgpu.supports(q.astype(jnp.float32), k.astype(jnp.float32),
-                                   v.astype(jnp.float32), h0, 64)
+    f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
+    assert delta_mgpu.supports(*f32(q, k, v), h0, 64)
+    mid = jnp.zeros((1, 8, 1, 128), jnp.bfloat16)
+    assert delta_mgpu.supports(mid, mid, v, jnp.zeros((1, 1, 128, 16)), 64)
+    assert not delta_mgpu.supports(*f32(mid, mid, v), jnp.zeros((1, 1, 128, 16)), 64)
     assert not delta_mgpu.supports(q, k, v.astype(jnp.float16), h0, 64)
     wide = jnp.zeros((1, 8, 1, 256), jnp.bfloat16)
     assert not delta_mgpu.supports(wide, wide, v, jnp.zeros((1, 1, 256, 16)), 64)
@@ -717,11 +848,13 @@ def test_delta_rule_forward_compiles_for_hopper(target, key_dim, gated):
 
 
 @pytest.mark.compile
-def test_delta_rule_dispatch_picks_triton_off_hopper_and_by_default():
+def test_delta_rule_dispatch_picks_mosaic_on_hopper_and_triton_off_it():
     _cpu_host()
     assert _delta_kernels("a100", 64, True, "mosaic", compile_=False) == ["triton"]
+    assert _delta_kernels("a100", 64, True, "auto", compile_=False) == ["triton"]
     assert _delta_kernels("h100", 64, True, "triton", compile_=False) == ["triton"]
     assert _delta_kernels("h100", 64, True, "mosaic", compile_=False) == ["mosaic_gpu"]
+    assert _delta_kernels("h100", 64, True, "auto", compile_=False) == ["mosaic_gpu"]
 
 
 # delta_rule's backward: xla.delta_rule_backward with its reverse scan over chunks (dS -> dU -> dS)
@@ -774,9 +907,9 @@ def test_delta_rule_backward_kernel_in_gpu_interpret_mode(shape, dtype, gated, s
 
 def test_delta_rule_op_backward_is_the_mosaic_kernel():
     """The op's custom VJP inside pallas_interpret("gpu") runs the Mosaic reverse scan; a call
-    outside the kernel's cover (float32 inputs) keeps the Triton backward."""
+    outside the kernel's cover (float32 inputs at key dim 128) keeps the Triton backward."""
     def grad_jaxpr(dtype):
-        q, k, v, beta, g, h0 = _delta_inputs((1, 24, 1, 16, 16), dtype)
+        q, k, v, beta, g, h0 = _delta_inputs((1, 24, 1, 128, 16), dtype)
         f = jax.grad(lambda q: jnp.sum(delta_rule(
             q, k, v, beta, log_gate=g, initial_state=h0, implementation="pallas")[0]
             .astype(jnp.float32)))
@@ -816,3 +949,142 @@ def test_delta_rule_backward_kernel_compiles_for_hopper(target, key_dim, gated):
         with _dispatch.gpu_backend(backend), _aot.lowering(_aot.devices(target)):
             text = jax.jit(grad).lower(q, beta).as_text()
         assert ("delta_rule_bwd_kernel" in text) == has, backend
+
+
+# ---------------------------------------------------------------------------------------------
+# gpu_backend("auto") (the default): Mosaic GPU where the GPU is known to be Hopper, Triton on an
+# A100, where the GPU is unknown, and inside gpu_backend("triton").
+
+import contextlib  # noqa: E402
+
+_KINDS = {"mosaic_gpu_v2": "mosaic_gpu", "__gpu$xla.gpu.triton": "triton"}
+
+
+def _lowered_kinds(target, make, args, backend=None):
+    """The Pallas kernels (in program order) of `make()` lowered for `target` (its abstract
+    device is what the dispatch reads), inside gpu_backend(backend) if one is given."""
+    if not _aot.available(target):
+        pytest.skip(f"no compiler plugin for {target}")
+    abstract = [_aot.abstract(s, d, target) for s, d in args]
+    ctx = _dispatch.gpu_backend(backend) if backend else contextlib.nullcontext()
+    # A fresh function each time: jit's trace cache does not see gpu_backend.
+    with ctx, _aot.lowering(_aot.devices(target)):
+        text = jax.jit(make()).lower(*abstract).as_text()
+    return [_KINDS[c] for c in kt.custom_calls(text) if c in _KINDS]
+
+
+def _grad_of(op, **kw):
+    def make():
+        def loss(*xs):
+            return jnp.sum(op(*xs, implementation="pallas", **kw)[0].astype(jnp.float32))
+        return jax.grad(loss)
+    return make
+
+
+_BF = jnp.bfloat16
+_DISPATCH_CASES = {
+    # op: (make, args, kernels on h100 under "auto", on a100, on h100 under "triton")
+    "chunked_linear_attention": (
+        _grad_of(chunked_linear_attention), [((1, 128, 2, 64), _BF)] * 3,
+        ["mosaic_gpu", "mosaic_gpu"], ["triton", "triton"], ["triton", "triton"]),
+    "delta_rule": (
+        _grad_of(lambda q, b, **kw: delta_rule(q, q, q, b, log_gate=-b, **kw)),
+        [((1, 128, 2, 64), _BF), ((1, 128, 2), jnp.float32)],
+        # A100: the Triton backward kernel is built from Hopper on (XLA's backward there).
+        ["mosaic_gpu", "mosaic_gpu"], ["triton"], ["triton", "triton"]),
+    "linear_scan": (
+        _grad_of(lambda a, **kw: linear_scan(a, a, **kw)),
+        [((1, 64, 128), jnp.float32)],
+        # no Mosaic GPU backward: the Triton transposed scan
+        ["mosaic_gpu", "triton"], ["triton", "triton"], ["triton", "triton"]),
+    "selective_scan": (
+        lambda: lambda u, dt, a, b: selective_scan(u, dt, a, b, b, implementation="pallas")[0],
+        [((1, 64, 128), jnp.float32), ((1, 64, 128), jnp.float32), ((128, 16), jnp.float32),
+         ((1, 64, 1, 16), jnp.float32)],
+        ["mosaic_gpu"], ["triton"], ["triton"]),
+}
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("op", list(_DISPATCH_CASES))
+def test_auto_backend_picks_mosaic_on_hopper_and_triton_elsewhere(op):
+    """Forward and backward decide alike: the h100 program holds the op's Mosaic GPU kernels
+    (the backward's too, where there is one, reading what the Mosaic forward wrote), the a100
+    one the Triton kernels, and gpu_backend("triton") keeps Triton on the h100."""
+    _cpu_host()
+    make, args, hopper, a100, triton = _DISPATCH_CASES[op]
+    assert _lowered_kinds("h100", make, args) == hopper
+    assert _lowered_kinds("a100", make, args) == a100
+    assert _lowered_kinds("h100", make, args, backend="triton") == triton
+
+
+def test_auto_backend_keeps_triton_where_the_gpu_is_unknown():
+    """A CPU host lowering for "cuda" with no mesh (an export that may run on any GPU): Triton
+    under "auto"; gpu_backend("mosaic") assumes Hopper there, as JAX's Triton lowering does."""
+    _cpu_host()
+    assert _dispatch.cuda_compute_capability() is None
+    assert not _dispatch.use_mosaic_gpu(None)
+    with _dispatch.gpu_backend("mosaic"):
+        assert _dispatch.use_mosaic_gpu(None)
+        assert not _dispatch.use_mosaic_gpu(True)     # the generic interpreter: Triton
+    with _dispatch.gpu_backend("triton"):
+        assert not _dispatch.use_mosaic_gpu(None)
+    assert _dispatch.use_mosaic_gpu(_dispatch.gpu_interpret_params())
+
+
+# ---------------------------------------------------------------------------------------------
+# delta_rule with float32 inputs: every float32 operand of a WGMMA as 3 bf16 pieces (24 bits of
+# mantissa, float32's), key dim <= 64 (one pipeline stage fills the SMEM).
+
+# The Triton float32 path's tolerance (tests/pallas_kernels/test_delta_rule.py).
+DELTA_F32_TOL = 1e-5
+
+
+def test_delta_rule_float32_op_in_gpu_interpret_mode():
+    """The public op with float32 inputs inside pallas_interpret("gpu") (race detection on):
+    the Mosaic forward and the Mosaic reverse scan of its backward, with a gate, segment_ids
+    (resets inside chunks, different per batch row), an initial state and chunk_size=16. The
+    outputs, final state and every gradient against float64 autodiff of the reference."""
+    q, k, v, beta, g, h0 = _delta_inputs((2, 40, 1, 16, 16), jnp.float32, seed=1)
+    seg = jnp.stack([jnp.repeat(jnp.arange(2), 20), jnp.repeat(jnp.arange(4), 10)])
+    assert delta_mgpu.supports(q, k, v, h0, 16)
+
+    def loss(impl):
+        def f(q, k, v, beta, g, h0):
+            o, s = delta_rule(q, k, v, beta, log_gate=g, initial_state=h0, segment_ids=seg,
+                              chunk_size=16, implementation=impl)
+            return jnp.sum(jnp.sin(o)) + jnp.sum(s ** 2), (o, s)
+        return jax.jit(jax.value_and_grad(f, argnums=tuple(range(6)), has_aux=True))
+
+    ref = kt.float64_run(loss("reference"), q, k, v, beta, g, h0)
+    with _dispatch.pallas_interpret("gpu"):
+        jaxpr = str(jax.make_jaxpr(loss("pallas"))(q, k, v, beta, g, h0))
+        (_, (o, s)), grads = loss("pallas")(q, k, v, beta, g, h0)
+    assert "delta_rule_fwd_kernel" in jaxpr and "delta_rule_bwd_kernel" in jaxpr
+    assert o.dtype == jnp.float32
+    kt.assert_close(o, ref[0][1][0], DELTA_F32_TOL, "o")
+    kt.assert_close(s, ref[0][1][1], DELTA_F32_TOL, "final_state")
+    for name, x, r in zip(["dq", "dk", "dv", "dbeta", "dg", "dh0"], grads, ref[1]):
+        assert x.dtype == jnp.float32, name
+        kt.assert_close(x, r, DELTA_F32_TOL, name)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("target,gated", [("h100", True), ("h200", False)])
+def test_delta_rule_float32_compiles_for_hopper(target, gated):
+    """float32 forward and backward kernels (key dim 64, 3 bf16 pieces per operand, one
+    pipeline stage) lowered by Mosaic GPU and compiled by ptxas for sm_90a (shared memory
+    checked against the 227 KiB a block may use), chosen by the default gpu_backend."""
+    _cpu_host()
+    if not _aot.available(target):
+        pytest.skip(f"no compiler plugin for {target}")
+    q = _aot.abstract((2, 512, 4, 64), jnp.float32, target)
+    v = _aot.abstract((2, 512, 4, 128), jnp.float32, target)
+    beta = _aot.abstract((2, 512, 4), jnp.float32, target)
+
+    def grad(q, v, beta):
+        return jax.grad(lambda q: jnp.sum(delta_rule(
+            q, q, v, beta, log_gate=-beta if gated else None, implementation="pallas")[0]))(q)
+
+    compiled, _ = _aot.compile(grad, q, v, beta)
+    assert [k["kind"] for k in _aot.report(compiled)["kernels"]] == ["mosaic_gpu"] * 2
