@@ -25,7 +25,8 @@ for t >= P the backward part and the diagonal vanish. The normaliser z rides in 
 of v and v^e (as in memzoo.linear_attention.LinearAttention).
 
 Packed documents (`segment_ids`): each document's first P tokens are its prompt. Decoding: the
-cache (`JRTCache`) holds the causal state, the encoder state of the prompt tokens seen so far,
+cache (`JRTCache`: LinearMemory's cache plus the encoder state of the prompt tokens seen so
+far, so LinearMemory's step and prefill serve it) holds the causal state, the encoder state,
 the short-conv window and the position. A prompt token's output needs the whole prompt, so it
 is only defined in a call that reaches position P: a prefill that ends inside the prompt, or a
 `step` inside it, returns NaN for those tokens (loudly wrong, as attention's cache overflow),
@@ -34,8 +35,12 @@ while still accumulating them; the intended use is a prefill of (at least) the p
 (tests/memzoo/test_contract.py): causality is checked from P on, and decoding after a prefill
 of the prompt. With P = 0 the mixer is causal linear attention with an (unused) encoder.
 
-The encoder projections skip the short convolution and rotary positions: the encoder already
-sees the whole prompt. (JRT-RNN's full recipe adds Based's Taylor feature map and a sliding
+With `conv_size`, k^e and v^e go through the same short causal convolution (SiLU) as q, k, v
+(one depthwise conv over all five). The paper's model interleaves Based's short-convolution
+layers with its prefix-linear-attention layers, so the encoder reads inputs a short conv has
+mixed; without one here, k^e_j and v^e_j come from the same token, and a first-layer E can
+hold no key -> value binding (on mqar16q4_jrt the mixer without it stayed on the 1/16
+plateau, 0.061 held-out; with it 0.566, benchmarks/RESULTS.md). Still no rotary positions. (JRT-RNN's full recipe adds Based's Taylor feature map and a sliding
 window attention; the feature map is an option here, the window is another mixer.)
 """
 from __future__ import annotations
@@ -44,30 +49,32 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from memzoo import layers
-from memzoo.attention import check_segment_ids
-from memzoo.linear_attention.common import (check_positive_int, normal_init, repeat_heads,
+from memzoo.linear_attention.common import (LinearAttentionCache, check_option,
+                                            check_positive_int, normal_init, repeat_heads,
                                             run_memory)
 from memzoo.linear_attention.linear_attention import EPS, LinearAttention
 from memzoo.registry import register_mixer
 
 
+ENCODER_INITS = ("independent", "copy")
+
+
 @struct.dataclass
-class JRTCache:
-    """state, encoder [b, kv heads, k, v + 1] float32 (causal state; the prompt's encoder state
-    so far); conv [b, conv_size - 1, channels] float32 or None; index int32 scalar: tokens seen."""
-    state: jax.Array
-    encoder: jax.Array
-    conv: jax.Array | None
-    index: jax.Array
+class JRTCache(LinearAttentionCache):
+    """LinearAttentionCache (the causal state, the conv window, tokens seen) plus `encoder`
+    [b, kv heads, k, v + 1] float32: the encoder state of the prompt tokens seen so far."""
+    encoder: jax.Array = None
 
 
 @register_mixer("jrt")
 class JRT(LinearAttention):
     """Prefix linear attention (JRT-RNN): [b, t, d] -> [b, t, d].
 
-    Options: `prefix_len` (int >= 0, the prompt encoded non-causally) and LinearAttention's
-    (normalize is always on: the encoder's and decoder's sums share one denominator).
+    Options: `prefix_len` (int >= 0, the prompt encoded non-causally), `encoder_init`
+    ("independent": k^e, v^e drawn apart from k, v, as the paper's code; "copy", ours: they
+    start equal to k, v, conv taps included, so E = S_{P-1} and the mixer starts as the prompt
+    read twice, JRT-Prompt, then the two sets train apart) and LinearAttention's (normalize is
+    always on: the encoder's and decoder's sums share one denominator, as in the paper).
 
     >>> jrt = JRT(8, num_heads=2, prefix_len=3, rngs=nnx.Rngs(0))
     >>> jrt(jnp.ones((1, 5, 8))).shape
@@ -79,8 +86,10 @@ class JRT(LinearAttention):
                  value_dim: int | None = None, feature_map: str = "elu+1", qk_norm: str = "none",
                  conv_size: int = 0, output_norm: str = "none", output_gate: bool = False,
                  chunk_size: int | None = None, implementation: str = "auto",
-                 norm_eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+                 norm_eps: float = 1e-6, encoder_init: str = "independent", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         check_positive_int("JRT", "prefix_len", prefix_len, minimum=0)
+        check_option("JRT", "encoder_init", encoder_init, ENCODER_INITS)
         super().__init__(d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
                          head_dim=head_dim, value_dim=value_dim, feature_map=feature_map,
                          normalize=True, qk_norm=qk_norm, conv_size=conv_size,
@@ -91,15 +100,31 @@ class JRT(LinearAttention):
         G, K, V = self.num_kv_heads, self.head_dim, self.value_dim
         self.wk_enc = normal_init(rngs, (d_model, G, K), d_model, ("embed", "kv_heads", "kv"))
         self.wv_enc = normal_init(rngs, (d_model, G, V), d_model, ("embed", "kv_heads", "kv"))
+        self.encoder_init = encoder_init
+        if encoder_init == "copy":
+            self.wk_enc[...] = self.wk[...]
+            self.wv_enc[...] = self.wv[...]
+            if self.conv_weight is not None:
+                kv = slice(self.num_heads * K, self.num_heads * K + G * (K + V))
+                w = self.conv_weight[...]
+                self.conv_weight[...] = w.at[:, -G * (K + V):].set(w[:, kv])
 
     @property
     def noncausal_prefix(self) -> int:
         return self.prefix_len
 
-    def _encoder(self, x, q, in_prompt, enc_state, segment_ids):
+    @property
+    def conv_channels(self) -> int:
+        """The short convolution runs over k^e, v^e as well as q, k, v."""
+        return super().conv_channels + self.num_kv_heads * (self.head_dim + self.value_dim)
+
+    def _project(self, x):
+        return super()._project(x) + tuple(
+            jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))
+            for w in (self.wk_enc, self.wv_enc))
+
+    def _encoder(self, q, k, v, in_prompt, enc_state, segment_ids):
         """phi(q_t)^T E per token ([b, t, H, v + 1], float32) and the new encoder state."""
-        k = jnp.einsum("btd,dhk->bthk", x, self.wk_enc[...].astype(self.dtype))
-        v = jnp.einsum("btd,dhk->bthk", x, self.wv_enc[...].astype(self.dtype))
         k = self._qk(k, k)[1] * in_prompt[:, :, None, None].astype(self.dtype)
         v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
         kw = dict(scale=1.0, chunk_size=self.chunk_size, implementation=self.implementation)
@@ -120,15 +145,15 @@ class JRT(LinearAttention):
         x = x.astype(self.dtype)
         parts, conv_state = self._conv(self._project(x), None if cache is None else cache.conv,
                                        segment_ids, decode)
-        q, k, v = parts
+        q, k, v, k_enc, v_enc = parts
         q, k = self._qk(q, k)
         index = jnp.zeros((), jnp.int32) if cache is None else cache.index
         pos = self._positions(b, T, index, segment_ids)
         in_prompt = pos < self.prefix_len
         o_dec, state = self._memory(q, k, v, None, None, None if cache is None else cache.state,
                                     segment_ids, raw=True)
-        o_enc, encoder = self._encoder(x, q, in_prompt, None if cache is None else cache.encoder,
-                                       segment_ids)
+        o_enc, encoder = self._encoder(q, k_enc, v_enc, in_prompt,
+                                       None if cache is None else cache.encoder, segment_ids)
         o = o_dec.astype(jnp.float32) + o_enc
         o = o[..., :-1] / (o[..., -1:] + EPS)
         if cache is not None:
@@ -136,7 +161,7 @@ class JRT(LinearAttention):
             incomplete = in_prompt & (index + T < self.prefix_len)
             o = jnp.where(incomplete[:, :, None, None], jnp.nan, o)
         y = self._output(o, x)
-        return y, JRTCache(state, encoder, conv_state, index + T)
+        return y, JRTCache(state, conv_state, index + T, encoder)
 
     def _memory(self, q, k, v, log_gate, beta, state, segment_ids, raw: bool = False):
         """raw=True: the numerator and the normaliser column, not yet divided."""
@@ -146,31 +171,14 @@ class JRT(LinearAttention):
         return run_memory("linear", q, k, v1, state=state, scale=1.0, segment_ids=segment_ids,
                           chunk_size=self.chunk_size, implementation=self.implementation)
 
-    # ---- the SequenceMixer protocol ----------------------------------------------------------
+    # ---- the SequenceMixer protocol (LinearMemory's step / __call__ on this cache) -------------
     def init_cache(self, batch_size: int, *, max_len: int | None = None) -> JRTCache:
         """The state before any token (`max_len` ignored: the state does not grow)."""
         inner = super().init_cache(batch_size)
-        return JRTCache(inner.state, jnp.zeros_like(inner.state), inner.conv, inner.index)
-
-    def __call__(self, x, cache: JRTCache | None = None, *, segment_ids=None):
-        """Parallel form, or with `cache` the prefill that continues from it: (y, cache).
-        `segment_ids` [b, t] int (parallel form only): each document has its own prompt, its
-        first `prefix_len` tokens."""
-        layers.check_input("JRT", "x", x, ndim=3, width=self.d_model)
-        if segment_ids is not None:
-            check_segment_ids("JRT", segment_ids, x.shape[:2])
-        if cache is None:
-            return self._forward(x, None, segment_ids)[0]
-        if segment_ids is not None:
-            raise ValueError("JRT: `segment_ids` applies to the parallel form only; a cache "
-                             "holds one document per batch row")
-        self._check_cache(cache, x.shape[0])
-        return self._forward(x, cache, None)
+        return JRTCache(inner.state, inner.conv, inner.index, jnp.zeros_like(inner.state))
 
     def _check_cache(self, cache, batch: int) -> None:
-        want = (batch, self.state_heads, self.head_dim, self.state_value_dim)
-        if not isinstance(cache, JRTCache) or tuple(cache.state.shape) != want:
-            got = tuple(cache.state.shape) if isinstance(cache, JRTCache) \
-                else type(cache).__name__
-            raise ValueError(f"JRT: `cache` must be a JRTCache with state {want} (from "
-                             f"init_cache({batch})), got {got}")
+        if not isinstance(cache, JRTCache):
+            raise ValueError(f"JRT: `cache` must be a JRTCache (from init_cache({batch})), got "
+                             f"{type(cache).__name__}")
+        super()._check_cache(cache, batch)

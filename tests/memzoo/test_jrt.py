@@ -29,21 +29,42 @@ def elu1(x):
     return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
 
 
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def projections(p, conv, xs):
+    """q, k, v, k^e, v^e of one document [n, d] -> [n, heads, *] each, through the short causal
+    conv (SiLU; weight[-1] on the current token; zeros before the document) when there is one."""
+    names = ("wq", "wk", "wv", "wk_enc", "wv_enc")
+    parts = [np.einsum("td,dhk->thk", xs, p[w]) for w in names]
+    if conv is None:
+        return parts
+    n, W = len(xs), conv.shape[0]
+    flat = np.concatenate([a.reshape(n, -1) for a in parts], -1)
+    padded = np.concatenate([np.zeros((W - 1, flat.shape[1])), flat])
+    flat = silu(sum(conv[i] * padded[i:i + n] for i in range(W)))
+    out, start = [], 0
+    for a in parts:
+        width = a.shape[1] * a.shape[2]
+        out.append(flat[:, start:start + width].reshape(a.shape))
+        start += width
+    return out
+
+
 def naive(mixer, x, lengths=None):
     """o_t = phi(q_t)^T (E + S_t) / phi(q_t)^T (z^E + z_t), float64, document by document."""
     p = {k: np.asarray(v[...], np.float64) for k, v in
          ((n, getattr(mixer, n)) for n in ("wq", "wk", "wv", "wo", "wk_enc", "wv_enc"))}
+    conv = None if mixer.conv_weight is None else np.asarray(mixer.conv_weight[...], np.float64)
     x = np.asarray(x, np.float64)
     out = np.zeros_like(x)
     lengths = lengths or [[x.shape[1]]] * x.shape[0]
     for r, row in enumerate(lengths):
         start = 0
         for n in row:
-            xs = x[r, start:start + n]
-            q, k = (elu1(np.einsum("td,dhk->thk", xs, p[w])) for w in ("wq", "wk"))
-            v = np.einsum("td,dhk->thk", xs, p["wv"])
-            ke = elu1(np.einsum("td,dhk->thk", xs[:P], p["wk_enc"]))
-            ve = np.einsum("td,dhk->thk", xs[:P], p["wv_enc"])
+            q, k, v, ke, ve = projections(p, conv, x[r, start:start + n])
+            q, k, ke, ve = elu1(q), elu1(k), elu1(ke[:P]), ve[:P]
             E, zE = np.einsum("thk,thv->hkv", ke, ve), ke.sum(0)
             S, z = np.zeros_like(E), np.zeros_like(zE)
             for t in range(n):
@@ -55,13 +76,15 @@ def naive(mixer, x, lengths=None):
     return out
 
 
-def test_equals_the_prefix_linear_attention_formula_float64():
-    mixer, x = build(), inputs()
+@pytest.mark.parametrize("conv_size", [0, 3])
+def test_equals_the_prefix_linear_attention_formula_float64(conv_size):
+    mixer, x = build(conv_size=conv_size), inputs()
     assert_close(forward(mixer, x), naive(mixer, x), 1e-5, "jrt vs naive float64")
 
 
 def test_packed_documents_each_have_their_own_prompt():
-    mixer, x = build(), inputs(2)
+    # conv_size 3: the short conv (over k^e, v^e too) restarts with each document
+    mixer, x = build(conv_size=3), inputs(2)
     lengths = [[7, 5], [3, 9]]   # a document shorter than the prompt is all prompt
     y = forward_packed(mixer, x, segment_ids_of(lengths))
     assert_close(y, naive(mixer, x, lengths), 1e-5, "jrt packed vs naive float64")
@@ -101,6 +124,23 @@ def test_zero_prefix_is_causal_linear_attention():
         getattr(plain, name)[...] = getattr(mixer, name)[...]
     x = inputs(5)
     assert_close(forward(mixer, x), forward(plain, x), 1e-6, "prefix_len=0 vs linear_attention")
+
+
+def test_copied_encoder_starts_as_the_prompt_read_twice():
+    # encoder_init="copy": E = S_{P-1}, so after the prompt the mixer is causal linear attention
+    # over [prompt; sequence] (JRT-Prompt) with the same weights
+    mixer = build(encoder_init="copy")
+    plain = memzoo.MIXERS["linear_attention"](D, rngs=nnx.Rngs(1), num_heads=2, chunk_size=8)
+    for name in ("wq", "wk", "wv", "wo"):
+        getattr(plain, name)[...] = getattr(mixer, name)[...]
+    x = inputs(6)
+    twice = forward(plain, jnp.concatenate([x[:, :P], x], axis=1))
+    assert_close(forward(mixer, x)[:, P:], twice[:, 2 * P:], 1e-5, "copy init vs read twice")
+
+
+def test_bad_encoder_init_names_the_option():
+    with pytest.raises(ValueError, match="encoder_init"):
+        memzoo.MIXERS["jrt"](D, rngs=nnx.Rngs(0), encoder_init="tied")
 
 
 @pytest.mark.parametrize("bad", [-1, 2.5, True])
