@@ -24,7 +24,9 @@ fetched), axes ("memory_rows", "memory_dim") as the product-key values.
 Differences from the paper, on purpose: the paper's retriever is fixed (hierarchical k-means of a
 frozen encoder's document embedding) and it retrieves once per document from the whole document;
 here the retrieval key is learned end to end (the sibling softmax gate carries its gradient,
-Switch-style), and the summary is causal: the running mean of the block input over the document
+Switch-style; `learn_route=False` instead keeps W_r and the centroids at their random
+initialisation, a fixed retriever as in the paper, though not one clustered on the data),
+and the summary is causal: the running mean of the block input over the document
 so far (decay=1, the default: the prefix mean, the paper's "context" read as it grows), or an
 exponential moving average (decay < 1: a recency-weighted context). Being causal, a decode step
 needs only the summary's state: the cache is [sum_s a^{t-s} h_s | sum_s a^{t-s}], [batch, d + 1]
@@ -63,8 +65,8 @@ class MemoryBank(nnx.Module):
 
     def __init__(self, d_model: int, *, hidden: int = 0, branching: Sequence[int] = (8, 8),
                  block_width: int = 16, key_dim: int = 16, decay: float = 1.0,
-                 activation: str = "silu", use_bias: bool = True, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 learn_route: bool = True, activation: str = "silu", use_bias: bool = True,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         _positive_int("d_model", d_model)
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
             raise ValueError(f"MemoryBank: `hidden` (the anchor FFN's width) must be an integer "
@@ -80,11 +82,15 @@ class MemoryBank(nnx.Module):
                 or not 0.0 < decay <= 1.0:
             raise ValueError(f"MemoryBank: `decay` must be a float in (0, 1] (1: the running "
                              f"mean of the document so far), got {decay!r}")
+        if not isinstance(learn_route, bool):
+            raise ValueError(f"MemoryBank: `learn_route` must be a bool (False: the retrieval "
+                             f"key and centroids stay fixed), got {learn_route!r}")
         if activation not in layers.ACTIVATIONS:
             raise ValueError(f"MemoryBank: `activation` must be one of "
                              f"{tuple(layers.ACTIVATIONS)}, got {activation!r}")
         self.d_model, self.branching, self.block_width = d_model, branching, block_width
         self.key_dim, self.decay, self.dtype = key_dim, float(decay), dtype
+        self.learn_route = learn_route
         self.act = layers.get_activation(activation)
         self.anchor = (layers.MLP(d_model, hidden, activation=activation, gated=True,
                                   use_bias=use_bias, dtype=dtype, rngs=rngs)
@@ -127,6 +133,9 @@ class MemoryBank(nnx.Module):
         """m [..., d] -> (rows [..., levels] int32 into the tables, gates [..., levels])."""
         r = self.key(m.astype(jnp.float32))
         cents = self.centroids[...]
+        if not self.learn_route:
+            # the gate still scales each block, but moves neither the key nor the centroids
+            r, cents = jax.lax.stop_gradient(r), jax.lax.stop_gradient(cents)
         scale = self.key_dim ** -0.5
         parent = jnp.zeros(r.shape[:-1], jnp.int32)
         rows, gates = [], []

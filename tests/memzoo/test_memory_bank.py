@@ -95,6 +95,24 @@ def test_gradients_reach_only_the_fetched_blocks():
         assert np.all(g[~fetched] == 0), name
 
 
+def test_fixed_route_moves_neither_key_nor_centroids():
+    x = _x((1, 4, 6), seed=4)
+    grads = {}
+    for learn in (True, False):
+        bank = MemoryBank(6, hidden=8, learn_route=learn, rngs=nnx.Rngs(2), **OPTS)
+        graphdef, params = nnx.split(bank)
+        loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x) ** 2)      # noqa: E731
+        g = jax.jit(jax.grad(loss))(params)
+        grads[learn] = {"key": np.asarray(g["key"]["kernel"][...]),
+                        "centroids": np.asarray(g["centroids"][...]),
+                        "w_out": np.asarray(g["w_out"][...])}
+    for name in ("key", "centroids"):
+        assert np.abs(grads[True][name]).max() > 0 and not grads[False][name].any(), name
+    # the same routes and gates: the blocks learn exactly as with the learned route
+    assert np.abs(grads[False]["w_out"]).max() > 0
+    kt.assert_close(grads[False]["w_out"], grads[True]["w_out"], F32_TOL, "d w_out")
+
+
 def test_causal_and_documents_kept_apart():
     bank = MemoryBank(6, hidden=8, rngs=nnx.Rngs(3), **OPTS)
     x = _x((1, 8, 6))
@@ -146,7 +164,8 @@ def test_errors_name_the_argument():
              (dict(key_dim=1.5), "`key_dim` must be an integer >= 1"),
              (dict(decay=0.0), "`decay` must be a float in \\(0, 1\\]"),
              (dict(hidden=-1), "`hidden` .* must be an integer >= 0"),
-             (dict(activation="nope"), "`activation` must be one of")]
+             (dict(activation="nope"), "`activation` must be one of"),
+             (dict(learn_route=1), "`learn_route` must be a bool")]
     for opts, msg in cases:
         with pytest.raises(ValueError, match=msg):
             MemoryBank(6, rngs=nnx.Rngs(0), **opts)

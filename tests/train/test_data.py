@@ -211,6 +211,78 @@ def test_babi_answers_follow_the_last_supporting_facts(hops):
     assert questions > 20
 
 
+_FACTS = {"num_individuals": 64, "num_first_names": 16, "num_last_names": 16,
+          "num_attributes": 2, "num_values": 4, "world_seed": 3}
+
+
+def _read_facts(ex, options, lead):
+    """(individual index, attribute, value) of every fact, read back through the world itself;
+    checks the layout (targets at the attribute tokens, padding after the facts) on the way."""
+    names, values = tasks.facts_world(**{k: v for k, v in options.items() if k != "num_topics"})
+    F, L, A, V = (options[k] for k in ("num_first_names", "num_last_names", "num_attributes",
+                                       "num_values"))
+    index = {(f, l): i for i, (f, l) in enumerate(names.tolist())}
+    x, y, m = ex["inputs"], ex["targets"], ex["mask"]
+    n = (len(x) - lead) // 4
+    facts = x[lead:lead + 4 * n].reshape(n, 4)
+    assert np.all(x[lead + 4 * n:] == tasks.FACTS_PAD)
+    at = lead + 4 * np.arange(n) + 2
+    np.testing.assert_array_equal(np.flatnonzero(m), at)
+    np.testing.assert_array_equal(y[at], x[at + 1])
+    out = []
+    for f, l, a, v in facts.tolist():
+        i, a = index[(f - 1, l - 1 - F)], a - 1 - F - L
+        v -= 1 + F + L + A + a * V
+        assert 0 <= a < A and v == values[i, a]         # the world's fact, in every split
+        out.append((i, a))
+    assert len(set(out)) == n                            # distinct (individual, attribute)
+    return [i for i, _ in out]
+
+
+def test_factual_recall_topics_keep_each_example_to_one_topic():
+    o = dict(_FACTS, num_topics=8)
+    vocab = tasks.TASKS["factual_recall"].vocab_size(tasks.TASKS["factual_recall"].options(o))
+    topic0 = 1 + 16 + 16 + 2 * (1 + 4)
+    assert vocab == topic0 + 8
+    seen = set()
+    for split in ("train", "validation"):
+        for i in range(12):
+            ex = tasks.example("factual_recall", 0, split, i, seq_len=34, **o)
+            again = tasks.example("factual_recall", 0, split, i, seq_len=34, **o)
+            assert all(np.array_equal(ex[k], again[k]) for k in ex)
+            topic = int(ex["inputs"][0]) - topic0
+            assert 0 <= topic < 8 and ex["mask"][0] == 0 and ex["inputs"].max() < vocab
+            who = _read_facts(ex, o, lead=1)
+            assert len(who) == 8 and all(i % 8 == topic for i in who)
+            seen.add((split, topic))
+    assert len({t for s, t in seen if s == "train"}) > 3
+    assert len({t for s, t in seen if s == "validation"}) > 3
+    # without the token the same facts fill the whole sequence, still one topic each
+    for index in range(6):
+        ex = tasks.example("factual_recall", 0, "validation", index, seq_len=32,
+                           **dict(o, topic_token=False))
+        who = _read_facts(ex, o, lead=0)
+        assert len(who) == 8 and len({i % 8 for i in who}) == 1
+
+
+def test_factual_recall_without_topics_mixes_the_world():
+    topics = set()
+    for index in range(6):
+        ex = tasks.example("factual_recall", 0, "train", index, seq_len=34, **_FACTS)
+        assert ex["inputs"].max() < 1 + 16 + 16 + 2 * 5
+        topics |= {i % 8 for i in _read_facts(ex, _FACTS, lead=0)}
+    assert len(topics) > 1
+    for bad in (-1, 65, 1.5, True):
+        with pytest.raises(ValueError, match="num_topics"):
+            tasks.example("factual_recall", 0, "train", 0, seq_len=34, num_topics=bad,
+                          **_FACTS)
+    with pytest.raises(ValueError, match="topic_token must be a bool"):
+        tasks.example("factual_recall", 0, "train", 0, seq_len=34, num_topics=8,
+                      topic_token="yes", **_FACTS)
+    with pytest.raises(ValueError, match="facts"):      # 33 topics: a topic of 1 person, 2 facts
+        tasks.example("factual_recall", 0, "train", 0, seq_len=34, num_topics=33, **_FACTS)
+
+
 def _evaluate_listops(tokens):
     """An evaluator written apart from the generator: a stack machine over the token list."""
     names = {11: min, 12: max, 13: lambda a: int(np.median(a)), 14: lambda a: sum(a) % 10}

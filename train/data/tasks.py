@@ -305,7 +305,8 @@ _WORLDS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 def factual_recall(rng: np.random.Generator, *, seq_len: int, num_individuals: int = 4096,
                    num_first_names: int = 128, num_last_names: int = 128,
                    num_attributes: int = 4, num_values: int = 32,
-                   world_seed: int = 0) -> Example:
+                   world_seed: int = 0, num_topics: int = 0,
+                   topic_token: bool = True) -> Example:
     """Facts "first last attribute value" about individuals of one fixed world, 4 tokens each.
 
     Each individual has a two-token name (a distinct (first, last) pair, so no single token
@@ -320,20 +321,47 @@ def factual_recall(rng: np.random.Generator, *, seq_len: int, num_individuals: i
     [1 + F + L, 1 + F + L + A); then A blocks of V value tokens, block a for attribute a.
     vocab_size = 1 + F + L + A + A * V. Chance accuracy: 1 / V (the attribute token tells the
     value block; a model that knows nothing of the person guesses within it).
+
+    Topics (`num_topics` = T > 0; 0, the default, is the task above): the regime of hierarchical
+    memory banks (Pouransari et al., 2025), where a document's context fetches the memory of its
+    cluster. Individual i belongs to topic i mod T (names are random pairs, so a topic's names
+    are a random set) and every example is about one topic, drawn uniformly: its facts are
+    about that topic's individuals only. With `topic_token` (the default) the example starts
+    with the topic's token, vocabulary id (the size above) + topic, and holds
+    (seq_len - 1) // 4 facts after it. Why the token: the paper's retriever sees the whole
+    document, and a real document shows its topic throughout; here names are shared across
+    topics, so without a token a causal model could tell the topic only after memorising
+    which individuals are in it, and the first facts of every example would have no context
+    to fetch by. The token is not scored; it is the document's visible topic, nothing more
+    (it does not tell any value). vocab_size grows by T with the token.
     """
     _require(seq_len >= 4, f"factual_recall needs seq_len >= 4, got {seq_len}")
+    _require(not isinstance(num_topics, bool) and isinstance(num_topics, (int, np.integer))
+             and 0 <= num_topics <= num_individuals,
+             f"factual_recall: num_topics must be an integer in [0, num_individuals = "
+             f"{num_individuals}] (0: no topics), got {num_topics!r}")
+    _require(isinstance(topic_token, (bool, np.bool_)),
+             f"factual_recall: topic_token must be a bool, got {topic_token!r}")
     key = (world_seed, num_individuals, num_first_names, num_last_names, num_attributes,
            num_values)
     if key not in _WORLDS:
         _WORLDS[key] = facts_world(world_seed, num_individuals, num_first_names,
                                    num_last_names, num_attributes, num_values)
     names, attributes = _WORLDS[key]
-    n_facts = seq_len // 4
-    _require(n_facts <= num_individuals * num_attributes,
-             f"factual_recall: seq_len // 4 = {n_facts} facts exceed the world's "
-             f"{num_individuals * num_attributes}")
-    picks = rng.choice(num_individuals * num_attributes, n_facts, replace=False)
-    who, attr = picks // num_attributes, picks % num_attributes
+    lead = 1 if num_topics and topic_token else 0
+    n_facts = (seq_len - lead) // 4
+    # topic t's individuals are t, t + T, t + 2T, ...: the smallest topic has N // T of them
+    pool = num_individuals // num_topics if num_topics else num_individuals
+    _require(1 <= n_facts <= pool * num_attributes,
+             f"factual_recall: seq_len {seq_len} gives {n_facts} facts; an example needs 1 to "
+             f"{pool * num_attributes} (the facts of {'a topic' if num_topics else 'the world'})")
+    if num_topics:
+        topic = int(rng.integers(num_topics))
+        picks = rng.choice(pool * num_attributes, n_facts, replace=False)
+        who, attr = topic + num_topics * (picks // num_attributes), picks % num_attributes
+    else:
+        picks = rng.choice(num_individuals * num_attributes, n_facts, replace=False)
+        who, attr = picks // num_attributes, picks % num_attributes
     first0 = 1
     last0 = first0 + num_first_names
     attr0 = last0 + num_last_names
@@ -341,17 +369,19 @@ def factual_recall(rng: np.random.Generator, *, seq_len: int, num_individuals: i
     facts = np.stack([first0 + names[who, 0], last0 + names[who, 1], attr0 + attr,
                       value0 + attr * num_values + attributes[who, attr]], axis=1)
     inputs = np.full(seq_len, FACTS_PAD, np.int64)
-    inputs[:4 * n_facts] = facts.reshape(-1)
+    if lead:
+        inputs[0] = value0 + num_attributes * num_values + topic
+    inputs[lead:lead + 4 * n_facts] = facts.reshape(-1)
     targets = np.zeros(seq_len, np.int64)
     mask = np.zeros(seq_len, np.float32)
-    at = 4 * np.arange(n_facts) + 2          # the attribute tokens
+    at = lead + 4 * np.arange(n_facts) + 2   # the attribute tokens
     targets[at], mask[at] = inputs[at + 1], 1.0
     return _lm_example(inputs, targets, mask)
 
 
 def _facts_vocab(o):
     return 1 + o["num_first_names"] + o["num_last_names"] + o["num_attributes"] * (
-        1 + o["num_values"])
+        1 + o["num_values"]) + (o["num_topics"] if o["topic_token"] else 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,7 +605,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          lambda o: 1 / o["num_locations"]),
     Task("factual_recall", factual_recall,
          {"num_individuals": 4096, "num_first_names": 128, "num_last_names": 128,
-          "num_attributes": 4, "num_values": 32, "world_seed": 0}, _facts_vocab,
+          "num_attributes": 4, "num_values": 32, "world_seed": 0, "num_topics": 0,
+          "topic_token": True}, _facts_vocab,
          lambda o: 1 / o["num_values"]),
     Task("listops", listops, {"max_depth": 10, "max_args": 10, "min_length": None,
                               "max_tries": 10_000}, lambda _: LISTOPS_VOCAB, lambda _: 0.1,
