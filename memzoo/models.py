@@ -19,6 +19,13 @@ The stack (`BlockStack`), shared by both models:
   "full"/"none").
 * Caches mirror the layout: `StackCache(scanned=<a tuple per pattern position, each leaf with a
   leading repeat axis>, layers=<a tuple of per-layer caches>)`.
+* A side channel rides beside the residual stream, opt-in: a mixer that defines
+  `side_channel(batch, length)` (its entries before the first block: a dict of arrays, {} for
+  none) is called with `side=` and returns (its usual result, the side channel after it); other
+  mixers never see it, and a stack without such a mixer carries None (the plain stack). The
+  entries are per token (or scalars), so decoding builds them afresh for each token and they
+  need no cache; they thread through the layer scan as part of its carry. RWKV-7's value
+  residual (layer 1's values, read by every later layer) is what it was made for.
 
 Mixed precision: `dtype` is the compute dtype of every layer (passed to each mixer unless
 `mixer_options` says otherwise); parameters stay float32; logits are float32.
@@ -229,6 +236,13 @@ class Block(nnx.Module):
         self.mixer_name = mixer
         self.takes_segment_ids = accepts_keyword(self.mixer.__call__, "segment_ids")
         self.cache_takes_max_len = accepts_keyword(self.mixer.init_cache, "max_len")
+        self.reads_side = callable(getattr(self.mixer, "side_channel", None))
+
+    def _mixer(self, fn, h, side, *args, **kw):
+        """(fn(h, ...), the side channel after it): `side` goes only to a mixer that reads one."""
+        if side is None or not self.reads_side:
+            return fn(h, *args, **kw), side
+        return fn(h, *args, side=side, **kw)
 
     def _mlp(self, x, segment_ids=None):
         if self.mlp is not None:
@@ -242,7 +256,8 @@ class Block(nnx.Module):
         y, cache = self.mlp.step(h, cache) if step else self.mlp(h, cache=cache)
         return x + y.astype(self.residual_dtype), cache
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(self, x, *, segment_ids=None, cache=None, side=None):
+        """The block's result; with a side channel (module docstring), (result, side)."""
         x = layers.constrain_activation(x, RESIDUAL_AXES)
         h = self.mixer_norm(x)
         kw = {}
@@ -256,26 +271,26 @@ class Block(nnx.Module):
                     f"changes (memzoo.registry.SequenceMixer), or call without segment_ids")
             kw = {"segment_ids": segment_ids}
         if cache is None:
-            x = layers.constrain_activation(
-                x + self.mixer(h, **kw).astype(self.residual_dtype), RESIDUAL_AXES)
-            return self._mlp(x, segment_ids)
+            y, new_side = self._mixer(self.mixer, h, side, **kw)
+            x = layers.constrain_activation(x + y.astype(self.residual_dtype), RESIDUAL_AXES)
+            return _with_side(self._mlp(x, segment_ids), side, new_side)
         if self.mlp_stateful:
             cache, mlp_cache = cache
-            y, cache = self.mixer(h, cache=cache)
+            (y, cache), new_side = self._mixer(self.mixer, h, side, cache=cache)
             x, mlp_cache = self._mlp_cached(x + y.astype(self.residual_dtype), mlp_cache, False)
-            return x, (cache, mlp_cache)
-        y, cache = self.mixer(h, cache=cache)
-        return self._mlp(x + y.astype(self.residual_dtype)), cache
+            return _with_side((x, (cache, mlp_cache)), side, new_side)
+        (y, cache), new_side = self._mixer(self.mixer, h, side, cache=cache)
+        return _with_side((self._mlp(x + y.astype(self.residual_dtype)), cache), side, new_side)
 
-    def step(self, x_t, cache):
+    def step(self, x_t, cache, side=None):
         if self.mlp_stateful:
             cache, mlp_cache = cache
-            y, cache = self.mixer.step(self.mixer_norm(x_t), cache)
+            (y, cache), new_side = self._mixer(self.mixer.step, self.mixer_norm(x_t), side, cache)
             x_t, mlp_cache = self._mlp_cached(x_t + y.astype(self.residual_dtype), mlp_cache,
                                               True)
-            return x_t, (cache, mlp_cache)
-        y, cache = self.mixer.step(self.mixer_norm(x_t), cache)
-        return self._mlp(x_t + y.astype(self.residual_dtype)), cache
+            return _with_side((x_t, (cache, mlp_cache)), side, new_side)
+        (y, cache), new_side = self._mixer(self.mixer.step, self.mixer_norm(x_t), side, cache)
+        return _with_side((self._mlp(x_t + y.astype(self.residual_dtype)), cache), side, new_side)
 
     def init_cache(self, batch_size: int, max_len: int | None = None):
         if self.cache_takes_max_len:
@@ -283,6 +298,16 @@ class Block(nnx.Module):
         else:
             cache = self.mixer.init_cache(batch_size)
         return (cache, self.mlp.init_cache(batch_size)) if self.mlp_stateful else cache
+
+
+def _with_side(out, side, new_side):
+    """A Block's result as it was without a side channel; (result, side) with one."""
+    return out if side is None else (out, new_side)
+
+
+def _and_side(out, side):
+    """A Block's result -> (result, side) whether or not a side channel rides along."""
+    return out if side is not None else (out, None)
 
 
 class BlockGroup(nnx.Module):
@@ -293,23 +318,24 @@ class BlockGroup(nnx.Module):
                                       **{k: v for k, v in block_options.items() if k != "d_model"})
                                 for name in names])
 
-    def __call__(self, x, apply: Callable, *, segment_ids=None, cache=None):
+    def __call__(self, x, side, apply: Callable, *, segment_ids=None, cache=None):
+        """(x, side), or with `cache` ((x, caches), side)."""
         if cache is None:
             for block in self.blocks:
-                x = apply(block, x, segment_ids)
-            return x
+                x, side = apply(block, x, segment_ids, side)
+            return x, side
         new = []
         for block, c in zip(self.blocks, cache):
-            x, c = block(x, cache=c)
+            (x, c), side = _and_side(block(x, cache=c, side=side), side)
             new.append(c)
-        return x, tuple(new)
+        return (x, tuple(new)), side
 
-    def step(self, x_t, cache):
+    def step(self, x_t, cache, side=None):
         new = []
         for block, c in zip(self.blocks, cache):
-            x_t, c = block.step(x_t, c)
+            (x_t, c), side = _and_side(block.step(x_t, c, side), side)
             new.append(c)
-        return x_t, tuple(new)
+        return (x_t, tuple(new)), side
 
     def init_cache(self, batch_size: int, max_len: int | None = None):
         return tuple(b.init_cache(batch_size, max_len) for b in self.blocks)
@@ -399,21 +425,32 @@ class BlockStack(nnx.Module):
                 options)
 
     def _apply(self) -> Callable:
-        def apply(block, x, segment_ids):
-            return block(x, segment_ids=segment_ids)
+        def apply(block, x, segment_ids, side):
+            return _and_side(block(x, segment_ids=segment_ids, side=side), side)
         if self.remat == "none":
             return apply
         return nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
 
+    def side_channel(self, batch_size: int, length: int):
+        """The side channel entering the first block (module docstring): the entries of every
+        mixer here that reads one, or None when none does."""
+        blocks = list(self.layers) + ([] if self.scanned is None else list(self.scanned.blocks))
+        side = {}
+        for block in blocks:
+            if block.reads_side:
+                side.update(block.mixer.side_channel(batch_size, length))
+        return side or None
+
     def __call__(self, x, *, segment_ids=None):
         apply = self._apply()
+        side = self.side_channel(x.shape[0], x.shape[1])
         if self.scanned is not None:
             @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry, transform_metadata=LAYER_AXIS)
-            def body(x, group, segment_ids):
-                return group(x, apply, segment_ids=segment_ids)
-            x = body(x, self.scanned, segment_ids)
+            def body(carry, group, segment_ids):
+                return group(*carry, apply, segment_ids=segment_ids)
+            x, side = body((x, side), self.scanned, segment_ids)
         for block in self.layers:
-            x = apply(block, x, segment_ids)
+            x, side = apply(block, x, segment_ids, side)
         return x
 
     def init_cache(self, batch_size: int, max_len: int | None = None) -> StackCache:
@@ -427,27 +464,32 @@ class BlockStack(nnx.Module):
 
     def prefill(self, x, cache: StackCache):
         scanned = None
+        side = self.side_channel(x.shape[0], x.shape[1])
         if self.scanned is not None:
             @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata=LAYER_AXIS)
-            def body(x, group, c):
-                return group(x, None, cache=c)
-            x, scanned = body(x, self.scanned, cache.scanned)
+            def body(carry, group, c):
+                (x, c), side = group(*carry, None, cache=c)
+                return (x, side), c
+            (x, side), scanned = body((x, side), self.scanned, cache.scanned)
         new = []
         for block, c in zip(self.layers, cache.layers):
-            x, c = block(x, cache=c)
+            (x, c), side = _and_side(block(x, cache=c, side=side), side)
             new.append(c)
         return x, StackCache(scanned, tuple(new))
 
     def step(self, x_t, cache: StackCache):
         scanned = None
+        side = self.side_channel(x_t.shape[0], 1)   # one token: the mixers' step sees [b, 1, ...]
         if self.scanned is not None:
             @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata=LAYER_AXIS)
-            def body(x_t, group, c):
-                return group.step(x_t, c)
-            x_t, scanned = body(x_t, self.scanned, cache.scanned)
+            def body(carry, group, c):
+                x_t, side = carry
+                (x_t, c), side = group.step(x_t, c, side)
+                return (x_t, side), c
+            (x_t, side), scanned = body((x_t, side), self.scanned, cache.scanned)
         new = []
         for block, c in zip(self.layers, cache.layers):
-            x_t, c = block.step(x_t, c)
+            (x_t, c), side = _and_side(block.step(x_t, c, side), side)
             new.append(c)
         return x_t, StackCache(scanned, tuple(new))
 

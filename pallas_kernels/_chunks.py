@@ -417,3 +417,11 @@ def forward(chunk_fn, inputs, h0, out_dtype, *, target, geo, bh, interpret, name
     return launch(step, inputs + [("h0", "whole", "v", h0)], outputs, init="h0", finish="final",
                   reverse=False, target=target, geo=geo, bh=bh, interpret=interpret, name=name,
                   op=op)
+
+
+def float32_kernel(fn, h0, static):
+    """fn with the op's static keywords for dispatch's `pallas=`, or None for 64-bit inputs (the
+    kernels accumulate in float32, so "auto" keeps those on XLA; "pallas" refused them)."""
+    if h0.dtype != F32:
+        return None
+    return functools.partial(fn, **static)

@@ -50,3 +50,56 @@ def is_complex(dtype) -> bool:
 
 def tree_shapes(tree):
     return jax.tree.map(lambda x: (tuple(x.shape), x.dtype), tree)
+
+
+# ---- the matrix-state ops' shared arguments (delta_rule, dplr_delta_rule) --------------------
+def check_real(op: str, name: str, x) -> None:
+    if is_complex(x.dtype):
+        raise ValueError(f"{op}: `{name}` must be real floating, got {x.dtype}")
+
+
+def check_values(op: str, v, batch: int, length: int, heads: int) -> None:
+    """v [batch, time, heads, value_dim]: any value width, the rest like q's."""
+    if v.shape[:3] != (batch, length, heads):
+        raise ValueError(f"{op}: `v` must have shape [batch, time, heads, value_dim] = "
+                         f"{(batch, length, heads)} + (value_dim,), got {tuple(v.shape)}")
+
+
+def check_pallas_accumulation(op: str, implementation: str, acc) -> None:
+    """implementation="pallas" runs kernels that accumulate in float32: 64-bit inputs refused."""
+    if implementation == "pallas" and acc != jnp.float32:
+        raise ValueError(f"{op}: implementation='pallas' runs the Pallas kernels, which "
+                         f"accumulate in float32; these inputs accumulate in {jnp.dtype(acc).name} "
+                         "(64-bit inputs take implementation='auto' or 'xla')")
+
+
+def matrix_state_arguments(op: str, *, length: int, state_shape: Sequence[int], acc,
+                           initial_state, scale, chunk_size, default_chunk_size: int,
+                           segment_ids):
+    """The chunked matrix-state ops' common keywords, checked and resolved: (h0 [batch, heads,
+    key_dim, value_dim] in `acc` (zeros without initial_state), scale (a float, key_dim ** -0.5
+    by default), chunk_size (an int), reset [batch, time] bool: where a segment starts)."""
+    from pallas_kernels import _chunks   # the one home of "where the id changes"
+    batch, _, key_dim, _ = state_shape
+    if initial_state is None:
+        h0 = jnp.zeros(tuple(state_shape), acc)
+    else:
+        check_array(op, "initial_state", initial_state, ndim=4)
+        check_shape(op, "initial_state", initial_state, state_shape,
+                    "[batch, heads, key_dim, value_dim]")
+        check_real(op, "initial_state", initial_state)
+        h0 = initial_state.astype(acc)
+    if scale is None:
+        scale = key_dim ** -0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise ValueError(f"{op}: `scale` must be a Python float, got {type(scale).__name__}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size
+    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{op}: `chunk_size` must be a positive int, got {chunk_size!r}")
+    if segment_ids is None:
+        reset = jnp.zeros((batch, length), bool)
+    else:
+        check_integer(op, "segment_ids", segment_ids, (batch, length), "[batch, time]")
+        reset = _chunks.segment_starts(segment_ids)
+    return h0, float(scale), chunk_size, reset

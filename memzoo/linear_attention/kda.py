@@ -27,6 +27,7 @@ from flax import nnx
 
 import pallas_kernels
 from memzoo import layers
+from memzoo.attention import check_segment_ids
 from memzoo.linear_attention.common import (LinearAttentionCache, LinearMemory,
                                             check_positive_int, l2_normalize, normal_init,
                                             repeat_heads)
@@ -136,15 +137,20 @@ class RWKV7(LinearMemory):
         transposed to memzoo's state [k, v] (M^T for M = kappa_hat^T (a * kappa_hat)):
             S_t = (diag(w_t) - (a_t * kappa_hat) kappa_hat^T) S_{t-1} + k~_t v_t^T
         o_t = (GroupNorm_head(S_t^T r_t) + (r_t . (r_k * k~_t)) v_t) * g_t,  y = W_o o
+    value residual (`value_residual=True`, the paper's default), in every layer after the first:
+        v_t <- v_t + (v1_t - v_t) * sigmoid(v_0 + x_v A_v B_v)       (v1: layer 1's v_t)
 
 so the op's (S_t = diag(exp(w)) S + a (b^T S) + k v^T) a = -a_t * kappa_hat, b = kappa_hat,
 log_decay = log w, key k~, scale 1. (fla's dplr kernels name the two the other way round: their
 `a` is contracted with the state, so fla passes a = -kappa_hat, b = kappa_hat * a_t.)
-Structure as fla's RWKV7Attention (fla/layers/rwkv7.py). Left out: the value residual
-(v lerped towards the first layer's v, a model-level feature across layers) and the
+Structure as fla's RWKV7Attention (fla/layers/rwkv7.py). The value residual rides in CausalLM's
+side channel (memzoo.models): the first RWKV-7 layer to run writes its v there ("v_first",
+per token) and every later one lerps towards it, through the layer scan and in decoding (each
+token's v1 comes from layer 1 of the same step). A mixer called alone, or the first layer, is
+its own v1, where the lerp is the identity (its gate LoRA then gets no gradient). Left out: the
 official per-layer initialisation (here: lerps 0.5, w_0 from -6 to -1 over channels, a_0 = 0,
-k_k = 0.85, k_a = 1, r_k = 0; LoRAs small). The group norm's scale and bias are [value_dim],
-shared by the heads (memzoo's per-head output norm), eps head_dim * 1e-5 as fla's.
+v_0 = 1, k_k = 0.85, k_a = 1, r_k = 0; LoRAs small). The group norm's scale and bias are
+[value_dim], shared by the heads (memzoo's per-head output norm), eps head_dim * 1e-5 as fla's.
 
 Decoding: RWKV-6's cache (state, the last input token for the shift, tokens seen).
 
@@ -155,12 +161,15 @@ Decoding: RWKV-6's cache (state, the last input token for the shift, tokens seen
 
     def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None,
                  value_dim: int | None = None, decay_rank: int = 32, a_rank: int = 32,
-                 gate_rank: int = 64, chunk_size: int | None = None,
+                 gate_rank: int = 64, value_residual: bool = True, value_rank: int = 16,
+                 chunk_size: int | None = None,
                  implementation: str = "auto", norm_eps: float | None = None,
                  dtype=jnp.float32, rngs: nnx.Rngs):
         for name, value in (("decay_rank", decay_rank), ("a_rank", a_rank),
-                            ("gate_rank", gate_rank)):
+                            ("gate_rank", gate_rank), ("value_rank", value_rank)):
             check_positive_int("RWKV7", name, value)
+        if not isinstance(value_residual, bool):
+            raise ValueError(f"RWKV7: `value_residual` must be a bool, got {value_residual!r}")
         if head_dim is None and isinstance(num_heads, int) and num_heads > 0 \
                 and d_model % num_heads == 0:
             eps_dim = d_model // num_heads
@@ -193,10 +202,77 @@ Decoding: RWKV-6's cache (state, the last input token for the shift, tokens seen
                                 weight_decay=False)
         self.r_k = layers.param(jnp.zeros((H, K), jnp.float32), ("heads", "kv"),
                                 weight_decay=False)
+        self.value_residual = value_residual
+        if value_residual:
+            self.v_down = normal_init(rngs, (D, value_rank), D, ("embed", None), 0.1)
+            self.v_up = normal_init(rngs, (value_rank, H, V), value_rank,
+                                    (None, "heads", "kv"), 0.1)
+            self.v_bias = layers.param(jnp.ones((H, V), jnp.float32), ("heads", "kv"),
+                                       weight_decay=False)
 
     init_cache = RWKV6.init_cache
 
-    def _forward(self, x, cache, segment_ids, decode: bool = False):
+    # ---- the residual stream's side channel (memzoo.models) ----------------------------------
+    def side_channel(self, batch_size: int, length: int) -> dict:
+        """Before the first layer: no v1 yet (`v_first_set` False; `v_first` its placeholder)."""
+        if not self.value_residual:
+            return {}
+        return {"v_first": jnp.zeros((batch_size, length, self.num_heads, self.value_dim),
+                                     self.dtype),
+                "v_first_set": jnp.zeros((), bool)}
+
+    def _check_side(self, owner: str, side, batch: int, length: int) -> None:
+        want = (batch, length, self.num_heads, self.value_dim)
+        if self.value_residual and (not isinstance(side, dict) or "v_first" not in side
+                                    or tuple(side["v_first"].shape) != want
+                                    or "v_first_set" not in side):
+            got = ({k: tuple(getattr(v, "shape", ())) for k, v in side.items()}
+                   if isinstance(side, dict) else type(side).__name__)
+            raise ValueError(f"{owner}: `side` must be a dict with v_first {want} and "
+                             f"v_first_set (from side_channel({batch}, {length})), got {got}")
+
+    def _value_residual(self, x_v, v, side):
+        """(v lerped towards layer 1's, the side channel after this layer)."""
+        first = jnp.where(side["v_first_set"], side["v_first"].astype(v.dtype), v)
+        gate = jax.nn.sigmoid(jnp.einsum("btr,rhv->bthv", x_v.astype(jnp.float32)
+                                         @ self.v_down[...], self.v_up[...])
+                              + self.v_bias[...][None, None])
+        v32 = v.astype(jnp.float32)
+        v = (v32 + (first.astype(jnp.float32) - v32) * gate).astype(v.dtype)
+        return v, {**side, "v_first": first.astype(side["v_first"].dtype),
+                   "v_first_set": jnp.ones((), bool)}
+
+    def __call__(self, x, cache: LinearAttentionCache | None = None, *, segment_ids=None,
+                 side=None):
+        """LinearMemory's forms; with `side` (CausalLM's side channel) (their result, side)."""
+        if side is None:
+            return super().__call__(x, cache, segment_ids=segment_ids)
+        layers.check_input("RWKV7", "x", x, ndim=3, width=self.d_model)
+        self._check_side("RWKV7", side, *x.shape[:2])
+        if cache is None:
+            if segment_ids is not None:
+                check_segment_ids("RWKV7", segment_ids, x.shape[:2])
+            y, _, side = self._forward(x, None, segment_ids, side=side)
+            return y, side
+        if segment_ids is not None:
+            raise ValueError("RWKV7: `segment_ids` applies to the parallel form only; a cache "
+                             "holds one document per batch row")
+        self._check_cache(cache, x.shape[0])
+        y, cache, side = self._forward(x, cache, None, side=side)
+        return (y, cache), side
+
+    def step(self, x_t, cache: LinearAttentionCache, side=None):
+        if side is None:
+            return super().step(x_t, cache)
+        layers.check_input("RWKV7.step", "x_t", x_t, ndim=2, width=self.d_model,
+                           legend="[batch, d_model]")
+        self._check_cache(cache, x_t.shape[0])
+        self._check_side("RWKV7.step", side, x_t.shape[0], 1)
+        y, cache, side = self._forward(x_t[:, None], cache, None, side=side)
+        return (y[:, 0], cache), side
+
+    def _forward(self, x, cache, segment_ids, decode: bool = False, side=None):
+        """(y, cache), or (y, cache, side) when a side channel is given."""
         del decode   # the same ops at any length: the token shift reads the cached token
         x = x.astype(self.dtype)
         T = x.shape[1]
@@ -206,6 +282,8 @@ Decoding: RWKV-6's cache (state, the last input token for the shift, tokens seen
                                         for i in range(len(RWKV7_BRANCHES)))
         proj = lambda xc, w: jnp.einsum("btd,dhk->bthk", xc, w[...].astype(self.dtype))
         r, k, v = proj(x_r, self.wq), proj(x_k, self.wk), proj(x_v, self.wv)
+        if side is not None and self.value_residual:
+            v, side = self._value_residual(x_v, v, side)
         # The gates in float32: w sits in exp(exp(.))-like sensitivity, a multiplies the state.
         low = jnp.tanh(x_w.astype(jnp.float32) @ self.decay_down[...])
         log_w = RWKV7_MAX_LOG_DECAY * jax.nn.sigmoid(
@@ -227,4 +305,5 @@ Decoding: RWKV-6's cache (state, the last input token for the shift, tokens seen
         o = (self.o_norm(o.astype(self.dtype)).astype(jnp.float32) + bonus) * g
         y = jnp.einsum("bthv,hvd->btd", o.astype(self.dtype), self.wo[...].astype(self.dtype))
         index = jnp.zeros((), jnp.int32) if cache is None else cache.index
-        return y, LinearAttentionCache(state, x[:, -1:].astype(jnp.float32), index + T)
+        cache = LinearAttentionCache(state, x[:, -1:].astype(jnp.float32), index + T)
+        return (y, cache) if side is None else (y, cache, side)

@@ -65,58 +65,28 @@ def delta_rule(q, k, v, beta, *, log_gate=None, initial_state=None, scale=None, 
     _validation.check_array(_OP, "k", k, ndim=4)
     _validation.check_array(_OP, "v", v, ndim=4)
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if _validation.is_complex(x.dtype):
-            raise ValueError(f"{_OP}: `{name}` must be real floating, got {x.dtype}")
+        _validation.check_real(_OP, name, x)
     batch, length, heads, key_dim = q.shape
     _validation.check_shape(_OP, "k", k, q.shape, "[batch, time, heads, key_dim] like q")
-    if v.shape[:3] != (batch, length, heads):
-        raise ValueError(f"{_OP}: `v` must have shape [batch, time, heads, value_dim] = "
-                         f"{(batch, length, heads)} + (value_dim,), got {tuple(v.shape)}")
+    _validation.check_values(_OP, v, batch, length, heads)
     value_dim = v.shape[3]
     _validation.check_array(_OP, "beta", beta, ndim=3)
     _validation.check_shape(_OP, "beta", beta, (batch, length, heads), "[batch, time, heads]")
-    if _validation.is_complex(beta.dtype):
-        raise ValueError(f"{_OP}: `beta` must be real floating, got {beta.dtype}")
+    _validation.check_real(_OP, "beta", beta)
     dtypes = [q.dtype, k.dtype, v.dtype, beta.dtype]
     if log_gate is not None:
         _validation.check_array(_OP, "log_gate", log_gate, ndim=3)
         _validation.check_shape(_OP, "log_gate", log_gate, (batch, length, heads),
                                 "[batch, time, heads]")
-        if _validation.is_complex(log_gate.dtype):
-            raise ValueError(f"{_OP}: `log_gate` must be real floating, got {log_gate.dtype}")
+        _validation.check_real(_OP, "log_gate", log_gate)
         dtypes.append(log_gate.dtype)
     out_dtype = _validation.result_dtype(q.dtype, k.dtype, v.dtype)
     acc = _validation.accum_dtype(_validation.result_dtype(*dtypes))
-    if implementation == "pallas" and acc != jnp.float32:
-        raise ValueError(f"{_OP}: implementation='pallas' runs the Pallas kernels, which "
-                         f"accumulate in float32; these inputs accumulate in {jnp.dtype(acc).name} "
-                         "(64-bit inputs take implementation='auto' or 'xla')")
-    if initial_state is None:
-        h0 = jnp.zeros((batch, heads, key_dim, value_dim), acc)
-    else:
-        _validation.check_array(_OP, "initial_state", initial_state, ndim=4)
-        _validation.check_shape(_OP, "initial_state", initial_state,
-                                (batch, heads, key_dim, value_dim),
-                                "[batch, heads, key_dim, value_dim]")
-        if _validation.is_complex(initial_state.dtype):
-            raise ValueError(f"{_OP}: `initial_state` must be real floating, "
-                             f"got {initial_state.dtype}")
-        h0 = initial_state.astype(acc)
-    if scale is None:
-        scale = key_dim ** -0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise ValueError(f"{_OP}: `scale` must be a Python float, got {type(scale).__name__}")
-    scale = float(scale)
-    if chunk_size is None:
-        chunk_size = DEFAULT_CHUNK_SIZE
-    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"{_OP}: `chunk_size` must be a positive int, got {chunk_size!r}")
-    if segment_ids is not None:
-        _validation.check_integer(_OP, "segment_ids", segment_ids, (batch, length),
-                                  "[batch, time]")
-        reset = _chunks.segment_starts(segment_ids)
-    else:
-        reset = jnp.zeros((batch, length), bool)
+    _validation.check_pallas_accumulation(_OP, implementation, acc)
+    h0, scale, chunk_size, reset = _validation.matrix_state_arguments(
+        _OP, length=length, state_shape=(batch, heads, key_dim, value_dim), acc=acc,
+        initial_state=initial_state, scale=scale, chunk_size=chunk_size,
+        default_chunk_size=DEFAULT_CHUNK_SIZE, segment_ids=segment_ids)
 
     q, k, v = (x.astype(out_dtype) for x in (q, k, v))
     gated = log_gate is not None
@@ -133,14 +103,6 @@ def delta_rule(q, k, v, beta, *, log_gate=None, initial_state=None, scale=None, 
 
 def _static(scale, chunk_size, gated, segmented):
     return dict(scale=scale, chunk_size=chunk_size, gated=gated, segmented=segmented)
-
-
-def _pallas_for(fn, h0, static):
-    """The Pallas callable, or None (the XLA path under "auto") for 64-bit inputs: the kernels
-    accumulate in float32 ("pallas" with 64-bit inputs was refused by `delta_rule`)."""
-    if h0.dtype != jnp.float32:
-        return None
-    return functools.partial(fn, **static)
 
 
 _INPUTS = (("q", "b t h k"), ("k", "b t h k"), ("v", "b t h v"), ("beta", "b t h"),
@@ -165,7 +127,7 @@ def _forward(args, scale, chunk_size, gated, segmented, implementation):
         _OP, implementation, *args,
         reference=functools.partial(_xla.delta_rule_forward, **static),
         xla=functools.partial(_xla.delta_rule_forward, **static),
-        pallas=_pallas_for(_pallas.delta_rule_forward, args[5], static),
+        pallas=_chunks.float32_kernel(_pallas.delta_rule_forward, args[5], static),
         partition=_partition(backward=False))
 
 
@@ -194,7 +156,7 @@ def _delta_bwd(scale, chunk_size, gated, segmented, implementation, residuals, c
     grads = _dispatch.dispatch(
         _OP, implementation, *args, states, do, dfinal,
         reference=xla_bwd, xla=xla_bwd,
-        pallas=_pallas_for(_pallas.delta_rule_backward, args[5], static),
+        pallas=_chunks.float32_kernel(_pallas.delta_rule_backward, args[5], static),
         partition=_partition(backward=True))
     return tuple(grads) + (jnp.zeros_like(args[6]),)
 

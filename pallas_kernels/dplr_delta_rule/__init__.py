@@ -29,11 +29,6 @@ _OP = "dplr_delta_rule"
 DEFAULT_CHUNK_SIZE = 64
 
 
-def _check_real(name, x):
-    if _validation.is_complex(x.dtype):
-        raise ValueError(f"{_OP}: `{name}` must be real floating, got {x.dtype}")
-
-
 @_dispatch.sequence_parallel_op(_OP)
 def dplr_delta_rule(q, k, v, a, b, *, log_decay=None, initial_state=None, scale=None,
                     segment_ids=None, chunk_size=None, implementation: str = "auto"):
@@ -71,18 +66,16 @@ def dplr_delta_rule(q, k, v, a, b, *, log_decay=None, initial_state=None, scale=
     _validation.check_array(_OP, "q", q, ndim=4)
     for name, x in (("q", q), ("k", k), ("v", v), ("a", a), ("b", b)):
         _validation.check_array(_OP, name, x, ndim=4)
-        _check_real(name, x)
+        _validation.check_real(_OP, name, x)
     batch, length, heads, key_dim = q.shape
     for name, x in (("k", k), ("a", a), ("b", b)):
         _validation.check_shape(_OP, name, x, q.shape, "[batch, time, heads, key_dim] like q")
-    if v.shape[:3] != (batch, length, heads):
-        raise ValueError(f"{_OP}: `v` must have shape [batch, time, heads, value_dim] = "
-                         f"{(batch, length, heads)} + (value_dim,), got {tuple(v.shape)}")
+    _validation.check_values(_OP, v, batch, length, heads)
     value_dim = v.shape[3]
     dtypes = [q.dtype, k.dtype, v.dtype, a.dtype, b.dtype]
     if log_decay is not None:
         _validation.check_array(_OP, "log_decay", log_decay)
-        _check_real("log_decay", log_decay)
+        _validation.check_real(_OP, "log_decay", log_decay)
         if log_decay.shape not in ((batch, length, heads, key_dim), (batch, length, heads)):
             raise ValueError(f"{_OP}: `log_decay` must have shape [batch, time, heads, key_dim] "
                              f"= {(batch, length, heads, key_dim)} or [batch, time, heads] = "
@@ -90,34 +83,11 @@ def dplr_delta_rule(q, k, v, a, b, *, log_decay=None, initial_state=None, scale=
         dtypes.append(log_decay.dtype)
     out_dtype = _validation.result_dtype(*dtypes[:5])
     acc = _validation.accum_dtype(_validation.result_dtype(*dtypes))
-    if implementation == "pallas" and acc != jnp.float32:
-        raise ValueError(f"{_OP}: implementation='pallas' runs the Pallas kernels, which "
-                         f"accumulate in float32; these inputs accumulate in {jnp.dtype(acc).name} "
-                         "(64-bit inputs take implementation='auto' or 'xla')")
-    if initial_state is None:
-        h0 = jnp.zeros((batch, heads, key_dim, value_dim), acc)
-    else:
-        _validation.check_array(_OP, "initial_state", initial_state, ndim=4)
-        _validation.check_shape(_OP, "initial_state", initial_state,
-                                (batch, heads, key_dim, value_dim),
-                                "[batch, heads, key_dim, value_dim]")
-        _check_real("initial_state", initial_state)
-        h0 = initial_state.astype(acc)
-    if scale is None:
-        scale = key_dim ** -0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise ValueError(f"{_OP}: `scale` must be a Python float, got {type(scale).__name__}")
-    scale = float(scale)
-    if chunk_size is None:
-        chunk_size = DEFAULT_CHUNK_SIZE
-    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"{_OP}: `chunk_size` must be a positive int, got {chunk_size!r}")
-    if segment_ids is not None:
-        _validation.check_integer(_OP, "segment_ids", segment_ids, (batch, length),
-                                  "[batch, time]")
-        reset = _chunks.segment_starts(segment_ids)
-    else:
-        reset = jnp.zeros((batch, length), bool)
+    _validation.check_pallas_accumulation(_OP, implementation, acc)
+    h0, scale, chunk_size, reset = _validation.matrix_state_arguments(
+        _OP, length=length, state_shape=(batch, heads, key_dim, value_dim), acc=acc,
+        initial_state=initial_state, scale=scale, chunk_size=chunk_size,
+        default_chunk_size=DEFAULT_CHUNK_SIZE, segment_ids=segment_ids)
 
     q, k, v, a, b = (x.astype(out_dtype) for x in (q, k, v, a, b))
     if log_decay is None:
@@ -139,13 +109,6 @@ def _static(scale, chunk_size, segmented):
     return dict(scale=scale, chunk_size=chunk_size, segmented=segmented)
 
 
-def _pallas_for(h0, static):
-    """The Pallas forward, or None (the XLA path under "auto") for 64-bit inputs."""
-    if h0.dtype != jnp.float32:
-        return None
-    return functools.partial(_pallas.dplr_forward, **static)
-
-
 _INPUTS = (("q", "b t h k"), ("k", "b t h k"), ("v", "b t h v"), ("a", "b t h k"),
            ("b", "b t h k"), ("log_decay", "b t h k"), ("initial_state", "b h k v"),
            ("segment_ids", "b t"))
@@ -161,7 +124,8 @@ def _forward(args, scale, chunk_size, segmented, implementation):
     static = _static(scale, chunk_size, segmented)
     xla = functools.partial(_xla.dplr_forward, **static)
     return _dispatch.dispatch(_OP, implementation, *args, reference=xla, xla=xla,
-                              pallas=_pallas_for(args[6], static), partition=_partition())
+                              pallas=_chunks.float32_kernel(_pallas.dplr_forward, args[6], static),
+                              partition=_partition())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))

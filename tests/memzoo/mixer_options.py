@@ -17,7 +17,10 @@ MIXER_OPTIONS: dict[str, dict] = {
     "gated_deltaproduct": dict(num_heads=2, n_householder=2, chunk_size=CHUNK),
     "kda": dict(num_heads=2, chunk_size=CHUNK),
     "comba": dict(num_heads=2, chunk_size=CHUNK),
-    "rwkv7": dict(num_heads=2, decay_rank=4, a_rank=4, gate_rank=4, chunk_size=CHUNK),
+    # Alone, an rwkv7 layer is its own layer 1 (its value-residual LoRA gets no gradient); the
+    # residual is tested in a CausalLM (tests/memzoo/test_rwkv7_value_residual.py).
+    "rwkv7": dict(num_heads=2, decay_rank=4, a_rank=4, gate_rank=4, value_residual=False,
+                  chunk_size=CHUNK),
     "gla": dict(num_heads=2, chunk_size=CHUNK),
     "gsa": dict(num_heads=2, num_slots=4, chunk_size=CHUNK),
     "hgrn": dict(lower_bound=0.1),

@@ -84,7 +84,7 @@ NO_DECAY_TAGS: dict[str, set[str]] = {"mamba": {"D_skip"}, "mamba2": {"D_skip", 
 NO_DECAY_TAGS["rwkv6"] = {"lerp_mu", "lerp_bias", "bonus"}
 # Comba's output correction D (fla: _no_weight_decay); RWKV-7's time_* analogues as RWKV-6's.
 NO_DECAY_TAGS["comba"] = {"correction"}
-NO_DECAY_TAGS["rwkv7"] = {"lerp_mu", "a_bias", "k_k", "k_a", "r_k"}
+NO_DECAY_TAGS["rwkv7"] = {"lerp_mu", "a_bias", "v_bias", "k_k", "k_a", "r_k"}
 
 
 def build(name: str):

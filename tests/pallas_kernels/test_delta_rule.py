@@ -12,8 +12,7 @@ from pallas_kernels.delta_rule import pallas as drp
 
 pytestmark = pytest.mark.kernel
 
-F32_TOL = 1e-5
-BF16_TOL = 1e-2
+F32_TOL = kt.F32_TOL
 
 
 def make_inputs(key, shape, dtype=jnp.float32, *, gated=True, segments=False, beta=(0.0, 1.0),
@@ -35,52 +34,10 @@ def make_inputs(key, shape, dtype=jnp.float32, *, gated=True, segments=False, be
                 initial_state=h0, segment_ids=seg)
 
 
-def _split(inputs):
-    names = [n for n in ("q", "k", "v", "beta", "log_gate", "initial_state")
-             if inputs[n] is not None]
-    return names, [inputs[n] for n in names]
-
-
-def forward_and_grads(implementation, chunk_size, names, seg, weights, *arrays):
-    def call(*xs):
-        return delta_rule(**dict(zip(names, xs)), segment_ids=seg, chunk_size=chunk_size,
-                          implementation=implementation)
-
-    def loss(*xs):
-        o, final = call(*xs)
-        return (jnp.sum(o.astype(weights[0].dtype) * weights[0])
-                + jnp.sum(final.astype(weights[1].dtype) * weights[1]))
-
-    return call(*arrays), jax.grad(loss, argnums=tuple(range(len(arrays))))(*arrays)
-
-
-def _close_per_row(x, ref, tol, what):
-    """Relative RMSE per batch row: a badly conditioned row cannot hide behind a large one."""
-    for b in range(ref.shape[0]):
-        kt.assert_close(x[b], ref[b], tol, f"{what}[batch {b}]")
-
-
-def check_against_reference(implementation, inputs, *, chunk_size, seed, ctx=None, tol=None):
-    names, arrays = _split(inputs)
-    names = tuple(names)
-    q, v = inputs["q"], inputs["v"]
-    key = jax.random.PRNGKey(seed)
-    weights = (jax.random.normal(key, v.shape),
-               jax.random.normal(jax.random.fold_in(key, 1), (q.shape[0], q.shape[2], q.shape[3], v.shape[3])))
-    seg = inputs["segment_ids"]
-    run = lambda impl: jax.jit(functools.partial(forward_and_grads, impl, chunk_size, names))
-    ref_out, ref_grads = kt.float64_run(run("reference"), seg, weights, *arrays)
-    with (ctx or kt.IMPLEMENTATION_RUNNERS["xla"][0]()):
-        out, grads = run(implementation)(seg, weights, *arrays)
-    if tol is None:
-        tol = BF16_TOL if q.dtype == jnp.bfloat16 else F32_TOL
-    assert out[0].dtype == q.dtype and out[0].shape == v.shape
-    assert out[1].dtype == jnp.float32
-    _close_per_row(out[0], ref_out[0], tol, "o")
-    _close_per_row(out[1], ref_out[1], tol, "final_state")
-    for name, g, r in zip(names, grads, ref_grads):
-        assert g.shape == inputs[name].shape
-        _close_per_row(g, r, tol, f"d{name}")
+NAMES = ("q", "k", "v", "beta", "log_gate", "initial_state")
+_split = functools.partial(kt.given_inputs, names=NAMES)
+forward_and_grads = functools.partial(kt.forward_and_grads, delta_rule)
+check_against_reference = functools.partial(kt.check_matrix_state_op, delta_rule, names=NAMES)
 
 
 XLA_CASES = {

@@ -13,8 +13,7 @@ from pallas_kernels.dplr_delta_rule import pallas as dpp
 
 pytestmark = pytest.mark.kernel
 
-F32_TOL = 1e-5
-BF16_TOL = 1e-2
+F32_TOL = kt.F32_TOL
 NAMES = ("q", "k", "v", "a", "b", "log_decay", "initial_state")
 
 
@@ -44,58 +43,10 @@ def make_inputs(key, shape, dtype=jnp.float32, *, decay="vector", segments=False
                 log_decay=w, initial_state=h0, segment_ids=seg)
 
 
-def _split(inputs):
-    names = tuple(n for n in NAMES if inputs[n] is not None)
-    return names, [inputs[n] for n in names]
-
-
-def forward_and_grads(implementation, chunk_size, names, seg, weights, *arrays):
-    def call(*xs):
-        return dplr_delta_rule(**dict(zip(names, xs)), segment_ids=seg, chunk_size=chunk_size,
-                               implementation=implementation)
-
-    def loss(*xs):
-        o, final = call(*xs)
-        return (jnp.sum(o.astype(weights[0].dtype) * weights[0])
-                + jnp.sum(final.astype(weights[1].dtype) * weights[1]))
-
-    return call(*arrays), jax.grad(loss, argnums=tuple(range(len(arrays))))(*arrays)
-
-
-def _close_per_row(x, ref, tol, what):
-    """Relative RMSE per batch row: a badly conditioned row cannot hide behind a large one."""
-    for i in range(ref.shape[0]):
-        kt.assert_close(x[i], ref[i], tol, f"{what}[batch {i}]")
-
-
-def check_against_reference(implementation, inputs, *, chunk_size, seed, ctx=None, tol=None,
-                            x64=False):
-    """Outputs, final state and the gradient of every input against the float64 reference
-    (`x64`: the implementation itself runs in float64 too, and must match to rounding)."""
-    names, arrays = _split(inputs)
-    q, v = inputs["q"], inputs["v"]
-    key = jax.random.PRNGKey(seed)
-    weights = (jax.random.normal(key, v.shape),
-               jax.random.normal(jax.random.fold_in(key, 1),
-                                 (q.shape[0], q.shape[2], q.shape[3], v.shape[3])))
-    seg = inputs["segment_ids"]
-    run = lambda impl: jax.jit(functools.partial(forward_and_grads, impl, chunk_size, names))
-    ref_out, ref_grads = kt.float64_run(run("reference"), seg, weights, *arrays)
-    if x64:
-        out, grads = kt.float64_run(run(implementation), seg, weights, *arrays)
-        tol = 1e-10
-    else:
-        with (ctx or kt.IMPLEMENTATION_RUNNERS["xla"][0]()):
-            out, grads = run(implementation)(seg, weights, *arrays)
-        assert out[0].dtype == q.dtype and out[1].dtype == jnp.float32
-    if tol is None:
-        tol = BF16_TOL if q.dtype == jnp.bfloat16 else F32_TOL
-    assert out[0].shape == v.shape
-    _close_per_row(out[0], ref_out[0], tol, "o")
-    _close_per_row(out[1], ref_out[1], tol, "final_state")
-    for name, g, r in zip(names, grads, ref_grads):
-        assert g.shape == inputs[name].shape
-        _close_per_row(g, r, tol, f"d{name}")
+_split = functools.partial(kt.given_inputs, names=NAMES)
+forward_and_grads = functools.partial(kt.forward_and_grads, dplr_delta_rule)
+check_against_reference = functools.partial(kt.check_matrix_state_op, dplr_delta_rule,
+                                            names=NAMES)
 
 
 XLA_CASES = {
