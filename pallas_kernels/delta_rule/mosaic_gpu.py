@@ -11,20 +11,30 @@ batched XLA work before the kernel (xla.py's `_Chunked`: the UT transform T = (I
 with gates and segment resets already folded in), so the kernel is only the sequential state
 recurrence, a chain of WGMMAs per chunk:
 
-    u  = U~ - W S                   [64, 64]   (W: head + remainder, S: head + remainder)
-    o  = Qg S + P u                 [64, 64]
-    S' = gl S + Kd^T u              [Kd, 64]   (u: head + remainder)
+    u  = U~ - W S                   [64, vb]   (W: head + remainder, S: head + remainder)
+    o  = Qg S + P u                 [64, vb]
+    S' = gl S + Kd^T u              [Kd, vb]   (u: head + remainder)
 
-One program (one warpgroup, 128 threads) per (batch * head, block of 64 value columns) walks the
-chunks (padded with zero rows to 64, WGMMA's M; a zero row leaves S as it is) in order.
+One program (one warpgroup, 128 threads) per (batch * head, block of vb value columns) walks
+the chunks (padded with zero rows to 64, WGMMA's M; a zero row leaves S as it is) in order.
 `plgpu.emit_pipeline` TMA-loads each chunk's W (head, remainder), Qg, Kd (and its remainder
-where it is not exact in 16 bits), P [64, 64] in the input dtype (128-byte swizzle) and U~
-[64, 64] float32; 2 chunks in flight at key dim 64, 1 at 128 (and for float32 inputs). S [Kd, 64] float32 stays in
-registers (WGMMA accumulator layout) between chunks and goes through SMEM as a 16-bit head +
-remainder where it is a WGMMA operand, as u does: the state keeps ~16 bits of mantissa in every
-product and float32 sums. Outputs (o [64, 64] in v's dtype, the chunk's start state [Kd, 64]
-float32 in xla.py's layout, which the custom VJP's Triton / XLA backward reads) leave by TMA
-from one SMEM buffer each, waited on before the next chunk writes them.
+where it is not exact in 16 bits), P [64, 64] in the input dtype and U~ [64, vb] float32.
+S [Kd, vb] float32 stays in registers (WGMMA accumulator layout) between chunks and goes
+through SMEM as a 16-bit head + remainder where it is a WGMMA operand, as u does: the state
+keeps ~16 bits of mantissa in every product and float32 sums. Outputs (o [64, vb] in v's
+dtype, the chunk's start state [Kd, vb] float32 in xla.py's layout, which the custom VJP's
+Triton / XLA backward reads) leave by TMA from one SMEM buffer each, waited on before the next
+chunk writes them.
+
+Tiling (`_plan` from `_smem_bytes`, the kernels' SMEM arithmetic, separately for the forward
+and the reverse scan): u = U~ - W S sums over every key row, so the key dim is never split
+across programs; the value columns are (each column of S evolves on its own). vb is the widest
+of 64, 32, 16 with S [Kd, vb] at most 128 x 64 (64 registers a thread) whose tiles fit 227
+KiB, with 2 chunks in flight where they fit. Every call covered before keeps vb 64 (bf16 /
+f16: 2 stages at key dim 64, 1 at 128; float32 key dim 64: 1 stage); key dim 256 (16-bit):
+vb 32 (16 gated), 1 stage; float32 key dim 128: vb 16 forward, 32 reverse scan. WGMMA wants
+one swizzle on both SMEM operands, so every 16-bit tile takes the [.., vb] one's (vb * 2
+bytes: 128, 64 or 32). Narrow blocks reload W, Qg, P and Kd once per block of columns.
 
 Precision: the products that reach the state (W S, Kd^T u) use head + remainder on both sides
 (the remainder x remainder term dropped); Qg and P, which reach only o (rounded to 16 bits on
@@ -34,13 +44,14 @@ float32 inputs: WGMMA takes no float32 operands, so every float32 operand (W, Qg
 u) meets it as 3 bf16 pieces x = x0 + x1 + x2 (each the rounding of what the previous leave:
 24 bits of mantissa, float32's), and a product keeps the 6 piece pairs of order i + j < 3
 (the dropped ones are below float32's rounding); o comes out float32 through a plain f32 SMEM
-buffer. Three pieces of every tile fill the SMEM at key dim 64 with one pipeline stage, so
-float32 calls are covered up to key dim 64 (forward and backward); above it, Triton / XLA.
+buffer. Three pieces of every tile fill the SMEM at key dim 64 with one pipeline stage and
+vb 64; key dim 128 takes narrower value blocks; key dim 256 (float32) does not fit: Triton /
+XLA there.
 
 The restrictions of GPU interpret mode in JAX 0.12.0.1 (SMEM-only WGMMA operands, no
 `run_state` accumulator initialised from registers, no predicated pipeline outputs) are
-handled as in chunked_linear_attention/mosaic_gpu.py. Not here: key dims above 128 (SMEM; 64
-for float32), chunks longer than 64.
+handled as in chunked_linear_attention/mosaic_gpu.py. Not here: key dims above 256 (128 for
+float32), chunks longer than 64.
 
 The backward (`reverse_scan`, below) is the same split: xla.delta_rule_backward does the
 batched work and hands its reverse scan over chunks (dS -> dU -> dS) to a kernel of the same
@@ -59,11 +70,18 @@ from pallas_kernels.delta_rule import xla as _xla
 
 F32 = jnp.float32
 ROWS = 64          # chunk rows: the WGMMA tile's M
-BLOCK_V = 64       # value columns per program: one 128-byte swizzle row of 16-bit values
-MAX_KEY_DIM = 128  # at 256 the scratch and one stage of tiles ask > 227 KiB of SMEM
-# float32 inputs: every operand in 3 pieces; at key dim 128 one stage of tiles and the scratch
-# ask ~300 KiB of SMEM (forward and backward alike).
-F32_MAX_KEY_DIM = 64
+# Value columns per program, widest first: S's value columns evolve independently, so a block
+# of them is a program; the key dim cannot be split (u = U~ - W S sums over every key row).
+# A 16-bit [.., vb] operand tile has a vb * 2-byte swizzle (128, 64 or 32 bytes).
+BLOCKS_V = (64, 32, 16)
+MAX_KEY_DIM = 256
+# S [Kd, vb] float32 lives in registers next to a fresh accumulator of the same size: at
+# 128 x 64 it is 64 registers a thread (Kd 128 bf16 already reaches 255 with it).
+MAX_STATE_ELEMS = 128 * 64
+# Shared memory a block may use on the H100 / H200 (opt-in), and what the kernel takes beyond
+# the tiles `_smem_bytes` counts (barriers, alignment: < 1 KiB in the compiled variants).
+SMEM_BYTES = 232_448
+_SMEM_SLACK = 1024
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 GL_WIDTH = 16
 
@@ -77,18 +95,6 @@ def interpret_params():
     return _dispatch.gpu_interpret_params()
 
 
-def max_key_dim(dtype) -> int:
-    return F32_MAX_KEY_DIM if dtype == F32 else MAX_KEY_DIM
-
-
-def supports(q, k, v, h0, chunk_size) -> bool:
-    """Whether this kernel computes the call (else the op runs the Triton kernel)."""
-    chunk = _chunks.effective_chunk(q.shape[1], chunk_size)
-    return (available() and chunk <= ROWS and h0.dtype == F32
-            and q.dtype == k.dtype == v.dtype and any(k.dtype == d for d in DTYPES)
-            and q.shape[-1] <= max_key_dim(k.dtype))
-
-
 def _operands(dtype):
     """(the 16-bit dtype the tensor cores take, pieces per float32 operand): a 16-bit input's
     own dtype with head + remainder (~16 bits of mantissa), or bf16 in 3 pieces for float32
@@ -96,8 +102,62 @@ def _operands(dtype):
     return (jnp.bfloat16, 3) if dtype == F32 else (dtype, 2)
 
 
-def _stages(kd, pieces):
-    return 2 if kd <= 64 and pieces == 2 else 1
+def _counts(dtype, gated):
+    """(16-bit dtype, pieces of W / S / u, pieces of Qg and P, pieces of Kd). Qg and P reach
+    only o: one 16-bit operand where o is rounded to 16 bits. Kd (k scaled by in-chunk decays)
+    is exact in k's dtype when nothing decays it and k is 16-bit."""
+    dt, pieces = _operands(dtype)
+    n_qp = 1 if pieces == 2 else pieces
+    n_kd = 1 if not gated and pieces == 2 else pieces
+    return dt, pieces, n_qp, n_kd
+
+
+def _smem_bytes(kernel, kd, vb, stages, dtype, gated):
+    """Shared memory of the forward ("fwd") or reverse-scan ("bwd") kernel at vb value columns
+    per program: the pipelined tiles per stage (gl's counted whether or not it comes) and the
+    scratch (f32 output buffers, S / u or dS / dU pieces)."""
+    _, pieces, n_qp, n_kd = _counts(dtype, gated)
+    c = ROWS
+    if kernel == "fwd":
+        stage = (pieces + n_qp + n_kd) * c * kd * 2 + n_qp * c * c * 2 + c * vb * 4
+        scratch = c * vb * (4 if dtype == F32 else 2) + kd * vb * 4
+    else:
+        stage = (pieces + n_kd) * c * kd * 2 + (c + kd) * vb * 4
+        scratch = (kd + c) * vb * 4
+    return stages * (stage + GL_WIDTH * 4) + scratch + pieces * (kd + c) * vb * 2
+
+
+def _plan(kernel, kd, dtype, gated):
+    """(value columns per program, pipeline stages): the widest block whose state fits the
+    registers (MAX_STATE_ELEMS) and whose tiles fit the SMEM, with 2 chunks in flight where
+    they fit, else 1. None if nothing fits (float32 at key dim 256)."""
+    for vb in BLOCKS_V:
+        if kd * vb > MAX_STATE_ELEMS:
+            continue
+        for stages in (2, 1):
+            if _smem_bytes(kernel, kd, vb, stages, dtype, gated) + _SMEM_SLACK <= SMEM_BYTES:
+                return vb, stages
+    return None
+
+
+def supports(q, k, v, h0, chunk_size) -> bool:
+    """Whether this kernel computes the call (else the op runs the Triton kernel): both the
+    forward and the reverse scan must fit, planned for a gated call (the larger one), since
+    the op's backward follows this predicate whatever the gate."""
+    chunk = _chunks.effective_chunk(q.shape[1], chunk_size)
+    if not (available() and chunk <= ROWS and h0.dtype == F32
+            and q.dtype == k.dtype == v.dtype and any(k.dtype == d for d in DTYPES)
+            and q.shape[-1] <= MAX_KEY_DIM):
+        return False
+    kd = _chunks.round_up(q.shape[-1], 64)
+    return all(_plan(kernel, kd, k.dtype, True) is not None for kernel in ("fwd", "bwd"))
+
+
+def _tiling(plgpu, width):
+    """The SMEM layout WGMMA reads a 16-bit operand of `width` columns from: tiles of 8 rows x
+    width (<= 64) elements, a width * 2-byte swizzle."""
+    width = min(width, 64)
+    return plgpu.TilingTransform((8, width)), plgpu.SwizzleTransform(width * 2)
 
 
 def _split(x, dt, pieces):
@@ -143,15 +203,15 @@ def forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
     float32, the state entering every chunk [B,H,N,K,V] float32). Only calls in `supports`."""
     if not supports(q, k, v, h0, chunk_size):
         raise ValueError("delta_rule: the Mosaic GPU kernel takes q, k, v of one dtype (16-bit, "
-                         f"key_dim <= {MAX_KEY_DIM}; float32, key_dim <= {F32_MAX_KEY_DIM}) "
-                         f"and chunks <= {ROWS}; got q {q.dtype} {q.shape}, v {v.dtype}, "
-                         f"chunk_size {chunk_size}")
+                         f"key_dim <= {MAX_KEY_DIM}; float32, key_dim <= 128), a float32 "
+                         f"initial state and chunks <= {ROWS}; got q {q.dtype} {q.shape}, "
+                         f"v {v.dtype}, chunk_size {chunk_size}")
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     chunk = _chunks.effective_chunk(length, chunk_size)
-    dt, pieces = _operands(k.dtype)
+    dt, pieces, n_qp, n_kd = _counts(k.dtype, gated)
     # XLA's GPU float32 matmuls may run in TF32: the state-independent work keeps float32.
     with jax.default_matmul_precision("highest"):
         ch = _xla._Chunked(q, k, v, beta, g, reset, scale=scale, chunk=chunk, gated=gated,
@@ -159,7 +219,8 @@ def forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
         (u_t, w, kdec, gl), n = ch.chunk_inputs()           # chunk major [N, B, H, C, ...]
         qg, p = ch.qg, ch.p                                   # [B, H, N, C, ...]
     kd = _chunks.round_up(key_dim, 64)
-    vd = _chunks.round_up(value_dim, BLOCK_V)
+    vb, stages = _plan("fwd", kd, k.dtype, gated)
+    vd = _chunks.round_up(value_dim, vb)
     bh = batch * heads
 
     def tiles(x, width, chunk_major=False):
@@ -169,11 +230,6 @@ def forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
         x = jnp.pad(x, [(0, 0)] * 3 + [(0, ROWS - chunk), (0, width - x.shape[-1])])
         return x.reshape(bh, n * ROWS, width)
 
-    # Qg and P reach only o: one 16-bit operand where o is rounded to 16 bits, all the pieces
-    # for a float32 o. Kd (k scaled by in-chunk decays) is exact in k's dtype when nothing
-    # decays it and k is 16-bit.
-    n_qp = 1 if pieces == 2 else pieces
-    n_kd = 1 if not gated and pieces == 2 else pieces
     args = (_split(tiles(w, kd, True), dt, pieces) + _split(tiles(qg, kd), dt, n_qp)
             + _split(tiles(p, ROWS), dt, n_qp) + _split(tiles(kdec, kd, True), dt, n_kd))
     args.append(tiles(u_t, vd, True).astype(F32))
@@ -184,9 +240,9 @@ def forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
         args.append(jnp.broadcast_to(gl, (bh, n, GL_WIDTH)).reshape(bh, n * GL_WIDTH))
     h0p = jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, kd - key_dim), (0, vd - value_dim)])
     args.append(h0p.reshape(bh, kd, vd))
-    o, final, states = _call(args, kd=kd, vd=vd, n=n, dt=dt, out_dt=v.dtype, pieces=pieces,
-                             n_qp=n_qp, n_kd=n_kd, decays=decays, interpret=interpret,
-                             plgpu=plgpu)
+    o, final, states = _call(args, kd=kd, vd=vd, vb=vb, stages=stages, n=n, dt=dt,
+                             out_dt=v.dtype, pieces=pieces, n_qp=n_qp, n_kd=n_kd, decays=decays,
+                             interpret=interpret, plgpu=plgpu)
     o = o.reshape(batch, heads, n, ROWS, vd)[:, :, :, :chunk, :value_dim]
     o = _chunks.from_chunks(o, length)
     final = final[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
@@ -194,11 +250,13 @@ def forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
     return o, final, states
 
 
-def _call(args, *, kd, vd, n, dt, out_dt, pieces, n_qp, n_kd, decays, interpret, plgpu):
+def _call(args, *, kd, vd, vb, stages, n, dt, out_dt, pieces, n_qp, n_kd, decays, interpret,
+          plgpu):
     bh = args[0].shape[0]
-    c, vb = ROWS, BLOCK_V
-    # 128-byte swizzle, tiles of 8 rows x 64 16-bit elements: what WGMMA reads from SMEM.
-    tf16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    c = ROWS
+    # What WGMMA reads from SMEM. Mosaic GPU asks both operands of a WGMMA for one swizzle, and
+    # the [.., vb] right-hand sides (S, u) allow vb * 2 bytes: every 16-bit tile takes it.
+    tf16 = _tiling(plgpu, vb)
     n_in = len(args)
     # Where each operand's pieces sit in the tiles a chunk step gets.
     counts = (pieces, n_qp, n_qp, n_kd)
@@ -272,7 +330,7 @@ def _call(args, *, kd, vd, n, dt, out_dt, pieces, n_qp, n_kd, decays, interpret,
         def walk(*scratch):
             last = plgpu.emit_pipeline(
                 functools.partial(chunk_body, scratch), grid=(n,), in_specs=in_specs,
-                max_concurrent_steps=_stages(kd, pieces), init_carry=s0)(*ins)
+                max_concurrent_steps=stages, init_carry=s0)(*ins)
             plgpu.wait_smem_to_gmem(0)      # before the output buffers are released
             return last
 
@@ -304,11 +362,12 @@ def _call(args, *, kd, vd, n, dt, out_dt, pieces, n_qp, n_kd, decays, interpret,
 # ---------------------------------------------------------------------------------------------
 # Backward: xla.delta_rule_backward with its reverse scan over chunks on Mosaic GPU.
 #
-#     dU = P^T dO + Kd dS_next          [64, 64]   (Kd: head [+ remainder], dS: head + remainder)
-#     dS = Qg^T dO + gl dS_next - W^T dU  [Kd, 64]  (W: head + remainder, dU: head + remainder)
+#     dU = P^T dO + Kd dS_next          [64, vb]   (Kd: head [+ remainder], dS: head + remainder)
+#     dS = Qg^T dO + gl dS_next - W^T dU  [Kd, vb]  (W: head + remainder, dU: head + remainder)
 #
-# Same program grid and precision scheme as the forward: one warpgroup per (batch * head, 64
-# value columns) walking the chunks last to first, dS [Kd, 64] float32 in registers; P^T dO and
+# Same program grid and precision scheme as the forward: one warpgroup per (batch * head, vb
+# value columns; its own `_plan("bwd", ...)`) walking the chunks last to first, dS [Kd, vb]
+# float32 in registers; P^T dO and
 # Qg^T dO come in float32 (batched XLA einsums), W and Kd as 16-bit tiles. Out go dS_next and
 # dU per chunk (float32), in xla.py's layout, and dh0.
 
@@ -321,15 +380,16 @@ def reverse_scan(pt_do, qgt_do, kdec, w, gl, ds_final, *, dtype, split_kd, inter
 
     batch, heads, n, chunk, value_dim = pt_do.shape
     key_dim = qgt_do.shape[-2]
-    if chunk > ROWS or key_dim > max_key_dim(dtype):
-        raise ValueError(f"delta_rule: the Mosaic GPU backward takes chunks <= {ROWS} and key_dim "
-                         f"<= {max_key_dim(dtype)} ({jnp.dtype(dtype).name}); got chunk "
-                         f"{chunk}, key_dim {key_dim}")
     kd = _chunks.round_up(key_dim, 64)
-    vd = _chunks.round_up(value_dim, BLOCK_V)
+    plan = _plan("bwd", kd, dtype, split_kd) if key_dim <= MAX_KEY_DIM else None
+    if chunk > ROWS or plan is None:
+        raise ValueError(f"delta_rule: the Mosaic GPU backward takes chunks <= {ROWS} and key_dim "
+                         f"<= {MAX_KEY_DIM} (float32: 128); got chunk {chunk}, key_dim "
+                         f"{key_dim} ({jnp.dtype(dtype).name})")
+    vb, stages = plan
+    vd = _chunks.round_up(value_dim, vb)
     bh = batch * heads
-    dt, pieces = _operands(dtype)
-    n_kd = 1 if not split_kd and pieces == 2 else pieces
+    dt, pieces, _, n_kd = _counts(dtype, split_kd)
 
     def tiles(x, rows, width):
         """[B, H, N, R, D] -> [B*H, N*rows, width], each chunk's tile zero padded."""
@@ -345,18 +405,19 @@ def reverse_scan(pt_do, qgt_do, kdec, w, gl, ds_final, *, dtype, split_kd, inter
         args.append(jnp.broadcast_to(gl, (bh, n, GL_WIDTH)).reshape(bh, n * GL_WIDTH))
     dsf = jnp.pad(ds_final.astype(F32), [(0, 0), (0, 0), (0, kd - key_dim), (0, vd - value_dim)])
     args.append(dsf.reshape(bh, kd, vd))
-    ds_next, du, dh0 = _bwd_call(args, kd=kd, vd=vd, n=n, dt=dt, pieces=pieces, n_kd=n_kd,
-                                 decays=decays, interpret=interpret, plgpu=plgpu)
+    ds_next, du, dh0 = _bwd_call(args, kd=kd, vd=vd, vb=vb, stages=stages, n=n, dt=dt,
+                                 pieces=pieces, n_kd=n_kd, decays=decays, interpret=interpret,
+                                 plgpu=plgpu)
     ds_next = ds_next.reshape(batch, heads, n, kd, vd)[..., :key_dim, :value_dim]
     du = du.reshape(batch, heads, n, ROWS, vd)[..., :chunk, :value_dim]
     dh0 = dh0[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
     return ds_next, du, dh0
 
 
-def _bwd_call(args, *, kd, vd, n, dt, pieces, n_kd, decays, interpret, plgpu):
+def _bwd_call(args, *, kd, vd, vb, stages, n, dt, pieces, n_kd, decays, interpret, plgpu):
     bh = args[0].shape[0]
-    c, vb = ROWS, BLOCK_V
-    tf16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    c = ROWS
+    tf16 = _tiling(plgpu, vb)      # one swizzle for both WGMMA operands, as in the forward
     n_in = len(args)
     n_tiles = pieces + n_kd
 
@@ -415,7 +476,7 @@ def _bwd_call(args, *, kd, vd, n, dt, pieces, n_kd, decays, interpret, plgpu):
         def walk(*scratch):
             last = plgpu.emit_pipeline(
                 functools.partial(chunk_body, scratch), grid=(n,), in_specs=in_specs,
-                max_concurrent_steps=_stages(kd, pieces), init_carry=ds0)(*ins)
+                max_concurrent_steps=stages, init_carry=ds0)(*ins)
             plgpu.wait_smem_to_gmem(0)      # before the output buffers are released
             return last
 

@@ -795,7 +795,7 @@ def test_delta_rule_op_runs_mosaic_kernel_with_gradients():
 
 
 def test_delta_rule_uncovered_calls():
-    """float32 inputs above key dim 64, mixed dtypes, key dims above 128 and chunks over 64
+    """float32 inputs above key dim 128, mixed dtypes, key dims above 256 and chunks over 64
     rows are outside the kernel (the op runs Triton / XLA); a direct call says so."""
     q, k, v, _, _, h0 = _delta_inputs((1, 8, 1, 16, 16), jnp.bfloat16)
     assert delta_mgpu.supports(q, k, v, h0, 64)
@@ -803,10 +803,13 @@ def test_delta_rule_uncovered_calls():
     assert delta_mgpu.supports(*f32(q, k, v), h0, 64)
     mid = jnp.zeros((1, 8, 1, 128), jnp.bfloat16)
     assert delta_mgpu.supports(mid, mid, v, jnp.zeros((1, 1, 128, 16)), 64)
-    assert not delta_mgpu.supports(*f32(mid, mid, v), jnp.zeros((1, 1, 128, 16)), 64)
+    assert delta_mgpu.supports(*f32(mid, mid, v), jnp.zeros((1, 1, 128, 16)), 64)
     assert not delta_mgpu.supports(q, k, v.astype(jnp.float16), h0, 64)
     wide = jnp.zeros((1, 8, 1, 256), jnp.bfloat16)
-    assert not delta_mgpu.supports(wide, wide, v, jnp.zeros((1, 1, 256, 16)), 64)
+    assert delta_mgpu.supports(wide, wide, v, jnp.zeros((1, 1, 256, 16)), 64)
+    assert not delta_mgpu.supports(*f32(wide, wide, v), jnp.zeros((1, 1, 256, 16)), 64)
+    wider = jnp.zeros((1, 8, 1, 320), jnp.bfloat16)
+    assert not delta_mgpu.supports(wider, wider, v, jnp.zeros((1, 1, 320, 16)), 64)
     long = jnp.zeros((1, 256, 1, 16), jnp.bfloat16)
     assert not delta_mgpu.supports(long, long, long, h0, 128)
     with pytest.raises(ValueError, match="Mosaic GPU kernel"):
@@ -907,17 +910,17 @@ def test_delta_rule_backward_kernel_in_gpu_interpret_mode(shape, dtype, gated, s
 
 def test_delta_rule_op_backward_is_the_mosaic_kernel():
     """The op's custom VJP inside pallas_interpret("gpu") runs the Mosaic reverse scan; a call
-    outside the kernel's cover (float32 inputs at key dim 128) keeps the Triton backward."""
-    def grad_jaxpr(dtype):
-        q, k, v, beta, g, h0 = _delta_inputs((1, 24, 1, 128, 16), dtype)
+    outside the kernel's cover (float32 inputs at key dim 256) keeps the Triton backward."""
+    def grad_jaxpr(dtype, key_dim):
+        q, k, v, beta, g, h0 = _delta_inputs((1, 24, 1, key_dim, 16), dtype)
         f = jax.grad(lambda q: jnp.sum(delta_rule(
             q, k, v, beta, log_gate=g, initial_state=h0, implementation="pallas")[0]
             .astype(jnp.float32)))
         with _dispatch.pallas_interpret("gpu"):
             return str(jax.make_jaxpr(f)(q))
 
-    assert "delta_rule_bwd_kernel" in grad_jaxpr(jnp.bfloat16)
-    assert "delta_rule_bwd_kernel" not in grad_jaxpr(jnp.float32)
+    assert "delta_rule_bwd_kernel" in grad_jaxpr(jnp.bfloat16, 128)
+    assert "delta_rule_bwd_kernel" not in grad_jaxpr(jnp.float32, 256)
 
 
 @pytest.mark.compile
@@ -1034,7 +1037,8 @@ def test_auto_backend_keeps_triton_where_the_gpu_is_unknown():
 
 # ---------------------------------------------------------------------------------------------
 # delta_rule with float32 inputs: every float32 operand of a WGMMA as 3 bf16 pieces (24 bits of
-# mantissa, float32's), key dim <= 64 (one pipeline stage fills the SMEM).
+# mantissa, float32's): key dim 64 with one pipeline stage, 128 on narrower value blocks
+# (the wide-key tests below).
 
 # The Triton float32 path's tolerance (tests/pallas_kernels/test_delta_rule.py).
 DELTA_F32_TOL = 1e-5
@@ -1069,6 +1073,45 @@ def test_delta_rule_float32_op_in_gpu_interpret_mode():
         kt.assert_close(x, r, DELTA_F32_TOL, name)
 
 
+# Wide keys: S [Kd, vb] must hold every key row (u = U~ - W S sums over them), so these calls
+# narrow the value block per program instead (`mosaic_gpu._plan`: 32 or 16 columns).
+_WIDE_CASES = [((1, 24, 1, 256, 24), jnp.bfloat16), ((1, 24, 1, 128, 24), jnp.float32)]
+
+
+@pytest.mark.parametrize("shape,dtype", _WIDE_CASES, ids=["K256-bf16", "K128-f32"])
+def test_delta_rule_wide_key_op_in_gpu_interpret_mode(shape, dtype):
+    """Key dim 256 bf16 (forward and reverse scan on 16 value columns a program) and 128 float32
+    (forward 16, reverse scan 32): the public op inside pallas_interpret("gpu") (race detection
+    on) with a gate, segment_ids (resets inside chunks), an initial state and chunk_size=16;
+    V=24 leaves a padded value block. Outputs, final state and every gradient against float64
+    autodiff of the reference."""
+    q, k, v, beta, g, h0 = _delta_inputs(shape, dtype, seed=4)
+    seg = jnp.repeat(jnp.arange(3), 10)[None, :shape[1]]
+    assert delta_mgpu.supports(q, k, v, h0, 16)
+    vb = [delta_mgpu._plan(kernel, shape[3], dtype, True)[0] for kernel in ("fwd", "bwd")]
+    assert vb == ([16, 16] if dtype == jnp.bfloat16 else [16, 32])
+
+    def loss(impl):
+        def f(q, k, v, beta, g, h0):
+            o, s = delta_rule(q, k, v, beta, log_gate=g, initial_state=h0, segment_ids=seg,
+                              chunk_size=16, implementation=impl)
+            return jnp.sum(jnp.sin(o.astype(jnp.float32))) + jnp.sum(s ** 2), (o, s)
+        return jax.jit(jax.value_and_grad(f, argnums=tuple(range(6)), has_aux=True))
+
+    ref = kt.float64_run(loss("reference"), q, k, v, beta, g, h0)
+    with _dispatch.pallas_interpret("gpu"):
+        jaxpr = str(jax.make_jaxpr(loss("pallas"))(q, k, v, beta, g, h0))
+        (_, (o, s)), grads = loss("pallas")(q, k, v, beta, g, h0)
+    assert "delta_rule_fwd_kernel" in jaxpr and "delta_rule_bwd_kernel" in jaxpr
+    assert o.dtype == dtype
+    tol, state_tol = ((BF16_TOL, DELTA_STATE_TOL) if dtype == jnp.bfloat16
+                      else (DELTA_F32_TOL, DELTA_F32_TOL))
+    kt.assert_close(o, ref[0][1][0], tol, "o")
+    kt.assert_close(s, ref[0][1][1], state_tol, "final_state")
+    for name, x, r in zip(["dq", "dk", "dv", "dbeta", "dg", "dh0"], grads, ref[1]):
+        kt.assert_close(x, r, tol, name)
+
+
 @pytest.mark.compile
 @pytest.mark.parametrize("target,gated", [("h100", True), ("h200", False)])
 def test_delta_rule_float32_compiles_for_hopper(target, gated):
@@ -1085,6 +1128,31 @@ def test_delta_rule_float32_compiles_for_hopper(target, gated):
     def grad(q, v, beta):
         return jax.grad(lambda q: jnp.sum(delta_rule(
             q, q, v, beta, log_gate=-beta if gated else None, implementation="pallas")[0]))(q)
+
+    compiled, _ = _aot.compile(grad, q, v, beta)
+    assert [k["kind"] for k in _aot.report(compiled)["kernels"]] == ["mosaic_gpu"] * 2
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("key_dim,dtype,gated", [
+    (256, jnp.bfloat16, False), (256, jnp.bfloat16, True), (128, jnp.float32, True)],
+    ids=["K256-bf16", "K256-bf16-gated", "K128-f32-gated"])
+def test_delta_rule_wide_key_compiles_for_hopper(key_dim, dtype, gated):
+    """The narrow value blocks of the wide-key plans (forward / reverse scan: 32 / 32, 16 / 16,
+    16 / 32 value columns, one stage, 64- and 32-byte swizzles) lowered by Mosaic GPU and
+    compiled by ptxas for sm_90a (shared memory checked against the 227 KiB a block may use),
+    chosen by the default gpu_backend."""
+    _cpu_host()
+    if not _aot.available("h100"):
+        pytest.skip("no compiler plugin for h100")
+    q = _aot.abstract((2, 512, 4, key_dim), dtype, "h100")
+    v = _aot.abstract((2, 512, 4, 128), dtype, "h100")
+    beta = _aot.abstract((2, 512, 4), jnp.float32, "h100")
+
+    def grad(q, v, beta):
+        return jax.grad(lambda q: jnp.sum(delta_rule(
+            q, q, v, beta, log_gate=-beta if gated else None, implementation="pallas")[0]
+            .astype(jnp.float32)))(q)
 
     compiled, _ = _aot.compile(grad, q, v, beta)
     assert [k["kind"] for k in _aot.report(compiled)["kernels"]] == ["mosaic_gpu"] * 2
