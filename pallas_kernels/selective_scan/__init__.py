@@ -133,7 +133,12 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
         # The specification, differentiated by JAX's autodiff: what the custom VJP is tested against.
         y, h_final = _reference.selective_scan_reference(*args)
     else:
-        y, h_final = _scan(*args, implementation)
+        # u, B, C of one 16-bit dtype reach the Mosaic GPU kernel in it (their float32 copies are
+        # exact widenings, which XLA folds away), halving its reads of them; dt is formed in
+        # float32 and stays so.
+        tiles = (jnp.dtype(u.dtype) if jnp.dtype(u.dtype).itemsize == 2
+                 and u.dtype == B.dtype == C.dtype and acc == jnp.float32 else None)
+        y, h_final = _scan(*args, implementation, tiles)
     if D is not None:
         y = y + D.astype(acc)[None, None, :] * uf
     if z is not None:
@@ -141,10 +146,12 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
     return y.astype(out_dtype), h_final
 
 
-def _pallas(dt, u, b, c, a, h0, keep, *, target, interpret):
+def _pallas(dt, u, b, c, a, h0, keep, *, target, interpret, tiles=None):
     if target == "cuda" and _dispatch.use_mosaic_gpu(interpret):
         from pallas_kernels.selective_scan import mosaic_gpu   # Hopper: TMA-pipelined walk
         if mosaic_gpu.supports(u, b, h0):
+            if tiles is not None:
+                u, b, c = (x.astype(tiles) for x in (u, b, c))
             return mosaic_gpu.selective_scan_forward(dt, u, b, c, a, h0, keep, interpret=interpret)
         interpret = _dispatch.triton_interpret(interpret)
     if not _pallas_mod.supported(target, u.shape[2], b.shape[2]):
@@ -158,9 +165,10 @@ def _xla_with_states(*args):
     return _xla.selective_scan_forward(*args, save_states=True)
 
 
-def _forward_with_states(args, implementation):
+def _forward_with_states(args, implementation, tiles=None):
     return _dispatch.dispatch(_OP, implementation, *args, reference=_xla_with_states,
-                              xla=_xla_with_states, pallas=_pallas, partition=_PARTITION)
+                              xla=_xla_with_states, pallas=functools.partial(_pallas, tiles=tiles),
+                              partition=_PARTITION)
 
 
 # Batch and channels split (every channel is its own recurrence); the groups of B and C follow
@@ -172,22 +180,22 @@ _PARTITION = _dispatch.Partition(
     ("b t c", "b c n", "b s n c"), whole="t n s", tied=(("g", "c"),))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _scan(dt, u, b, c, a, h0, keep, implementation):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _scan(dt, u, b, c, a, h0, keep, implementation, tiles):
     args = (dt, u, b, c, a, h0, keep)
     if implementation == "xla":
         return _xla.selective_scan_forward(*args)
-    return _forward_with_states(args, implementation)[:2]
+    return _forward_with_states(args, implementation, tiles)[:2]
 
 
-def _scan_fwd(dt, u, b, c, a, h0, keep, implementation):
+def _scan_fwd(dt, u, b, c, a, h0, keep, implementation, tiles):
     # Residuals: the inputs and the state at the start of every segment (xla.py), never the
     # per-step states. Every implementation's forward writes the same checkpoints.
-    y, h_final, saved = _forward_with_states((dt, u, b, c, a, h0, keep), implementation)
+    y, h_final, saved = _forward_with_states((dt, u, b, c, a, h0, keep), implementation, tiles)
     return (y, h_final), (dt, u, b, c, a, keep, saved)
 
 
-def _scan_bwd(implementation, residuals, cotangents):
+def _scan_bwd(implementation, tiles, residuals, cotangents):
     # The backward is the XLA pass on every platform (no Pallas backward kernel yet).
     dt, u, b, c, a, keep, saved = residuals
     dy, dh_final = cotangents

@@ -7,8 +7,9 @@ warpgroup) per (batch, block of 128 channels inside one group of B, C): a thread
 channel and keeps its N state entries (float32) in registers for the whole walk.
 `plgpu.emit_pipeline` streams chunks of `ROWS` steps by TMA, 2 in flight:
 
-    in  (TMA -> SMEM, pipelined): dt, u [ROWS, 128] f32; the group's B, C [ROWS, N4] f32 (N
-        padded to 4: TMA rows of 16 bytes); keep [ROWS] (0 where a segment starts)
+    in  (TMA -> SMEM, pipelined): dt, u [ROWS, 128] in their dtype (bf16 / f16 / f32); the
+        group's B, C [ROWS, N4] in theirs (N padded to 16 bytes: 4 entries of f32, 8 of a
+        16-bit dtype, TMA's row granule); keep [ROWS] f32 (0 where a segment starts)
     out (SMEM -> TMA): y [ROWS, 128] from two buffers used in turn, as in linear_scan's kernel;
         the state at the start of every checkpoint segment (`xla.segment_length(N)` steps, a
         multiple of ROWS) [N4, 128], the layout `xla.selective_scan_backward` recomputes from
@@ -16,10 +17,13 @@ channel and keeps its N state entries (float32) in registers for the whole walk.
 
 B_t[n], C_t[n] and keep_t are the same for every channel of the block: each thread reads them
 as scalars from SMEM (a broadcast, no shuffles). Padded steps have dt = 0 (decay 1, no input),
-padded channels and state entries zeros; all are cut off outside.
+padded channels and state entries zeros; all are cut off outside. Every tile is widened to
+float32 as it leaves SMEM: the state, exp(dt A) and y are float32 whatever the tiles' dtype.
 
-Float32 inputs (the op forms dt, u, B, C in the accumulation dtype before dispatch) with N <= 64
-and, for grouped B, C, 128-channel blocks inside a group; other calls run the Triton kernel.
+dt, u, B, C each in bf16, f16 or float32, N <= 64 and, for grouped B, C, 128-channel blocks
+inside a group; other calls run the Triton kernel. The op forms dt in float32 and, where u, B
+and C share one 16-bit dtype, hands them over in it (`tiles` in __init__.py; the float32 copies
+the other paths use are exact widenings, which XLA folds away), halving their reads.
 The backward is xla.py's, from the checkpoints this kernel writes.
 """
 from __future__ import annotations
@@ -35,8 +39,9 @@ from pallas_kernels.selective_scan import xla as _xla
 
 F32 = jnp.float32
 BLOCK_C = 128      # channels per program: one per thread
-ROWS = 32          # steps per pipelined chunk (16 KiB of dt and of u); divides every segment
+ROWS = 32          # steps per chunk (16 KiB of f32 dt or u, 8 of 16-bit); divides every segment
 MAX_STATE = 64     # state entries unrolled per step, all in registers
+DTYPES = (jnp.bfloat16, jnp.float16, F32)
 
 
 def available() -> bool:
@@ -55,7 +60,8 @@ def interpret_params():
 def supports(u, b, h0) -> bool:
     """Whether this kernel computes the call (else the op runs the Triton kernel)."""
     channels, groups, state = u.shape[2], b.shape[2], b.shape[3]
-    return (available() and u.dtype == F32 and b.dtype == F32 and h0.dtype == F32
+    return (available() and any(u.dtype == d for d in DTYPES)
+            and any(b.dtype == d for d in DTYPES) and h0.dtype == F32
             and state <= MAX_STATE and (groups == 1 or (channels // groups) % BLOCK_C == 0))
 
 
@@ -64,20 +70,25 @@ def _round_up(x, m):
 
 
 def selective_scan_forward(dt, u, b, c, a, h0, keep, *, interpret=None):
-    """As `pallas.selective_scan_forward` (target "cuda"): (y, h_T, saved [B, S, N, C])."""
+    """As `pallas.selective_scan_forward` (target "cuda"): (y, h_T, saved [B, S, N, C]), all
+    float32; dt, u, B, C each in a dtype of DTYPES (C in B's), A, h0 and keep float32."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    if not supports(u, b, h0):
-        raise ValueError("selective_scan: the Mosaic GPU kernel takes float32 inputs, state "
-                         f"<= {MAX_STATE} and groups of a multiple of {BLOCK_C} channels, got u "
-                         f"{u.dtype} {tuple(u.shape)}, B {b.dtype} {tuple(b.shape)}")
+    names = [jnp.dtype(d).name for d in DTYPES]
+    if not (supports(u, b, h0) and any(dt.dtype == d for d in DTYPES) and c.dtype == b.dtype):
+        raise ValueError(f"selective_scan: the Mosaic GPU kernel takes dt, u, B, C in {names} "
+                         f"(C in B's dtype), a float32 state, state <= {MAX_STATE} and groups "
+                         f"of a multiple of {BLOCK_C} channels, got dt {dt.dtype}, u {u.dtype} "
+                         f"{tuple(u.shape)}, B {b.dtype} {tuple(b.shape)}, C {c.dtype}, "
+                         f"initial_state {h0.dtype}")
+    a, keep = a.astype(F32), keep.astype(F32)
     batch, length, channels = u.shape
     groups, state = b.shape[2], b.shape[3]
     seg = _xla.segment_length(state)
     n_seg = -(-length // seg)
     padded_t = n_seg * seg
     padded_c = _round_up(channels, BLOCK_C)
-    n4 = _round_up(state, 4)
+    n4 = _round_up(state, 16 // jnp.dtype(b.dtype).itemsize)
     rows_pad = [(0, 0), (0, padded_t - length), (0, padded_c - channels)]
     dt_p = jnp.pad(dt, rows_pad)
     u_p = jnp.pad(u, rows_pad)
@@ -85,7 +96,7 @@ def selective_scan_forward(dt, u, b, c, a, h0, keep, *, interpret=None):
     cols = lambda x: jnp.pad(jnp.transpose(x, (0, 2, 1, 3)),
                              [(0, 0), (0, 0), (0, padded_t - length), (0, n4 - state)])
     b_p, c_p = cols(b), cols(c)
-    keep_p = jnp.pad(keep.astype(F32), [(0, 0), (0, padded_t - length)], constant_values=1.0)
+    keep_p = jnp.pad(keep, [(0, 0), (0, padded_t - length)], constant_values=1.0)
     a_p = jnp.pad(a.T, [(0, n4 - state), (0, padded_c - channels)])
     h0_p = jnp.pad(jnp.swapaxes(h0, 1, 2), [(0, 0), (0, n4 - state), (0, padded_c - channels)])
     y, h_final, saved = _call(dt_p, u_p, b_p, c_p, keep_p, a_p, h0_p, state=state, seg=seg,
@@ -134,14 +145,15 @@ def _call(dt, u, b, c, keep, a, h0, *, state, seg, per_group, interpret, plgpu):
             o_s = out_s.at[t % 2]
 
             def step(r, h):
-                d = plgpu.load(dt_s.at[r], layout=row)
-                du = d * plgpu.load(u_s.at[r], layout=row)
+                d = plgpu.load(dt_s.at[r], layout=row).astype(F32)
+                du = d * plgpu.load(u_s.at[r], layout=row).astype(F32)
                 kp = k_s[r]
                 y = None
                 h = list(h)
                 for k in range(state):
-                    h[k] = jnp.exp(d * a_rows[k]) * kp * h[k] + du * b_s[r, k]
-                    y = h[k] * c_s[r, k] if y is None else y + h[k] * c_s[r, k]
+                    bk, ck = b_s[r, k].astype(F32), c_s[r, k].astype(F32)
+                    h[k] = jnp.exp(d * a_rows[k]) * kp * h[k] + du * bk
+                    y = h[k] * ck if y is None else y + h[k] * ck
                 o_s[r] = y
                 return h
 

@@ -671,12 +671,70 @@ def test_selective_scan_op_runs_mosaic_kernel_with_gradients():
     kt.assert_tree_close(grads, ref[1], 1e-5, "grads")
 
 
+def test_selective_scan_16bit_tiles_in_gpu_interpret_mode():
+    """16-bit tiles (dt, u bf16; B, C f16: N=4 padded to 8 for 16-byte TMA rows), widened to
+    float32 as they leave SMEM: exact widening, so float32 accuracy against xla.py's forward in
+    float64 on the same values (T=70: a reset at t=37 and a mostly padded second segment)."""
+    u, delta, a, b, c, h0 = _s6_inputs(1, 70, 8, 1, 4, seed=2)
+    dt = jax.nn.softplus(delta).astype(jnp.bfloat16)
+    u, b, c = u.astype(jnp.bfloat16), b.astype(jnp.float16), c.astype(jnp.float16)
+    keep = jnp.ones((1, 70)).at[:, 37].set(0.0)
+    assert s6_mgpu.supports(u, b, h0)
+    out = jax.jit(lambda *x: s6_mgpu.selective_scan_forward(
+        *x, interpret=s6_mgpu.interpret_params()))(dt, u, b, c, a, h0, keep)
+    wide = [x.astype(jnp.float32) for x in (dt, u, b, c)]
+    ref = kt.float64_run(lambda *x: s6_xla.selective_scan_forward(*x, save_states=True),
+                         *wide, a, h0, keep)
+    for got, want, what in zip(out, ref, ("y", "final_state", "checkpoints")):
+        assert got.shape == want.shape and got.dtype == jnp.float32, what
+        kt.assert_close(got, want, 1e-6, what)
+
+
+def test_selective_scan_bf16_op_runs_mosaic_kernel_with_gradients(monkeypatch):
+    """A bf16 op call (u, delta, B, C, z bf16; D, delta bias, A, h0 float32; segment_ids) in
+    pallas_interpret("gpu"): the Mosaic GPU kernel runs on bf16 u, B, C tiles (dt float32, formed
+    by the op), y comes out bf16; against float64 autodiff of the reference at the Triton bf16
+    tests' tolerance (test_selective_scan's BF16_TOL)."""
+    seen, kernel = [], s6_mgpu.selective_scan_forward
+
+    def spy(dt, u, b, c, *rest, **kw):
+        seen.append(tuple(jnp.dtype(x.dtype).name for x in (dt, u, b, c)))
+        return kernel(dt, u, b, c, *rest, **kw)
+
+    monkeypatch.setattr(s6_mgpu, "selective_scan_forward", spy)
+    u, delta, a, b, c, h0 = _s6_inputs(1, 24, 8, 1, 4, seed=3)
+    ks = jax.random.split(jax.random.PRNGKey(7), 3)
+    d, bias = jax.random.normal(ks[0], (8,)), jax.random.normal(ks[1], (8,))
+    z = jax.random.normal(ks[2], u.shape).astype(jnp.bfloat16)
+    u, delta, b, c = (x.astype(jnp.bfloat16) for x in (u, delta, b, c))
+    seg = jnp.repeat(jnp.arange(2), 12)[None]
+
+    def loss(impl):
+        def f(u, delta, a, b, c, h0):
+            y, last = selective_scan(u, delta, a, b, c, D=d, z=z, delta_bias=bias,
+                                     delta_softplus=True, initial_state=h0, segment_ids=seg,
+                                     implementation=impl)
+            return (jnp.sum(jnp.sin(y.astype(jnp.float32))) + jnp.sum(last ** 2)), (y, last)
+        return jax.jit(jax.value_and_grad(f, argnums=tuple(range(6)), has_aux=True))
+
+    ref = kt.float64_run(loss("reference"), u, delta, a, b, c, h0)
+    with _dispatch.pallas_interpret("gpu"):
+        jaxpr = str(jax.make_jaxpr(loss("pallas"))(u, delta, a, b, c, h0))
+        (_, (y, last)), grads = loss("pallas")(u, delta, a, b, c, h0)
+    assert "mpmd_map" in jaxpr or "core_map" in jaxpr, "no Mosaic GPU kernel in the program"
+    assert set(seen) == {("float32", "bfloat16", "bfloat16", "bfloat16")}
+    assert y.dtype == jnp.bfloat16 and last.dtype == jnp.float32
+    kt.assert_close(y, ref[0][1][0], BF16_TOL, "y")
+    kt.assert_close(last, ref[0][1][1], BF16_TOL, "final_state")
+    kt.assert_tree_close(grads, ref[1], BF16_TOL, "grads")
+
+
 def test_selective_scan_uncovered_calls():
-    """Grouped B, C whose groups are narrower than a 128-channel block, 16-bit or 64-bit
-    activations and N > 64 are outside the kernel (the op runs Triton); a direct call says so."""
+    """Grouped B, C whose groups are narrower than a 128-channel block, 64-bit activations and
+    N > 64 are outside the kernel (the op runs Triton); a direct call says so."""
     u, _, a, b, c, h0 = _s6_inputs(1, 8, 8, 2, 4)
     assert not s6_mgpu.supports(u, b, h0)
-    assert not s6_mgpu.supports(u.astype(jnp.bfloat16), b[:, :, :1], h0)
+    assert not s6_mgpu.supports(jax.ShapeDtypeStruct(u.shape, jnp.float64), b[:, :, :1], h0)
     assert not s6_mgpu.supports(u, jnp.zeros((1, 8, 1, 80)), h0)
     with pytest.raises(ValueError, match="Mosaic GPU kernel"):
         s6_mgpu.selective_scan_forward(u, u, b, c, a, h0, jnp.ones((1, 8)))
@@ -708,6 +766,26 @@ def test_selective_scan_compiles_for_hopper(target):
     _cpu_host()
     assert _s6_kernels(target, 1, "mosaic") == ["mosaic_gpu"]
     assert _s6_kernels(target, 2, "mosaic") == ["mosaic_gpu"]
+
+
+@pytest.mark.compile
+def test_selective_scan_16bit_compiles_for_h100():
+    """A bf16 op call lowers to the Mosaic GPU kernel under gpu_backend "auto" on an H100 and to
+    Triton on an A100; the kernel on 16-bit tiles (bf16 dt, u, B, C) compiles for sm_90a."""
+    _cpu_host()
+    make = lambda: lambda u, dt, a, b: selective_scan(u, dt, a, b, b, implementation="pallas")[0]
+    args = [((1, 64, 128), _BF), ((1, 64, 128), _BF), ((128, 16), jnp.float32),
+            ((1, 64, 1, 16), _BF)]
+    assert _lowered_kinds("h100", make, args) == ["mosaic_gpu"]
+    assert _lowered_kinds("a100", make, args) == ["triton"]
+    batch, length, channels, state = 2, 512, 256, 16
+    x = lambda *shape: _aot.abstract(shape, jnp.bfloat16, "h100")
+    f = lambda *shape: _aot.abstract(shape, jnp.float32, "h100")
+    compiled, _ = _aot.compile(
+        s6_mgpu.selective_scan_forward, x(batch, length, channels), x(batch, length, channels),
+        x(batch, length, 1, state), x(batch, length, 1, state), f(channels, state),
+        f(batch, channels, state), f(batch, length))
+    assert [k["kind"] for k in _aot.report(compiled)["kernels"]] == ["mosaic_gpu"]
 
 
 @pytest.mark.compile
