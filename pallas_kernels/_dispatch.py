@@ -135,9 +135,9 @@ GPU_BACKENDS = ("auto", "triton", "mosaic")
 @contextlib.contextmanager
 def gpu_backend(backend: Literal["auto", "triton", "mosaic"]):
     """Which Pallas backend runs the "cuda" kernels of ops that have a Mosaic GPU (Hopper)
-    kernel: chunked_linear_attention's forward and backward (16-bit), linear_scan's real and
-    selective_scan's float32 forwards, delta_rule's forward and backward reverse scan (16-bit
-    and float32). Read when an op is traced.
+    kernel: chunked_linear_attention's and delta_rule's forward and backward (16-bit and float32
+    inputs), linear_scan's real and selective_scan's forwards (each kernel's `supports` says which
+    calls). Read when an op is traced.
 
     "auto" (the default): the Mosaic GPU kernel where the GPU is known to be Hopper (compute
     capability 9.x, from `cuda_compute_capability`: the context mesh's device or the default
