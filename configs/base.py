@@ -157,6 +157,10 @@ class OptimConfig:
     # at once), so [batch, time, vocab] float32 logits never exist; and PaLM's z-loss weight.
     loss_chunk: int = 0
     z_loss: float = 0.0
+    # Weight of the auxiliary losses that layers sow as nnx.Intermediate "aux_loss" (a route's
+    # load balancing: MoM, memory_bank with sow_aux_loss=True); the train loss adds weight *
+    # their sum. 0: nothing is captured (and a layer that sows is refused).
+    aux_loss_weight: float = 0.0
 
     def __post_init__(self):
         _positive("optim", self, "steps", "grad_accum")
@@ -164,6 +168,9 @@ class OptimConfig:
                "an integer >= 0 (0: no chunking)", self.loss_chunk)
         _check(isinstance(self.z_loss, (int, float)) and self.z_loss >= 0, "optim.z_loss",
                "a number >= 0", self.z_loss)
+        _check(isinstance(self.aux_loss_weight, (int, float))
+               and not isinstance(self.aux_loss_weight, bool) and self.aux_loss_weight >= 0,
+               "optim.aux_loss_weight", "a number >= 0", self.aux_loss_weight)
         _check(isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0,
                "optim.learning_rate", "a number > 0", self.learning_rate)
         _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,

@@ -264,3 +264,12 @@ class MLP(nnx.Module):
         if self.act is not None:
             h = self.act(h)
         return self.down(h)
+
+
+def balance_loss(assign, probs):
+    """Switch's load-balancing loss (Fedus et al., 2022), n sum_i f_i P_i over every leading
+    axis: assign [..., n] each token's pick of n experts (summing to 1 per token; a top-k pick
+    counts 1/k), probs [..., n] the router's probabilities. 1 when the picks and probabilities are uniform, n when all tokens pick one."""
+    axes = tuple(range(assign.ndim - 1))
+    f = jnp.mean(assign.astype(jnp.float32), axis=axes)
+    return assign.shape[-1] * jnp.sum(f * jnp.mean(probs.astype(jnp.float32), axis=axes))

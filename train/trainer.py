@@ -7,6 +7,7 @@ donation and checkpoints all see one plain pytree.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import jax
@@ -153,6 +154,18 @@ class Trainer:
             raise ConfigError(f"config key 'optim.loss_chunk': chunks the time axis of a language "
                               f"model's loss; task {config.data.task!r} classifies whole rows "
                               f"(set it to 0)")
+        m = config.model
+        if not config.optim.aux_loss_weight and any(
+                (o or {}).get("sow_aux_loss") for o in (m.mixer_options, m.mlp_options)):
+            # uncaptured, a sow adds a variable to the model mid-step and the state's
+            # structure no longer matches the compiled step's
+            raise ConfigError("config key 'optim.aux_loss_weight': a layer sows an auxiliary "
+                              "loss (sow_aux_loss=True) but the weight is 0; set a weight > 0 "
+                              "or sow_aux_loss=false")
+        if config.optim.aux_loss_weight and m.scan_layers:
+            # nnx.capture of a sow inside nnx.scan fails in lax.scan (flax 0.12.8)
+            raise ConfigError("config key 'optim.aux_loss_weight': auxiliary losses are captured "
+                              "only from a Python layer loop; set model.scan_layers=false")
         self.tx = make_optimizer(config.optim)
         seed = config.seed
 
@@ -210,10 +223,21 @@ class Trainer:
         spec = mesh_lib.logical_to_spec(names, x.shape, self.mesh)
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
-    def _loss_sums(self, model, batch):
-        """Sums (not means) over the mask, so micro-batches add up to exactly the full batch."""
+    def _loss_sums(self, model, batch, *, with_aux: bool = False):
+        """Sums (not means) over the mask, so micro-batches add up to exactly the full batch.
+        With optim.aux_loss_weight > 0 the layers' sown "aux_loss" values are captured, and
+        `with_aux` (the train loss) adds weight * their sum per token, so the mean train loss
+        is the model's + weight * aux; held-out losses stay the model's alone."""
+        weight = self.config.optim.aux_loss_weight
         with self._sequence_parallel(), layers.activation_sharding(self._constrain):
-            return self._loss_sums_inner(model, batch)
+            if not weight:
+                return self._loss_sums_inner(model, batch)
+            (loss_sum, (correct, count)), aux = nnx.capture(
+                self._loss_sums_inner, nnx.Intermediate)(model, batch)
+        if with_aux:
+            total = sum(jnp.sum(v) for v in jax.tree.leaves(aux))
+            loss_sum = loss_sum + weight * total * count
+        return loss_sum, (correct, count)
 
     def _loss_sums_inner(self, model, batch):
         segments = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
@@ -237,7 +261,8 @@ class Trainer:
         stateful layers (dropout's RNG counts) may update `rest` inside jit and scan."""
         model = nnx.merge(self.graphdef, params, rest)
         (loss_sum, (correct, count)), grads = nnx.value_and_grad(
-            self._loss_sums, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)(model, batch)
+            functools.partial(self._loss_sums, with_aux=True),
+            argnums=nnx.DiffState(0, nnx.Param), has_aux=True)(model, batch)
         _, _, rest = nnx.split(model, nnx.Param, ...)
         return loss_sum, correct, count, rest, grads
 

@@ -33,10 +33,9 @@ Load balancing (Switch Transformer, Fedus et al., 2022): `load_balancing_loss(x)
 M sum_i f_i P_i, f_i the fraction of the row's top-k assignments that go to memory i and P_i
 the mean router probability of i (1 when balanced, up to M when collapsed). With
 `sow_aux_loss=True` every parallel call also records it with nnx.sow (nnx.Intermediate,
-"aux_loss"); a training loss captures and adds it as
+"aux_loss"); a training loss captures and adds it as (train/: `optim.aux_loss_weight`)
     y, aux = nnx.capture(model, nnx.Intermediate)(tokens)
     loss = loss + coefficient * sum(jax.tree.leaves(aux))
-(train/ does not do this yet).
 """
 from __future__ import annotations
 
@@ -44,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memzoo import layers
 from memzoo.attention import segment_starts
 from memzoo.linear_attention.common import (LinearMemory, check_option, check_positive_int,
                                             normal_init)
@@ -141,8 +141,8 @@ class MixtureOfMemories(LinearMemory):
         return self._balance(mask, probs)
 
     def _balance(self, mask, probs):
-        f = jnp.mean(mask.astype(jnp.float32), axis=(0, 1)) / self.top_k
-        return self.num_memories * jnp.sum(f * jnp.mean(probs, axis=(0, 1)))
+        # top_k picks per token: each counts 1/top_k, so the assignments sum to 1 per token
+        return layers.balance_loss(mask.astype(jnp.float32) / self.top_k, probs)
 
     def _project(self, x):
         b, T, _ = x.shape

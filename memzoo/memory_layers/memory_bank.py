@@ -32,6 +32,15 @@ exponential moving average (decay < 1: a recency-weighted context). Being causal
 needs only the summary's state: the cache is [sum_s a^{t-s} h_s | sum_s a^{t-s}], [batch, d + 1]
 float32, advanced by the same `pallas_kernels.linear_scan` as the parallel form, so decoding
 equals the parallel call. `segment_ids` restart the summary at every document start.
+
+Load balancing (`sow_aux_loss=True`; Switch Transformer, Fedus et al., 2022, per tree level): a
+learned route can crowd many contexts onto a few blocks (rich get richer through the gate), and
+nothing else spreads it. For level l with n_l blocks, over the tokens of a call,
+  f_i = the fraction of tokens that pick block i,  P_i = the mean of block i's sibling-softmax
+  probability (0 for tokens whose parent is not i's),   L_l = n_l sum_i f_i P_i,
+1 for a uniform route, up to n_l when every token takes the same path. `load_balancing_loss(x)`
+returns [L_1 .. L_levels]; the parallel call (no cache) sows their mean with nnx.sow
+(nnx.Intermediate, "aux_loss"), which the trainer adds with weight optim.aux_loss_weight.
 """
 from __future__ import annotations
 
@@ -44,6 +53,9 @@ from flax import nnx
 
 from memzoo import layers
 from pallas_kernels import linear_scan, memory_lookup
+
+
+balance_loss = layers.balance_loss   # one home: memzoo.layers (MoM uses it too)
 
 
 def _positive_int(name: str, v) -> int:
@@ -66,7 +78,7 @@ class MemoryBank(nnx.Module):
     def __init__(self, d_model: int, *, hidden: int = 0, branching: Sequence[int] = (8, 8),
                  block_width: int = 16, key_dim: int = 16, decay: float = 1.0,
                  learn_route: bool = True, activation: str = "silu", use_bias: bool = True,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 sow_aux_loss: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
         _positive_int("d_model", d_model)
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
             raise ValueError(f"MemoryBank: `hidden` (the anchor FFN's width) must be an integer "
@@ -85,12 +97,15 @@ class MemoryBank(nnx.Module):
         if not isinstance(learn_route, bool):
             raise ValueError(f"MemoryBank: `learn_route` must be a bool (False: the retrieval "
                              f"key and centroids stay fixed), got {learn_route!r}")
+        if not isinstance(sow_aux_loss, bool):
+            raise ValueError(f"MemoryBank: `sow_aux_loss` must be a bool (True: sow the route's "
+                             f"load-balancing loss), got {sow_aux_loss!r}")
         if activation not in layers.ACTIVATIONS:
             raise ValueError(f"MemoryBank: `activation` must be one of "
                              f"{tuple(layers.ACTIVATIONS)}, got {activation!r}")
         self.d_model, self.branching, self.block_width = d_model, branching, block_width
         self.key_dim, self.decay, self.dtype = key_dim, float(decay), dtype
-        self.learn_route = learn_route
+        self.learn_route, self.sow_aux_loss = learn_route, sow_aux_loss
         self.act = layers.get_activation(activation)
         self.anchor = (layers.MLP(d_model, hidden, activation=activation, gated=True,
                                   use_bias=use_bias, dtype=dtype, rngs=rngs)
@@ -131,6 +146,11 @@ class MemoryBank(nnx.Module):
 
     def route(self, m):
         """m [..., d] -> (rows [..., levels] int32 into the tables, gates [..., levels])."""
+        rows, gates, _ = self._route(m)
+        return rows, gates
+
+    def _route(self, m):
+        """route(m) and the levels' balance losses [levels] (module docstring)."""
         r = self.key(m.astype(jnp.float32))
         cents = self.centroids[...]
         if not self.learn_route:
@@ -138,8 +158,8 @@ class MemoryBank(nnx.Module):
             r, cents = jax.lax.stop_gradient(r), jax.lax.stop_gradient(cents)
         scale = self.key_dim ** -0.5
         parent = jnp.zeros(r.shape[:-1], jnp.int32)
-        rows, gates = [], []
-        for off, b in zip(self.offsets, self.branching):
+        rows, gates, balance = [], [], []
+        for off, b, n in zip(self.offsets, self.branching, self.level_sizes):
             sibling = jnp.arange(b, dtype=jnp.int32).reshape((1,) * parent.ndim + (b,))
             children = parent[..., None] * b + sibling                           # [..., b]
             c = jnp.take(cents, off + children, axis=0)                          # [..., b, k]
@@ -148,10 +168,21 @@ class MemoryBank(nnx.Module):
             parent = jnp.take_along_axis(children, j[..., None], axis=-1)[..., 0]
             rows.append(off + parent)
             gates.append(jnp.take_along_axis(p, j[..., None], axis=-1)[..., 0])
-        return jnp.stack(rows, -1), jnp.stack(gates, -1)
+            # the siblings' probabilities spread over the level's n blocks (others' are 0)
+            probs = jnp.einsum("...j,...jn->...n", p, jax.nn.one_hot(children, n, dtype=p.dtype))
+            balance.append(balance_loss(jax.nn.one_hot(parent, n, dtype=p.dtype), probs))
+        return jnp.stack(rows, -1), jnp.stack(gates, -1), jnp.stack(balance)
 
-    def _bank(self, h, m):
-        rows, gates = self.route(m)
+    def load_balancing_loss(self, x):
+        """[levels] Switch balance losses of the route over the tokens of x [b, t, d]
+        (module docstring): 1 each for a uniform route, n_l when collapsed."""
+        layers.check_input("MemoryBank", "x", x, ndim=3, width=self.d_model)
+        return self._route(self.summary(x)[0])[2]
+
+    def _bank(self, h, m, sow: bool):
+        rows, gates, balance = self._route(m)
+        if sow:
+            self.sow(nnx.Intermediate, "aux_loss", jnp.mean(balance))
         d, w = self.d_model, self.block_width
         one = jnp.ones_like(gates)
         # one row per bag (the trailing k = 1): the lookup is a gather, weighted for W_down
@@ -166,7 +197,7 @@ class MemoryBank(nnx.Module):
     def __call__(self, x, *, segment_ids=None, cache=None):
         layers.check_input("MemoryBank", "x", x, ndim=3, width=self.d_model)
         m, last = self.summary(x, segment_ids=segment_ids, cache=cache)
-        y = self._bank(x, m)
+        y = self._bank(x, m, self.sow_aux_loss and cache is None)
         if self.anchor is not None:
             y = y + self.anchor(x)
         y = y.astype(self.dtype)

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from memzoo.memory_layers import MemoryBank
+from memzoo.memory_layers.memory_bank import balance_loss
 from memzoo.models import CausalLM
 from pallas_kernels import _testing as kt
 
@@ -184,3 +185,58 @@ def test_tables_are_memory_values_and_active_width_is_anchor_plus_levels():
     assert trainer.param_group(bank.centroids) == "default"
     assert bank.num_blocks == 3 + 6
     assert bank.w_in.shape == (9, 6 * 2 * 4) and bank.w_out.shape == (9, 4 * 6)
+
+
+def test_balance_loss_is_one_when_uniform_and_n_when_collapsed():
+    n = 6
+    uniform = np.eye(n)[np.arange(4 * n) % n]               # every expert picked equally often
+    kt.assert_close(balance_loss(jnp.asarray(uniform), jnp.full((4 * n, n), 1 / n)), 1.0,
+                    1e-6, "uniform")
+    onto_one = np.eye(n)[np.zeros(4 * n, int)]
+    kt.assert_close(balance_loss(jnp.asarray(onto_one), jnp.asarray(onto_one)), float(n),
+                    1e-6, "collapsed")
+
+
+def test_level_balance_matches_float64_tree_walk():
+    """f_i and P_i of every level from an explicit per-token walk in float64."""
+    bank = MemoryBank(6, branching=(3, 2), block_width=2, key_dim=4, rngs=nnx.Rngs(5))
+    x = _x((2, 7, 6), seed=6)
+    got = np.asarray(bank.load_balancing_loss(x))
+    m = np.asarray(bank.summary(x)[0], np.float64).reshape(-1, 6)
+    r = m @ np.asarray(bank.key.kernel[...], np.float64)
+    c = np.asarray(bank.centroids[...], np.float64)
+    f = [np.zeros(n) for n in bank.level_sizes]
+    P = [np.zeros(n) for n in bank.level_sizes]
+    for rt in r:
+        parent = 0
+        for lvl, (off, b) in enumerate(zip(bank.offsets, bank.branching)):
+            children = parent * b + np.arange(b)
+            s = c[off + children] @ rt / np.sqrt(4)
+            p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+            P[lvl][children] += p / len(r)
+            parent = children[np.argmax(p)]
+            f[lvl][parent] += 1 / len(r)
+    want = [n * np.sum(fl * pl) for n, fl, pl in zip(bank.level_sizes, f, P)]
+    kt.assert_close(got, np.asarray(want), F32_TOL, "balance")
+    assert np.all(got >= 1 - 1e-6)
+
+
+def test_collapsed_route_costs_n_and_the_loss_trains_the_route():
+    bank = MemoryBank(6, branching=(3, 2), block_width=2, key_dim=4, sow_aux_loss=True,
+                      rngs=nnx.Rngs(5))
+    bank.centroids[...] = 100.0 * bank.centroids[...]        # a near one-hot softmax
+    same = jnp.broadcast_to(_x((1, 1, 6), seed=7), (2, 5, 6))  # every token on one path
+    kt.assert_close(bank.load_balancing_loss(same), np.asarray(bank.level_sizes, np.float64),
+                    1e-3, "collapsed")
+    x = _x((2, 5, 6), seed=8)
+    # the parallel call sows the levels' mean; a cached call (decoding) sows nothing
+    y, aux = nnx.capture(bank, nnx.Intermediate)(x)
+    kt.assert_close(jax.tree.leaves(aux)[0], jnp.mean(bank.load_balancing_loss(x)), F32_TOL,
+                    "sown")
+    _, aux = nnx.capture(bank, nnx.Intermediate)(x, cache=bank.init_cache(2))
+    assert not jax.tree.leaves(aux)
+    g = nnx.grad(lambda b: jnp.mean(b.load_balancing_loss(x)))(bank)
+    assert np.abs(np.asarray(g.key.kernel[...])).max() > 0
+    assert np.abs(np.asarray(g.centroids[...])).max() > 0
+    with pytest.raises(ValueError, match="`sow_aux_loss` must be a bool"):
+        MemoryBank(6, sow_aux_loss=1, rngs=nnx.Rngs(0), **OPTS)
