@@ -425,3 +425,15 @@ def float32_kernel(fn, h0, static):
     if h0.dtype != F32:
         return None
     return functools.partial(fn, **static)
+
+
+def split_16bit(x, dt, pieces):
+    """float32 x as `pieces` terms in the 16-bit dtype dt, head first, each the rounding of what
+    the previous ones leave (8 bits of mantissa each for bf16, 11 for f16): how the Mosaic GPU
+    kernels feed float32 quantities to 16-bit WGMMAs."""
+    out = []
+    for _ in range(pieces):
+        head = x.astype(dt)
+        out.append(head)
+        x = x - head.astype(jnp.float32)
+    return out

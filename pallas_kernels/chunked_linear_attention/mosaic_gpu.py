@@ -95,7 +95,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import _dispatch
+from pallas_kernels import _chunks, _dispatch
 from pallas_kernels._chunks import round_up as _round_up
 from pallas_kernels.chunked_linear_attention import pallas as _pallas
 from pallas_kernels.chunked_linear_attention import xla as _xla
@@ -202,15 +202,7 @@ def supports(q, k, v, g, runs, chunk_size=None) -> bool:
     return _plan(mode, kd, k.dtype, g is not None) is not None
 
 
-def _split(x, dt, pieces):
-    """float32 x as `pieces` 16-bit terms (head first) whose sum is x to 8 (bf16) or 11 (f16)
-    bits of mantissa per piece."""
-    out = []
-    for _ in range(pieces):
-        head = x.astype(dt)
-        out.append(head)
-        x = x - head.astype(F32)
-    return out
+_split = _chunks.split_16bit
 
 
 def _square_tiles(x, geo):

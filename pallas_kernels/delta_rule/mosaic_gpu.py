@@ -160,15 +160,7 @@ def _tiling(plgpu, width):
     return plgpu.TilingTransform((8, width)), plgpu.SwizzleTransform(width * 2)
 
 
-def _split(x, dt, pieces):
-    """float32 x as `pieces` terms in the 16-bit dtype dt, head first: each the rounding of
-    what the previous ones leave (8 bits of mantissa each for bf16, 11 for f16)."""
-    out = []
-    for _ in range(pieces):
-        head = x.astype(dt)
-        out.append(head)
-        x = x - head.astype(F32)
-    return out
+_split = _chunks.split_16bit
 
 
 def _split_to(x, refs, dt):
