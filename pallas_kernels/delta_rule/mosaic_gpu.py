@@ -45,13 +45,24 @@ u) meets it as 3 bf16 pieces x = x0 + x1 + x2 (each the rounding of what the pre
 24 bits of mantissa, float32's), and a product keeps the 6 piece pairs of order i + j < 3
 (the dropped ones are below float32's rounding); o comes out float32 through a plain f32 SMEM
 buffer. Three pieces of every tile fill the SMEM at key dim 64 with one pipeline stage and
-vb 64; key dim 128 takes narrower value blocks; key dim 256 (float32) does not fit: Triton /
-XLA there.
+vb 64; key dim 128 takes narrower value blocks.
+
+float32 at key dim 256 (the K, T layout, `_state_walk` / `_reverse_walk`): W, Qg and Kd in 3
+pieces each are 288 KiB of [64, 256] tiles, more than the SMEM. W = T diag(bg) K and
+Kd = diag(dec) K (bg = beta gamma, dec = Gam_last,: with the resets folded in: row scalings of
+K), so the kernel takes K and T (3 pieces each: 120 KiB) and the two row vectors, and scales
+the float32 accumulators in registers before their split into pieces (same precision):
+
+    u = U~ - T (diag(bg) (K S))        S' = gl S + K^T (diag(dec) u)
+
+As in fla's Hopper kernels, this forward computes only the chunk start states (and the final
+one); o = Qg S + P (U~ - W S) is then batched XLA over all chunks (`_Chunked.output`). vb 32
+forward, 16 reverse scan, one stage.
 
 The restrictions of GPU interpret mode in JAX 0.12.0.1 (SMEM-only WGMMA operands, no
 `run_state` accumulator initialised from registers, no predicated pipeline outputs) are
-handled as in chunked_linear_attention/mosaic_gpu.py. Not here: key dims above 256 (128 for
-float32), chunks longer than 64.
+handled as in chunked_linear_attention/mosaic_gpu.py. Not here: key dims above 256, chunks
+longer than 64.
 
 The backward (`reverse_scan`, below) is the same split: xla.delta_rule_backward does the
 batched work and hands its reverse scan over chunks (dS -> dU -> dS) to a kernel of the same
@@ -82,6 +93,7 @@ MAX_STATE_ELEMS = 128 * 64
 # the tiles `_smem_bytes` counts (barriers, alignment: < 1 KiB in the compiled variants).
 SMEM_BYTES = 232_448
 _SMEM_SLACK = 1024
+_ALIGN = 1024
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 GL_WIDTH = 16
 
@@ -112,13 +124,22 @@ def _counts(dtype, gated):
     return dt, pieces, n_qp, n_kd
 
 
-def _smem_bytes(kernel, kd, vb, stages, dtype, gated):
+def _smem_bytes(kernel, kd, vb, stages, dtype, gated, factored=False):
     """Shared memory of the forward ("fwd") or reverse-scan ("bwd") kernel at vb value columns
     per program: the pipelined tiles per stage (gl's counted whether or not it comes) and the
-    scratch (f32 output buffers, S / u or dS / dU pieces)."""
+    scratch (f32 output buffers, S / u or dS / dU pieces). `factored`: the K, T layout (K and
+    T in pieces, the two row vectors; no o in the forward)."""
     _, pieces, n_qp, n_kd = _counts(dtype, gated)
     c = ROWS
-    if kernel == "fwd":
+    if factored:
+        # bg, dec and gl are tiny, but each pipelined buffer starts 1 KiB aligned (the compiled
+        # kernels' SMEM matches this count to the byte).
+        stage = pieces * c * (kd + c) * 2 + c * vb * 4 + 3 * _ALIGN - GL_WIDTH * 4
+        scratch = kd * vb * 4
+        if kernel == "bwd":
+            stage += kd * vb * 4
+            scratch += c * vb * 4
+    elif kernel == "fwd":
         stage = (pieces + n_qp + n_kd) * c * kd * 2 + n_qp * c * c * 2 + c * vb * 4
         scratch = c * vb * (4 if dtype == F32 else 2) + kd * vb * 4
     else:
@@ -128,15 +149,18 @@ def _smem_bytes(kernel, kd, vb, stages, dtype, gated):
 
 
 def _plan(kernel, kd, dtype, gated):
-    """(value columns per program, pipeline stages): the widest block whose state fits the
-    registers (MAX_STATE_ELEMS) and whose tiles fit the SMEM, with 2 chunks in flight where
-    they fit, else 1. None if nothing fits (float32 at key dim 256)."""
-    for vb in BLOCKS_V:
-        if kd * vb > MAX_STATE_ELEMS:
-            continue
-        for stages in (2, 1):
-            if _smem_bytes(kernel, kd, vb, stages, dtype, gated) + _SMEM_SLACK <= SMEM_BYTES:
-                return vb, stages
+    """(value columns per program, pipeline stages, factored): the widest block whose state
+    fits the registers (MAX_STATE_ELEMS) and whose tiles fit the SMEM, with 2 chunks in flight
+    where they fit, else 1; in the W, Kd layout where any block fits (every 16-bit call, float32
+    up to key dim 128), else in the K, T one (float32 key dim 256). None if nothing fits."""
+    for factored in (False, True):
+        for vb in BLOCKS_V:
+            if kd * vb > MAX_STATE_ELEMS:
+                continue
+            for stages in (2, 1):
+                need = _smem_bytes(kernel, kd, vb, stages, dtype, gated, factored)
+                if need + _SMEM_SLACK <= SMEM_BYTES:
+                    return vb, stages, factored
     return None
 
 
@@ -161,6 +185,33 @@ def _tiling(plgpu, width):
 
 
 _split = _chunks.split_16bit
+
+
+def _load_state(plgpu, src, shape):
+    """A float32 [Kd, vb] HBM tile (h0, dS_final) into registers, WGMMA layout."""
+    def body(smem, bar):
+        plgpu.copy_gmem_to_smem(src, smem, bar.at[0])
+        plgpu.barrier_wait(bar.at[0])
+        return plgpu.load(smem, layout=plgpu.Layout.WGMMA)
+
+    return pl.run_scoped(body, plgpu.SMEM(shape, F32), plgpu.Barrier(num_barriers=1))
+
+
+def _store_state(plgpu, x, dst):
+    """x [Kd, vb] float32 (the final state, dh0) out to its HBM tile by TMA."""
+    def body(smem):
+        smem[...] = x
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(smem, dst)
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(body, plgpu.SMEM(x.shape, F32))
+
+
+def _rows(plgpu, ref, shape):
+    """A [64] float32 row vector from SMEM broadcast along the WGMMA rows of a [64, vb] tile."""
+    x = plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1))
+    return jax.lax.broadcast_in_dim(x, shape, [0])
 
 
 def _split_to(x, refs, dt):
@@ -194,8 +245,8 @@ def forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
     """`xla.delta_rule_forward` on Mosaic GPU: (o [B,T,H,V] in v's dtype, final state [B,H,K,V]
     float32, the state entering every chunk [B,H,N,K,V] float32). Only calls in `supports`."""
     if not supports(q, k, v, h0, chunk_size):
-        raise ValueError("delta_rule: the Mosaic GPU kernel takes q, k, v of one dtype (16-bit, "
-                         f"key_dim <= {MAX_KEY_DIM}; float32, key_dim <= 128), a float32 "
+        raise ValueError("delta_rule: the Mosaic GPU kernel takes q, k, v of one dtype (16-bit "
+                         f"or float32; key_dim <= {MAX_KEY_DIM}), a float32 "
                          f"initial state and chunks <= {ROWS}; got q {q.dtype} {q.shape}, "
                          f"v {v.dtype}, chunk_size {chunk_size}")
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -211,9 +262,17 @@ def forward(q, k, v, beta, g, h0, reset, *, scale, chunk_size, gated, segmented,
         (u_t, w, kdec, gl), n = ch.chunk_inputs()           # chunk major [N, B, H, C, ...]
         qg, p = ch.qg, ch.p                                   # [B, H, N, C, ...]
     kd = _chunks.round_up(key_dim, 64)
-    vb, stages = _plan("fwd", kd, k.dtype, gated)
+    vb, stages, factored = _plan("fwd", kd, k.dtype, gated)
     vd = _chunks.round_up(value_dim, vb)
     bh = batch * heads
+    if factored:
+        final, states = _state_walk(ch, h0, kd=kd, vd=vd, vb=vb, stages=stages, dt=dt,
+                                    pieces=pieces, decays=gated or segmented,
+                                    interpret=interpret, plgpu=plgpu)
+        # o is parallel over chunks once their start states are known: batched XLA.
+        with jax.default_matmul_precision("highest"):
+            o = ch.output(states, ch.pseudo_values(states))
+        return _chunks.from_chunks(o, length).astype(v.dtype), final, states
 
     def tiles(x, width, chunk_major=False):
         """[.., C, D] per chunk -> [B*H, N*64, width]: each chunk zero padded to 64 rows."""
@@ -261,12 +320,7 @@ def _call(args, *, kd, vd, vb, stages, n, dt, out_dt, pieces, n_qp, n_kd, decays
         i, j = jax.lax.axis_index("bh"), jax.lax.axis_index("v")
         cols = pl.ds(j * vb, vb)
 
-        def load_state(smem, bar):
-            plgpu.copy_gmem_to_smem(h0_ref.at[i, :, cols], smem, bar.at[0])
-            plgpu.barrier_wait(bar.at[0])
-            return plgpu.load(smem, layout=plgpu.Layout.WGMMA)
-
-        s0 = pl.run_scoped(load_state, plgpu.SMEM((kd, vb), F32), plgpu.Barrier(num_barriers=1))
+        s0 = _load_state(plgpu, h0_ref.at[i, :, cols], (kd, vb))
 
         def chunk_body(scratch, idx, *tiles):
             o_s, st_s = scratch[:2]
@@ -333,14 +387,7 @@ def _call(args, *, kd, vd, vb, stages, n, dt, out_dt, pieces, n_qp, n_kd, decays
         scratch += [plgpu.SMEM((kd, vb), dt, transforms=tf16)] * pieces
         scratch += [plgpu.SMEM((c, vb), dt, transforms=tf16)] * pieces
         s = pl.run_scoped(walk, *scratch)
-
-        def store_final(smem):
-            smem[...] = s
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(smem, fin_ref.at[i, :, cols])
-            plgpu.wait_smem_to_gmem(0)
-
-        pl.run_scoped(store_final, plgpu.SMEM((kd, vb), F32))
+        _store_state(plgpu, s, fin_ref.at[i, :, cols])
 
     out_type = (jax.ShapeDtypeStruct((bh, n * c, vd), out_dt),
                 jax.ShapeDtypeStruct((bh, kd, vd), F32),
@@ -349,6 +396,230 @@ def _call(args, *, kd, vd, vb, stages, n, dt, out_dt, pieces, n_qp, n_kd, decays
                         grid_names=("bh", "v"),
                         interpret=interpret if interpret is not None else False)
     return call(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The K, T layout (float32 key dim 256, where W, Qg, Kd in 3 pieces each do not fit the SMEM):
+# W = T diag(bg) K and Kd = diag(dec) K, so only K's pieces are [64, Kd] tiles, T [64, 64]:
+#
+#     forward:  u = U~ - T (diag(bg) (K S))       S' = gl S + K^T (diag(dec) u)
+#     reverse:  dU = P^T dO + diag(dec) (K dS')   dS = Qg^T dO + gl dS' - K^T (diag(bg) (T^T dU))
+#
+# The row scalings act on the float32 accumulators before their split into pieces, so every
+# product keeps the 6-piece precision. The forward writes only the chunk start states (and the
+# final one); o is `_Chunked.output`, batched over chunks in XLA.
+
+
+def _chunk_tiles(x, width, rows=ROWS):
+    """[B, H, N, R, D] -> [B*H, N*rows, width] float32, each chunk's tile zero padded."""
+    b, h, n = x.shape[:3]
+    x = jnp.pad(x.astype(F32), [(0, 0)] * 3 + [(0, rows - x.shape[3]), (0, width - x.shape[-1])])
+    return x.reshape(b * h, n * rows, width)
+
+
+def _row_tiles(x):
+    """[B, H, N, C] -> [B*H, N*64] float32: a row vector per chunk, zero padded."""
+    b, h, n, c = x.shape
+    return jnp.pad(x.astype(F32), [(0, 0)] * 3 + [(0, ROWS - c)]).reshape(b * h, n * ROWS)
+
+
+def _gl_tiles(gl):
+    """[B, H, N] -> [B*H, N*GL_WIDTH]: the chunk's decay of S repeated (a TMA box is at least
+    16 bytes)."""
+    b, h, n = gl.shape
+    gl = jnp.broadcast_to(gl.reshape(b * h, n, 1).astype(F32), (b * h, n, GL_WIDTH))
+    return gl.reshape(b * h, n * GL_WIDTH)
+
+
+def _factored_inputs(ch, seq, state, *, kd, vd, dt, pieces, decays):
+    """The K, T kernels' inputs: K and T in pieces, the [64, vb] and [Kd, vb] float32 tiles in
+    `seq` / `state` (U~; P^T dO, Qg^T dO), bg (and dec, gl where something decays)."""
+    args = _split(_chunk_tiles(ch.k, kd), dt, pieces) + _split(_chunk_tiles(ch.t, ROWS), dt, pieces)
+    args += [_chunk_tiles(x, vd) for x in seq] + [_chunk_tiles(x, vd, kd) for x in state]
+    args.append(_row_tiles(ch.bg))
+    if decays:
+        args += [_row_tiles(ch.dlast), _gl_tiles(ch.gl)]
+    return args
+
+
+def _factored_specs(plgpu, in_refs, i, cols, *, kd, vb, n_seq, n_state, decays, index, tf16):
+    """BlockSpecs and refs of `_factored_inputs` for program (i, cols); `index` maps the
+    pipeline step to the chunk."""
+    c = ROWS
+    n_pieces = len(in_refs) - n_seq - n_state - (3 if decays else 1)
+    pieces = n_pieces // 2
+    tile = lambda w: plgpu.BlockSpec((c, w), lambda t: (index(t), 0), transforms=tf16)
+    specs = [tile(kd)] * pieces + [tile(c)] * pieces
+    ins = [r.at[i] for r in in_refs[:n_pieces]]
+    specs += [plgpu.BlockSpec((c, vb), lambda t: (index(t), 0))] * n_seq
+    specs += [plgpu.BlockSpec((kd, vb), lambda t: (index(t), 0))] * n_state
+    ins += [r.at[i, :, cols] for r in in_refs[n_pieces:n_pieces + n_seq + n_state]]
+    rest = in_refs[n_pieces + n_seq + n_state:]
+    specs += [plgpu.BlockSpec((c,), lambda t: (index(t),))] * (2 if decays else 1)
+    if decays:
+        specs.append(plgpu.BlockSpec((GL_WIDTH,), lambda t: (index(t),)))
+    ins += [r.at[i] for r in rest]
+    return specs, ins
+
+
+def _state_walk(ch, h0, *, kd, vd, vb, stages, dt, pieces, decays, interpret, plgpu):
+    """The forward's state recurrence in the K, T layout: (final state [B,H,K,V], the state
+    entering every chunk [B,H,N,K,V]), float32."""
+    batch, heads, n, chunk, key_dim = ch.k.shape
+    value_dim = h0.shape[-1]
+    bh = batch * heads
+    c = ROWS
+    args = _factored_inputs(ch, [ch.u_tilde], [], kd=kd, vd=vd, dt=dt, pieces=pieces,
+                            decays=decays)
+    h0p = jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, kd - key_dim), (0, vd - value_dim)])
+    args.append(h0p.reshape(bh, kd, vd))
+    n_in = len(args)
+    tf16 = _tiling(plgpu, vb)
+
+    def delta_rule_fwd_factored_kernel(*refs):
+        in_refs, (fin_ref, st_ref) = refs[:n_in - 1], refs[n_in:n_in + 2]
+        i, j = jax.lax.axis_index("bh"), jax.lax.axis_index("v")
+        cols = pl.ds(j * vb, vb)
+        s0 = _load_state(plgpu, refs[n_in - 1].at[i, :, cols], (kd, vb))
+
+        def chunk_body(scratch, idx, *tiles):
+            st_s, s_p, x_p = scratch[0], scratch[1:1 + pieces], scratch[1 + pieces:]
+            *tiles, s = tiles
+            k_p, t_p = tiles[:pieces], tiles[pieces:2 * pieces]
+            # Every float32 tile is read first (as in the reverse scan below).
+            u_t = plgpu.load(tiles[2 * pieces], layout=plgpu.Layout.WGMMA)
+            bg = _rows(plgpu, tiles[2 * pieces + 1], (c, vb))
+            if decays:
+                dec = _rows(plgpu, tiles[2 * pieces + 2], (c, vb))
+                gl = tiles[2 * pieces + 3][0]
+            _split_to(s, s_p, dt)
+            plgpu.commit_smem()
+            x = bg * _product(plgpu, (c, vb), k_p, s_p, pieces)
+            # Through SMEM, not as a register operand: GPU interpret mode takes only SMEM refs
+            # as WGMMA operands (JAX 0.12.0.1). x_p is free again once each product returns.
+            _split_to(x, x_p, dt)
+            plgpu.commit_smem()
+            u = u_t - _product(plgpu, (c, vb), t_p, x_p, pieces)
+            _split_to(dec * u if decays else u, x_p, dt)
+            # The start state leaves by TMA from one buffer, rewritten once the previous
+            # chunk's copy has read it.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            st_s[...] = s
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(st_s, st_ref.at[i, pl.ds(idx[0] * kd, kd), cols])
+            return ((s * gl) if decays else s) + _product(plgpu, (kd, vb), k_p, x_p, pieces,
+                                                          transpose=True)
+
+        in_specs, ins = _factored_specs(plgpu, in_refs, i, cols, kd=kd, vb=vb, n_seq=1,
+                                        n_state=0, decays=decays, index=lambda t: t, tf16=tf16)
+
+        def walk(*scratch):
+            last = plgpu.emit_pipeline(
+                functools.partial(chunk_body, scratch), grid=(n,), in_specs=in_specs,
+                max_concurrent_steps=stages, init_carry=s0)(*ins)
+            plgpu.wait_smem_to_gmem(0)      # before the output buffer is released
+            return last
+
+        scratch = [plgpu.SMEM((kd, vb), F32)]
+        scratch += [plgpu.SMEM((kd, vb), dt, transforms=tf16)] * pieces
+        scratch += [plgpu.SMEM((c, vb), dt, transforms=tf16)] * pieces
+        s = pl.run_scoped(walk, *scratch)
+        _store_state(plgpu, s, fin_ref.at[i, :, cols])
+
+    out_type = (jax.ShapeDtypeStruct((bh, kd, vd), F32),
+                jax.ShapeDtypeStruct((bh, n * kd, vd), F32))
+    call = plgpu.kernel(delta_rule_fwd_factored_kernel, out_type=out_type,
+                        grid=(bh, vd // vb), grid_names=("bh", "v"),
+                        interpret=interpret if interpret is not None else False)
+    final, states = call(*args)
+    final = final[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
+    states = states.reshape(batch, heads, n, kd, vd)[..., :key_dim, :value_dim]
+    return final, states
+
+
+def _reverse_walk(ch, pt_do, qgt_do, ds_final, *, kd, vd, vb, stages, dt, pieces, decays,
+                  interpret, plgpu):
+    """`reverse_scan` in the K, T layout: (dS leaving every chunk [B,H,N,K,V], dU
+    [B,H,N,C,V], dh0)."""
+    batch, heads, n, chunk, value_dim = pt_do.shape
+    key_dim = qgt_do.shape[-2]
+    bh = batch * heads
+    c = ROWS
+    args = _factored_inputs(ch, [pt_do], [qgt_do], kd=kd, vd=vd, dt=dt, pieces=pieces,
+                            decays=decays)
+    dsf = jnp.pad(ds_final.astype(F32), [(0, 0), (0, 0), (0, kd - key_dim), (0, vd - value_dim)])
+    args.append(dsf.reshape(bh, kd, vd))
+    n_in = len(args)
+    tf16 = _tiling(plgpu, vb)
+
+    def delta_rule_bwd_factored_kernel(*refs):
+        in_refs, (dsn_ref, du_ref, dh0_ref) = refs[:n_in - 1], refs[n_in:n_in + 3]
+        i, j = jax.lax.axis_index("bh"), jax.lax.axis_index("v")
+        cols = pl.ds(j * vb, vb)
+        ds0 = _load_state(plgpu, refs[n_in - 1].at[i, :, cols], (kd, vb))
+
+        def chunk_body(scratch, idx, *tiles):
+            dsn_s, du_s = scratch[:2]
+            ds_p, y_p = scratch[2:2 + pieces], scratch[2 + pieces:]
+            *tiles, ds = tiles
+            k_p, t_p = tiles[:pieces], tiles[pieces:2 * pieces]
+            t = n - 1 - idx[0]
+            # Every float32 tile is read first: with one stage its buffer is the next TMA
+            # load's target once the body returns (a race in GPU interpret mode otherwise).
+            pt_do_t = plgpu.load(tiles[2 * pieces], layout=plgpu.Layout.WGMMA)
+            base = plgpu.load(tiles[2 * pieces + 1], layout=plgpu.Layout.WGMMA)
+            bg = _rows(plgpu, tiles[2 * pieces + 2], (c, vb))
+            if decays:
+                dec = _rows(plgpu, tiles[2 * pieces + 3], (c, vb))
+                base = base + ds * tiles[2 * pieces + 4][0]
+            else:
+                base = base + ds
+            _split_to(ds, ds_p, dt)
+            plgpu.commit_smem()
+            x = _product(plgpu, (c, vb), k_p, ds_p, pieces)
+            du = pt_do_t + (dec * x if decays else x)
+            _split_to(du, y_p, dt)
+            # The outputs leave by TMA from one buffer each, written once the previous chunk's
+            # copies have read it.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            dsn_s[...] = ds
+            du_s[...] = du
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dsn_s, dsn_ref.at[i, pl.ds(t * kd, kd), cols])
+            plgpu.copy_smem_to_gmem(du_s, du_ref.at[i, pl.ds(t * c, c), cols])
+            z = bg * _product(plgpu, (c, vb), t_p, y_p, pieces, transpose=True)
+            _split_to(z, y_p, dt)       # y_p is free again: the product above has returned
+            plgpu.commit_smem()
+            return base - _product(plgpu, (kd, vb), k_p, y_p, pieces, transpose=True)
+
+        in_specs, ins = _factored_specs(plgpu, in_refs, i, cols, kd=kd, vb=vb, n_seq=1,
+                                        n_state=1, decays=decays, index=lambda t: n - 1 - t,
+                                        tf16=tf16)
+
+        def walk(*scratch):
+            last = plgpu.emit_pipeline(
+                functools.partial(chunk_body, scratch), grid=(n,), in_specs=in_specs,
+                max_concurrent_steps=stages, init_carry=ds0)(*ins)
+            plgpu.wait_smem_to_gmem(0)      # before the output buffers are released
+            return last
+
+        scratch = [plgpu.SMEM((kd, vb), F32), plgpu.SMEM((c, vb), F32)]
+        scratch += [plgpu.SMEM((kd, vb), dt, transforms=tf16)] * pieces
+        scratch += [plgpu.SMEM((c, vb), dt, transforms=tf16)] * pieces
+        ds = pl.run_scoped(walk, *scratch)
+        _store_state(plgpu, ds, dh0_ref.at[i, :, cols])
+
+    out_type = (jax.ShapeDtypeStruct((bh, n * kd, vd), F32),
+                jax.ShapeDtypeStruct((bh, n * c, vd), F32),
+                jax.ShapeDtypeStruct((bh, kd, vd), F32))
+    call = plgpu.kernel(delta_rule_bwd_factored_kernel, out_type=out_type,
+                        grid=(bh, vd // vb), grid_names=("bh", "v"),
+                        interpret=interpret if interpret is not None else False)
+    ds_next, du, dh0 = call(*args)
+    ds_next = ds_next.reshape(batch, heads, n, kd, vd)[..., :key_dim, :value_dim]
+    du = du.reshape(batch, heads, n, ROWS, vd)[..., :chunk, :value_dim]
+    dh0 = dh0[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
+    return ds_next, du, dh0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,10 +635,12 @@ def _call(args, *, kd, vd, vb, stages, n, dt, out_dt, pieces, n_qp, n_kd, decays
 # dU per chunk (float32), in xla.py's layout, and dh0.
 
 
-def reverse_scan(pt_do, qgt_do, kdec, w, gl, ds_final, *, dtype, split_kd, interpret=None):
+def reverse_scan(pt_do, qgt_do, kdec, w, gl, ds_final, *, dtype, split_kd, interpret=None,
+                 chunks=None):
     """`xla.reverse_state_scan` on Mosaic GPU (the same arguments and results); `dtype` is the
     inputs' dtype (16-bit, or float32: bf16 pieces), `split_kd` whether Kd is decayed (gated)
-    and so not exact in a 16-bit k's dtype."""
+    and so not exact in a 16-bit k's dtype. `chunks` (xla.delta_rule_backward's `_Chunked`)
+    gives the K, T layout its K, T and row scalings (float32 key dim 256)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     batch, heads, n, chunk, value_dim = pt_do.shape
@@ -376,12 +649,19 @@ def reverse_scan(pt_do, qgt_do, kdec, w, gl, ds_final, *, dtype, split_kd, inter
     plan = _plan("bwd", kd, dtype, split_kd) if key_dim <= MAX_KEY_DIM else None
     if chunk > ROWS or plan is None:
         raise ValueError(f"delta_rule: the Mosaic GPU backward takes chunks <= {ROWS} and key_dim "
-                         f"<= {MAX_KEY_DIM} (float32: 128); got chunk {chunk}, key_dim "
+                         f"<= {MAX_KEY_DIM}; got chunk {chunk}, key_dim "
                          f"{key_dim} ({jnp.dtype(dtype).name})")
-    vb, stages = plan
+    vb, stages, factored = plan
     vd = _chunks.round_up(value_dim, vb)
     bh = batch * heads
     dt, pieces, _, n_kd = _counts(dtype, split_kd)
+    if factored:
+        if chunks is None:
+            raise ValueError("delta_rule: the Mosaic GPU backward at float32 key_dim > 128 takes "
+                             "chunks= (xla._Chunked: K, T and the row scalings)")
+        return _reverse_walk(chunks, pt_do, qgt_do, ds_final, kd=kd, vd=vd, vb=vb,
+                             stages=stages, dt=dt, pieces=pieces, decays=gl is not None,
+                             interpret=interpret, plgpu=plgpu)
 
     def tiles(x, rows, width):
         """[B, H, N, R, D] -> [B*H, N*rows, width], each chunk's tile zero padded."""
@@ -419,12 +699,7 @@ def _bwd_call(args, *, kd, vd, vb, stages, n, dt, pieces, n_kd, decays, interpre
         i, j = jax.lax.axis_index("bh"), jax.lax.axis_index("v")
         cols = pl.ds(j * vb, vb)
 
-        def load_state(smem, bar):
-            plgpu.copy_gmem_to_smem(dsf_ref.at[i, :, cols], smem, bar.at[0])
-            plgpu.barrier_wait(bar.at[0])
-            return plgpu.load(smem, layout=plgpu.Layout.WGMMA)
-
-        ds0 = pl.run_scoped(load_state, plgpu.SMEM((kd, vb), F32), plgpu.Barrier(num_barriers=1))
+        ds0 = _load_state(plgpu, dsf_ref.at[i, :, cols], (kd, vb))
 
         def chunk_body(scratch, idx, *tiles):
             dsn_s, du_s = scratch[:2]
@@ -476,14 +751,7 @@ def _bwd_call(args, *, kd, vd, vb, stages, n, dt, pieces, n_kd, decays, interpre
         scratch += [plgpu.SMEM((kd, vb), dt, transforms=tf16)] * pieces
         scratch += [plgpu.SMEM((c, vb), dt, transforms=tf16)] * pieces
         ds = pl.run_scoped(walk, *scratch)
-
-        def store_dh0(smem):
-            smem[...] = ds
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(smem, dh0_ref.at[i, :, cols])
-            plgpu.wait_smem_to_gmem(0)
-
-        pl.run_scoped(store_dh0, plgpu.SMEM((kd, vb), F32))
+        _store_state(plgpu, ds, dh0_ref.at[i, :, cols])
 
     out_type = (jax.ShapeDtypeStruct((bh, n * kd, vd), F32),
                 jax.ShapeDtypeStruct((bh, n * c, vd), F32),

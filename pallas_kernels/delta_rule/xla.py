@@ -126,7 +126,10 @@ class _Chunked:
         self.a = a
         self.t = unit_lower_inverse(a)
         self.vb = self.beta[..., None] * self.v
-        self.kb = self._scale_rows(self.beta[..., None] * self.k, self.gamma)
+        # W = T diag(bg) K and Kd = diag(dlast) K: gates and resets are row scalings of K (the
+        # Mosaic GPU kernel's float32 key dim 256 plan multiplies them in rather than load W, Kd).
+        self.bg = self.beta if self.gamma is None else self.beta * self.gamma   # [B,H,N,C]
+        self.kb = self.bg[..., None] * self.k
         self.u_tilde = jnp.einsum("bhnij,bhnjv->bhniv", self.t, self.vb)
         self.w = jnp.einsum("bhnij,bhnjk->bhnik", self.t, self.kb)
         self.qk = jnp.einsum("bhnik,bhnjk->bhnij", self.q, self.k)
@@ -137,6 +140,15 @@ class _Chunked:
     @staticmethod
     def _scale_rows(x, s):
         return x if s is None else s[..., None] * x
+
+    def pseudo_values(self, states):
+        """U = U~ - W S from the states entering each chunk [B,H,N,K,V], all chunks at once."""
+        return self.u_tilde - jnp.einsum("bhnck,bhnkv->bhncv", self.w, states)
+
+    def output(self, states, u):
+        """O = Qg S + P U per chunk [B,H,N,C,V] (float32 in the chunk layout)."""
+        return (jnp.einsum("bhnck,bhnkv->bhncv", self.qg, states)
+                + jnp.einsum("bhnij,bhnjv->bhniv", self.p, u))
 
     def chunk_inputs(self):
         """The per-chunk inputs of the sequential state recurrence, chunks first."""
@@ -164,8 +176,7 @@ def chunk_forward(q, k, v, beta, g, h0, reset, *, scale, chunk, gated, segmented
     ch = _Chunked(q, k, v, beta, g, reset, scale=scale, chunk=chunk, gated=gated,
                   segmented=segmented)
     states, u, final = _state_scan(ch, h0)
-    o = (jnp.einsum("bhnck,bhnkv->bhncv", ch.qg, states)
-         + jnp.einsum("bhnij,bhnjv->bhniv", ch.p, u))
+    o = ch.output(states, u)
     return from_chunks(o, q.shape[1]).astype(v.dtype), final, states
 
 
@@ -208,8 +219,8 @@ def reverse_state_scan(pt_do, qgt_do, kd, w, gl, ds_final):
 
     from pt_do [B,H,N,C,V], qgt_do [B,H,N,K,V], kd, w [B,H,N,C,K], gl [B,H,N] (None: 1) and the
     final state's cotangent. Returns (dS leaving every chunk [B,H,N,K,V], dU [B,H,N,C,V], dh0).
-    `delta_rule_backward(reverse_scan=)` takes a replacement with this signature (the Mosaic GPU
-    kernel)."""
+    `delta_rule_backward(reverse_scan=)` takes a replacement (the Mosaic GPU kernel) with this
+    signature plus a keyword `chunks`, the `_Chunked`."""
     if gl is None:
         gl = jnp.ones(pt_do.shape[:3], pt_do.dtype)
 
@@ -227,18 +238,23 @@ def reverse_state_scan(pt_do, qgt_do, kd, w, gl, ds_final):
 def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scale, chunk_size,
                         gated, segmented, reverse_scan=None):
     """Cotangents (dq, dk, dv, dbeta, dg, dh0) of the chunked form, recomputing T, W, U~.
-    `reverse_scan` replaces `reverse_state_scan` (same signature and layouts)."""
+    `reverse_scan` replaces `reverse_state_scan` (same signature and layouts, plus `chunks=`)."""
     length = q.shape[1]
     chunk = effective_chunk(length, chunk_size)
     ch = _Chunked(q, k, v, beta, g, reset, scale=scale, chunk=chunk, gated=gated,
                   segmented=segmented)
     acc = ch.acc
     doc = to_chunks(do.astype(acc), chunk)                                 # [B,H,N,C,V]
-    u = ch.u_tilde - jnp.einsum("bhnck,bhnkv->bhncv", ch.w, states)
+    u = ch.pseudo_values(states)
     pt_do = jnp.einsum("bhnij,bhniv->bhnjv", ch.p, doc)                    # P^T dO
     qgt_do = jnp.einsum("bhnck,bhncv->bhnkv", ch.qg, doc)                  # Qg^T dO
-    ds_next, du, dh0 = (reverse_scan or reverse_state_scan)(pt_do, qgt_do, ch.kd, ch.w, ch.gl,
-                                                            dfinal.astype(acc))
+    scan_args = (pt_do, qgt_do, ch.kd, ch.w, ch.gl, dfinal.astype(acc))
+    if reverse_scan is None:
+        ds_next, du, dh0 = reverse_state_scan(*scan_args)
+    else:
+        # The chunk quantities too: a kernel may take K, T and the row scalings instead of W
+        # and Kd (the Mosaic GPU float32 key dim 256 plan).
+        ds_next, du, dh0 = reverse_scan(*scan_args, chunks=ch)
 
     # Everything else is batched over chunks.
     dp = jnp.einsum("bhniv,bhnjv->bhnij", doc, u)
@@ -265,7 +281,7 @@ def delta_rule_backward(q, k, v, beta, g, h0, reset, states, do, dfinal, *, scal
     # Qg = scale * diag(gamma) Q, Kd = diag(dlast) K, Kb = diag(beta * gamma) K, Vb = diag(beta) V.
     dq = dq + ch._scale_rows(scale * dqg, ch.gamma)
     dk = dk + ch._scale_rows(dkd, ch.dlast)
-    bg = ch.beta if ch.gamma is None else ch.beta * ch.gamma
+    bg = ch.bg
     dk = dk + bg[..., None] * dkb
     dkb_k = jnp.sum(dkb * ch.k, axis=-1)
     dbeta = dbeta + (dkb_k if ch.gamma is None else ch.gamma * dkb_k)

@@ -873,8 +873,8 @@ def test_delta_rule_op_runs_mosaic_kernel_with_gradients():
 
 
 def test_delta_rule_uncovered_calls():
-    """float32 inputs above key dim 128, mixed dtypes, key dims above 256 and chunks over 64
-    rows are outside the kernel (the op runs Triton / XLA); a direct call says so."""
+    """Mixed dtypes, key dims above 256 and chunks over 64 rows are outside the kernel (the op
+    runs Triton / XLA); a direct call says so. float32 at key dim 256 is in (the K, T plan)."""
     q, k, v, _, _, h0 = _delta_inputs((1, 8, 1, 16, 16), jnp.bfloat16)
     assert delta_mgpu.supports(q, k, v, h0, 64)
     f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
@@ -885,9 +885,10 @@ def test_delta_rule_uncovered_calls():
     assert not delta_mgpu.supports(q, k, v.astype(jnp.float16), h0, 64)
     wide = jnp.zeros((1, 8, 1, 256), jnp.bfloat16)
     assert delta_mgpu.supports(wide, wide, v, jnp.zeros((1, 1, 256, 16)), 64)
-    assert not delta_mgpu.supports(*f32(wide, wide, v), jnp.zeros((1, 1, 256, 16)), 64)
+    assert delta_mgpu.supports(*f32(wide, wide, v), jnp.zeros((1, 1, 256, 16)), 64)
     wider = jnp.zeros((1, 8, 1, 320), jnp.bfloat16)
     assert not delta_mgpu.supports(wider, wider, v, jnp.zeros((1, 1, 320, 16)), 64)
+    assert not delta_mgpu.supports(*f32(wider, wider, v), jnp.zeros((1, 1, 320, 16)), 64)
     long = jnp.zeros((1, 256, 1, 16), jnp.bfloat16)
     assert not delta_mgpu.supports(long, long, long, h0, 128)
     with pytest.raises(ValueError, match="Mosaic GPU kernel"):
@@ -987,8 +988,9 @@ def test_delta_rule_backward_kernel_in_gpu_interpret_mode(shape, dtype, gated, s
 
 
 def test_delta_rule_op_backward_is_the_mosaic_kernel():
-    """The op's custom VJP inside pallas_interpret("gpu") runs the Mosaic reverse scan; a call
-    outside the kernel's cover (float32 inputs at key dim 256) keeps the Triton backward."""
+    """The op's custom VJP inside pallas_interpret("gpu") runs the Mosaic reverse scan (float32
+    key dim 256: the K, T one); a call outside the kernel's cover (key dim 320) keeps the
+    Triton backward."""
     def grad_jaxpr(dtype, key_dim):
         q, k, v, beta, g, h0 = _delta_inputs((1, 24, 1, key_dim, 16), dtype)
         f = jax.grad(lambda q: jnp.sum(delta_rule(
@@ -998,7 +1000,9 @@ def test_delta_rule_op_backward_is_the_mosaic_kernel():
             return str(jax.make_jaxpr(f)(q))
 
     assert "delta_rule_bwd_kernel" in grad_jaxpr(jnp.bfloat16, 128)
-    assert "delta_rule_bwd_kernel" not in grad_jaxpr(jnp.float32, 256)
+    assert "delta_rule_bwd_factored_kernel" in grad_jaxpr(jnp.float32, 256)
+    wider = grad_jaxpr(jnp.float32, 320)
+    assert "delta_rule_bwd_kernel" not in wider and "factored" not in wider
 
 
 @pytest.mark.compile
@@ -1190,6 +1194,42 @@ def test_delta_rule_wide_key_op_in_gpu_interpret_mode(shape, dtype):
         kt.assert_close(x, r, tol, name)
 
 
+# float32 at key dim 256 (`mosaic_gpu._state_walk` / `_reverse_walk`): W = T diag(bg) K and
+# Kd = diag(dec) K, so the kernels take K and T in pieces plus two row vectors (W, Qg, Kd in
+# pieces do not fit the SMEM), the forward writes only the chunk states and XLA makes o.
+@pytest.mark.parametrize("decays", [True, False], ids=["gated-segments-h0", "plain"])
+def test_delta_rule_float32_key_dim_256_op_in_gpu_interpret_mode(decays):
+    """The public op, float32 key dim 256, inside pallas_interpret("gpu") (race detection on):
+    T 128 in two chunks of 64, V=24 (padded value blocks: 32 columns a forward program, 16 a
+    reverse-scan one); with a gate, segment_ids (a reset inside each chunk) and an initial
+    state, or none of them. Outputs, final state and every gradient against float64 autodiff
+    of the reference."""
+    q, k, v, beta, g, h0 = _delta_inputs((1, 128, 1, 256, 24), jnp.float32, seed=5)
+    seg = jnp.repeat(jnp.arange(3), 48)[None, :128]
+    assert delta_mgpu.supports(q, k, v, h0, 64)
+    assert [delta_mgpu._plan(kernel, 256, jnp.float32, True) for kernel in ("fwd", "bwd")] == [
+        (32, 1, True), (16, 1, True)]
+    kw = lambda g, h0: (dict(log_gate=g, initial_state=h0, segment_ids=seg) if decays else {})
+
+    def loss(impl):
+        def f(q, k, v, beta, g, h0):
+            o, s = delta_rule(q, k, v, beta, chunk_size=64, implementation=impl, **kw(g, h0))
+            return jnp.sum(jnp.sin(o)) + jnp.sum(s ** 2), (o, s)
+        return jax.jit(jax.value_and_grad(f, argnums=tuple(range(6)), has_aux=True))
+
+    ref = kt.float64_run(loss("reference"), q, k, v, beta, g, h0)
+    with _dispatch.pallas_interpret("gpu"):
+        jaxpr = str(jax.make_jaxpr(loss("pallas"))(q, k, v, beta, g, h0))
+        (_, (o, s)), grads = loss("pallas")(q, k, v, beta, g, h0)
+    assert "delta_rule_fwd_factored_kernel" in jaxpr and "delta_rule_bwd_factored_kernel" in jaxpr
+    assert o.dtype == jnp.float32
+    kt.assert_close(o, ref[0][1][0], DELTA_F32_TOL, "o")
+    kt.assert_close(s, ref[0][1][1], DELTA_F32_TOL, "final_state")
+    names = ["dq", "dk", "dv", "dbeta"] + (["dg", "dh0"] if decays else [])
+    for name, x, r in zip(names, grads, ref[1]):
+        kt.assert_close(x, r, DELTA_F32_TOL, name)
+
+
 @pytest.mark.compile
 @pytest.mark.parametrize("target,gated", [("h100", True), ("h200", False)])
 def test_delta_rule_float32_compiles_for_hopper(target, gated):
@@ -1213,13 +1253,14 @@ def test_delta_rule_float32_compiles_for_hopper(target, gated):
 
 @pytest.mark.compile
 @pytest.mark.parametrize("key_dim,dtype,gated", [
-    (256, jnp.bfloat16, False), (256, jnp.bfloat16, True), (128, jnp.float32, True)],
-    ids=["K256-bf16", "K256-bf16-gated", "K128-f32-gated"])
+    (256, jnp.bfloat16, False), (256, jnp.bfloat16, True), (128, jnp.float32, True),
+    (256, jnp.float32, True)],
+    ids=["K256-bf16", "K256-bf16-gated", "K128-f32-gated", "K256-f32-gated"])
 def test_delta_rule_wide_key_compiles_for_hopper(key_dim, dtype, gated):
     """The narrow value blocks of the wide-key plans (forward / reverse scan: 32 / 32, 16 / 16,
-    16 / 32 value columns, one stage, 64- and 32-byte swizzles) lowered by Mosaic GPU and
-    compiled by ptxas for sm_90a (shared memory checked against the 227 KiB a block may use),
-    chosen by the default gpu_backend."""
+    16 / 32, and float32 K256's K, T kernels 32 / 16 value columns, one stage, 64- and 32-byte
+    swizzles) lowered by Mosaic GPU and compiled by ptxas for sm_90a (shared memory checked
+    against the 227 KiB a block may use), chosen by the default gpu_backend."""
     _cpu_host()
     if not _aot.available("h100"):
         pytest.skip("no compiler plugin for h100")
