@@ -58,6 +58,9 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     # ... where each sequence is about one of 64 topics (the memory-bank paper's regime)
     **{f"factual_recall_topics_{mlp}": (lambda mlp=mlp: factual_recall.topics(mlp))
        for mlp in ("dense", "pkm", "memory_bank")},
+    # ... the bank routed by the paper's retriever: k-means of the documents, fitted before step 0
+    "factual_recall_topics_memory_bank_fitted": lambda: factual_recall.topics(
+        "memory_bank", retrieval="tokens"),
     # single needle in a haystack beyond a 16-token attention window (configs/niah.py)
     "niah_swa": niah.get_config,
     # max_grad_norm: per-token clipping of the inner gradient (the unclipped 2-layer memory

@@ -25,7 +25,10 @@ The stack (`BlockStack`), shared by both models:
   mixers never see it, and a stack without such a mixer carries None (the plain stack). The
   entries are per token (or scalars), so decoding builds them afresh for each token and they
   need no cache; they thread through the layer scan as part of its carry. RWKV-7's value
-  residual (layer 1's values, read by every later layer) is what it was made for.
+  residual (layer 1's values, read by every later layer) is what it was made for. An MLP slot
+  that reads the token ids (`reads_tokens`: MemoryBank's fitted retriever) gets them as the
+  entry "tokens" ([batch, time] int, the ids at the block's positions); the models pass their
+  tokens to the stack, and their vocabulary size to such a slot.
 
 Mixed precision: `dtype` is the compute dtype of every layer (passed to each mixer unless
 `mixer_options` says otherwise); parameters stay float32; logits are float32.
@@ -237,6 +240,7 @@ class Block(nnx.Module):
         self.takes_segment_ids = accepts_keyword(self.mixer.__call__, "segment_ids")
         self.cache_takes_max_len = accepts_keyword(self.mixer.init_cache, "max_len")
         self.reads_side = callable(getattr(self.mixer, "side_channel", None))
+        self.mlp_reads_tokens = bool(getattr(self.mlp, "reads_tokens", False))
 
     def _mixer(self, fn, h, side, *args, **kw):
         """(fn(h, ...), the side channel after it): `side` goes only to a mixer that reads one."""
@@ -244,16 +248,30 @@ class Block(nnx.Module):
             return fn(h, *args, **kw), side
         return fn(h, *args, side=side, **kw)
 
-    def _mlp(self, x, segment_ids=None):
+    def _tokens(self, side):
+        """The MLP slot's keywords from the side channel: the token ids where it reads them."""
+        if not self.mlp_reads_tokens:
+            return {}
+        if side is None or "tokens" not in side:
+            raise ValueError(f"Block: the MLP slot ({type(self.mlp).__name__}) reads the token "
+                             f"ids; call it through CausalLM / SequenceClassifier (or give the "
+                             f"stack `tokens=`)")
+        return {"tokens": side["tokens"]}
+
+    def _mlp(self, x, segment_ids=None, side=None):
         if self.mlp is not None:
             kw = {"segment_ids": segment_ids} if self.mlp_stateful else {}
-            x = x + self.mlp(self.mlp_norm(x), **kw).astype(self.residual_dtype)
+            x = x + self.mlp(self.mlp_norm(x), **kw, **self._tokens(side)).astype(
+                self.residual_dtype)
         return x
 
-    def _mlp_cached(self, x, cache, step: bool):
+    def _mlp_cached(self, x, cache, step: bool, side=None):
         """(x + MLP, the MLP's new cache) for a stateful MLP."""
         h = self.mlp_norm(x)
-        y, cache = self.mlp.step(h, cache) if step else self.mlp(h, cache=cache)
+        kw = self._tokens(side)
+        if step and kw:
+            kw = {"tokens": kw["tokens"][:, 0]}     # the one token of a step: [batch, 1] -> [batch]
+        y, cache = self.mlp.step(h, cache, **kw) if step else self.mlp(h, cache=cache, **kw)
         return x + y.astype(self.residual_dtype), cache
 
     def __call__(self, x, *, segment_ids=None, cache=None, side=None):
@@ -273,24 +291,27 @@ class Block(nnx.Module):
         if cache is None:
             y, new_side = self._mixer(self.mixer, h, side, **kw)
             x = layers.constrain_activation(x + y.astype(self.residual_dtype), RESIDUAL_AXES)
-            return _with_side(self._mlp(x, segment_ids), side, new_side)
+            return _with_side(self._mlp(x, segment_ids, side), side, new_side)
         if self.mlp_stateful:
             cache, mlp_cache = cache
             (y, cache), new_side = self._mixer(self.mixer, h, side, cache=cache)
-            x, mlp_cache = self._mlp_cached(x + y.astype(self.residual_dtype), mlp_cache, False)
+            x, mlp_cache = self._mlp_cached(x + y.astype(self.residual_dtype), mlp_cache, False,
+                                            side)
             return _with_side((x, (cache, mlp_cache)), side, new_side)
         (y, cache), new_side = self._mixer(self.mixer, h, side, cache=cache)
-        return _with_side((self._mlp(x + y.astype(self.residual_dtype)), cache), side, new_side)
+        return _with_side((self._mlp(x + y.astype(self.residual_dtype), side=side), cache), side,
+                          new_side)
 
     def step(self, x_t, cache, side=None):
         if self.mlp_stateful:
             cache, mlp_cache = cache
             (y, cache), new_side = self._mixer(self.mixer.step, self.mixer_norm(x_t), side, cache)
             x_t, mlp_cache = self._mlp_cached(x_t + y.astype(self.residual_dtype), mlp_cache,
-                                              True)
+                                              True, side)
             return _with_side((x_t, (cache, mlp_cache)), side, new_side)
         (y, cache), new_side = self._mixer(self.mixer.step, self.mixer_norm(x_t), side, cache)
-        return _with_side((self._mlp(x_t + y.astype(self.residual_dtype)), cache), side, new_side)
+        return _with_side((self._mlp(x_t + y.astype(self.residual_dtype), side=side), cache),
+                          side, new_side)
 
     def init_cache(self, batch_size: int, max_len: int | None = None):
         if self.cache_takes_max_len:
@@ -431,19 +452,26 @@ class BlockStack(nnx.Module):
             return apply
         return nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
 
-    def side_channel(self, batch_size: int, length: int):
+    def side_channel(self, batch_size: int, length: int, tokens=None):
         """The side channel entering the first block (module docstring): the entries of every
-        mixer here that reads one, or None when none does."""
+        mixer here that reads one, and `tokens` where an MLP slot reads them, or None when
+        nothing does."""
         blocks = list(self.layers) + ([] if self.scanned is None else list(self.scanned.blocks))
         side = {}
         for block in blocks:
             if block.reads_side:
                 side.update(block.mixer.side_channel(batch_size, length))
+        if any(block.mlp_reads_tokens for block in blocks):
+            if tokens is None or tuple(tokens.shape) != (batch_size, length):
+                raise ValueError(f"BlockStack: an MLP slot reads the token ids; pass `tokens` "
+                                 f"[batch, time] = {(batch_size, length)}, got "
+                                 f"{None if tokens is None else tuple(tokens.shape)}")
+            side["tokens"] = tokens
         return side or None
 
-    def __call__(self, x, *, segment_ids=None):
+    def __call__(self, x, *, segment_ids=None, tokens=None):
         apply = self._apply()
-        side = self.side_channel(x.shape[0], x.shape[1])
+        side = self.side_channel(x.shape[0], x.shape[1], tokens)
         if self.scanned is not None:
             @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry, transform_metadata=LAYER_AXIS)
             def body(carry, group, segment_ids):
@@ -462,9 +490,9 @@ class BlockStack(nnx.Module):
             scanned = init(self.scanned)
         return StackCache(scanned, tuple(b.init_cache(batch_size, max_len) for b in self.layers))
 
-    def prefill(self, x, cache: StackCache):
+    def prefill(self, x, cache: StackCache, tokens=None):
         scanned = None
-        side = self.side_channel(x.shape[0], x.shape[1])
+        side = self.side_channel(x.shape[0], x.shape[1], tokens)
         if self.scanned is not None:
             @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata=LAYER_AXIS)
             def body(carry, group, c):
@@ -477,9 +505,11 @@ class BlockStack(nnx.Module):
             new.append(c)
         return x, StackCache(scanned, tuple(new))
 
-    def step(self, x_t, cache: StackCache):
+    def step(self, x_t, cache: StackCache, tokens=None):
+        """`tokens` [batch, 1]: the step's token ids (where an MLP slot reads them)."""
         scanned = None
-        side = self.side_channel(x_t.shape[0], 1)   # one token: the mixers' step sees [b, 1, ...]
+        # one token: the mixers' step sees [b, 1, ...]
+        side = self.side_channel(x_t.shape[0], 1, tokens)
         if self.scanned is not None:
             @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata=LAYER_AXIS)
             def body(carry, group, c):
@@ -515,6 +545,14 @@ def _embed_tokens(table, tokens, dtype, scale: float | None, residual_fp32: bool
         # In the compute dtype, as Gemma rounds its normaliser to the activations' dtype.
         x = x * jnp.asarray(scale, dtype)
     return x.astype(jnp.float32) if residual_fp32 else x
+
+
+def _with_vocab(mlp: str, mlp_options, vocab_size: int):
+    """mlp_options with the model's vocabulary size for an MLP slot that embeds token ids
+    (MemoryBank's retrieval='tokens'), unless the options give one."""
+    if mlp == "memory_bank" and (mlp_options or {}).get("retrieval") == "tokens":
+        return {"vocab_size": vocab_size, **mlp_options}
+    return mlp_options
 
 
 def _embedding(vocab_size: int, d_model: int, rngs: nnx.Rngs) -> nnx.Param:
@@ -562,6 +600,7 @@ class CausalLM(nnx.Module):
         self.logit_softcap = None if logit_softcap is None else float(logit_softcap)
         self.residual_fp32 = residual_fp32
         self.embed = _embedding(vocab_size, d_model, rngs)
+        mlp_options = _with_vocab(mlp, mlp_options, vocab_size)
         self.positions = None if not max_positions else layers.param(
             jax.random.normal(rngs.params(), (max_positions, d_model), jnp.float32)
             * d_model ** -0.5, ("positions", "embed"))
@@ -627,7 +666,7 @@ class CausalLM(nnx.Module):
             positions = (jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
                          if segment_ids is None else segment_positions(segment_ids))
         return self.final_norm(self.stack(self._embed(tokens, positions),
-                                          segment_ids=segment_ids))
+                                          segment_ids=segment_ids, tokens=tokens))
 
     def init_cache(self, batch_size: int, max_len: int | None = None) -> StackCache:
         """The state before any token; `max_len` sizes caches that grow (attention's)."""
@@ -653,7 +692,7 @@ class CausalLM(nnx.Module):
         """(logits [b, t, vocab], cache after tokens), continuing from `cache`."""
         check_tokens("CausalLM.prefill", tokens)
         positions = self._positions("CausalLM.prefill", cache, tokens.shape[1])
-        x, new = self.stack.prefill(self._embed(tokens, positions), cache)
+        x, new = self.stack.prefill(self._embed(tokens, positions), cache, tokens)
         return self._logits(x), self._advance(cache, new, tokens.shape[1])
 
     def decode_step(self, token_t, cache: StackCache):
@@ -661,7 +700,7 @@ class CausalLM(nnx.Module):
         check_tokens("CausalLM.decode_step", token_t, ndim=1, legend="[batch]")
         positions = self._positions("CausalLM.decode_step", cache, 1)
         x_t, new = self.stack.step(self._embed(token_t, None if positions is None
-                                                else positions[:, 0]), cache)
+                                                else positions[:, 0]), cache, token_t[:, None])
         return self._logits(x_t), self._advance(cache, new, 1)
 
 
@@ -699,6 +738,7 @@ class SequenceClassifier(nnx.Module):
         self.embed_scale = None if embed_scale is None else float(embed_scale)
         self.residual_fp32 = residual_fp32
         self.embed = _embedding(vocab_size, d_model, rngs)
+        mlp_options = _with_vocab(mlp, mlp_options, vocab_size)
         self.stack = BlockStack(d_model, num_layers, mixer, mixer_options=mixer_options,
                                 mlp_ratio=mlp_ratio, norm=norm, scan_layers=scan_layers,
                                 remat=remat, dtype=dtype, mlp=mlp, mlp_options=mlp_options,
@@ -719,7 +759,8 @@ class SequenceClassifier(nnx.Module):
             check_segment_ids("SequenceClassifier", segment_ids, tokens.shape)
         x = _embed_tokens(self.embed[...], tokens, self.dtype, self.embed_scale,
                           self.residual_fp32)
-        x = self.final_norm(self.stack(x, segment_ids=segment_ids)).astype(jnp.float32)
+        x = self.final_norm(self.stack(x, segment_ids=segment_ids, tokens=tokens)).astype(
+            jnp.float32)
         T = tokens.shape[1]
         m = jnp.ones(tokens.shape, bool) if mask is None else mask.astype(bool)
         if self.pooling == "mean":

@@ -138,6 +138,29 @@ def run(config: TrainConfig, *, out=None, devices=None) -> dict:
         say(f"resumed from step {start_step} ({ckpt.directory})")
     else:
         start_step, state = 0, trainer.init()
+        wanted = trainer.retriever_documents
+        if wanted:
+            # the same documents on every process (shard 0 of 1), so all fit one retriever
+            fit_it, _ = input_lib.build(
+                d.task, loader=d.loader, split="train", batch_size=d.batch_size, seq_len=d.seq_len,
+                seed=config.seed, data_dir=d.data_dir, shard_index=0, shard_count=1,
+                **d.task_options)
+            rows, segs, got = [], [], 0
+            while got < wanted:
+                try:
+                    b = next(fit_it)
+                except StopIteration:
+                    break
+                rows.append(np.asarray(b["inputs"]))
+                if "segment_ids" in b:
+                    segs.append(np.asarray(b["segment_ids"]))
+                got += len(rows[-1])
+            state, fits = trainer.fit_retrievers(
+                state, np.concatenate(rows)[:wanted],
+                np.concatenate(segs)[:wanted] if segs else None)
+            used = [int(np.count_nonzero(f["leaf_sizes"])) for f in fits]
+            say(f"retrievers fitted on {fits[0]['documents']} training documents (hierarchical "
+                f"k-means); leaves holding documents: {used} of {len(fits[0]['leaf_sizes'])}")
 
     long_eval = []  # the eval step jitted for data.eval_seq_len, built on first use
 

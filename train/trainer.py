@@ -177,6 +177,10 @@ class Trainer:
 
         abstract_model = nnx.eval_shape(lambda: build_model(config, vocab_size, nnx.Rngs(seed), num_classes))
         self.graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+        # Documents the fitted retrievers want before the first step (MemoryBank's
+        # retrieval='tokens': the paper clusters its corpus before pretraining); 0: none.
+        self.retriever_documents = max((m.fit_documents for _, m in nnx.iter_modules(
+            abstract_model) if getattr(m, "reads_tokens", False)), default=0)
         abstract = jax.eval_shape(init)
         repl = mesh_lib.replicated(mesh)
         param_sh = mesh_lib.state_shardings(abs_params, mesh)
@@ -198,6 +202,17 @@ class Trainer:
 
     def init(self) -> dict:
         return self._init()
+
+    # -- fitted retrievers ----------------------------------------------------------------------
+    def fit_retrievers(self, state: dict, tokens, segment_ids=None) -> tuple[dict, list[dict]]:
+        """(state with every fitted retriever fitted on the documents tokens [n, t] (one per
+        row, or per segment), each retriever's fit summary). On the host; every process must
+        pass the same documents, so that all fit the same retriever."""
+        model = nnx.merge(self.graphdef, state["params"], jax.device_get(state["rest"]))
+        fits = [m.fit(tokens, segment_ids=segment_ids) for _, m in nnx.iter_modules(model)
+                if getattr(m, "reads_tokens", False)]
+        _, _, rest = nnx.split(model, nnx.Param, ...)
+        return dict(state, rest=jax.device_put(rest, self.shardings["rest"])), fits
 
     # -- batches ------------------------------------------------------------------------------
     def batch_shardings(self, batch: dict) -> dict:

@@ -240,3 +240,145 @@ def test_collapsed_route_costs_n_and_the_loss_trains_the_route():
     assert np.abs(np.asarray(g.centroids[...])).max() > 0
     with pytest.raises(ValueError, match="`sow_aux_loss` must be a bool"):
         MemoryBank(6, sow_aux_loss=1, rngs=nnx.Rngs(0), **OPTS)
+
+
+# ---- the paper's retriever (retrieval="tokens"): fitted k-means of the documents' TF-IDF ----
+FIT = dict(branching=(2, 4), block_width=4, key_dim=64, retrieval="tokens")
+
+
+def _topic_docs(n, length, seed, topics=8, vocab=64):
+    """Documents of 8 topics: each token is its topic's own (ids 8 + 6 topic .. + 6) with
+    probability 1/2, else a token shared by every topic (ids 1..7); id 0 starts every one."""
+    rng = np.random.default_rng(seed)
+    topic = rng.permutation(np.arange(n) % topics)      # equal topics: the tree can split them
+    own = 8 + 6 * topic[:, None] + rng.integers(6, size=(n, length))
+    shared = rng.integers(1, 8, size=(n, length))
+    docs = np.where(rng.random((n, length)) < 0.5, own, shared)
+    docs[:, 0] = 0
+    return docs, topic
+
+
+def _fitted(seed=0, **opts):
+    bank = MemoryBank(6, hidden=0, vocab_size=64, rngs=nnx.Rngs(seed), **{**FIT, **opts})
+    docs, _ = _topic_docs(400, 12, seed=seed)
+    bank.fit(docs)
+    return bank
+
+
+def test_fit_puts_each_planted_topic_on_its_own_leaf():
+    bank = MemoryBank(6, hidden=0, vocab_size=64, rngs=nnx.Rngs(0), **FIT)
+    docs, topic = _topic_docs(400, 24, seed=0)
+    fit = bank.fit(docs)
+    assert fit["documents"] == 400 and fit["leaf_sizes"].sum() == 400
+    assert float(bank.idf[...][0]) == 0.0         # in every document: weighs nothing
+    held, t = _topic_docs(64, 24, seed=1)
+    r, _ = bank.token_summary(jnp.asarray(held))
+    rows = np.asarray(bank._retrieve(r)[0])[:, -1, -1]   # each document's leaf at its end
+    leaf_of = {k: set(rows[t == k]) for k in range(8)}
+    assert all(len(v) == 1 for v in leaf_of.values()), leaf_of     # every topic on one leaf...
+    assert len(set.union(*leaf_of.values())) == 8                  # ... and its own
+
+
+def _naive_fitted(bank, x, tokens, seg, window):
+    """float64, token by token: TF-IDF of the document's first `window` tokens so far (decay
+    1), unit length, the tree walked to the most similar child, the blocks summed (gate 1)."""
+    proj = np.asarray(bank.projection[...], np.float64)
+    idf = np.asarray(bank.idf[...], np.float64)
+    cents = np.asarray(bank.centroids[...], np.float64)
+    win, wout = np.asarray(bank.w_in[...], np.float64), np.asarray(bank.w_out[...], np.float64)
+    xs, w = np.asarray(x, np.float64), bank.block_width
+    sizes = np.cumprod(bank.branching)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    out, routes = np.zeros(xs.shape), np.zeros(xs.shape[:2] + (len(sizes),), np.int64)
+    for b in range(xs.shape[0]):
+        for t in range(xs.shape[1]):
+            start = t
+            while start > 0 and seg[b, start - 1] == seg[b, t]:
+                start -= 1
+            ctx = tokens[b, start:min(t + 1, start + window) if window else t + 1]
+            key = (idf[ctx, None] * proj[ctx]).sum(0)
+            key = key / max(np.linalg.norm(key), 1e-30)
+            parent = 0
+            for level, (off, nb) in enumerate(zip(offsets, bank.branching)):
+                children = parent * nb + np.arange(nb)
+                parent = int(children[np.argmax(cents[off + children] @ key)])
+                routes[b, t, level] = off + parent
+                u = xs[b, t] @ win[off + parent].reshape(-1, 2 * w)
+                silu = u[:w] / (1 + np.exp(-u[:w]))
+                out[b, t] += (silu * u[w:]) @ wout[off + parent].reshape(w, -1)
+    return out, routes
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_fitted_route_matches_float64_with_packed_documents(window):
+    bank = _fitted(retrieval_window=window)
+    tokens, _ = _topic_docs(2, 10, seed=3)
+    seg = np.array([[0] * 4 + [1] * 6, [0] * 10])
+    x = _x((2, 10, 6), seed=2)
+    want, routes = _naive_fitted(bank, x, tokens, seg, window)
+    r, _ = bank.token_summary(jnp.asarray(tokens), segment_ids=jnp.asarray(seg))
+    np.testing.assert_array_equal(np.asarray(bank._retrieve(r)[0]), routes)
+    got = bank(x, tokens=jnp.asarray(tokens), segment_ids=jnp.asarray(seg))
+    kt.assert_close(got, want, F32_TOL, "fitted bank")
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_fitted_step_equals_the_parallel_form(window):
+    bank = _fitted(retrieval_window=window)
+    tokens = jnp.asarray(_topic_docs(2, 7, seed=4)[0])
+    x = _x((2, 7, 6), seed=5)
+    y = bank(x, tokens=tokens)
+    head, cache = bank(x[:, :2], cache=bank.init_cache(2), tokens=tokens[:, :2])
+    outs = [head]
+    for t in range(2, 7):
+        y_t, cache = bank.step(x[:, t], cache, tokens=tokens[:, t])
+        outs.append(y_t[:, None])
+    kt.assert_close(jnp.concatenate(outs, 1), y, F32_TOL, "fitted decode")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_model_reads_tokens_and_one_fit_serves_every_layer(scan):
+    """The model hands the bank its tokens and vocabulary; after one fit per bank (equal in
+    every layer and scan repeat: the retriever is seeded), prefill + decode equal the
+    parallel form."""
+    lm = CausalLM(vocab_size=64, d_model=8, num_layers=2, mixer="attention",
+                  mixer_options={"num_heads": 2}, mlp="memory_bank", scan_layers=scan,
+                  mlp_options={**FIT, "retrieval_window": 3}, rngs=nnx.Rngs(0))
+    banks = [m for _, m in nnx.iter_modules(lm) if getattr(m, "reads_tokens", False)]
+    docs, _ = _topic_docs(200, 12, seed=0)
+    for bank in banks:
+        bank.fit(docs)
+    cents = np.concatenate([np.asarray(b.centroids[...]).reshape(-1, *b.centroids.shape[-2:])
+                            for b in banks])
+    assert len(cents) == 2 and np.array_equal(cents[0], cents[1])
+    tokens = jnp.asarray(_topic_docs(2, 7, seed=6)[0])
+    full = nnx.jit(lambda m, t: m(t))(lm, tokens)
+    logits, cache = nnx.jit(lambda m, t: m.prefill(t, m.init_cache(2, 8)))(lm, tokens[:, :3])
+    decode = nnx.jit(lambda m, t, c: m.decode_step(t, c))
+    outs = [logits]
+    for t in range(3, 7):
+        logits, cache = decode(lm, tokens[:, t], cache)
+        outs.append(logits[:, None])
+    kt.assert_close(jnp.concatenate(outs, 1), full, F32_TOL, "CausalLM decode, fitted bank")
+
+
+def test_fitted_retriever_errors_name_the_argument():
+    cases = [(dict(retrieval="kmeans"), "`retrieval` must be one of"),
+             (dict(retrieval="tokens"), "needs `vocab_size` >= 1"),
+             (dict(FIT, vocab_size=9, sow_aux_loss=True), "`sow_aux_loss`"),
+             (dict(FIT, vocab_size=9, retrieval_window=-1), "`retrieval_window` must be"),
+             (dict(FIT, vocab_size=9, fit_documents=0), "`fit_documents` must be")]
+    for opts, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            MemoryBank(6, rngs=nnx.Rngs(0), **opts)
+    bank = MemoryBank(6, vocab_size=9, rngs=nnx.Rngs(0), **FIT)
+    x = jnp.ones((1, 3, 6))
+    with pytest.raises(ValueError, match="needs `tokens`, int \\[batch, time\\]"):
+        bank(x)
+    with pytest.raises(ValueError, match="`tokens` must lie in \\[0, vocab_size=9\\)"):
+        bank.fit(np.full((2, 3), 9))
+    learned = MemoryBank(6, rngs=nnx.Rngs(0), **OPTS)
+    with pytest.raises(ValueError, match="`tokens` are read only with retrieval='tokens'"):
+        learned(x, tokens=jnp.zeros((1, 3), jnp.int32))
+    with pytest.raises(ValueError, match="only retrieval='tokens' has a retriever to fit"):
+        learned.fit(np.zeros((2, 3), np.int64))
