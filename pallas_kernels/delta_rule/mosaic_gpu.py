@@ -208,6 +208,31 @@ def _store_state(plgpu, x, dst):
     pl.run_scoped(body, plgpu.SMEM(x.shape, F32))
 
 
+def _walk_chunks(plgpu, chunk_body, scratch, *, n, in_specs, ins, stages, init, final):
+    """chunk_body(scratch, idx, *tiles) -> carry over the n chunks through emit_pipeline from
+    `init`, with the SMEM buffers `scratch` scoped around the walk; the last carry (a [Kd, vb]
+    float32 state) goes to `final` once the chunks' output copies have read their buffers."""
+    def walk(*bufs):
+        last = plgpu.emit_pipeline(
+            functools.partial(chunk_body, bufs), grid=(n,), in_specs=in_specs,
+            max_concurrent_steps=stages, init_carry=init)(*ins)
+        plgpu.wait_smem_to_gmem(0)      # before the output buffers are released
+        return last
+
+    _store_state(plgpu, pl.run_scoped(walk, *scratch), final)
+
+
+def _piece_buffers(plgpu, rows, vb, dt, pieces, tf16):
+    """SMEM for the 16-bit pieces of a [rows, vb] WGMMA operand (S, u, dS, dU)."""
+    return [plgpu.SMEM((rows, vb), dt, transforms=tf16)] * pieces
+
+
+def _launch(plgpu, kernel, out_type, *, bh, vd, vb, interpret):
+    """`kernel` on the grid of (batch * head, block of vb value columns) programs."""
+    return plgpu.kernel(kernel, out_type=out_type, grid=(bh, vd // vb), grid_names=("bh", "v"),
+                        interpret=interpret if interpret is not None else False)
+
+
 def _rows(plgpu, ref, shape):
     """A [64] float32 row vector from SMEM broadcast along the WGMMA rows of a [64, vb] tile."""
     x = plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1))
@@ -373,28 +398,19 @@ def _call(args, *, kd, vd, vb, stages, n, dt, out_dt, pieces, n_qp, n_kd, decays
             in_specs.append(plgpu.BlockSpec((GL_WIDTH,), lambda t: (t,)))
             ins.append(in_refs[n_tiles + 1].at[i])
 
-        def walk(*scratch):
-            last = plgpu.emit_pipeline(
-                functools.partial(chunk_body, scratch), grid=(n,), in_specs=in_specs,
-                max_concurrent_steps=stages, init_carry=s0)(*ins)
-            plgpu.wait_smem_to_gmem(0)      # before the output buffers are released
-            return last
-
         # o's buffer: WGMMA-tiled 16-bit, or plain float32 (TMA copies it out either way).
         o_buf = (plgpu.SMEM((c, vb), F32) if out_dt == F32
                  else plgpu.SMEM((c, vb), out_dt, transforms=tf16))
         scratch = [o_buf, plgpu.SMEM((kd, vb), F32)]
-        scratch += [plgpu.SMEM((kd, vb), dt, transforms=tf16)] * pieces
-        scratch += [plgpu.SMEM((c, vb), dt, transforms=tf16)] * pieces
-        s = pl.run_scoped(walk, *scratch)
-        _store_state(plgpu, s, fin_ref.at[i, :, cols])
+        scratch += _piece_buffers(plgpu, kd, vb, dt, pieces, tf16)
+        scratch += _piece_buffers(plgpu, c, vb, dt, pieces, tf16)
+        _walk_chunks(plgpu, chunk_body, scratch, n=n, in_specs=in_specs, ins=ins, stages=stages,
+                     init=s0, final=fin_ref.at[i, :, cols])
 
     out_type = (jax.ShapeDtypeStruct((bh, n * c, vd), out_dt),
                 jax.ShapeDtypeStruct((bh, kd, vd), F32),
                 jax.ShapeDtypeStruct((bh, n * kd, vd), F32))
-    call = plgpu.kernel(delta_rule_fwd_kernel, out_type=out_type, grid=(bh, vd // vb),
-                        grid_names=("bh", "v"),
-                        interpret=interpret if interpret is not None else False)
+    call = _launch(plgpu, delta_rule_fwd_kernel, out_type, bh=bh, vd=vd, vb=vb, interpret=interpret)
     return call(*args)
 
 
@@ -513,24 +529,15 @@ def _state_walk(ch, h0, *, kd, vd, vb, stages, dt, pieces, decays, interpret, pl
         in_specs, ins = _factored_specs(plgpu, in_refs, i, cols, kd=kd, vb=vb, n_seq=1,
                                         n_state=0, decays=decays, index=lambda t: t, tf16=tf16)
 
-        def walk(*scratch):
-            last = plgpu.emit_pipeline(
-                functools.partial(chunk_body, scratch), grid=(n,), in_specs=in_specs,
-                max_concurrent_steps=stages, init_carry=s0)(*ins)
-            plgpu.wait_smem_to_gmem(0)      # before the output buffer is released
-            return last
-
         scratch = [plgpu.SMEM((kd, vb), F32)]
-        scratch += [plgpu.SMEM((kd, vb), dt, transforms=tf16)] * pieces
-        scratch += [plgpu.SMEM((c, vb), dt, transforms=tf16)] * pieces
-        s = pl.run_scoped(walk, *scratch)
-        _store_state(plgpu, s, fin_ref.at[i, :, cols])
+        scratch += _piece_buffers(plgpu, kd, vb, dt, pieces, tf16)
+        scratch += _piece_buffers(plgpu, c, vb, dt, pieces, tf16)
+        _walk_chunks(plgpu, chunk_body, scratch, n=n, in_specs=in_specs, ins=ins, stages=stages,
+                     init=s0, final=fin_ref.at[i, :, cols])
 
     out_type = (jax.ShapeDtypeStruct((bh, kd, vd), F32),
                 jax.ShapeDtypeStruct((bh, n * kd, vd), F32))
-    call = plgpu.kernel(delta_rule_fwd_factored_kernel, out_type=out_type,
-                        grid=(bh, vd // vb), grid_names=("bh", "v"),
-                        interpret=interpret if interpret is not None else False)
+    call = _launch(plgpu, delta_rule_fwd_factored_kernel, out_type, bh=bh, vd=vd, vb=vb, interpret=interpret)
     final, states = call(*args)
     final = final[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
     states = states.reshape(batch, heads, n, kd, vd)[..., :key_dim, :value_dim]
@@ -596,25 +603,16 @@ def _reverse_walk(ch, pt_do, qgt_do, ds_final, *, kd, vd, vb, stages, dt, pieces
                                         n_state=1, decays=decays, index=lambda t: n - 1 - t,
                                         tf16=tf16)
 
-        def walk(*scratch):
-            last = plgpu.emit_pipeline(
-                functools.partial(chunk_body, scratch), grid=(n,), in_specs=in_specs,
-                max_concurrent_steps=stages, init_carry=ds0)(*ins)
-            plgpu.wait_smem_to_gmem(0)      # before the output buffers are released
-            return last
-
         scratch = [plgpu.SMEM((kd, vb), F32), plgpu.SMEM((c, vb), F32)]
-        scratch += [plgpu.SMEM((kd, vb), dt, transforms=tf16)] * pieces
-        scratch += [plgpu.SMEM((c, vb), dt, transforms=tf16)] * pieces
-        ds = pl.run_scoped(walk, *scratch)
-        _store_state(plgpu, ds, dh0_ref.at[i, :, cols])
+        scratch += _piece_buffers(plgpu, kd, vb, dt, pieces, tf16)
+        scratch += _piece_buffers(plgpu, c, vb, dt, pieces, tf16)
+        _walk_chunks(plgpu, chunk_body, scratch, n=n, in_specs=in_specs, ins=ins, stages=stages,
+                     init=ds0, final=dh0_ref.at[i, :, cols])
 
     out_type = (jax.ShapeDtypeStruct((bh, n * kd, vd), F32),
                 jax.ShapeDtypeStruct((bh, n * c, vd), F32),
                 jax.ShapeDtypeStruct((bh, kd, vd), F32))
-    call = plgpu.kernel(delta_rule_bwd_factored_kernel, out_type=out_type,
-                        grid=(bh, vd // vb), grid_names=("bh", "v"),
-                        interpret=interpret if interpret is not None else False)
+    call = _launch(plgpu, delta_rule_bwd_factored_kernel, out_type, bh=bh, vd=vd, vb=vb, interpret=interpret)
     ds_next, du, dh0 = call(*args)
     ds_next = ds_next.reshape(batch, heads, n, kd, vd)[..., :key_dim, :value_dim]
     du = du.reshape(batch, heads, n, ROWS, vd)[..., :chunk, :value_dim]
@@ -740,23 +738,14 @@ def _bwd_call(args, *, kd, vd, vb, stages, n, dt, pieces, n_kd, decays, interpre
             in_specs.append(plgpu.BlockSpec((GL_WIDTH,), lambda t: (n - 1 - t,)))
             ins.append(in_refs[n_tiles + 2].at[i])
 
-        def walk(*scratch):
-            last = plgpu.emit_pipeline(
-                functools.partial(chunk_body, scratch), grid=(n,), in_specs=in_specs,
-                max_concurrent_steps=stages, init_carry=ds0)(*ins)
-            plgpu.wait_smem_to_gmem(0)      # before the output buffers are released
-            return last
-
         scratch = [plgpu.SMEM((kd, vb), F32), plgpu.SMEM((c, vb), F32)]
-        scratch += [plgpu.SMEM((kd, vb), dt, transforms=tf16)] * pieces
-        scratch += [plgpu.SMEM((c, vb), dt, transforms=tf16)] * pieces
-        ds = pl.run_scoped(walk, *scratch)
-        _store_state(plgpu, ds, dh0_ref.at[i, :, cols])
+        scratch += _piece_buffers(plgpu, kd, vb, dt, pieces, tf16)
+        scratch += _piece_buffers(plgpu, c, vb, dt, pieces, tf16)
+        _walk_chunks(plgpu, chunk_body, scratch, n=n, in_specs=in_specs, ins=ins, stages=stages,
+                     init=ds0, final=dh0_ref.at[i, :, cols])
 
     out_type = (jax.ShapeDtypeStruct((bh, n * kd, vd), F32),
                 jax.ShapeDtypeStruct((bh, n * c, vd), F32),
                 jax.ShapeDtypeStruct((bh, kd, vd), F32))
-    call = plgpu.kernel(delta_rule_bwd_kernel, out_type=out_type, grid=(bh, vd // vb),
-                        grid_names=("bh", "v"),
-                        interpret=interpret if interpret is not None else False)
+    call = _launch(plgpu, delta_rule_bwd_kernel, out_type, bh=bh, vd=vd, vb=vb, interpret=interpret)
     return call(*args)

@@ -10,6 +10,7 @@ from flax import nnx
 from memzoo.memory_layers import Hopfield
 from memzoo.models import CausalLM
 from pallas_kernels import _testing as kt
+from tests.memzoo.helpers import lm_prefill_then_decode
 
 
 def _naive(p, x, *, heads, beta, steps):
@@ -46,13 +47,7 @@ def test_mlp_slot_decodes_as_the_parallel_form():
     assert isinstance(lm.stack.layers[0].mlp, Hopfield) and lm.stack.layers[0].mlp.num_heads == 2
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 11, (2, 6)), jnp.int32)
     full = nnx.jit(lambda m, t: m(t))(lm, tokens)
-    logits, cache = nnx.jit(lambda m, t: m.prefill(t, m.init_cache(2, 8)))(lm, tokens[:, :2])
-    decode = nnx.jit(lambda m, t, c: m.decode_step(t, c))
-    outs = [logits]
-    for t in range(2, 6):
-        logits, cache = decode(lm, tokens[:, t], cache)
-        outs.append(logits[:, None])
-    kt.assert_close(jnp.concatenate(outs, 1), full, 1e-5, "decode")
+    kt.assert_close(lm_prefill_then_decode(lm, tokens, 2), full, 1e-5, "decode")
 
 
 def test_errors():

@@ -11,6 +11,7 @@ from memzoo.memory_layers import MemoryBank
 from memzoo.memory_layers.memory_bank import balance_loss
 from memzoo.models import CausalLM
 from pallas_kernels import _testing as kt
+from tests.memzoo.helpers import lm_prefill_then_decode
 
 F32_TOL = 1e-5
 OPTS = dict(branching=(3, 2), block_width=4, key_dim=5)
@@ -149,13 +150,7 @@ def test_model_prefill_and_decode_equal_the_parallel_form():
                   rngs=nnx.Rngs(0))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 13, (2, 7)), jnp.int32)
     full = nnx.jit(lambda m, t: m(t))(lm, tokens)
-    logits, cache = nnx.jit(lambda m, t: m.prefill(t, m.init_cache(2, 8)))(lm, tokens[:, :3])
-    decode = nnx.jit(lambda m, t, c: m.decode_step(t, c))
-    outs = [logits]
-    for t in range(3, 7):
-        logits, cache = decode(lm, tokens[:, t], cache)
-        outs.append(logits[:, None])
-    kt.assert_close(jnp.concatenate(outs, 1), full, F32_TOL, "CausalLM decode")
+    kt.assert_close(lm_prefill_then_decode(lm, tokens, 3), full, F32_TOL, "CausalLM decode")
 
 
 def test_errors_name_the_argument():
@@ -353,13 +348,8 @@ def test_model_reads_tokens_and_one_fit_serves_every_layer(scan):
     assert len(cents) == 2 and np.array_equal(cents[0], cents[1])
     tokens = jnp.asarray(_topic_docs(2, 7, seed=6)[0])
     full = nnx.jit(lambda m, t: m(t))(lm, tokens)
-    logits, cache = nnx.jit(lambda m, t: m.prefill(t, m.init_cache(2, 8)))(lm, tokens[:, :3])
-    decode = nnx.jit(lambda m, t, c: m.decode_step(t, c))
-    outs = [logits]
-    for t in range(3, 7):
-        logits, cache = decode(lm, tokens[:, t], cache)
-        outs.append(logits[:, None])
-    kt.assert_close(jnp.concatenate(outs, 1), full, F32_TOL, "CausalLM decode, fitted bank")
+    kt.assert_close(lm_prefill_then_decode(lm, tokens, 3), full, F32_TOL,
+                    "CausalLM decode, fitted bank")
 
 
 def test_fitted_retriever_errors_name_the_argument():

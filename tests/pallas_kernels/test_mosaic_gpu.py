@@ -1126,6 +1126,35 @@ def test_auto_backend_keeps_triton_where_the_gpu_is_unknown():
 DELTA_F32_TOL = 1e-5
 
 
+def _check_delta_op(inputs, seg, *, chunk_size, tol, state_tol, kernels):
+    """The public delta_rule op inside pallas_interpret("gpu") (race detection on) against
+    float64 autodiff of the reference: o (in v's dtype), the final state and the gradient of
+    every input the call reads. With `seg`, the call is gated (g), segmented and starts from
+    h0; without, none of them. `kernels`: the Mosaic kernels its program must hold."""
+    q, k, v, beta, g, h0 = inputs
+    kw = lambda g, h0: {} if seg is None else dict(log_gate=g, initial_state=h0,
+                                                      segment_ids=seg)
+
+    def loss(impl):
+        def f(q, k, v, beta, g, h0):
+            o, s = delta_rule(q, k, v, beta, chunk_size=chunk_size, implementation=impl,
+                              **kw(g, h0))
+            return jnp.sum(jnp.sin(o.astype(jnp.float32))) + jnp.sum(s ** 2), (o, s)
+        return jax.jit(jax.value_and_grad(f, argnums=tuple(range(6)), has_aux=True))
+
+    ref = kt.float64_run(loss("reference"), *inputs)
+    with _dispatch.pallas_interpret("gpu"):
+        jaxpr = str(jax.make_jaxpr(loss("pallas"))(*inputs))
+        (_, (o, s)), grads = loss("pallas")(*inputs)
+    assert all(name in jaxpr for name in kernels), kernels
+    assert o.dtype == v.dtype
+    kt.assert_close(o, ref[0][1][0], tol, "o")
+    kt.assert_close(s, ref[0][1][1], state_tol, "final_state")
+    names = ["dq", "dk", "dv", "dbeta"] + ([] if seg is None else ["dg", "dh0"])
+    for name, x, r in zip(names, grads, ref[1]):
+        kt.assert_close(x, r, tol, name)
+
+
 def test_delta_rule_float32_op_in_gpu_interpret_mode():
     """The public op with float32 inputs inside pallas_interpret("gpu") (race detection on):
     the Mosaic forward and the Mosaic reverse scan of its backward, with a gate, segment_ids
@@ -1135,24 +1164,9 @@ def test_delta_rule_float32_op_in_gpu_interpret_mode():
     seg = jnp.stack([jnp.repeat(jnp.arange(2), 20), jnp.repeat(jnp.arange(4), 10)])
     assert delta_mgpu.supports(q, k, v, h0, 16)
 
-    def loss(impl):
-        def f(q, k, v, beta, g, h0):
-            o, s = delta_rule(q, k, v, beta, log_gate=g, initial_state=h0, segment_ids=seg,
-                              chunk_size=16, implementation=impl)
-            return jnp.sum(jnp.sin(o)) + jnp.sum(s ** 2), (o, s)
-        return jax.jit(jax.value_and_grad(f, argnums=tuple(range(6)), has_aux=True))
-
-    ref = kt.float64_run(loss("reference"), q, k, v, beta, g, h0)
-    with _dispatch.pallas_interpret("gpu"):
-        jaxpr = str(jax.make_jaxpr(loss("pallas"))(q, k, v, beta, g, h0))
-        (_, (o, s)), grads = loss("pallas")(q, k, v, beta, g, h0)
-    assert "delta_rule_fwd_kernel" in jaxpr and "delta_rule_bwd_kernel" in jaxpr
-    assert o.dtype == jnp.float32
-    kt.assert_close(o, ref[0][1][0], DELTA_F32_TOL, "o")
-    kt.assert_close(s, ref[0][1][1], DELTA_F32_TOL, "final_state")
-    for name, x, r in zip(["dq", "dk", "dv", "dbeta", "dg", "dh0"], grads, ref[1]):
-        assert x.dtype == jnp.float32, name
-        kt.assert_close(x, r, DELTA_F32_TOL, name)
+    _check_delta_op((q, k, v, beta, g, h0), seg, chunk_size=16, tol=DELTA_F32_TOL,
+                    state_tol=DELTA_F32_TOL, kernels=("delta_rule_fwd_kernel",
+                                                       "delta_rule_bwd_kernel"))
 
 
 # Wide keys: S [Kd, vb] must hold every key row (u = U~ - W S sums over them), so these calls
@@ -1173,25 +1187,10 @@ def test_delta_rule_wide_key_op_in_gpu_interpret_mode(shape, dtype):
     vb = [delta_mgpu._plan(kernel, shape[3], dtype, True)[0] for kernel in ("fwd", "bwd")]
     assert vb == ([16, 16] if dtype == jnp.bfloat16 else [16, 32])
 
-    def loss(impl):
-        def f(q, k, v, beta, g, h0):
-            o, s = delta_rule(q, k, v, beta, log_gate=g, initial_state=h0, segment_ids=seg,
-                              chunk_size=16, implementation=impl)
-            return jnp.sum(jnp.sin(o.astype(jnp.float32))) + jnp.sum(s ** 2), (o, s)
-        return jax.jit(jax.value_and_grad(f, argnums=tuple(range(6)), has_aux=True))
-
-    ref = kt.float64_run(loss("reference"), q, k, v, beta, g, h0)
-    with _dispatch.pallas_interpret("gpu"):
-        jaxpr = str(jax.make_jaxpr(loss("pallas"))(q, k, v, beta, g, h0))
-        (_, (o, s)), grads = loss("pallas")(q, k, v, beta, g, h0)
-    assert "delta_rule_fwd_kernel" in jaxpr and "delta_rule_bwd_kernel" in jaxpr
-    assert o.dtype == dtype
     tol, state_tol = ((BF16_TOL, DELTA_STATE_TOL) if dtype == jnp.bfloat16
                       else (DELTA_F32_TOL, DELTA_F32_TOL))
-    kt.assert_close(o, ref[0][1][0], tol, "o")
-    kt.assert_close(s, ref[0][1][1], state_tol, "final_state")
-    for name, x, r in zip(["dq", "dk", "dv", "dbeta", "dg", "dh0"], grads, ref[1]):
-        kt.assert_close(x, r, tol, name)
+    _check_delta_op((q, k, v, beta, g, h0), seg, chunk_size=16, tol=tol, state_tol=state_tol,
+                    kernels=("delta_rule_fwd_kernel", "delta_rule_bwd_kernel"))
 
 
 # float32 at key dim 256 (`mosaic_gpu._state_walk` / `_reverse_walk`): W = T diag(bg) K and
@@ -1209,25 +1208,9 @@ def test_delta_rule_float32_key_dim_256_op_in_gpu_interpret_mode(decays):
     assert delta_mgpu.supports(q, k, v, h0, 64)
     assert [delta_mgpu._plan(kernel, 256, jnp.float32, True) for kernel in ("fwd", "bwd")] == [
         (32, 1, True), (16, 1, True)]
-    kw = lambda g, h0: (dict(log_gate=g, initial_state=h0, segment_ids=seg) if decays else {})
-
-    def loss(impl):
-        def f(q, k, v, beta, g, h0):
-            o, s = delta_rule(q, k, v, beta, chunk_size=64, implementation=impl, **kw(g, h0))
-            return jnp.sum(jnp.sin(o)) + jnp.sum(s ** 2), (o, s)
-        return jax.jit(jax.value_and_grad(f, argnums=tuple(range(6)), has_aux=True))
-
-    ref = kt.float64_run(loss("reference"), q, k, v, beta, g, h0)
-    with _dispatch.pallas_interpret("gpu"):
-        jaxpr = str(jax.make_jaxpr(loss("pallas"))(q, k, v, beta, g, h0))
-        (_, (o, s)), grads = loss("pallas")(q, k, v, beta, g, h0)
-    assert "delta_rule_fwd_factored_kernel" in jaxpr and "delta_rule_bwd_factored_kernel" in jaxpr
-    assert o.dtype == jnp.float32
-    kt.assert_close(o, ref[0][1][0], DELTA_F32_TOL, "o")
-    kt.assert_close(s, ref[0][1][1], DELTA_F32_TOL, "final_state")
-    names = ["dq", "dk", "dv", "dbeta"] + (["dg", "dh0"] if decays else [])
-    for name, x, r in zip(names, grads, ref[1]):
-        kt.assert_close(x, r, DELTA_F32_TOL, name)
+    _check_delta_op((q, k, v, beta, g, h0), seg if decays else None, chunk_size=64,
+                    tol=DELTA_F32_TOL, state_tol=DELTA_F32_TOL,
+                    kernels=("delta_rule_fwd_factored_kernel", "delta_rule_bwd_factored_kernel"))
 
 
 @pytest.mark.compile
